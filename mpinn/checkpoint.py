@@ -1,0 +1,132 @@
+"""Checkpoint files: atomic write (temporary file, fsync, rename) and validated load.
+
+Format (HDF5), version FORMAT_VERSION:
+    /params/W0, /params/b0, ...          per-layer weights (fan_in, fan_out) and biases, float32
+    /optimizer/state0, state1            flat optimizer buffers (layout of the flat parameters)
+    attrs on /: format_version, sizes, activation, output_activation, loss, epoch, global_step,
+                seed, config (the resolved run config as JSON), mpinn_version
+    attrs on /optimizer: name, step
+Only rank 0 calls save(); load() runs on one rank and the caller broadcasts (train.py).
+"""
+import json
+import os
+from dataclasses import dataclass, field
+
+import h5py
+import numpy as np
+
+from .errors import UsageError
+from .model import Architecture, layer_views
+
+FORMAT_VERSION = 1
+CHECKPOINT_NAME = "checkpoint.h5"
+
+
+@dataclass
+class Checkpoint:
+    arch: Architecture
+    params: np.ndarray
+    optimizer: str = ""
+    optimizer_step: int = 0
+    optimizer_state: list = field(default_factory=list)
+    epoch: int = 0
+    global_step: int = 0
+    seed: int = 0
+    config: dict = field(default_factory=dict)
+
+    def meta(self):
+        """Everything but the arrays, as JSON-able data (for broadcasting)."""
+        return {"sizes": list(self.arch.sizes), "activation": self.arch.activation,
+                "output_activation": self.arch.output_activation, "loss": self.arch.loss,
+                "optimizer": self.optimizer, "optimizer_step": self.optimizer_step,
+                "n_state": len(self.optimizer_state), "epoch": self.epoch,
+                "global_step": self.global_step, "seed": self.seed, "config": self.config}
+
+    @classmethod
+    def from_meta(cls, meta):
+        arch = Architecture(tuple(meta["sizes"]), meta["activation"], meta["output_activation"],
+                            meta["loss"])
+        return cls(arch, np.zeros(arch.n_params, np.float32), meta["optimizer"],
+                   meta["optimizer_step"], [np.zeros(arch.n_params, np.float32)
+                                            for _ in range(meta["n_state"])],
+                   meta["epoch"], meta["global_step"], meta["seed"], meta["config"])
+
+
+def _fsync_path(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save(path, ckpt):
+    """Write ckpt to path atomically: a reader sees the old file or the new one, never a torn one."""
+    from . import __version__
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with h5py.File(tmp, "w") as f:
+            g = f.create_group("params")
+            for l, (W, b) in enumerate(layer_views(ckpt.arch, ckpt.params)):
+                g.create_dataset(f"W{l}", data=W)
+                g.create_dataset(f"b{l}", data=b)
+            o = f.create_group("optimizer")
+            o.attrs["name"] = ckpt.optimizer
+            o.attrs["step"] = ckpt.optimizer_step
+            for i, s in enumerate(ckpt.optimizer_state):
+                o.create_dataset(f"state{i}", data=s)
+            a = f.attrs
+            a["format_version"] = FORMAT_VERSION
+            a["mpinn_version"] = __version__
+            a["sizes"] = np.array(ckpt.arch.sizes, np.int64)
+            a["activation"] = ckpt.arch.activation
+            a["output_activation"] = ckpt.arch.output_activation
+            a["loss"] = ckpt.arch.loss
+            a["epoch"] = ckpt.epoch
+            a["global_step"] = ckpt.global_step
+            a["seed"] = ckpt.seed
+            a["config"] = json.dumps(ckpt.config, sort_keys=True)
+        _fsync_path(tmp)
+        os.replace(tmp, path)
+        _fsync_path(os.path.dirname(os.path.abspath(path)))
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load(path):
+    """Read and validate a checkpoint; a missing, foreign or newer-format file is a UsageError."""
+    if not os.path.isfile(path):
+        raise UsageError(f"checkpoint not found: {path}")
+    try:
+        f = h5py.File(path, "r", locking=False)
+    except OSError as e:
+        raise UsageError(f"{path} is not a readable HDF5 checkpoint: {e}") from None
+    with f:
+        a = f.attrs
+        if "format_version" not in a or "params" not in f:
+            raise UsageError(f"{path} is not an mpinn checkpoint (no format_version or params)")
+        version = int(a["format_version"])
+        if version > FORMAT_VERSION:
+            raise UsageError(f"{path} has checkpoint format {version}; this mpinn reads up to "
+                             f"{FORMAT_VERSION} (upgrade mpinn)")
+        arch = Architecture(tuple(int(s) for s in a["sizes"]), str(a["activation"]),
+                            str(a["output_activation"]), str(a["loss"]))
+        params = np.empty(arch.n_params, np.float32)
+        for l, (W, b) in enumerate(layer_views(arch, params)):
+            for name, view in ((f"W{l}", W), (f"b{l}", b)):
+                ds = f["params"].get(name)
+                if ds is None or ds.shape != view.shape:
+                    raise UsageError(f"{path}: params/{name} is missing or has the wrong shape")
+                view[...] = ds[...]
+        o = f.get("optimizer")
+        state = []
+        if o is not None:
+            i = 0
+            while f"state{i}" in o:
+                state.append(np.asarray(o[f"state{i}"][...], np.float32))
+                i += 1
+        return Checkpoint(arch, params, str(o.attrs["name"]) if o is not None else "",
+                          int(o.attrs["step"]) if o is not None else 0, state, int(a["epoch"]),
+                          int(a["global_step"]), int(a["seed"]), json.loads(a["config"]))

@@ -1,0 +1,116 @@
+"""Command line: `mpinn train|evaluate|predict`, options generated from the config dataclasses,
+`--config FILE` (TOML) underneath the command line, and the one place errors become exit codes.
+
+Error policy (the job never hangs):
+  * bad options or config are found identically on every rank: rank 0 prints one line, all exit 2;
+  * a phase that can fail on some ranks only runs under comm.checked(): one line, all exit 2;
+  * anything else on any rank: one message naming the rank and cause, then MPI Abort (exit 1).
+"""
+import argparse
+import contextlib
+import dataclasses
+import io
+import sys
+import traceback
+
+from . import __version__
+from .config import EvaluateConfig, PredictConfig, TrainConfig, load_toml
+from .errors import UsageError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UsageError(f"{self.prog}: {message} (see --help)")
+
+
+def _command_runner(name):
+    if name == "train":
+        from .train import run
+    elif name == "evaluate":
+        from .evaluate import run_evaluate as run
+    else:
+        from .evaluate import run_predict as run
+    return run
+
+
+COMMANDS = {
+    "train": (TrainConfig, "train an MLP data-parallel over all MPI ranks"),
+    "evaluate": (EvaluateConfig, "loss and accuracy of a checkpoint on a data file"),
+    "predict": (PredictConfig, "write a checkpoint's predictions for a data file"),
+}
+
+
+def build_parser():
+    parser = _Parser(prog="mpinn", description="Train dense neural networks over MPI ranks. "
+                     "Launch with mpirun/mpiexec/srun, e.g. `mpirun -n 8 python -m mpinn train`.")
+    parser.add_argument("--version", action="version", version=f"mpinn {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                parser_class=_Parser)
+    for name, (cls, summary) in COMMANDS.items():
+        p = sub.add_parser(name, help=summary, description=summary)
+        p.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
+                       help="TOML file with any of these options as keys (underscores or dashes); "
+                            "the command line wins")
+        for f in dataclasses.fields(cls):
+            flag = "--" + f.name.replace("_", "-")
+            text = f"{f.metadata['help']} (default: {f.default!r})"
+            if f.type in (bool, "bool"):
+                p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
+                               default=argparse.SUPPRESS, help=text)
+            else:
+                typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
+                p.add_argument(flag, dest=f.name, type=typ, choices=f.metadata["choices"],
+                               default=argparse.SUPPRESS, help=text,
+                               metavar=None if f.metadata["choices"] else f.name.upper())
+    return parser
+
+
+def parse(argv):
+    """-> (command, config, explicitly set keys). Raises UsageError on any bad option or key."""
+    ns = vars(build_parser().parse_args(argv))
+    command = ns.pop("command")
+    cls = COMMANDS[command][0]
+    values = load_toml(cls, ns.pop("config")) if "config" in ns else {}
+    values.update(ns)
+    cfg = cls(**values)
+    cfg.validate()
+    return command, cfg, frozenset(values)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    from .comm import AgreedExit, Comm
+    comm = Comm()
+    # --help, --version and option errors are the same on every rank: only rank 0 speaks.
+    out = sys.stdout if comm.is_root else io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out):
+            command, cfg, explicit = parse(argv)
+    except UsageError as e:
+        if comm.is_root:
+            print(f"mpinn: error: {e}", file=sys.stderr, flush=True)
+        return UsageError.exit_code
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 0
+    try:
+        _command_runner(command)(cfg, explicit, comm)
+        return 0
+    except AgreedExit as e:
+        return e.code
+    except BaseException as e:  # noqa: B036 - any fault must end every rank, not leave them waiting
+        code = UsageError.exit_code if isinstance(e, UsageError) else 1
+        if isinstance(e, KeyboardInterrupt):
+            code = 130
+        if cfg.debug:
+            traceback.print_exc()
+        where = f" on rank {comm.rank} of {comm.size}" if comm.size > 1 else ""
+        cause = str(e) if isinstance(e, UsageError) else f"{type(e).__name__}: {e}"
+        print(f"mpinn: error{where}: {cause}", file=sys.stderr, flush=True)
+        if comm.size > 1:
+            comm.abort(code)
+        return code
+
+
+def main_exit():
+    """Console-script entry point (`mpinn ...`)."""
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""The only module that imports mpi4py: the communicator wrapper every other module is handed.
+
+Everything here uses mpi4py's uppercase, buffer-based calls (no pickling). Below this module rank and
+size are plain ints; `Comm()` outside mpiexec is a 1-rank world, so all code runs serially too.
+
+`checked(fn)` is how a phase that may fail on some ranks only (reading a data slice, loading a
+checkpoint on rank 0) ends: every rank learns whether any rank failed, the lowest failing rank prints
+its message once, and all ranks exit together instead of leaving the others waiting in a collective.
+"""
+import json
+import sys
+
+import numpy as np
+from mpi4py import MPI
+
+from .errors import UsageError
+
+
+class AgreedExit(SystemExit):
+    """Raised on every rank after a checked phase failed somewhere; the message is already out."""
+
+
+class Comm:
+    def __init__(self, mpi_comm=None):
+        self._comm = mpi_comm if mpi_comm is not None else MPI.COMM_WORLD
+        self.rank = self._comm.Get_rank()
+        self.size = self._comm.Get_size()
+        self.is_root = self.rank == 0
+
+    def allreduce_sum_(self, buf):
+        """In-place sum of a contiguous numpy buffer over all ranks."""
+        if self.size > 1:
+            self._comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+        return buf
+
+    def allreduce_sum(self, values):
+        """Sum of a few float64 values over ranks (metrics)."""
+        return self.allreduce_sum_(np.array(values, np.float64))
+
+    def allreduce_minmax(self, value):
+        """(min, max) of one int64 value over ranks, in one call."""
+        buf = np.array([-int(value), int(value)], np.int64)
+        if self.size > 1:
+            self._comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.MAX)
+        return -int(buf[0]), int(buf[1])
+
+    def bcast_(self, buf, root=0):
+        """Broadcast a contiguous numpy buffer from root, in place."""
+        if self.size > 1:
+            self._comm.Bcast(buf, root=root)
+        return buf
+
+    def bcast_json(self, obj, root=0):
+        """Broadcast a JSON-serialisable object (set-up only): length, then UTF-8 bytes."""
+        data = np.frombuffer(json.dumps(obj).encode(), np.uint8) if self.rank == root else None
+        n = self.bcast_(np.array([0 if data is None else data.size], np.int64), root)[0]
+        buf = data.copy() if data is not None else np.empty(n, np.uint8)
+        self.bcast_(buf, root)
+        return json.loads(buf.tobytes().decode())
+
+    def barrier(self):
+        self._comm.Barrier()
+
+    def abort(self, code):
+        self._comm.Abort(code)
+
+    def checked(self, fn, *args, **kwargs):
+        """Run fn on this rank, then agree with all ranks: if fn raised UsageError anywhere, the
+        lowest failing rank prints it once and every rank raises AgreedExit(2)."""
+        error = None
+        try:
+            result = fn(*args, **kwargs)
+        except UsageError as e:
+            error = e
+        first, _ = self.allreduce_minmax(self.rank if error is not None else self.size)
+        if first < self.size:
+            if self.rank == first:
+                where = f" (rank {self.rank} of {self.size})" if self.size > 1 else ""
+                print(f"mpinn: error{where}: {error}", file=sys.stderr, flush=True)
+            raise AgreedExit(UsageError.exit_code)
+        return result
+
+
+def library_version():
+    return " ".join(MPI.Get_library_version().split()[:3])

@@ -1,0 +1,161 @@
+"""Typed run configurations: the one source of every option, its default and its help text.
+
+Each sub-command has a dataclass; cli.py turns its fields into argparse options (`batch_size` ->
+`--batch-size`, booleans -> `--x/--no-x`), a TOML file given with --config supplies the same keys,
+and the command line wins. Unknown keys and wrong types are UsageErrors.
+"""
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+
+from .errors import UsageError
+
+
+def option(default, help, choices=None, flag=None):
+    """A config field: its default, help text, allowed values and (optionally) its CLI flag name."""
+    return field(default=default, metadata={"help": help, "choices": choices, "flag": flag})
+
+
+ACTIVATIONS = ("relu", "tanh", "sigmoid")
+OUTPUT_ACTIVATIONS = ("identity", "sigmoid")
+
+
+@dataclass
+class TrainConfig:
+    data: str = option("", "training data: HDF5 with X (rows x features) and y "
+                           "(default: the bundled digits training set)")
+    val_data: str = option("", "validation data evaluated after every epoch "
+                               "(default: the bundled digits test set when --data is not given)")
+    x_key: str = option("X", "name of the input dataset in the HDF5 files")
+    y_key: str = option("y", "name of the target dataset in the HDF5 files")
+    hidden: str = option("128,64", "hidden layer widths, comma-separated ('' for none)")
+    activation: str = option("relu", "hidden-layer activation", ACTIVATIONS)
+    output_activation: str = option("identity", "output activation with --loss mse",
+                                    OUTPUT_ACTIVATIONS)
+    loss: str = option("cross_entropy", "cross_entropy: integer labels, softmax output; mse: "
+                                        "float targets (rows x K)", ("cross_entropy", "mse"))
+    optimizer: str = option("adam", "update rule", ("sgd", "momentum", "adam"))
+    lr: float = option(1e-3, "learning rate")
+    momentum: float = option(0.9, "momentum factor (--optimizer momentum)")
+    nesterov: bool = option(False, "Nesterov momentum (--optimizer momentum)")
+    beta1: float = option(0.9, "Adam beta1")
+    beta2: float = option(0.999, "Adam beta2")
+    eps: float = option(1e-8, "Adam epsilon")
+    weight_decay: float = option(0.0, "L2 penalty added to the gradient")
+    batch_size: int = option(64, "GLOBAL batch size, split across ranks")
+    epochs: int = option(30, "epochs to train (in total, counting resumed ones)")
+    steps: int = option(0, "stop after this many optimizer steps in total (0: no cap)")
+    seed: int = option(0, "seed for initialisation and shuffling")
+    shuffle: bool = option(True, "shuffle each rank's rows every epoch; --no-shuffle keeps file "
+                                 "order, which makes results independent of the number of ranks")
+    run_dir: str = option("runs/latest", "folder for checkpoint.h5 and metrics.jsonl")
+    resume: bool = option(False, "continue from RUN_DIR/checkpoint.h5 where it stopped")
+    init: str = option("", "start from this checkpoint's weights (and architecture) with a fresh "
+                           "optimizer")
+    log_every: int = option(10, "print and record metrics every N steps")
+    check_every: int = option(100, "verify every N steps that all ranks hold identical parameters")
+    threads: int = option(1, "BLAS threads per rank")
+    debug: bool = option(False, "show Python tracebacks on errors")
+
+    def hidden_sizes(self):
+        text = self.hidden.strip() if isinstance(self.hidden, str) else self.hidden
+        if isinstance(text, (list, tuple)):
+            parts = list(text)
+        else:
+            parts = [p for p in text.replace(" ", "").split(",") if p] if text else []
+        try:
+            sizes = tuple(int(p) for p in parts)
+        except (TypeError, ValueError):
+            raise UsageError(f"--hidden must be comma-separated positive integers, got {self.hidden!r}")
+        if any(s < 1 for s in sizes):
+            raise UsageError(f"--hidden widths must be positive, got {self.hidden!r}")
+        return sizes
+
+    def validate(self):
+        positive = {"lr": self.lr, "batch_size": self.batch_size, "epochs": self.epochs,
+                    "log_every": self.log_every, "check_every": self.check_every,
+                    "threads": self.threads}
+        for name, value in positive.items():
+            if value <= 0:
+                raise UsageError(f"--{name.replace('_', '-')} must be positive, got {value}")
+        for name in ("steps", "weight_decay", "momentum", "eps"):
+            if getattr(self, name) < 0:
+                raise UsageError(f"--{name.replace('_', '-')} must not be negative, "
+                                 f"got {getattr(self, name)}")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise UsageError(f"--{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.resume and self.init:
+            raise UsageError("--resume and --init exclude each other")
+        self.hidden_sizes()
+
+
+@dataclass
+class EvaluateConfig:
+    checkpoint: str = option("runs/latest/checkpoint.h5", "checkpoint to evaluate")
+    data: str = option("", "HDF5 data with X and y (default: the bundled digits test set)")
+    x_key: str = option("X", "name of the input dataset")
+    y_key: str = option("y", "name of the target dataset")
+    batch_size: int = option(1024, "rows per forward pass on each rank")
+    json: bool = option(False, "print one JSON object instead of text")
+    threads: int = option(1, "BLAS threads per rank")
+    debug: bool = option(False, "show Python tracebacks on errors")
+
+    def validate(self):
+        for name in ("batch_size", "threads"):
+            if getattr(self, name) <= 0:
+                raise UsageError(f"--{name.replace('_', '-')} must be positive, "
+                                 f"got {getattr(self, name)}")
+
+
+@dataclass
+class PredictConfig:
+    checkpoint: str = option("runs/latest/checkpoint.h5", "checkpoint to predict with")
+    data: str = option("", "HDF5 data with X (default: the bundled digits test set)")
+    x_key: str = option("X", "name of the input dataset")
+    out: str = option("predictions.h5", "output file: .h5/.hdf5 (datasets pred, prob or output) "
+                                        "or .csv")
+    batch_size: int = option(4096, "rows per forward pass")
+    threads: int = option(1, "BLAS threads")
+    debug: bool = option(False, "show Python tracebacks on errors")
+
+    def validate(self):
+        EvaluateConfig.validate(self)
+        if not self.out.lower().endswith((".h5", ".hdf5", ".csv")):
+            raise UsageError(f"--out must end in .h5, .hdf5 or .csv, got {self.out!r}")
+
+
+def check_value(cls, name, value, where):
+    """Type-check one value for field `name` of dataclass `cls`; ints are accepted for floats."""
+    f = {f.name: f for f in dataclasses.fields(cls)}[name]
+    expected = f.type if isinstance(f.type, type) else eval(f.type)
+    ok = isinstance(value, expected) and not (expected is int and isinstance(value, bool))
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        value, ok = float(value), True
+    if name == "hidden" and isinstance(value, list) and all(isinstance(v, int) for v in value):
+        value, ok = ",".join(str(v) for v in value), True
+    if not ok:
+        raise UsageError(f"{where}: {name} must be {expected.__name__}, got {value!r}")
+    choices = f.metadata.get("choices")
+    if choices and value not in choices:
+        raise UsageError(f"{where}: {name} must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+def load_toml(cls, path):
+    """The keys of a TOML config file for `cls`, type-checked; '-' and '_' in keys are the same."""
+    try:
+        with open(path, "rb") as fh:
+            raw = tomllib.load(fh)
+    except FileNotFoundError:
+        raise UsageError(f"config file not found: {path}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise UsageError(f"{path} is not valid TOML: {e}") from None
+    names = {f.name for f in dataclasses.fields(cls)}
+    out = {}
+    for key, value in raw.items():
+        name = key.replace("-", "_")
+        if name not in names:
+            raise UsageError(f"{path}: unknown key {key!r} (valid keys: {', '.join(sorted(names))})")
+        out[name] = check_value(cls, name, value, path)
+    return out

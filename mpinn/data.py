@@ -1,0 +1,214 @@
+"""Which rows a rank owns (pure functions of rank and size), per-rank read-only HDF5 reads, and the
+per-epoch batch order.
+
+The split makes results independent of the number of ranks. With B the global batch and N rows,
+global batch k is rows [k*B, min((k+1)*B, N)) of the file, and rank r owns its own contiguous part
+of every global batch (parts as even as possible, the first ranks one row longer). The rows a rank
+owns are therefore one strided block selection over the full batches (h5py.MultiBlockSlice, read
+as one hyperslab) plus its part of the last, shorter batch. Every rank runs ceil(N/B) steps per
+epoch by construction; a rank whose part of a batch is empty takes part with zero rows.
+"""
+from dataclasses import dataclass
+
+import h5py
+import numpy as np
+
+from .errors import UsageError
+
+
+def even_part(n, parts, i):
+    """(offset, count) of part i when n items are split into `parts` near-equal contiguous parts."""
+    base, extra = divmod(n, parts)
+    return i * base + min(i, extra), base + (1 if i < extra else 0)
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """The rows rank `rank` of `size` owns when N rows are cut into global batches of B."""
+    n_rows: int
+    batch: int
+    rank: int = 0
+    size: int = 1
+
+    @property
+    def steps_per_epoch(self):
+        return -(-self.n_rows // self.batch)
+
+    @property
+    def n_full(self):
+        return self.n_rows // self.batch
+
+    @property
+    def last_batch(self):
+        """Rows in the last, shorter global batch (0 when B divides N)."""
+        return self.n_rows - self.n_full * self.batch
+
+    def global_batch_rows(self, k):
+        """Rows in global batch k (the same for every rank)."""
+        return self.batch if k < self.n_full else self.last_batch
+
+    def full_part(self):
+        return even_part(self.batch, self.size, self.rank)
+
+    def last_part(self):
+        return even_part(self.last_batch, self.size, self.rank)
+
+    def local_counts(self):
+        """This rank's rows in each global batch, in step order (length steps_per_epoch)."""
+        counts = [self.full_part()[1]] * self.n_full
+        if self.last_batch:
+            counts.append(self.last_part()[1])
+        return np.array(counts, np.int64)
+
+    @property
+    def n_local(self):
+        return int(self.local_counts().sum())
+
+    def owned_rows(self):
+        """Global row indices this rank owns, in step order (for tests and checks)."""
+        off, cnt = self.full_part()
+        rows = [k * self.batch + off + np.arange(cnt) for k in range(self.n_full)]
+        if self.last_batch:
+            off, cnt = self.last_part()
+            rows.append(self.n_full * self.batch + off + np.arange(cnt))
+        return np.concatenate(rows) if rows else np.zeros(0, np.int64)
+
+
+def open_h5(path):
+    """Open an HDF5 file read-only with file locking off (locks fail on many shared filesystems and
+    are not needed for readers)."""
+    try:
+        return h5py.File(path, "r", locking=False)
+    except FileNotFoundError:
+        raise UsageError(f"data file not found: {path}") from None
+    except OSError as e:
+        raise UsageError(f"cannot open {path} as HDF5: {e}") from None
+
+
+@dataclass(frozen=True)
+class Columns:
+    """Where and what the inputs and targets are in a data file."""
+    x_key: str = "X"
+    y_key: str = "y"
+    loss: str = "cross_entropy"
+
+
+def _dataset(f, key, path, what):
+    if key not in f or not isinstance(f[key], h5py.Dataset):
+        raise UsageError(f"{path}: no dataset {key!r} for {what} (use --{'x' if what == 'inputs' else 'y'}-key"
+                         f" to name another; found: {', '.join(sorted(f.keys())) or 'nothing'})")
+    return f[key]
+
+
+def inspect(f, path, cols, need_y=True):
+    """Check shapes and dtypes without reading data. Returns (n_rows, n_features, n_targets or None);
+    n_targets is the width of y for mse and None for class labels."""
+    X = _dataset(f, cols.x_key, path, "inputs")
+    if X.ndim != 2:
+        raise UsageError(f"{path}:{cols.x_key} must be 2-D (rows x features); it has shape {X.shape}")
+    if not np.issubdtype(X.dtype, np.number) or np.issubdtype(X.dtype, np.complexfloating):
+        raise UsageError(f"{path}:{cols.x_key} must be numeric; it has dtype {X.dtype}")
+    n, n_features = X.shape
+    if n == 0:
+        raise UsageError(f"{path}:{cols.x_key} is empty (0 rows)")
+    if not need_y:
+        return n, n_features, None
+    y = _dataset(f, cols.y_key, path, "targets")
+    if y.ndim not in (1, 2) or y.shape[0] != n:
+        raise UsageError(f"{path}:{cols.y_key} must have one entry per row of {cols.x_key} "
+                         f"({n}); it has shape {y.shape}")
+    if not np.issubdtype(y.dtype, np.number):
+        raise UsageError(f"{path}:{cols.y_key} must be numeric; it has dtype {y.dtype}")
+    if cols.loss == "cross_entropy":
+        if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+            raise UsageError(f"{path}:{cols.y_key} must hold integer class labels (1-D) for "
+                             f"--loss cross_entropy; it has shape {y.shape}, dtype {y.dtype}")
+        return n, n_features, None
+    return n, n_features, 1 if y.ndim == 1 else y.shape[1]
+
+
+def _read_selection(ds, out, selections):
+    """Read (file selection, rows) pieces of ds into consecutive rows of out, converting dtype."""
+    row = 0
+    for sel, rows in selections:
+        if rows:
+            ds.read_direct(out, source_sel=np.s_[sel], dest_sel=np.s_[row:row + rows])
+        row += rows
+    return out
+
+
+def plan_selections(plan):
+    """The file selections (with their row counts) that read exactly plan.owned_rows(), in order."""
+    sel = []
+    off, cnt = plan.full_part()
+    if plan.n_full and cnt:
+        sel.append((h5py.MultiBlockSlice(start=off, stride=plan.batch, count=plan.n_full, block=cnt),
+                    plan.n_full * cnt))
+    if plan.last_batch:
+        off, cnt = plan.last_part()
+        start = plan.n_full * plan.batch + off
+        sel.append((slice(start, start + cnt), cnt))
+    return sel
+
+
+def block_selections(n_rows, rank, size):
+    """The contiguous block of rows a rank owns for evaluation and prediction."""
+    off, cnt = even_part(n_rows, size, rank)
+    return [(slice(off, off + cnt), cnt)]
+
+
+def read_rows(path, cols, selections, n_targets):
+    """Read the rows named by `selections` (see plan_selections) as float32 inputs and int64 labels
+    or float32 (rows, n_targets) targets. Only those rows are read."""
+    n = sum(rows for _, rows in selections)
+    with open_h5(path) as f:
+        X = f[cols.x_key]
+        x = _read_selection(X, np.empty((n, X.shape[1]), np.float32), selections)
+        if not np.isfinite(x).all():
+            raise UsageError(f"{path}:{cols.x_key} contains NaN or inf values")
+        y_ds = f[cols.y_key]
+        if n_targets is None:
+            y = _read_selection(y_ds, np.empty(n, np.int64), selections)
+            if n and y.min() < 0:
+                raise UsageError(f"{path}:{cols.y_key} has negative class labels (min {y.min()})")
+        else:
+            y = _read_selection(y_ds, np.empty((n,) if y_ds.ndim == 1 else (n, n_targets), np.float32),
+                                selections).reshape(n, n_targets)
+            if not np.isfinite(y).all():
+                raise UsageError(f"{path}:{cols.y_key} contains NaN or inf values")
+    return x, y
+
+
+def read_inputs(f, path, x_key, selections):
+    """Only the inputs of the selected rows of the open file f (prediction)."""
+    n = sum(rows for _, rows in selections)
+    X = f[x_key]
+    x = _read_selection(X, np.empty((n, X.shape[1]), np.float32), selections)
+    if not np.isfinite(x).all():
+        raise UsageError(f"{path}:{x_key} contains NaN or inf values")
+    return x
+
+
+class EpochBatches:
+    """This rank's batches for one epoch: step k yields its part of global batch k. Fixed order
+    gives views of the local arrays; shuffled order permutes the rows this rank owns, seeded by
+    (seed, epoch, rank), and gathers them into preallocated buffers."""
+
+    def __init__(self, x, y, counts, shuffle, seed, epoch, rank):
+        self.x, self.y, self.counts = x, y, counts
+        self.starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+        self.perm = None
+        if shuffle:
+            self.perm = np.random.default_rng([seed, epoch, rank]).permutation(x.shape[0])
+            m = int(counts.max()) if len(counts) else 0
+            self.xb = np.empty((m,) + x.shape[1:], x.dtype)
+            self.yb = np.empty((m,) + y.shape[1:], y.dtype)
+
+    def __call__(self, k):
+        s, c = int(self.starts[k]), int(self.counts[k])
+        if self.perm is None:
+            return self.x[s:s + c], self.y[s:s + c]
+        idx = self.perm[s:s + c]
+        np.take(self.x, idx, axis=0, out=self.xb[:c])
+        np.take(self.y, idx, axis=0, out=self.yb[:c])
+        return self.xb[:c], self.yb[:c]

@@ -1,0 +1,208 @@
+"""Pure Numba kernels: forward, loss and backward for a whole dense network, in one call.
+
+Shape letters used throughout:
+    N  rows in this call (this rank's part of a global batch; may be 0)
+    F  input features            K  outputs (classes or regression targets)
+    L  number of layers          fi, fo  fan-in and fan-out of one layer
+    P  number of parameters (all layers, one flat buffer)
+
+Parameter layout in the flat buffer: W0 (fi0*fo0, row-major, W of shape (fi, fo)), b0 (fo0), W1, b1, ...
+so a layer computes h_next = act(h @ W + b). `w_off[l]` and `b_off[l]` give where each view starts.
+
+The workspace `acts` holds each layer's output for up to `max_rows` rows (layer l at `a_off[l]`);
+`d0`/`d1` are ping-pong buffers for dLoss/dz of max_rows * max(width). All outputs are preallocated
+by the caller (model.Workspace); nothing here allocates per step, touches MPI, does I/O or reads globals.
+
+Activation codes (ACT_*) and loss codes (LOSS_*) are plain ints so one compiled kernel serves all
+networks. The gradient written is d(scale * sum of per-sample losses)/d(params): the caller passes
+scale = 1/global_batch (cross-entropy) or 1/(global_batch*K) (mse), so the sum over ranks of the
+per-rank gradients is exactly the gradient of the global mean loss, however the rows are split.
+"""
+import numpy as np
+from numba import njit
+
+ACT_IDENTITY, ACT_RELU, ACT_TANH, ACT_SIGMOID = 0, 1, 2, 3
+ACTIVATIONS = {"identity": ACT_IDENTITY, "relu": ACT_RELU, "tanh": ACT_TANH, "sigmoid": ACT_SIGMOID}
+LOSS_CROSS_ENTROPY, LOSS_MSE = 0, 1
+LOSSES = {"cross_entropy": LOSS_CROSS_ENTROPY, "mse": LOSS_MSE}
+
+
+@njit(cache=True)
+def _activate_(h, act):
+    """Apply `act` in place to the 2-D array h."""
+    if act == ACT_IDENTITY:
+        return
+    n, m = h.shape
+    for i in range(n):
+        for j in range(m):
+            v = h[i, j]
+            if act == ACT_RELU:
+                h[i, j] = v if v > 0 else 0
+            elif act == ACT_TANH:
+                h[i, j] = np.tanh(v)
+            else:
+                h[i, j] = 1 / (1 + np.exp(-v))
+
+
+@njit(cache=True)
+def _times_act_grad_(d, h, act):
+    """d *= act'(z), written in terms of the activation's output h = act(z)."""
+    if act == ACT_IDENTITY:
+        return
+    n, m = d.shape
+    for i in range(n):
+        for j in range(m):
+            v = h[i, j]
+            if act == ACT_RELU:
+                if v <= 0:
+                    d[i, j] = 0
+            elif act == ACT_TANH:
+                d[i, j] *= 1 - v * v
+            else:
+                d[i, j] *= v * (1 - v)
+
+
+@njit(cache=True)
+def _view2(buf, off, rows, cols):
+    return buf[off:off + rows * cols].reshape((rows, cols))
+
+
+@njit(cache=True)
+def forward(params, x, sizes, w_off, b_off, acts, a_off, act, out_act):
+    """Forward pass over all layers for the N rows of x. Layer l's output (N, fo) is written to
+    acts at a_off[l]; the last layer's holds out_act(z_L)."""
+    n = x.shape[0]
+    n_layers = sizes.shape[0] - 1
+    h = x
+    for l in range(n_layers):
+        fi, fo = sizes[l], sizes[l + 1]
+        W = _view2(params, w_off[l], fi, fo)
+        b = params[b_off[l]:b_off[l] + fo]
+        z = _view2(acts, a_off[l], n, fo)
+        np.dot(h, W, z)
+        for i in range(n):
+            for j in range(fo):
+                z[i, j] += b[j]
+        _activate_(z, out_act if l == n_layers - 1 else act)
+        h = z
+
+
+@njit(cache=True)
+def backward(grads, params, x, sizes, w_off, b_off, acts, a_off, act, d0, d1):
+    """Backpropagate through all layers. On entry the output layer's slot in acts holds
+    dLoss/dz_L (N, K); grads (P,) is overwritten with dLoss/dparams. d0/d1 are scratch."""
+    n = x.shape[0]
+    n_layers = sizes.shape[0] - 1
+    d = _view2(acts, a_off[n_layers - 1], n, sizes[n_layers])
+    for l in range(n_layers - 1, -1, -1):
+        fi, fo = sizes[l], sizes[l + 1]
+        h_in = x if l == 0 else _view2(acts, a_off[l - 1], n, fi)
+        gW = _view2(grads, w_off[l], fi, fo)
+        np.dot(h_in.T, d, gW)
+        gb = grads[b_off[l]:b_off[l] + fo]
+        gb[:] = 0
+        for i in range(n):
+            for j in range(fo):
+                gb[j] += d[i, j]
+        if l > 0:
+            W = _view2(params, w_off[l], fi, fo)
+            d_prev = _view2(d0 if l % 2 == 0 else d1, 0, n, fi)
+            np.dot(d, W.T, d_prev)
+            _times_act_grad_(d_prev, h_in, act)
+            d = d_prev
+
+
+@njit(cache=True)
+def cross_entropy_grad_(logits, labels, scale):
+    """Turn logits (N, K) in place into scale * dLoss/dz of softmax cross-entropy.
+    Returns (sum of per-sample losses, number of correct argmax predictions), both unscaled."""
+    n, k = logits.shape
+    loss = 0.0
+    correct = 0
+    for i in range(n):
+        m = logits[i, 0]
+        best = 0
+        for j in range(1, k):
+            if logits[i, j] > m:
+                m = logits[i, j]
+                best = j
+        s = 0.0
+        for j in range(k):
+            s += np.exp(logits[i, j] - m)
+        y = labels[i]
+        loss += np.log(s) + m - logits[i, y]
+        if best == y:
+            correct += 1
+        for j in range(k):
+            p = np.exp(logits[i, j] - m) / s
+            logits[i, j] = (p - (1.0 if j == y else 0.0)) * scale
+    return loss, correct
+
+
+@njit(cache=True)
+def mse_grad_(out, targets, out_act, scale):
+    """Turn outputs (N, K) = out_act(z) in place into scale * dLoss/dz of squared error.
+    Returns (sum of squared errors over all elements, 0)."""
+    n, k = out.shape
+    loss = 0.0
+    for i in range(n):
+        for j in range(k):
+            o = out[i, j]
+            e = o - targets[i, j]
+            loss += e * e
+            g = 2 * e * scale
+            if out_act == ACT_SIGMOID:
+                g *= o * (1 - o)
+            elif out_act == ACT_TANH:
+                g *= 1 - o * o
+            elif out_act == ACT_RELU and o <= 0:
+                g = 0
+            out[i, j] = g
+    return loss, 0
+
+
+@njit(cache=True)
+def softmax_(logits):
+    """Rows of logits (N, K) -> probabilities, in place."""
+    n, k = logits.shape
+    for i in range(n):
+        m = logits[i, 0]
+        for j in range(1, k):
+            m = max(m, logits[i, j])
+        s = 0.0
+        for j in range(k):
+            logits[i, j] = np.exp(logits[i, j] - m)
+            s += logits[i, j]
+        for j in range(k):
+            logits[i, j] /= s
+
+
+@njit(cache=True)
+def train_step_ce(grads, params, x, labels, scale, sizes, w_off, b_off, acts, a_off, act, d0, d1):
+    """Forward, softmax cross-entropy and backward for N rows; grads (P,) overwritten.
+    Returns (loss sum, correct count) over these rows."""
+    n_layers = sizes.shape[0] - 1
+    if x.shape[0] == 0:
+        grads[:] = 0
+        return 0.0, 0
+    forward(params, x, sizes, w_off, b_off, acts, a_off, act, ACT_IDENTITY)
+    z = _view2(acts, a_off[n_layers - 1], x.shape[0], sizes[n_layers])
+    loss, correct = cross_entropy_grad_(z, labels, scale)
+    backward(grads, params, x, sizes, w_off, b_off, acts, a_off, act, d0, d1)
+    return loss, correct
+
+
+@njit(cache=True)
+def train_step_mse(grads, params, x, targets, scale, sizes, w_off, b_off, acts, a_off, act, out_act,
+                   d0, d1):
+    """Forward, squared error and backward for N rows; grads (P,) overwritten.
+    Returns (sum of squared errors, 0) over these rows."""
+    n_layers = sizes.shape[0] - 1
+    if x.shape[0] == 0:
+        grads[:] = 0
+        return 0.0, 0
+    forward(params, x, sizes, w_off, b_off, acts, a_off, act, out_act)
+    out = _view2(acts, a_off[n_layers - 1], x.shape[0], sizes[n_layers])
+    loss, _ = mse_grad_(out, targets, out_act, scale)
+    backward(grads, params, x, sizes, w_off, b_off, acts, a_off, act, d0, d1)
+    return loss, 0

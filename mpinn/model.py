@@ -1,0 +1,155 @@
+"""The network: layer sizes -> one flat parameter buffer, one flat gradient buffer, per-layer views,
+seeded initialisation, and the preallocated workspace the kernels write into.
+
+Layout (shared with kernels.py and the checkpoint format): W0, b0, W1, b1, ... with W of shape
+(fan_in, fan_out), so a pipeline stage's parameters are one contiguous slice of the flat buffer.
+"""
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import kernels
+from .errors import UsageError
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """What defines a network: sizes (F, hidden..., K), activations and loss."""
+    sizes: tuple
+    activation: str = "relu"
+    output_activation: str = "identity"
+    loss: str = "cross_entropy"
+
+    def __post_init__(self):
+        if len(self.sizes) < 2 or any(int(s) < 1 for s in self.sizes):
+            raise UsageError(f"layer sizes must be positive and at least input,output; got {self.sizes}")
+        if self.activation not in kernels.ACTIVATIONS:
+            raise UsageError(f"unknown activation {self.activation!r}; expected one of "
+                             f"{', '.join(kernels.ACTIVATIONS)}")
+        if self.output_activation not in kernels.ACTIVATIONS:
+            raise UsageError(f"unknown output activation {self.output_activation!r}; expected one "
+                             f"of {', '.join(kernels.ACTIVATIONS)}")
+        if self.loss not in kernels.LOSSES:
+            raise UsageError(f"unknown loss {self.loss!r}; expected one of {', '.join(kernels.LOSSES)}")
+        if self.loss == "cross_entropy" and self.output_activation != "identity":
+            raise UsageError("--output-activation applies to --loss mse only "
+                             "(cross_entropy applies softmax itself)")
+
+    @property
+    def n_layers(self):
+        return len(self.sizes) - 1
+
+    @property
+    def n_params(self):
+        return sum(fi * fo + fo for fi, fo in zip(self.sizes[:-1], self.sizes[1:]))
+
+    def offsets(self):
+        """(w_off, b_off) int64 arrays: where W_l and b_l start in the flat buffer."""
+        w_off, b_off, o = [], [], 0
+        for fi, fo in zip(self.sizes[:-1], self.sizes[1:]):
+            w_off.append(o)
+            b_off.append(o + fi * fo)
+            o += fi * fo + fo
+        return np.array(w_off, np.int64), np.array(b_off, np.int64)
+
+    def describe(self):
+        return "-".join(str(s) for s in self.sizes)
+
+
+def layer_views(arch, flat):
+    """[(W_l, b_l)] views into a flat buffer laid out as `arch` says."""
+    w_off, b_off = arch.offsets()
+    views = []
+    for l, (fi, fo) in enumerate(zip(arch.sizes[:-1], arch.sizes[1:])):
+        views.append((flat[w_off[l]:w_off[l] + fi * fo].reshape(fi, fo), flat[b_off[l]:b_off[l] + fo]))
+    return views
+
+
+def init_params(arch, seed, dtype=np.float32):
+    """He-normal weights before ReLU, Xavier-uniform otherwise; zero biases. Seeded, rank-free."""
+    rng = np.random.default_rng(seed)
+    flat = np.zeros(arch.n_params, dtype)
+    for l, (W, _) in enumerate(layer_views(arch, flat)):
+        fi, fo = W.shape
+        is_output = l == arch.n_layers - 1
+        if arch.activation == "relu" and not is_output:
+            W[...] = rng.normal(0.0, np.sqrt(2.0 / fi), size=(fi, fo))
+        else:
+            bound = np.sqrt(6.0 / (fi + fo))
+            W[...] = rng.uniform(-bound, bound, size=(fi, fo))
+    return flat
+
+
+class Workspace:
+    """Preallocated activation and back-propagation buffers for up to max_rows rows."""
+
+    def __init__(self, arch, max_rows, dtype=np.float32):
+        self.arch = arch
+        self.max_rows = max(int(max_rows), 1)
+        widths = arch.sizes[1:]
+        self.a_off = np.cumsum([0] + [self.max_rows * w for w in widths[:-1]]).astype(np.int64)
+        self.acts = np.zeros(self.max_rows * sum(widths), dtype)
+        scratch = self.max_rows * max(arch.sizes[:-1])
+        self.d0 = np.zeros(scratch, dtype)
+        self.d1 = np.zeros(scratch, dtype)
+        self.sizes = np.array(arch.sizes, np.int64)
+        self.w_off, self.b_off = arch.offsets()
+        self.act = kernels.ACTIVATIONS[arch.activation]
+        self.out_act = kernels.ACTIVATIONS[arch.output_activation]
+
+    def output(self, n):
+        """The output layer's (n, K) slot in the workspace."""
+        k = self.arch.sizes[-1]
+        o = self.a_off[-1]
+        return self.acts[o:o + n * k].reshape(n, k)
+
+
+class Network:
+    """A network's parameters and gradients (flat buffers) plus the calls that run the kernels."""
+
+    def __init__(self, arch, params, max_rows):
+        self.arch = arch
+        self.params = np.ascontiguousarray(params)
+        self.grads = np.zeros_like(self.params)
+        self.ws = Workspace(arch, max_rows, self.params.dtype)
+
+    def train_step(self, x, y, scale):
+        """Gradient of scale * (sum of losses over the rows of x) into self.grads.
+        Returns (loss sum, correct count) over those rows."""
+        ws = self.ws
+        if x.shape[0] > ws.max_rows:
+            raise ValueError(f"{x.shape[0]} rows exceed the workspace of {ws.max_rows}")
+        if self.arch.loss == "cross_entropy":
+            loss, correct = kernels.train_step_ce(
+                self.grads, self.params, x, y, self.params.dtype.type(scale), ws.sizes, ws.w_off,
+                ws.b_off, ws.acts, ws.a_off, ws.act, ws.d0, ws.d1)
+        else:
+            loss, correct = kernels.train_step_mse(
+                self.grads, self.params, x, y, self.params.dtype.type(scale), ws.sizes, ws.w_off,
+                ws.b_off, ws.acts, ws.a_off, ws.act, ws.out_act, ws.d0, ws.d1)
+        return float(loss), int(correct)
+
+    def forward(self, x):
+        """Outputs for the rows of x (at most max_rows): a view into the workspace, valid until the
+        next call. Softmax probabilities for cross-entropy, out_act(z) for mse."""
+        ws = self.ws
+        kernels.forward(self.params, x, ws.sizes, ws.w_off, ws.b_off, ws.acts, ws.a_off, ws.act,
+                        ws.out_act)
+        out = ws.output(x.shape[0])
+        if self.arch.loss == "cross_entropy":
+            kernels.softmax_(out)
+        return out
+
+    def loss_sums(self, x, y):
+        """(loss sum, correct count) over the rows of x, without touching the gradients."""
+        if x.shape[0] == 0:
+            return 0.0, 0
+        ws = self.ws
+        kernels.forward(self.params, x, ws.sizes, ws.w_off, ws.b_off, ws.acts, ws.a_off, ws.act,
+                        ws.out_act)
+        out = ws.output(x.shape[0])
+        if self.arch.loss == "cross_entropy":
+            loss, correct = kernels.cross_entropy_grad_(out, y, 1.0)
+        else:
+            loss, correct = kernels.mse_grad_(out, y, ws.out_act, 1.0)
+        return float(loss), int(correct)

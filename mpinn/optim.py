@@ -1,0 +1,72 @@
+"""Optimizers with PyTorch's semantics, each one jitted pass over the flat parameter and gradient
+buffers: sgd, momentum (optionally Nesterov) and adam, with L2 weight decay added to the gradient.
+
+State lives in flat buffers the size of the parameters (`state`, a list of 0-2 arrays) plus the step
+count, so the checkpoint can store it as is and a pipeline stage owns one contiguous slice of it.
+"""
+import math
+
+import numpy as np
+from numba import njit
+
+from .errors import UsageError
+
+OPTIMIZERS = ("sgd", "momentum", "adam")
+
+
+@njit(cache=True)
+def sgd_(params, grads, lr, weight_decay):
+    for i in range(params.shape[0]):
+        params[i] -= lr * (grads[i] + weight_decay * params[i])
+
+
+@njit(cache=True)
+def momentum_(params, grads, velocity, lr, mu, weight_decay, nesterov):
+    # PyTorch: v = mu*v + g (v starts at 0, so the first step gives v = g); w -= lr*(g + mu*v) if
+    # Nesterov else lr*v.
+    for i in range(params.shape[0]):
+        g = grads[i] + weight_decay * params[i]
+        v = mu * velocity[i] + g
+        velocity[i] = v
+        params[i] -= lr * (g + mu * v if nesterov else v)
+
+
+@njit(cache=True)
+def adam_(params, grads, m, v, lr, beta1, beta2, eps, weight_decay, bias1, bias2_sqrt):
+    # PyTorch: w -= (lr / bias1) * m / (sqrt(v) / sqrt(bias2) + eps)
+    step = lr / bias1
+    for i in range(params.shape[0]):
+        g = grads[i] + weight_decay * params[i]
+        mi = beta1 * m[i] + (1 - beta1) * g
+        vi = beta2 * v[i] + (1 - beta2) * g * g
+        m[i] = mi
+        v[i] = vi
+        params[i] -= step * mi / (math.sqrt(vi) / bias2_sqrt + eps)
+
+
+class Optimizer:
+    """One optimizer over a flat buffer of n parameters; `step(params, grads)` updates in place."""
+
+    def __init__(self, name, n, lr, momentum=0.9, nesterov=False, beta1=0.9, beta2=0.999, eps=1e-8,
+                 weight_decay=0.0, dtype=np.float32):
+        if name not in OPTIMIZERS:
+            raise UsageError(f"unknown optimizer {name!r}; expected one of {', '.join(OPTIMIZERS)}")
+        self.name, self.lr, self.momentum, self.nesterov = name, lr, momentum, nesterov
+        self.beta1, self.beta2, self.eps, self.weight_decay = beta1, beta2, eps, weight_decay
+        self.t = 0
+        n_state = {"sgd": 0, "momentum": 1, "adam": 2}[name]
+        self.state = [np.zeros(n, dtype) for _ in range(n_state)]
+
+    def step(self, params, grads):
+        self.t += 1
+        f = params.dtype.type
+        if self.name == "sgd":
+            sgd_(params, grads, f(self.lr), f(self.weight_decay))
+        elif self.name == "momentum":
+            momentum_(params, grads, self.state[0], f(self.lr), f(self.momentum),
+                      f(self.weight_decay), self.nesterov)
+        else:
+            bias1 = 1 - self.beta1 ** self.t
+            bias2_sqrt = math.sqrt(1 - self.beta2 ** self.t)
+            adam_(params, grads, self.state[0], self.state[1], f(self.lr), f(self.beta1),
+                  f(self.beta2), f(self.eps), f(self.weight_decay), f(bias1), f(bias2_sqrt))

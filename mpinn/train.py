@@ -1,0 +1,284 @@
+"""The training loop: batch -> local gradient -> one Allreduce -> the same update on every rank.
+
+    mpirun -n 8 python -m mpinn train --data train.h5 --val-data test.h5 --hidden 512,512 \\
+        --epochs 10 --run-dir runs/a
+    srun --mpi=pmi2 python -m mpinn train ...         (inside a SLURM allocation)
+    python -m mpinn train                               (1 rank, bundled digits data)
+
+Each rank reads only its part of every global batch (data.BatchPlan); its local gradient is of
+(sum of its rows' losses) / (global batch rows), so the Allreduce SUM of the flat gradient buffer is
+exactly the gradient of the global mean loss. Every rank runs the same number of steps by
+construction. Rank 0 writes the checkpoint at the end of every epoch and at the end of training.
+"""
+import os
+import textwrap
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from . import checkpoint, data
+from .checkpoint import CHECKPOINT_NAME, Checkpoint
+from .comm import library_version
+from .errors import UsageError
+from .faults import FaultInjector
+from .log import Log
+from .model import Architecture, Network, init_params
+from .optim import Optimizer
+from .threads import limit_threads
+
+BUNDLED = Path(__file__).resolve().parent.parent / "data"
+EVAL_ROWS = 1024  # rows per forward pass when evaluating
+
+
+def bundled(name):
+    path = BUNDLED / name
+    if not path.exists():
+        raise UsageError(f"no --data given and the bundled data set {path} is missing "
+                         "(run from a clone of mpinn, or pass --data)")
+    return str(path)
+
+
+def data_paths(cfg):
+    if cfg.data:
+        return cfg.data, cfg.val_data or None
+    return bundled("digits-train.h5"), cfg.val_data or bundled("digits-test.h5")
+
+
+def _start_checkpoint(cfg):
+    """The checkpoint a run starts from (rank 0 only), or None."""
+    if cfg.resume:
+        path = os.path.join(cfg.run_dir, CHECKPOINT_NAME)
+        if not os.path.exists(path):
+            raise UsageError(f"--resume: no checkpoint at {path}")
+        return checkpoint.load(path)
+    return checkpoint.load(cfg.init) if cfg.init else None
+
+
+def broadcast_checkpoint(comm, load):
+    """Rank 0 runs load() (under comm.checked), then every rank gets the same Checkpoint or None."""
+    ckpt = comm.checked(load) if comm.is_root else comm.checked(lambda: None)
+    meta = comm.bcast_json(ckpt.meta() if ckpt is not None else None)
+    if meta is None:
+        return None
+    if not comm.is_root:
+        ckpt = Checkpoint.from_meta(meta)
+    comm.bcast_(ckpt.params)
+    for s in ckpt.optimizer_state:
+        comm.bcast_(s)
+    return ckpt
+
+
+def _architecture(cfg, explicit, ckpt, n_features, n_outputs):
+    """The network to train: from the checkpoint (conflicting explicit options are errors) or cfg."""
+    if ckpt is None:
+        return Architecture((n_features,) + cfg.hidden_sizes() + (n_outputs,), cfg.activation,
+                            cfg.output_activation, cfg.loss)
+    arch = ckpt.arch
+    given = {"hidden": cfg.hidden_sizes(), "activation": cfg.activation, "loss": cfg.loss,
+             "output_activation": cfg.output_activation}
+    have = {"hidden": arch.sizes[1:-1], "activation": arch.activation, "loss": arch.loss,
+            "output_activation": arch.output_activation}
+    for key in given:
+        if key in explicit and given[key] != have[key]:
+            raise UsageError(f"--{key.replace('_', '-')} {given[key]} conflicts with the checkpoint's "
+                             f"{have[key]}; drop the option to use the checkpoint's architecture")
+    if arch.sizes[0] != n_features:
+        raise UsageError(f"the checkpoint's network takes {arch.sizes[0]} input features; the data "
+                         f"has {n_features}")
+    if n_outputs is not None and arch.sizes[-1] != n_outputs and arch.loss == "mse":
+        raise UsageError(f"the checkpoint's network has {arch.sizes[-1]} outputs; the data's "
+                         f"targets have {n_outputs}")
+    return arch
+
+
+def _check_labels(y, n_classes, path):
+    if y.size and y.max() >= n_classes:
+        raise UsageError(f"{path}: class label {int(y.max())} is out of range for a network with "
+                         f"{n_classes} classes")
+
+
+def load_split(comm, path, cols, selections_of, loss):
+    """Each rank inspects the file and reads only its own rows. Returns (n_rows, F, K|None, x, y)."""
+    def read():
+        with data.open_h5(path) as f:
+            n, n_features, n_targets = data.inspect(f, path, cols)
+        x, y = data.read_rows(path, cols, selections_of(n), n_targets)
+        return n, n_features, n_targets, x, y
+    return comm.checked(read)
+
+
+class Evaluator:
+    """Loss and accuracy of the network on this rank's block of a data set, summed over ranks."""
+
+    def __init__(self, comm, x, y, loss, n_outputs, rows=EVAL_ROWS):
+        self.comm, self.x, self.y, self.loss, self.k, self.rows = comm, x, y, loss, n_outputs, rows
+
+    def __call__(self, net):
+        loss, correct = 0.0, 0
+        for s in range(0, self.x.shape[0], self.rows):
+            l, c = net.loss_sums(self.x[s:s + self.rows], self.y[s:s + self.rows])
+            loss, correct = loss + l, correct + c
+        loss, correct, n = self.comm.allreduce_sum([loss, correct, self.x.shape[0]])
+        return summarize(loss, correct, n, self.loss, self.k)
+
+
+def summarize(loss_sum, correct, n, loss, k):
+    """Mean loss as PyTorch defines it, accuracy for classification (None for mse)."""
+    n = max(n, 1)
+    if loss == "cross_entropy":
+        return loss_sum / n, correct / n
+    return loss_sum / (n * k), None
+
+
+def replicas_agree(comm, params):
+    """True when every rank holds bit-identical parameters (one small collective)."""
+    lo, hi = comm.allreduce_minmax(zlib.crc32(params))
+    return lo == hi
+
+
+def run(cfg, explicit, comm):
+    rank, size = comm.rank, comm.size
+    log = Log(rank, size)
+    limit_threads(cfg.threads)
+    faults = FaultInjector.from_env(rank)
+    train_path, val_path = comm.checked(data_paths, cfg)
+    comm.checked(lambda: _prepare_run_dir(cfg.run_dir) if comm.is_root else None)
+    ckpt = broadcast_checkpoint(comm, lambda: _start_checkpoint(cfg))
+
+    loss = ckpt.arch.loss if ckpt else cfg.loss
+    cols = data.Columns(cfg.x_key, cfg.y_key, loss)
+    n_rows, n_features, n_targets, x, y = load_split(
+        comm, train_path, cols,
+        lambda n: data.plan_selections(data.BatchPlan(n, cfg.batch_size, rank, size)), loss)
+    if cfg.batch_size < size:
+        comm.checked(_raise, f"--batch-size {cfg.batch_size} is smaller than the number of ranks "
+                             f"({size}); every rank needs at least one row of each full batch")
+    if n_rows < size:
+        comm.checked(_raise, f"{train_path} has {n_rows} rows, fewer than the {size} ranks")
+    if loss == "cross_entropy":
+        n_outputs = ckpt.arch.sizes[-1] if ckpt else int(
+            comm.allreduce_minmax(int(y.max()) if y.size else 0)[1]) + 1
+    else:
+        n_outputs = n_targets
+    arch = comm.checked(_architecture, cfg, explicit, ckpt, n_features, n_outputs)
+    if loss == "cross_entropy":
+        comm.checked(_check_labels, y, n_outputs, train_path)
+    evaluate = None
+    if val_path:
+        _, val_features, _, vx, vy = load_split(
+            comm, val_path, cols, lambda n: data.block_selections(n, rank, size), loss)
+        if val_features != n_features:
+            comm.checked(_raise, f"{val_path} has {val_features} features; {train_path} has "
+                                 f"{n_features}")
+        if loss == "cross_entropy":
+            comm.checked(_check_labels, vy, n_outputs, val_path)
+        evaluate = Evaluator(comm, vx, vy, loss, n_outputs)
+
+    plan = data.BatchPlan(n_rows, cfg.batch_size, rank, size)
+    counts = plan.local_counts()
+    params = ckpt.params if ckpt else init_params(arch, cfg.seed)
+    comm.bcast_(params)  # one source of truth for the initial weights: rank 0's
+    net = Network(arch, params, max(int(counts.max()), EVAL_ROWS if evaluate else 0))
+    opt = Optimizer(cfg.optimizer, arch.n_params, cfg.lr, cfg.momentum, cfg.nesterov, cfg.beta1,
+                    cfg.beta2, cfg.eps, cfg.weight_decay)
+    step = 0
+    if cfg.resume:
+        step = ckpt.global_step
+        comm.checked(_check_resumable, cfg, ckpt)
+        opt.t, opt.state = ckpt.optimizer_step, ckpt.optimizer_state
+        if ckpt.config.get("ranks") != size and cfg.shuffle:
+            log.info(f"note: resuming on {size} ranks a run checkpointed on "
+                     f"{ckpt.config.get('ranks')}: shuffled data order differs from an "
+                     "uninterrupted run")
+
+    spe = plan.steps_per_epoch
+    max_steps = cfg.epochs * spe if cfg.steps == 0 else min(cfg.steps, cfg.epochs * spe)
+    run_config = {**{k: getattr(cfg, k) for k in cfg.__dataclass_fields__}, "data": train_path,
+                  "val_data": val_path or "", "ranks": size}
+    log.info("mpinn train: config " + textwrap.fill(
+        " ".join(f"{k}={v!r}" for k, v in run_config.items()), 100, subsequent_indent="  "))
+    log.info(f"mpinn train: {size} rank(s) [{library_version()}], network {arch.describe()} "
+             f"({arch.n_params:,} parameters, {arch.loss}), {n_rows} rows, global batch "
+             f"{cfg.batch_size} -> {spe} steps/epoch, {plan.n_local} rows on rank 0")
+    log.open_metrics(os.path.join(cfg.run_dir, "metrics.jsonl"), append=cfg.resume)
+
+    def save(epoch):
+        comm.checked(lambda: checkpoint.save(
+            os.path.join(cfg.run_dir, CHECKPOINT_NAME),
+            Checkpoint(arch, net.params, opt.name, opt.t, opt.state, epoch, step, cfg.seed,
+                       run_config)) if comm.is_root else None)
+
+    window = np.zeros(3)  # loss sum, correct, rows since the last log line (this rank)
+    t_window = time.perf_counter()
+    saved_at = -1
+    while step < max_steps:
+        epoch, first = divmod(step, spe)
+        batches = data.EpochBatches(x, y, counts, cfg.shuffle, cfg.seed, epoch, rank)
+        for k in range(first, spe):
+            if step >= max_steps:
+                break
+            faults.at_step(step + 1)
+            xb, yb = batches(k)
+            scale = 1.0 / plan.global_batch_rows(k) / (1 if loss == "cross_entropy" else n_outputs)
+            l, c = net.train_step(xb, yb, scale)
+            comm.allreduce_sum_(net.grads)
+            opt.step(net.params, net.grads)
+            step += 1
+            window += (l, c, xb.shape[0])
+            if step % cfg.log_every == 0 or step == max_steps or k == spe - 1:
+                total = comm.allreduce_sum(window)
+                now = time.perf_counter()
+                mean_loss, acc = summarize(*total, loss, n_outputs)
+                rate = total[2] / max(now - t_window, 1e-9)
+                log.info(f"epoch {epoch + 1}/{cfg.epochs} step {step} loss {mean_loss:.4f}"
+                         + (f" acc {acc:.4f}" if acc is not None else "")
+                         + f" samples/s {rate:,.0f}")
+                log.metrics({"kind": "train", "epoch": epoch + 1, "step": step, "loss": mean_loss,
+                             "accuracy": acc, "samples": int(total[2]), "samples_per_s": rate})
+                window[:] = 0
+                t_window = now
+            if step % cfg.check_every == 0 and not replicas_agree(comm, net.params):
+                raise RuntimeError(f"ranks hold different parameters after step {step}")
+        if step % spe == 0:  # a whole epoch is done
+            record = {"kind": "epoch", "epoch": epoch + 1, "step": step}
+            if evaluate:
+                record["val_loss"], record["val_accuracy"] = evaluate(net)
+                log.info(f"epoch {epoch + 1}/{cfg.epochs} validation loss {record['val_loss']:.4f}"
+                         + (f" accuracy {record['val_accuracy']:.4f}"
+                            if record["val_accuracy"] is not None else ""))
+            log.metrics(record)
+            save(epoch + 1)
+            saved_at = step
+            t_window = time.perf_counter()  # samples/s measures training, not evaluation or I/O
+    if saved_at != step:
+        save(step // spe)
+    if not replicas_agree(comm, net.params):
+        raise RuntimeError("ranks hold different parameters at the end of training")
+    log.info(f"mpinn train: done, {step} steps; checkpoint {os.path.join(cfg.run_dir, CHECKPOINT_NAME)}")
+    log.close()
+    return net
+
+
+def _raise(message):
+    raise UsageError(message)
+
+
+def _prepare_run_dir(path):
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"--run-dir {path} exists and is not a directory")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"cannot create --run-dir {path}: {e.strerror}") from None
+    if not os.access(path, os.W_OK):
+        raise UsageError(f"--run-dir {path} is not writable")
+
+
+def _check_resumable(cfg, ckpt):
+    saved = ckpt.config
+    for key in ("batch_size", "optimizer"):
+        if key in saved and saved[key] != getattr(cfg, key):
+            raise UsageError(f"--resume needs the same --{key.replace('_', '-')} as the checkpoint "
+                             f"({saved[key]!r}), got {getattr(cfg, key)!r}")
