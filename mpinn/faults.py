@@ -1,5 +1,6 @@
-"""Test-only fault injection. Does nothing unless MPINN_FAULT is set, e.g.
-MPINN_FAULT="raise:rank=1:step=3" raises RuntimeError on rank 1 just before optimizer step 3."""
+"""Test-only fault injection. Does nothing unless MPINN_FAULT is set:
+    MPINN_FAULT="raise:rank=1:step=3"    RuntimeError on rank 1 just before optimizer step 3
+    MPINN_FAULT="perturb:rank=1:step=3"  rank 1's parameters drift after step 3 (replica check)"""
 import os
 
 
@@ -17,6 +18,10 @@ class FaultInjector:
     def from_env(cls, rank):
         return cls(os.environ.get("MPINN_FAULT", ""), rank)
 
-    def at_step(self, step):
-        if self.kind == "raise" and self.active and step == self.step:
+    def at_step(self, step, params):
+        if self.kind is None or not self.active or step != self.step:
+            return
+        if self.kind == "raise":
             raise RuntimeError(f"injected fault at step {step} (MPINN_FAULT)")
+        if self.kind == "perturb":
+            params[0] += 1e-3

@@ -219,7 +219,7 @@ def run(cfg, explicit, comm):
         for k in range(first, spe):
             if step >= max_steps:
                 break
-            faults.at_step(step + 1)
+            faults.at_step(step + 1, net.params)
             xb, yb = batches(k)
             scale = 1.0 / plan.global_batch_rows(k) / (1 if loss == "cross_entropy" else n_outputs)
             l, c = net.train_step(xb, yb, scale)

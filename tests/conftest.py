@@ -1,0 +1,88 @@
+"""Shared test helpers: real `mpiexec -n K` runs of mpinn with a timeout, and small HDF5 data sets
+written by h5py into temporary directories."""
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def mpiexec():
+    local = Path(sys.executable).parent / "mpiexec"
+    found = str(local) if local.exists() else shutil.which("mpiexec")
+    if not found:
+        pytest.fail("no mpiexec: install the mpich extra (pip install -e '.[mpich,test]')")
+    return found
+
+
+@dataclass
+class Run:
+    returncode: int
+    stdout: str
+    stderr: str
+    seconds: float
+
+
+def run_mpinn(ranks, *args, timeout=120, env=None, cwd=None):
+    """`mpiexec -n ranks python -m mpinn args...`; fails the test (never hangs) past timeout."""
+    cmd = [mpiexec(), "-n", str(ranks), sys.executable, "-m", "mpinn", *map(str, args)]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    t0 = time.perf_counter()
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env,
+                           cwd=cwd or ROOT, start_new_session=True)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"hung: {' '.join(cmd)} still running after {timeout} s\n{e.stdout}\n{e.stderr}")
+    return Run(p.returncode, p.stdout, p.stderr, time.perf_counter() - t0)
+
+
+def ok(run):
+    assert run.returncode == 0, f"exit {run.returncode}\nstdout:\n{run.stdout}\nstderr:\n{run.stderr}"
+    return run
+
+
+def write_classification(path, n, features, classes, seed=0, **extra):
+    """A learnable classification set: labels from a random linear teacher."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, features)).astype(np.float32)
+    y = (x @ rng.normal(size=(features, classes))).argmax(1).astype(np.int64)
+    with h5py.File(path, "w") as f:
+        f["X"], f["y"] = x, y
+        for k, v in extra.items():
+            f[k] = v
+    return str(path)
+
+
+def write_regression(path, n, features, targets, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, features)).astype(np.float32)
+    y = np.tanh(x @ rng.normal(size=(features, targets))).astype(np.float32)
+    with h5py.File(path, "w") as f:
+        f["X"], f["y"] = x, y
+    return str(path)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def numba_cache_warm():
+    """Compile the kernels once before any multi-rank run, so ranks never race to write the cache
+    and timing-sensitive tests measure running, not compiling."""
+    from mpinn.model import Architecture, Network, init_params
+    for loss, out_act in (("cross_entropy", "identity"), ("mse", "identity")):
+        arch = Architecture((3, 4, 2), "relu", out_act, loss)
+        net = Network(arch, init_params(arch, 0), 4)
+        x = np.zeros((4, 3), np.float32)
+        y = np.zeros(4, np.int64) if loss == "cross_entropy" else np.zeros((4, 2), np.float32)
+        net.train_step(x, y, 0.25)
+        net.loss_sums(x, y)
+        net.forward(x)
+    from mpinn.optim import Optimizer
+    for name in ("sgd", "momentum", "adam"):
+        Optimizer(name, arch.n_params, 0.1).step(net.params, net.grads)

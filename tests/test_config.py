@@ -1,0 +1,68 @@
+"""Options: one source of defaults, TOML under the command line, strict keys and types."""
+import dataclasses
+
+import pytest
+
+from mpinn.cli import build_parser, parse
+from mpinn.config import TrainConfig
+from mpinn.errors import UsageError
+
+
+def test_help_lists_every_option_with_its_default(capsys):
+    for command in ("train", "evaluate", "predict"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args([command, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        cls = parse([command])[1].__class__
+        for f in dataclasses.fields(cls):
+            flag = "--" + f.name.replace("_", "-")
+            assert flag in text, flag
+            assert f"(default: {f.default!r})" in text, f.name
+
+
+def test_command_line_wins_over_toml(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('lr = 0.5\nbatch-size = 32\nhidden = [16, 8]\nshuffle = false\n')
+    _, cfg, explicit = parse(["train", "--config", str(path), "--lr", "0.1"])
+    assert cfg.lr == 0.1 and cfg.batch_size == 32 and cfg.hidden_sizes() == (16, 8)
+    assert cfg.shuffle is False and cfg.epochs == TrainConfig.epochs
+    assert {"lr", "batch_size", "hidden", "shuffle"} <= explicit and "epochs" not in explicit
+
+
+@pytest.mark.parametrize("toml,message", [
+    ("learning_rate = 0.1", "unknown key 'learning_rate'"),
+    ("epochs = 'ten'", "epochs must be int"),
+    ("epochs = 2.5", "epochs must be int"),
+    ("shuffle = 1", "shuffle must be bool"),
+    ("activation = 'gelu'", "activation must be one of"),
+    ("lr = [", "not valid TOML"),
+])
+def test_bad_toml_is_refused(tmp_path, toml, message):
+    path = tmp_path / "bad.toml"
+    path.write_text(toml + "\n")
+    with pytest.raises(UsageError, match=message):
+        parse(["train", "--config", str(path)])
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["train", "--lr", "0"], "--lr must be positive"),
+    (["train", "--epochs", "-1"], "--epochs must be positive"),
+    (["train", "--batch-size", "0"], "--batch-size must be positive"),
+    (["train", "--hidden", "12,x"], "--hidden must be comma-separated"),
+    (["train", "--activation", "gelu"], "invalid choice"),
+    (["train", "--loss", "hinge"], "invalid choice"),
+    (["train", "--optimizer", "rmsprop"], "invalid choice"),
+    (["train", "--epochs", "x"], "invalid int value"),
+    (["train", "--resume", "--init", "a.h5"], "exclude each other"),
+    (["predict", "--out", "p.txt"], "must end in"),
+    (["fly"], "invalid choice"),
+    (["train", "--config", "/nonexistent.toml"], "config file not found"),
+])
+def test_bad_options_are_usage_errors(argv, message):
+    with pytest.raises(UsageError, match=message):
+        parse(argv)
+
+
+def test_defaults_validate():
+    for command in ("train", "evaluate", "predict"):
+        parse([command])

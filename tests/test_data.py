@@ -1,0 +1,123 @@
+"""Which rows each rank owns, and that the HDF5 reads return exactly those rows."""
+import h5py
+import numpy as np
+import pytest
+
+from mpinn import data
+from mpinn.errors import UsageError
+
+SHAPES = [(103, 10), (100, 10), (7, 7), (50, 64), (5, 3), (11, 4)]
+
+
+@pytest.mark.parametrize("n,batch", SHAPES)
+@pytest.mark.parametrize("size", [1, 2, 3, 4])
+def test_parts_of_every_global_batch_are_contiguous_and_cover_it(n, batch, size):
+    if batch < size:
+        pytest.skip("global batch smaller than ranks is refused")
+    plans = [data.BatchPlan(n, batch, r, size) for r in range(size)]
+    steps = {p.steps_per_epoch for p in plans}
+    assert steps == {-(-n // batch)}  # every rank runs the same number of steps
+    for p in plans:
+        assert len(p.local_counts()) == p.steps_per_epoch
+    starts = [0] * size
+    for k in range(plans[0].steps_per_epoch):
+        parts = []
+        for r, p in enumerate(plans):
+            c = p.local_counts()[k]
+            parts.append(p.owned_rows()[starts[r]:starts[r] + c])
+            starts[r] += c
+        expected = np.arange(k * batch, min((k + 1) * batch, n))
+        np.testing.assert_array_equal(np.concatenate(parts), expected)
+        sizes = [len(q) for q in parts]
+        assert max(sizes) - min(sizes) <= 1
+    total = sum(p.n_local for p in plans)
+    assert total == n  # no sample dropped
+
+
+def test_a_rank_may_own_nothing_of_the_last_batch():
+    # 10 rows, batch 4, 3 ranks: last batch has 2 rows, rank 2 owns none of it
+    p = data.BatchPlan(10, 4, 2, 3)
+    assert list(p.local_counts()) == [1, 1, 0]
+
+
+@pytest.mark.parametrize("n,batch", SHAPES)
+@pytest.mark.parametrize("size", [1, 2, 3, 4])
+def test_hdf5_selection_reads_exactly_the_owned_rows(tmp_path, n, batch, size):
+    if batch < size:
+        pytest.skip("global batch smaller than ranks is refused")
+    path = tmp_path / "d.h5"
+    x = np.arange(n * 3, dtype=np.float64).reshape(n, 3)
+    y = np.arange(n) % 5
+    with h5py.File(path, "w") as f:
+        f["X"], f["y"] = x, y
+    for r in range(size):
+        plan = data.BatchPlan(n, batch, r, size)
+        xr, yr = data.read_rows(str(path), data.Columns(), data.plan_selections(plan), None)
+        rows = plan.owned_rows()
+        assert xr.dtype == np.float32 and yr.dtype == np.int64
+        np.testing.assert_array_equal(xr, x[rows])
+        np.testing.assert_array_equal(yr, y[rows])
+
+
+def test_block_selection_for_evaluation_covers_all_rows():
+    got = [data.block_selections(10, r, 4)[0] for r in range(4)]
+    assert [(s.start, s.stop, c) for s, c in got] == [(0, 3, 3), (3, 6, 3), (6, 8, 2), (8, 10, 2)]
+
+
+def test_shuffle_is_a_seeded_permutation_of_the_rank_rows():
+    x = np.arange(20, dtype=np.float32).reshape(10, 2)
+    y = np.arange(10)
+    counts = np.array([4, 4, 2])
+    take = lambda b: np.concatenate([b(k)[1].copy() for k in range(3)])  # noqa: E731
+    a = take(data.EpochBatches(x, y, counts, True, 1, 0, 0))
+    assert sorted(a) == list(range(10)) and list(a) != list(range(10))
+    np.testing.assert_array_equal(a, take(data.EpochBatches(x, y, counts, True, 1, 0, 0)))
+    assert list(a) != list(take(data.EpochBatches(x, y, counts, True, 1, 1, 0)))  # new epoch
+    assert list(a) != list(take(data.EpochBatches(x, y, counts, True, 1, 0, 1)))  # other rank
+    b = data.EpochBatches(x, y, counts, True, 1, 0, 0)
+    xb, yb = b(0)
+    np.testing.assert_array_equal(xb[:, 0], 2 * yb)  # rows stay whole
+    np.testing.assert_array_equal(take(data.EpochBatches(x, y, counts, False, 1, 0, 0)), y)
+
+
+def write(path, **datasets):
+    with h5py.File(path, "w") as f:
+        for k, v in datasets.items():
+            f[k] = v
+    return str(path)
+
+
+def test_inspect_reports_clear_errors(tmp_path):
+    cols = data.Columns()
+    cases = [
+        (dict(X=np.zeros((4, 2)), y=np.zeros(3, int)), "must have one entry per row"),
+        (dict(X=np.zeros(4), y=np.zeros(4, int)), "must be 2-D"),
+        (dict(X=np.zeros((4, 2))), "no dataset 'y'"),
+        (dict(X=np.zeros((4, 2)), y=np.zeros(4)), "integer class labels"),
+        (dict(X=np.zeros((0, 2)), y=np.zeros(0, int)), "empty"),
+        (dict(X=np.array([[b"a"]]), y=np.zeros(1, int)), "numeric"),
+    ]
+    for i, (sets, message) in enumerate(cases):
+        path = write(tmp_path / f"{i}.h5", **sets)
+        with pytest.raises(UsageError, match=message):
+            with data.open_h5(path) as f:
+                data.inspect(f, path, cols)
+
+
+def test_reading_rejects_nan_and_negative_labels(tmp_path):
+    sel = [(slice(0, 3), 3)]
+    path = write(tmp_path / "nan.h5", X=np.array([[0.0], [np.nan], [1.0]]), y=np.zeros(3, int))
+    with pytest.raises(UsageError, match="NaN or inf"):
+        data.read_rows(path, data.Columns(), sel, None)
+    path = write(tmp_path / "neg.h5", X=np.zeros((3, 1)), y=np.array([0, -1, 2]))
+    with pytest.raises(UsageError, match="negative class labels"):
+        data.read_rows(path, data.Columns(), sel, None)
+
+
+def test_missing_and_non_hdf5_files(tmp_path):
+    with pytest.raises(UsageError, match="not found"):
+        data.open_h5(str(tmp_path / "nope.h5"))
+    bad = tmp_path / "bad.h5"
+    bad.write_text("hello")
+    with pytest.raises(UsageError, match="cannot open"):
+        data.open_h5(str(bad))

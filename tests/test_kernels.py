@@ -1,0 +1,134 @@
+"""The Numba kernels against the naive NumPy reference and against finite differences."""
+import itertools
+
+import numpy as np
+import pytest
+
+from mpinn.model import Architecture, Network, init_params, layer_views
+from reference import flatten, forward, init_layers, loss_and_grads, unflatten
+
+ACTS = ("relu", "tanh", "sigmoid")
+LOSSES = (("cross_entropy", "identity"), ("mse", "identity"), ("mse", "sigmoid"))
+
+
+def problem(sizes, loss, n, rng, dtype):
+    x = rng.normal(size=(n, sizes[0])).astype(dtype)
+    if loss == "cross_entropy":
+        y = rng.integers(0, sizes[-1], n).astype(np.int64)
+    else:
+        y = rng.uniform(0, 1, (n, sizes[-1])).astype(dtype)
+    return x, y
+
+
+def network(sizes, act, loss, out_act, flat, max_rows):
+    arch = Architecture(tuple(sizes), act, out_act, loss)
+    return Network(arch, flat.copy(), max_rows)
+
+
+@pytest.mark.parametrize("act,loss_out", list(itertools.product(ACTS, LOSSES)))
+def test_gradient_matches_finite_differences(act, loss_out):
+    """float64 central differences of the global mean loss, for every activation x loss."""
+    loss, out_act = loss_out
+    rng = np.random.default_rng(1)
+    sizes = (4, 6, 5, 3)
+    x, y = problem(sizes, loss, 7, rng, np.float64)
+    flat = flatten(init_layers(sizes, rng))
+    net = network(sizes, act, loss, out_act, flat, 7)
+    k = sizes[-1]
+    scale = 1 / 7 if loss == "cross_entropy" else 1 / (7 * k)
+    net.train_step(x, y, scale)
+    analytic = net.grads.copy()
+
+    def mean_loss(p):
+        return network(sizes, act, loss, out_act, p, 7).loss_sums(x, y)[0] * scale
+
+    h = 1e-6
+    numeric = np.empty_like(flat)
+    for i in range(flat.size):
+        e = np.zeros_like(flat)
+        e[i] = h
+        numeric[i] = (mean_loss(flat + e) - mean_loss(flat - e)) / (2 * h)
+    if act == "relu":  # a kink within h of a unit would break the difference; none here, but say so
+        assert np.all(np.abs(analytic) < 1e6)
+    np.testing.assert_allclose(analytic, numeric, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("act,loss_out", list(itertools.product(ACTS, LOSSES)))
+@pytest.mark.parametrize("dtype,rtol", [(np.float64, 1e-10), (np.float32, 2e-4)])
+def test_forward_backward_match_reference(act, loss_out, dtype, rtol):
+    loss, out_act = loss_out
+    rng = np.random.default_rng(2)
+    sizes = (5, 8, 7, 4)
+    x, y = problem(sizes, loss, 9, rng, dtype)
+    layers = init_layers(sizes, rng)
+    net = network(sizes, act, loss, out_act, flatten(layers).astype(dtype), 16)
+    ref_loss, ref_grads = loss_and_grads(layers, x.astype(np.float64), y if loss == "cross_entropy"
+                                         else y.astype(np.float64), act, loss, out_act)
+    n_elems = 9 * (1 if loss == "cross_entropy" else sizes[-1])
+    loss_sum, _ = net.train_step(x, y, 1 / n_elems)
+    assert loss_sum / n_elems == pytest.approx(ref_loss, rel=rtol)
+    np.testing.assert_allclose(net.grads, flatten(ref_grads), rtol=rtol, atol=rtol * 1e-2)
+    out = net.forward(x)
+    _, _, ref_out = forward(layers, x.astype(np.float64), act, out_act)
+    if loss == "cross_entropy":
+        e = np.exp(ref_out - ref_out.max(1, keepdims=True))
+        ref_out = e / e.sum(1, keepdims=True)
+    np.testing.assert_allclose(out, ref_out, rtol=rtol, atol=rtol * 1e-2)
+
+
+def test_part_of_a_batch_gives_its_share_of_the_gradient():
+    """Gradients of two parts, each scaled by 1/whole, sum to the whole batch's gradient."""
+    rng = np.random.default_rng(3)
+    sizes = (3, 5, 4)
+    x, y = problem(sizes, "cross_entropy", 10, rng, np.float64)
+    flat = flatten(init_layers(sizes, rng))
+    net = network(sizes, "tanh", "cross_entropy", "identity", flat, 10)
+    net.train_step(x, y, 0.1)
+    whole = net.grads.copy()
+    net.train_step(x[:3], y[:3], 0.1)
+    part = net.grads.copy()
+    net.train_step(x[3:], y[3:], 0.1)
+    np.testing.assert_allclose(part + net.grads, whole, rtol=1e-12)
+
+
+def test_empty_part_gives_zero_gradient_and_loss():
+    sizes = (3, 4, 2)
+    net = network(sizes, "relu", "cross_entropy", "identity",
+                  init_params(Architecture(sizes), 0), 4)
+    net.grads[:] = 7
+    loss, correct = net.train_step(np.zeros((0, 3), np.float32), np.zeros(0, np.int64), 0.5)
+    assert (loss, correct) == (0.0, 0)
+    assert not net.grads.any()
+
+
+def test_no_hidden_layer_is_logistic_regression():
+    rng = np.random.default_rng(4)
+    sizes = (6, 3)
+    x, y = problem(sizes, "cross_entropy", 8, rng, np.float64)
+    layers = init_layers(sizes, rng)
+    net = network(sizes, "relu", "cross_entropy", "identity", flatten(layers), 8)
+    net.train_step(x, y, 1 / 8)
+    _, ref = loss_and_grads(layers, x, y, "relu", "cross_entropy")
+    np.testing.assert_allclose(net.grads, flatten(ref), rtol=1e-10)
+
+
+def test_views_share_memory_with_the_flat_buffer():
+    arch = Architecture((3, 4, 2))
+    flat = init_params(arch, 0)
+    (W0, b0), (W1, b1) = layer_views(arch, flat)
+    assert W0.shape == (3, 4) and b0.shape == (4,) and W1.shape == (4, 2) and b1.shape == (2,)
+    W1[0, 0] = 42
+    assert flat[3 * 4 + 4] == 42
+    assert np.shares_memory(W0, flat) and flat.dtype == np.float32
+    np.testing.assert_array_equal(unflatten(flat, arch.sizes)[1][0], W1)
+
+
+def test_initialisation_is_seeded_and_scaled():
+    arch = Architecture((200, 300, 10), "relu")
+    a, b = init_params(arch, 5), init_params(arch, 5)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, init_params(arch, 6))
+    (W0, b0), (W1, _) = layer_views(arch, a)
+    assert W0.std() == pytest.approx(np.sqrt(2 / 200), rel=0.05)  # He
+    assert np.abs(W1).max() <= np.sqrt(6 / 310)  # Xavier-uniform output layer
+    assert not b0.any()
