@@ -23,7 +23,7 @@ def run_evaluate(cfg, explicit, comm):
     path = cfg.data or comm.checked(bundled, "digits-test.h5")
     cols = data.Columns(cfg.x_key, cfg.y_key, arch.loss)
     n_rows, n_features, n_targets, x, y = load_split(
-        comm, path, cols, lambda n: data.block_selections(n, comm.rank, comm.size), arch.loss)
+        comm, path, cols, lambda n: data.block_selections(n, comm.rank, comm.size))
     def check():
         if n_features != arch.sizes[0]:
             raise UsageError(f"{path} has {n_features} features; the checkpoint's network takes "

@@ -129,6 +129,13 @@ class Network:
                 ws.b_off, ws.acts, ws.a_off, ws.act, ws.out_act, ws.d0, ws.d1)
         return float(loss), int(correct)
 
+    def warmup(self, x, y):
+        """Compile (or load from cache) the kernels for these dtypes on one row, outside any timing;
+        leaves parameters untouched and gradients zero."""
+        self.train_step(x[:1], y[:1], 1.0)
+        self.loss_sums(x[:1], y[:1])
+        self.grads[:] = 0
+
     def forward(self, x):
         """Outputs for the rows of x (at most max_rows): a view into the workspace, valid until the
         next call. Softmax probabilities for cross-entropy, out_act(z) for mse."""

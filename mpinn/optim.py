@@ -57,6 +57,12 @@ class Optimizer:
         n_state = {"sgd": 0, "momentum": 1, "adam": 2}[name]
         self.state = [np.zeros(n, dtype) for _ in range(n_state)]
 
+    def warmup(self, dtype=np.float32):
+        """Compile (or load from cache) this update rule on scratch buffers; state is untouched."""
+        scratch = Optimizer(self.name, 1, self.lr, self.momentum, self.nesterov, self.beta1,
+                            self.beta2, self.eps, self.weight_decay, dtype)
+        scratch.step(np.zeros(1, dtype), np.zeros(1, dtype))
+
     def step(self, params, grads):
         self.t += 1
         f = params.dtype.type

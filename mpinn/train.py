@@ -99,11 +99,13 @@ def _check_labels(y, n_classes, path):
                          f"{n_classes} classes")
 
 
-def load_split(comm, path, cols, selections_of, loss):
+def load_split(comm, path, cols, selections_of, min_rows=1):
     """Each rank inspects the file and reads only its own rows. Returns (n_rows, F, K|None, x, y)."""
     def read():
         with data.open_h5(path) as f:
             n, n_features, n_targets = data.inspect(f, path, cols)
+        if n < min_rows:
+            raise UsageError(f"{path} has {n} rows, fewer than the {min_rows} ranks")
         x, y = data.read_rows(path, cols, selections_of(n), n_targets)
         return n, n_features, n_targets, x, y
     return comm.checked(read)
@@ -149,14 +151,12 @@ def run(cfg, explicit, comm):
 
     loss = ckpt.arch.loss if ckpt else cfg.loss
     cols = data.Columns(cfg.x_key, cfg.y_key, loss)
-    n_rows, n_features, n_targets, x, y = load_split(
-        comm, train_path, cols,
-        lambda n: data.plan_selections(data.BatchPlan(n, cfg.batch_size, rank, size)), loss)
     if cfg.batch_size < size:
         comm.checked(_raise, f"--batch-size {cfg.batch_size} is smaller than the number of ranks "
                              f"({size}); every rank needs at least one row of each full batch")
-    if n_rows < size:
-        comm.checked(_raise, f"{train_path} has {n_rows} rows, fewer than the {size} ranks")
+    n_rows, n_features, n_targets, x, y = load_split(
+        comm, train_path, cols,
+        lambda n: data.plan_selections(data.BatchPlan(n, cfg.batch_size, rank, size)), size)
     if loss == "cross_entropy":
         n_outputs = ckpt.arch.sizes[-1] if ckpt else int(
             comm.allreduce_minmax(int(y.max()) if y.size else 0)[1]) + 1
@@ -168,7 +168,7 @@ def run(cfg, explicit, comm):
     evaluate = None
     if val_path:
         _, val_features, _, vx, vy = load_split(
-            comm, val_path, cols, lambda n: data.block_selections(n, rank, size), loss)
+            comm, val_path, cols, lambda n: data.block_selections(n, rank, size))
         if val_features != n_features:
             comm.checked(_raise, f"{val_path} has {val_features} features; {train_path} has "
                                  f"{n_features}")
@@ -193,6 +193,12 @@ def run(cfg, explicit, comm):
                      f"{ckpt.config.get('ranks')}: shuffled data order differs from an "
                      "uninterrupted run")
 
+    t0 = time.perf_counter()
+    if x.shape[0]:
+        net.warmup(x, y)
+    opt.warmup()
+    jit_seconds = time.perf_counter() - t0
+
     spe = plan.steps_per_epoch
     max_steps = cfg.epochs * spe if cfg.steps == 0 else min(cfg.steps, cfg.epochs * spe)
     run_config = {**{k: getattr(cfg, k) for k in cfg.__dataclass_fields__}, "data": train_path,
@@ -201,7 +207,8 @@ def run(cfg, explicit, comm):
         " ".join(f"{k}={v!r}" for k, v in run_config.items()), 100, subsequent_indent="  "))
     log.info(f"mpinn train: {size} rank(s) [{library_version()}], network {arch.describe()} "
              f"({arch.n_params:,} parameters, {arch.loss}), {n_rows} rows, global batch "
-             f"{cfg.batch_size} -> {spe} steps/epoch, {plan.n_local} rows on rank 0")
+             f"{cfg.batch_size} -> {spe} steps/epoch, {plan.n_local} rows on rank 0; kernels ready "
+             f"in {jit_seconds:.2f} s")
     log.open_metrics(os.path.join(cfg.run_dir, "metrics.jsonl"), append=cfg.resume)
 
     def save(epoch):
@@ -212,6 +219,7 @@ def run(cfg, explicit, comm):
 
     window = np.zeros(3)  # loss sum, correct, rows since the last log line (this rank)
     t_window = time.perf_counter()
+    trained_samples, train_seconds = 0, 0.0  # global, training steps only
     saved_at = -1
     while step < max_steps:
         epoch, first = divmod(step, spe)
@@ -232,6 +240,8 @@ def run(cfg, explicit, comm):
                 now = time.perf_counter()
                 mean_loss, acc = summarize(*total, loss, n_outputs)
                 rate = total[2] / max(now - t_window, 1e-9)
+                trained_samples += int(total[2])
+                train_seconds += now - t_window
                 log.info(f"epoch {epoch + 1}/{cfg.epochs} step {step} loss {mean_loss:.4f}"
                          + (f" acc {acc:.4f}" if acc is not None else "")
                          + f" samples/s {rate:,.0f}")
@@ -256,7 +266,12 @@ def run(cfg, explicit, comm):
         save(step // spe)
     if not replicas_agree(comm, net.params):
         raise RuntimeError("ranks hold different parameters at the end of training")
-    log.info(f"mpinn train: done, {step} steps; checkpoint {os.path.join(cfg.run_dir, CHECKPOINT_NAME)}")
+    rate = trained_samples / max(train_seconds, 1e-9)
+    log.metrics({"kind": "summary", "step": step, "samples": trained_samples,
+                 "train_seconds": train_seconds, "samples_per_s": rate})
+    log.info(f"mpinn train: done, {step} steps, {trained_samples:,} samples in {train_seconds:.2f} s "
+             f"of training steps ({rate:,.0f} samples/s); checkpoint "
+             f"{os.path.join(cfg.run_dir, CHECKPOINT_NAME)}")
     log.close()
     return net
 

@@ -121,9 +121,12 @@ def test_error_seen_by_one_rank_only_ends_all_ranks_once(tmp_path):
 @pytest.mark.parametrize("args,message", [
     (["--batch-size", 2], "--batch-size 2 is smaller than the number of ranks (3)"),
     (["--resume"], "--resume: no checkpoint at"),
+    (["--data", "TINY"], "has 2 rows, fewer than the 3 ranks"),
 ])
 def test_run_settings_errors(tmp_path, args, message):
     train = write_classification(tmp_path / "t.h5", 60, 4, 3)
+    tiny = write_classification(tmp_path / "tiny.h5", 2, 4, 3)
+    args = [tiny if a == "TINY" else a for a in args]
     r = run_mpinn(3, "train", "--data", train, "--run-dir", tmp_path / "r", *args)
     assert r.returncode == 2 and len(errors(r)) == 1 and message in errors(r)[0], r.stderr
 
@@ -137,3 +140,12 @@ def test_run_dir_that_is_a_file(tmp_path):
 def test_help_only_from_rank_0():
     r = ok(run_mpinn(3, "train", "--help"))
     assert r.stdout.count("usage: mpinn train") == 1 and "--batch-size" in r.stdout
+
+
+def test_rank_with_an_empty_part_of_the_last_batch(tmp_path):
+    """10 rows, batch 4, 3 ranks: rank 2 owns no row of the last batch and still takes part."""
+    train = write_classification(tmp_path / "t.h5", 10, 4, 3)
+    r = ok(run_mpinn(3, "train", "--data", train, "--batch-size", 4, "--epochs", 2, "--hidden", "5",
+                     "--check-every", 1, "--run-dir", tmp_path / "r"))
+    assert checkpoint.load(str(tmp_path / "r" / "checkpoint.h5")).global_step == 6
+    assert "20 samples" in r.stdout

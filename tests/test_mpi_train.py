@@ -105,7 +105,9 @@ def test_only_rank_0_prints(dataset, tmp_path):
     steps = [l for l in r.stdout.splitlines() if l.startswith("epoch ") and " step " in l]
     assert len(steps) == len(set(steps))
     metrics = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
-    assert metrics[-1]["kind"] == "epoch" and metrics[-1]["step"] == EPOCHS * 9
+    assert metrics[-2]["kind"] == "epoch" and metrics[-2]["step"] == EPOCHS * 9
+    assert metrics[-1]["kind"] == "summary" and metrics[-1]["samples"] == EPOCHS * N
+    assert f"{EPOCHS * N:,} samples" in r.stdout
     assert all(np.isfinite(m["loss"]) for m in metrics if m["kind"] == "train")
 
 
