@@ -58,6 +58,15 @@ class Comm:
         self.bcast_(buf, root)
         return json.loads(buf.tobytes().decode())
 
+    def node_size(self):
+        """How many ranks of this communicator share this rank's node (shared-memory domain)."""
+        if self.size == 1:
+            return 1
+        local = self._comm.Split_type(MPI.COMM_TYPE_SHARED)
+        n = local.Get_size()
+        local.Free()
+        return n
+
     def barrier(self):
         self._comm.Barrier()
 

@@ -1,6 +1,8 @@
 """BLAS thread limits per rank. Ranks x threads above the cores collapses speed, so the default
 under MPI is one thread per rank (threadpoolctl, which also reaches the BLAS that Numba's np.dot
 calls through SciPy)."""
+import os
+
 import scipy.linalg.cython_blas  # noqa: F401 - load the BLAS Numba uses so the limit reaches it
 from threadpoolctl import threadpool_limits
 
@@ -11,3 +13,12 @@ def limit_threads(n):
     """Limit every loaded BLAS/OpenMP pool to n threads for the rest of the process."""
     global _limits
     _limits = threadpool_limits(limits=int(n))
+
+
+def oversubscription(ranks_on_node, threads, cores=None):
+    """A warning text when ranks x threads exceed the node's cores, else None."""
+    cores = cores or os.cpu_count() or 1
+    if ranks_on_node * threads > cores:
+        return (f"{ranks_on_node} ranks x {threads} thread(s) on this node exceed its {cores} cores;"
+                " expect slow steps (fine for testing, not for timing)")
+    return None

@@ -26,7 +26,7 @@ from .faults import FaultInjector
 from .log import Log
 from .model import Architecture, Network, init_params
 from .optim import Optimizer
-from .threads import limit_threads
+from .threads import limit_threads, oversubscription
 
 BUNDLED = Path(__file__).resolve().parent.parent / "data"
 EVAL_ROWS = 1024  # rows per forward pass when evaluating
@@ -144,6 +144,9 @@ def run(cfg, explicit, comm):
     rank, size = comm.rank, comm.size
     log = Log(rank, size)
     limit_threads(cfg.threads)
+    warning = oversubscription(comm.node_size(), cfg.threads)
+    if warning and comm.is_root:
+        log.warn(warning)
     faults = FaultInjector.from_env(rank)
     train_path, val_path = comm.checked(data_paths, cfg)
     comm.checked(lambda: _prepare_run_dir(cfg.run_dir) if comm.is_root else None)

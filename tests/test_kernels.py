@@ -132,3 +132,4 @@ def test_initialisation_is_seeded_and_scaled():
     assert W0.std() == pytest.approx(np.sqrt(2 / 200), rel=0.05)  # He
     assert np.abs(W1).max() <= np.sqrt(6 / 310)  # Xavier-uniform output layer
     assert not b0.any()
+
