@@ -58,6 +58,27 @@ class Comm:
         self.bcast_(buf, root)
         return json.loads(buf.tobytes().decode())
 
+    def split(self, color, key):
+        """Sub-communicator of the ranks with the same color, ordered by key."""
+        return Comm(self._comm.Split(color, key))
+
+    def isend_(self, buf, dest, tag):
+        """Start sending a contiguous buffer; returns the request (call .Wait() before reusing buf)."""
+        return self._comm.Isend(buf, dest=dest, tag=tag)
+
+    def recv_(self, buf, source, tag):
+        """Receive into a preallocated contiguous buffer of exactly the sent size."""
+        self._comm.Recv(buf, source=source, tag=tag)
+
+    def gatherv_(self, sendbuf, recvbuf, counts, root=0):
+        """Concatenate every rank's sendbuf (counts[r] elements each) into recvbuf on root."""
+        if self.size == 1:
+            recvbuf[...] = sendbuf
+            return recvbuf
+        recv = [recvbuf, (list(counts), None)] if self.rank == root else None
+        self._comm.Gatherv(sendbuf, recv, root=root)
+        return recvbuf
+
     def node_size(self):
         """How many ranks of this communicator share this rank's node (shared-memory domain)."""
         if self.size == 1:

@@ -48,6 +48,14 @@ class TrainConfig:
     seed: int = option(0, "seed for initialisation and shuffling")
     shuffle: bool = option(True, "shuffle each rank's rows every epoch; --no-shuffle keeps file "
                                  "order, which makes results independent of the number of ranks")
+    pipeline_stages: int = option(1, "split the layers into S pipeline stages (ranks = S x "
+                                     "replicas); 1 = pure data parallel")
+    partition: str = option("", "layers per pipeline stage, e.g. '2,1' (default: balanced by "
+                                "FLOPs)")
+    micro_batches: int = option(4, "micro-batches per global batch in pipeline mode")
+    schedule: str = option("1f1b", "pipeline schedule: gpipe (all forwards, then all backwards) "
+                                   "or 1f1b (keeps at most S micro-batches of activations)",
+                           ("gpipe", "1f1b"))
     run_dir: str = option("runs/latest", "folder for checkpoint.h5 and metrics.jsonl")
     resume: bool = option(False, "continue from RUN_DIR/checkpoint.h5 where it stopped")
     init: str = option("", "start from this checkpoint's weights (and architecture) with a fresh "
@@ -74,7 +82,8 @@ class TrainConfig:
     def validate(self):
         positive = {"lr": self.lr, "batch_size": self.batch_size, "epochs": self.epochs,
                     "log_every": self.log_every, "check_every": self.check_every,
-                    "threads": self.threads}
+                    "threads": self.threads, "pipeline_stages": self.pipeline_stages,
+                    "micro_batches": self.micro_batches}
         for name, value in positive.items():
             if value <= 0:
                 raise UsageError(f"--{name.replace('_', '-')} must be positive, got {value}")
@@ -97,12 +106,14 @@ class EvaluateConfig:
     x_key: str = option("X", "name of the input dataset")
     y_key: str = option("y", "name of the target dataset")
     batch_size: int = option(1024, "rows per forward pass on each rank")
+    pipeline_stages: int = option(1, "run the network as S pipeline stages (forward only)")
+    partition: str = option("", "layers per pipeline stage (default: balanced by FLOPs)")
     json: bool = option(False, "print one JSON object instead of text")
     threads: int = option(1, "BLAS threads per rank")
     debug: bool = option(False, "show Python tracebacks on errors")
 
     def validate(self):
-        for name in ("batch_size", "threads"):
+        for name in ("batch_size", "threads", "pipeline_stages"):
             if getattr(self, name) <= 0:
                 raise UsageError(f"--{name.replace('_', '-')} must be positive, "
                                  f"got {getattr(self, name)}")
@@ -116,6 +127,8 @@ class PredictConfig:
     out: str = option("predictions.h5", "output file: .h5/.hdf5 (datasets pred, prob or output) "
                                         "or .csv")
     batch_size: int = option(4096, "rows per forward pass")
+    pipeline_stages: int = option(1, "run the network as S pipeline stages (forward only)")
+    partition: str = option("", "layers per pipeline stage (default: balanced by FLOPs)")
     threads: int = option(1, "BLAS threads")
     debug: bool = option(False, "show Python tracebacks on errors")
 

@@ -157,15 +157,20 @@ def block_selections(n_rows, rank, size):
     return [(slice(off, off + cnt), cnt)]
 
 
-def read_rows(path, cols, selections, n_targets):
+def read_rows(path, cols, selections, n_targets, want_x=True, want_y=True):
     """Read the rows named by `selections` (see plan_selections) as float32 inputs and int64 labels
-    or float32 (rows, n_targets) targets. Only those rows are read."""
+    or float32 (rows, n_targets) targets. Only those rows are read; an input or target not wanted
+    (a pipeline stage that does not need it) is returned as None and not read at all."""
     n = sum(rows for _, rows in selections)
+    x = y = None
     with open_h5(path) as f:
-        X = f[cols.x_key]
-        x = _read_selection(X, np.empty((n, X.shape[1]), np.float32), selections)
-        if not np.isfinite(x).all():
-            raise UsageError(f"{path}:{cols.x_key} contains NaN or inf values")
+        if want_x:
+            X = f[cols.x_key]
+            x = _read_selection(X, np.empty((n, X.shape[1]), np.float32), selections)
+            if not np.isfinite(x).all():
+                raise UsageError(f"{path}:{cols.x_key} contains NaN or inf values")
+        if not want_y:
+            return x, y
         y_ds = f[cols.y_key]
         if n_targets is None:
             y = _read_selection(y_ds, np.empty(n, np.int64), selections)
@@ -195,20 +200,25 @@ class EpochBatches:
     (seed, epoch, rank), and gathers them into preallocated buffers."""
 
     def __init__(self, x, y, counts, shuffle, seed, epoch, rank):
-        self.x, self.y, self.counts = x, y, counts
+        """x or y may be None (a pipeline stage that does not read it): its batches are None."""
+        self.arrays, self.counts = (x, y), counts
         self.starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
         self.perm = None
         if shuffle:
-            self.perm = np.random.default_rng([seed, epoch, rank]).permutation(x.shape[0])
+            n = int(np.sum(counts))
+            self.perm = np.random.default_rng([seed, epoch, rank]).permutation(n)
             m = int(counts.max()) if len(counts) else 0
-            self.xb = np.empty((m,) + x.shape[1:], x.dtype)
-            self.yb = np.empty((m,) + y.shape[1:], y.dtype)
+            self.buffers = tuple(None if a is None else np.empty((m,) + a.shape[1:], a.dtype)
+                                 for a in self.arrays)
 
     def __call__(self, k):
         s, c = int(self.starts[k]), int(self.counts[k])
         if self.perm is None:
-            return self.x[s:s + c], self.y[s:s + c]
+            return tuple(None if a is None else a[s:s + c] for a in self.arrays)
         idx = self.perm[s:s + c]
-        np.take(self.x, idx, axis=0, out=self.xb[:c])
-        np.take(self.y, idx, axis=0, out=self.yb[:c])
-        return self.xb[:c], self.yb[:c]
+        out = []
+        for a, buf in zip(self.arrays, self.buffers):
+            if a is not None:
+                np.take(a, idx, axis=0, out=buf[:c])
+            out.append(None if a is None else buf[:c])
+        return tuple(out)

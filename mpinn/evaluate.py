@@ -1,44 +1,49 @@
-"""`mpinn evaluate` (loss and accuracy, rows split across ranks, sums reduced) and `mpinn predict`
-(classes and probabilities, or regression outputs, in input order to HDF5 or CSV)."""
+"""`mpinn evaluate` (loss and accuracy, rows split across data-parallel readers, sums reduced) and
+`mpinn predict` (classes and probabilities, or regression outputs, in input order to HDF5 or CSV).
+Both run data parallel or, with --pipeline-stages, as a forward-only pipeline."""
 import json
 import os
 
 import h5py
 import numpy as np
 
-from . import data
+from . import checkpoint, data, kernels
+from .engine import make_engine
 from .errors import UsageError
 from .log import Log
-from .model import Network
+from .schedule import Grid
 from .threads import limit_threads
-from .train import Evaluator, broadcast_checkpoint, bundled, load_split, _check_labels
-from . import checkpoint
+from .train import Evaluator, broadcast_checkpoint, bundled, check_labels, load_split
 
 
 def run_evaluate(cfg, explicit, comm):
     log = Log(comm.rank, comm.size)
     limit_threads(cfg.threads)
+    grid = comm.checked(Grid, cfg.pipeline_stages, comm.size, comm.rank)
     ckpt = broadcast_checkpoint(comm, lambda: checkpoint.load(cfg.checkpoint))
     arch = ckpt.arch
     path = cfg.data or comm.checked(bundled, "digits-test.h5")
     cols = data.Columns(cfg.x_key, cfg.y_key, arch.loss)
     n_rows, n_features, n_targets, x, y = load_split(
-        comm, path, cols, lambda n: data.block_selections(n, comm.rank, comm.size))
+        comm, path, cols, lambda n: data.block_selections(n, grid.replica, grid.replicas), 1,
+        grid.is_first, grid.is_last)
+
     def check():
         if n_features != arch.sizes[0]:
             raise UsageError(f"{path} has {n_features} features; the checkpoint's network takes "
                              f"{arch.sizes[0]}")
         if arch.loss == "cross_entropy":
-            _check_labels(y, arch.sizes[-1], path)
+            check_labels(y, arch.sizes[-1], path)
         elif n_targets != arch.sizes[-1]:
             raise UsageError(f"{path}:{cfg.y_key} has {n_targets} targets; the network has "
                              f"{arch.sizes[-1]} outputs")
     comm.checked(check)
-    net = Network(arch, ckpt.params, min(cfg.batch_size, max(x.shape[0], 1)))
-    evaluator = Evaluator(comm, x, y, arch.loss, arch.sizes[-1], cfg.batch_size)
-    loss, accuracy = evaluator(net)
+    n_local = data.even_part(n_rows, grid.replicas, grid.replica)[1]
+    engine = comm.checked(make_engine, comm, grid, arch, ckpt.params,
+                          min(cfg.batch_size, max(n_local, 1)), partition=cfg.partition)
+    loss, accuracy = Evaluator(comm, n_local, x, y, arch)(engine)
     result = {"loss": loss, "accuracy": accuracy, "samples": n_rows, "checkpoint": cfg.checkpoint,
-              "data": path, "ranks": comm.size}
+              "data": path, "ranks": comm.size, "pipeline_stages": grid.stages}
     if cfg.json:
         log.info(json.dumps(result))
     else:
@@ -47,8 +52,8 @@ def run_evaluate(cfg, explicit, comm):
     return result
 
 
-def _open_output(path, n, k, classify):
-    """A writer for n rows of predictions: HDF5 datasets or a CSV file with a header."""
+def open_output(path, n, k, classify):
+    """(write(offset, outputs), close) for n rows of predictions: HDF5 datasets or CSV."""
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise UsageError(f"--out {path}: directory {directory} does not exist")
@@ -59,8 +64,8 @@ def _open_output(path, n, k, classify):
 
         def write(start, out):
             if classify:
-                table = np.column_stack([out.argmax(1), out])
-                np.savetxt(fh, table, fmt=["%d"] + ["%.6g"] * k, delimiter=",")
+                np.savetxt(fh, np.column_stack([out.argmax(1), out]), fmt=["%d"] + ["%.6g"] * k,
+                           delimiter=",")
             else:
                 np.savetxt(fh, out, fmt="%.6g", delimiter=",")
         return write, fh.close
@@ -81,32 +86,48 @@ def _open_output(path, n, k, classify):
 
 
 def run_predict(cfg, explicit, comm):
-    """Predictions stream chunk by chunk on rank 0 (memory stays one chunk); other ranks idle."""
+    """Replica 0 streams the rows chunk by chunk (its first stage reads, its last stage writes),
+    so memory stays one chunk; other ranks only take part in set-up."""
     log = Log(comm.rank, comm.size)
     limit_threads(cfg.threads)
-    if comm.size > 1:
-        log.info(f"note: predict runs on rank 0; the other {comm.size - 1} rank(s) wait")
+    grid = comm.checked(Grid, cfg.pipeline_stages, comm.size, comm.rank)
+    if grid.replicas > 1:
+        log.info(f"note: predict runs on {grid.stages} rank(s); the other "
+                 f"{comm.size - grid.stages} wait")
     ckpt = broadcast_checkpoint(comm, lambda: checkpoint.load(cfg.checkpoint))
-    comm.checked(lambda: _predict(cfg, ckpt, log) if comm.is_root else None)
-
-
-def _predict(cfg, ckpt, log):
     arch = ckpt.arch
-    path = cfg.data or bundled("digits-test.h5")
-    with data.open_h5(path) as f:
-        n, n_features, _ = data.inspect(f, path, data.Columns(cfg.x_key), need_y=False)
-    if n_features != arch.sizes[0]:
-        raise UsageError(f"{path} has {n_features} features; the checkpoint's network takes "
-                         f"{arch.sizes[0]}")
+    path = cfg.data or comm.checked(bundled, "digits-test.h5")
+    active = grid.replica == 0
     classify = arch.loss == "cross_entropy"
-    write, close = _open_output(cfg.out, n, arch.sizes[-1], classify)
-    try:
-        net = Network(arch, ckpt.params, min(cfg.batch_size, n))
+
+    def prepare():
         with data.open_h5(path) as f:
-            for s in range(0, n, cfg.batch_size):
-                rows = min(cfg.batch_size, n - s)
-                x = data.read_inputs(f, path, cfg.x_key, [(slice(s, s + rows), rows)])
-                write(s, net.forward(x))
-    finally:
-        close()
+            n, n_features, _ = data.inspect(f, path, data.Columns(cfg.x_key), need_y=False)
+        if n_features != arch.sizes[0]:
+            raise UsageError(f"{path} has {n_features} features; the checkpoint's network takes "
+                             f"{arch.sizes[0]}")
+        writer = open_output(cfg.out, n, arch.sizes[-1], classify) if active and grid.is_last \
+            else None
+        return n, writer
+    n, writer = comm.checked(prepare)
+    engine = comm.checked(make_engine, comm, grid, arch, ckpt.params, min(cfg.batch_size, n),
+                          partition=cfg.partition)
+    if active:
+        write = writer[0] if writer else None
+
+        def consume(off, out):
+            if classify:
+                kernels.softmax_(out)
+            write(off, out)
+        f = data.open_h5(path) if grid.is_first else None
+        try:
+            engine.forward_chunks(
+                n, lambda off, m: data.read_inputs(f, path, cfg.x_key, [(slice(off, off + m), m)]),
+                consume)
+        finally:
+            if f is not None:
+                f.close()
+            if writer:
+                writer[1]()
+    comm.barrier()  # rank 0 reports only once the last stage has closed the file
     log.info(f"wrote {n} predictions to {cfg.out}")

@@ -18,10 +18,10 @@ class FaultInjector:
     def from_env(cls, rank):
         return cls(os.environ.get("MPINN_FAULT", ""), rank)
 
-    def at_step(self, step, params):
+    def at_step(self, step, engine):
         if self.kind is None or not self.active or step != self.step:
             return
         if self.kind == "raise":
             raise RuntimeError(f"injected fault at step {step} (MPINN_FAULT)")
         if self.kind == "perturb":
-            params[0] += 1e-3
+            engine.params[0] += 1e-3

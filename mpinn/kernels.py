@@ -88,9 +88,11 @@ def forward(params, x, sizes, w_off, b_off, acts, a_off, act, out_act):
 
 
 @njit(cache=True)
-def backward(grads, params, x, sizes, w_off, b_off, acts, a_off, act, d0, d1):
+def backward(grads, params, x, sizes, w_off, b_off, acts, a_off, act, d0, d1, dx, want_dx):
     """Backpropagate through all layers. On entry the output layer's slot in acts holds
-    dLoss/dz_L (N, K); grads (P,) is overwritten with dLoss/dparams. d0/d1 are scratch."""
+    dLoss/dz_L (N, K); grads (P,) is overwritten with dLoss/dparams. d0/d1 are scratch.
+    With want_dx (a pipeline stage after the first), dx (N, F) receives dLoss/dz of the layer that
+    produced x: (d @ W0^T) * act'(x), which the previous stage continues from."""
     n = x.shape[0]
     n_layers = sizes.shape[0] - 1
     d = _view2(acts, a_off[n_layers - 1], n, sizes[n_layers])
@@ -104,9 +106,9 @@ def backward(grads, params, x, sizes, w_off, b_off, acts, a_off, act, d0, d1):
         for i in range(n):
             for j in range(fo):
                 gb[j] += d[i, j]
-        if l > 0:
+        if l > 0 or want_dx:
             W = _view2(params, w_off[l], fi, fo)
-            d_prev = _view2(d0 if l % 2 == 0 else d1, 0, n, fi)
+            d_prev = dx if l == 0 else _view2(d0 if l % 2 == 0 else d1, 0, n, fi)
             np.dot(d, W.T, d_prev)
             _times_act_grad_(d_prev, h_in, act)
             d = d_prev
@@ -188,7 +190,7 @@ def train_step_ce(grads, params, x, labels, scale, sizes, w_off, b_off, acts, a_
     forward(params, x, sizes, w_off, b_off, acts, a_off, act, ACT_IDENTITY)
     z = _view2(acts, a_off[n_layers - 1], x.shape[0], sizes[n_layers])
     loss, correct = cross_entropy_grad_(z, labels, scale)
-    backward(grads, params, x, sizes, w_off, b_off, acts, a_off, act, d0, d1)
+    backward(grads, params, x, sizes, w_off, b_off, acts, a_off, act, d0, d1, x, False)
     return loss, correct
 
 
@@ -204,5 +206,5 @@ def train_step_mse(grads, params, x, targets, scale, sizes, w_off, b_off, acts, 
     forward(params, x, sizes, w_off, b_off, acts, a_off, act, out_act)
     out = _view2(acts, a_off[n_layers - 1], x.shape[0], sizes[n_layers])
     loss, _ = mse_grad_(out, targets, out_act, scale)
-    backward(grads, params, x, sizes, w_off, b_off, acts, a_off, act, d0, d1)
+    backward(grads, params, x, sizes, w_off, b_off, acts, a_off, act, d0, d1, x, False)
     return loss, 0

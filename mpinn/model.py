@@ -45,12 +45,7 @@ class Architecture:
 
     def offsets(self):
         """(w_off, b_off) int64 arrays: where W_l and b_l start in the flat buffer."""
-        w_off, b_off, o = [], [], 0
-        for fi, fo in zip(self.sizes[:-1], self.sizes[1:]):
-            w_off.append(o)
-            b_off.append(o + fi * fo)
-            o += fi * fo + fo
-        return np.array(w_off, np.int64), np.array(b_off, np.int64)
+        return offsets(self.sizes)
 
     def describe(self):
         return "-".join(str(s) for s in self.sizes)
@@ -80,28 +75,57 @@ def init_params(arch, seed, dtype=np.float32):
     return flat
 
 
-class Workspace:
-    """Preallocated activation and back-propagation buffers for up to max_rows rows."""
+def offsets(sizes):
+    """(w_off, b_off) int64 arrays: where W_l and b_l start in a flat buffer for these sizes."""
+    w_off, b_off, o = [], [], 0
+    for fi, fo in zip(sizes[:-1], sizes[1:]):
+        w_off.append(o)
+        b_off.append(o + fi * fo)
+        o += fi * fo + fo
+    return np.array(w_off, np.int64), np.array(b_off, np.int64)
 
-    def __init__(self, arch, max_rows, dtype=np.float32):
-        self.arch = arch
+
+class Workspace:
+    """Preallocated buffers for up to max_rows rows through consecutive layers of `sizes`: each
+    layer's output (acts), back-propagation scratch (d0, d1), and for a pipeline stage its input
+    and the gradient it sends back (x_in, dx). `out_act` is the last layer's activation: the
+    network's output activation, or the hidden activation when a later stage follows."""
+
+    def __init__(self, sizes, activation, out_activation, max_rows, dtype=np.float32,
+                 stage_input=False):
         self.max_rows = max(int(max_rows), 1)
-        widths = arch.sizes[1:]
+        widths = sizes[1:]
         self.a_off = np.cumsum([0] + [self.max_rows * w for w in widths[:-1]]).astype(np.int64)
         self.acts = np.zeros(self.max_rows * sum(widths), dtype)
-        scratch = self.max_rows * max(arch.sizes[:-1])
+        scratch = self.max_rows * max(sizes[:-1])
         self.d0 = np.zeros(scratch, dtype)
         self.d1 = np.zeros(scratch, dtype)
-        self.sizes = np.array(arch.sizes, np.int64)
-        self.w_off, self.b_off = arch.offsets()
-        self.act = kernels.ACTIVATIONS[arch.activation]
-        self.out_act = kernels.ACTIVATIONS[arch.output_activation]
+        self.sizes = np.array(sizes, np.int64)
+        self.w_off, self.b_off = offsets(sizes)
+        self.act = kernels.ACTIVATIONS[activation]
+        self.out_act = kernels.ACTIVATIONS[out_activation]
+        self.x_in = np.zeros(self.max_rows * sizes[0], dtype) if stage_input else None
+        self.dx = np.zeros(self.max_rows * sizes[0], dtype) if stage_input else None
+
+    @property
+    def nbytes(self):
+        """Activation memory this workspace holds (outputs, scratch, stage input and gradient)."""
+        return sum(a.nbytes for a in (self.acts, self.d0, self.d1, self.x_in, self.dx)
+                   if a is not None)
 
     def output(self, n):
-        """The output layer's (n, K) slot in the workspace."""
-        k = self.arch.sizes[-1]
+        """The last layer's (n, K) slot in the workspace."""
+        k = int(self.sizes[-1])
         o = self.a_off[-1]
         return self.acts[o:o + n * k].reshape(n, k)
+
+    def input(self, n):
+        f = int(self.sizes[0])
+        return self.x_in[:n * f].reshape(n, f)
+
+    def input_grad(self, n):
+        f = int(self.sizes[0])
+        return self.dx[:n * f].reshape(n, f)
 
 
 class Network:
@@ -111,7 +135,8 @@ class Network:
         self.arch = arch
         self.params = np.ascontiguousarray(params)
         self.grads = np.zeros_like(self.params)
-        self.ws = Workspace(arch, max_rows, self.params.dtype)
+        self.ws = Workspace(arch.sizes, arch.activation, arch.output_activation, max_rows,
+                            self.params.dtype)
 
     def train_step(self, x, y, scale):
         """Gradient of scale * (sum of losses over the rows of x) into self.grads.

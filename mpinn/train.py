@@ -1,19 +1,19 @@
-"""The training loop: batch -> local gradient -> one Allreduce -> the same update on every rank.
+"""The training loop: batch -> local gradient -> Allreduce -> the same update on every replica.
 
     mpirun -n 8 python -m mpinn train --data train.h5 --val-data test.h5 --hidden 512,512 \\
         --epochs 10 --run-dir runs/a
+    mpirun -n 8 python -m mpinn train --pipeline-stages 2 --micro-batches 8 ...   # 2 stages x 4
     srun --mpi=pmi2 python -m mpinn train ...         (inside a SLURM allocation)
     python -m mpinn train                               (1 rank, bundled digits data)
 
-Each rank reads only its part of every global batch (data.BatchPlan); its local gradient is of
-(sum of its rows' losses) / (global batch rows), so the Allreduce SUM of the flat gradient buffer is
-exactly the gradient of the global mean loss. Every rank runs the same number of steps by
-construction. Rank 0 writes the checkpoint at the end of every epoch and at the end of training.
+Each data-parallel reader (a rank, or a pipeline replica) reads only its part of every global
+batch (data.BatchPlan); its gradient is of (sum of its rows' losses) / (global batch rows), so the
+Allreduce SUM is exactly the gradient of the global mean loss. Every rank runs the same number of
+steps by construction. Rank 0 writes the checkpoint at the end of every epoch and of training.
 """
 import os
 import textwrap
 import time
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -21,11 +21,13 @@ import numpy as np
 from . import checkpoint, data
 from .checkpoint import CHECKPOINT_NAME, Checkpoint
 from .comm import library_version
+from .engine import loss_sums_raw, make_engine
 from .errors import UsageError
 from .faults import FaultInjector
+from .kernels import ACTIVATIONS
 from .log import Log
-from .model import Architecture, Network, init_params
-from .optim import Optimizer
+from .model import Architecture, init_params
+from .schedule import Grid
 from .threads import limit_threads, oversubscription
 
 BUNDLED = Path(__file__).resolve().parent.parent / "data"
@@ -93,37 +95,43 @@ def _architecture(cfg, explicit, ckpt, n_features, n_outputs):
     return arch
 
 
-def _check_labels(y, n_classes, path):
-    if y.size and y.max() >= n_classes:
+def check_labels(y, n_classes, path):
+    if y is not None and y.size and y.max() >= n_classes:
         raise UsageError(f"{path}: class label {int(y.max())} is out of range for a network with "
                          f"{n_classes} classes")
 
 
-def load_split(comm, path, cols, selections_of, min_rows=1):
-    """Each rank inspects the file and reads only its own rows. Returns (n_rows, F, K|None, x, y)."""
+def load_split(comm, path, cols, selections_of, min_rows=1, want_x=True, want_y=True,
+               who="ranks"):
+    """Each rank inspects the file and reads only its own rows (and only the inputs or targets it
+    needs). Returns (n_rows, F, K|None, x|None, y|None)."""
     def read():
         with data.open_h5(path) as f:
             n, n_features, n_targets = data.inspect(f, path, cols)
         if n < min_rows:
-            raise UsageError(f"{path} has {n} rows, fewer than the {min_rows} ranks")
-        x, y = data.read_rows(path, cols, selections_of(n), n_targets)
+            raise UsageError(f"{path} has {n} rows, fewer than the {min_rows} {who}")
+        x, y = data.read_rows(path, cols, selections_of(n), n_targets, want_x, want_y)
         return n, n_features, n_targets, x, y
     return comm.checked(read)
 
 
 class Evaluator:
-    """Loss and accuracy of the network on this rank's block of a data set, summed over ranks."""
+    """Loss and accuracy on this reader's block of a data set, summed over all ranks (ranks that
+    hold no targets, such as early pipeline stages, add zeros)."""
 
-    def __init__(self, comm, x, y, loss, n_outputs, rows=EVAL_ROWS):
-        self.comm, self.x, self.y, self.loss, self.k, self.rows = comm, x, y, loss, n_outputs, rows
+    def __init__(self, comm, n_local, x, y, arch):
+        self.comm, self.n_local, self.x, self.y, self.arch = comm, n_local, x, y, arch
 
-    def __call__(self, net):
-        loss, correct = 0.0, 0
-        for s in range(0, self.x.shape[0], self.rows):
-            l, c = net.loss_sums(self.x[s:s + self.rows], self.y[s:s + self.rows])
-            loss, correct = loss + l, correct + c
-        loss, correct, n = self.comm.allreduce_sum([loss, correct, self.x.shape[0]])
-        return summarize(loss, correct, n, self.loss, self.k)
+    def __call__(self, engine):
+        sums = np.zeros(3)
+        out_act = ACTIVATIONS[self.arch.output_activation]
+
+        def consume(off, out):
+            l, c = loss_sums_raw(out, self.y[off:off + len(out)], self.arch.loss, out_act)
+            sums[:] += (l, c, len(out))
+        engine.forward_chunks(self.n_local, lambda off, m: self.x[off:off + m], consume)
+        loss, correct, n = self.comm.allreduce_sum(sums)
+        return summarize(loss, correct, n, self.arch.loss, self.arch.sizes[-1])
 
 
 def summarize(loss_sum, correct, n, loss, k):
@@ -134,12 +142,6 @@ def summarize(loss_sum, correct, n, loss, k):
     return loss_sum / (n * k), None
 
 
-def replicas_agree(comm, params):
-    """True when every rank holds bit-identical parameters (one small collective)."""
-    lo, hi = comm.allreduce_minmax(zlib.crc32(params))
-    return lo == hi
-
-
 def run(cfg, explicit, comm):
     rank, size = comm.rank, comm.size
     log = Log(rank, size)
@@ -148,58 +150,64 @@ def run(cfg, explicit, comm):
     if warning and comm.is_root:
         log.warn(warning)
     faults = FaultInjector.from_env(rank)
+    grid = comm.checked(Grid, cfg.pipeline_stages, size, rank)
+    readers, reader = grid.replicas, grid.replica
     train_path, val_path = comm.checked(data_paths, cfg)
     comm.checked(lambda: _prepare_run_dir(cfg.run_dir) if comm.is_root else None)
     ckpt = broadcast_checkpoint(comm, lambda: _start_checkpoint(cfg))
 
     loss = ckpt.arch.loss if ckpt else cfg.loss
     cols = data.Columns(cfg.x_key, cfg.y_key, loss)
-    if cfg.batch_size < size:
-        comm.checked(_raise, f"--batch-size {cfg.batch_size} is smaller than the number of ranks "
-                             f"({size}); every rank needs at least one row of each full batch")
+    who = "ranks" if grid.stages == 1 else "pipeline replicas"
+    if cfg.batch_size < readers:
+        comm.checked(_raise, f"--batch-size {cfg.batch_size} is smaller than the number of {who} "
+                             f"({readers}); each needs at least one row of each full batch")
     n_rows, n_features, n_targets, x, y = load_split(
         comm, train_path, cols,
-        lambda n: data.plan_selections(data.BatchPlan(n, cfg.batch_size, rank, size)), size)
+        lambda n: data.plan_selections(data.BatchPlan(n, cfg.batch_size, reader, readers)),
+        readers, grid.is_first, grid.is_last, who)
     if loss == "cross_entropy":
         n_outputs = ckpt.arch.sizes[-1] if ckpt else int(
-            comm.allreduce_minmax(int(y.max()) if y.size else 0)[1]) + 1
+            comm.allreduce_minmax(int(y.max()) if y is not None and y.size else 0)[1]) + 1
     else:
         n_outputs = n_targets
     arch = comm.checked(_architecture, cfg, explicit, ckpt, n_features, n_outputs)
     if loss == "cross_entropy":
-        comm.checked(_check_labels, y, n_outputs, train_path)
+        comm.checked(check_labels, y, n_outputs, train_path)
     evaluate = None
     if val_path:
-        _, val_features, _, vx, vy = load_split(
-            comm, val_path, cols, lambda n: data.block_selections(n, rank, size))
+        n_val, val_features, _, vx, vy = load_split(
+            comm, val_path, cols, lambda n: data.block_selections(n, reader, readers), 1,
+            grid.is_first, grid.is_last)
         if val_features != n_features:
             comm.checked(_raise, f"{val_path} has {val_features} features; {train_path} has "
                                  f"{n_features}")
         if loss == "cross_entropy":
-            comm.checked(_check_labels, vy, n_outputs, val_path)
-        evaluate = Evaluator(comm, vx, vy, loss, n_outputs)
+            comm.checked(check_labels, vy, n_outputs, val_path)
+        evaluate = Evaluator(comm, data.even_part(n_val, readers, reader)[1], vx, vy, arch)
 
-    plan = data.BatchPlan(n_rows, cfg.batch_size, rank, size)
+    plan = data.BatchPlan(n_rows, cfg.batch_size, reader, readers)
     counts = plan.local_counts()
     params = ckpt.params if ckpt else init_params(arch, cfg.seed)
     comm.bcast_(params)  # one source of truth for the initial weights: rank 0's
-    net = Network(arch, params, max(int(counts.max()), EVAL_ROWS if evaluate else 0))
-    opt = Optimizer(cfg.optimizer, arch.n_params, cfg.lr, cfg.momentum, cfg.nesterov, cfg.beta1,
-                    cfg.beta2, cfg.eps, cfg.weight_decay)
+    opt_settings = dict(name=cfg.optimizer, lr=cfg.lr, momentum=cfg.momentum,
+                        nesterov=cfg.nesterov, beta1=cfg.beta1, beta2=cfg.beta2, eps=cfg.eps,
+                        weight_decay=cfg.weight_decay)
     step = 0
+    opt_state = None
     if cfg.resume:
-        step = ckpt.global_step
         comm.checked(_check_resumable, cfg, ckpt)
-        opt.t, opt.state = ckpt.optimizer_step, ckpt.optimizer_state
+        step = ckpt.global_step
+        opt_state = (ckpt.optimizer_step, ckpt.optimizer_state)
         if ckpt.config.get("ranks") != size and cfg.shuffle:
             log.info(f"note: resuming on {size} ranks a run checkpointed on "
                      f"{ckpt.config.get('ranks')}: shuffled data order differs from an "
                      "uninterrupted run")
-
+    engine = comm.checked(make_engine, comm, grid, arch, params, int(counts.max()), opt_settings,
+                          opt_state, cfg.partition, cfg.micro_batches, cfg.schedule)
+    del params  # a pipeline stage keeps only its own slice
     t0 = time.perf_counter()
-    if x.shape[0]:
-        net.warmup(x, y)
-    opt.warmup()
+    engine.warmup(x, y)
     jit_seconds = time.perf_counter() - t0
 
     spe = plan.steps_per_epoch
@@ -208,17 +216,21 @@ def run(cfg, explicit, comm):
                   "val_data": val_path or "", "ranks": size}
     log.info("mpinn train: config " + textwrap.fill(
         " ".join(f"{k}={v!r}" for k, v in run_config.items()), 100, subsequent_indent="  "))
-    log.info(f"mpinn train: {size} rank(s) [{library_version()}], network {arch.describe()} "
-             f"({arch.n_params:,} parameters, {arch.loss}), {n_rows} rows, global batch "
-             f"{cfg.batch_size} -> {spe} steps/epoch, {plan.n_local} rows on rank 0; kernels ready "
-             f"in {jit_seconds:.2f} s")
+    mode = (f"{grid.stages} pipeline stages (layers {engine.layers_per_stage}) x {readers} "
+            f"replica(s), {cfg.micro_batches} micro-batches, {cfg.schedule}"
+            if grid.stages > 1 else "data parallel")
+    log.info(f"mpinn train: {size} rank(s) [{library_version()}], {mode}, network "
+             f"{arch.describe()} ({arch.n_params:,} parameters, {arch.loss}), {n_rows} rows, "
+             f"global batch {cfg.batch_size} -> {spe} steps/epoch; kernels ready in "
+             f"{jit_seconds:.2f} s")
     log.open_metrics(os.path.join(cfg.run_dir, "metrics.jsonl"), append=cfg.resume)
 
     def save(epoch):
+        params, state = engine.full_state()
         comm.checked(lambda: checkpoint.save(
             os.path.join(cfg.run_dir, CHECKPOINT_NAME),
-            Checkpoint(arch, net.params, opt.name, opt.t, opt.state, epoch, step, cfg.seed,
-                       run_config)) if comm.is_root else None)
+            Checkpoint(arch, params, engine.optimizer.name, engine.optimizer.t, state, epoch,
+                       step, cfg.seed, run_config)) if comm.is_root else None)
 
     window = np.zeros(3)  # loss sum, correct, rows since the last log line (this rank)
     t_window = time.perf_counter()
@@ -226,18 +238,15 @@ def run(cfg, explicit, comm):
     saved_at = -1
     while step < max_steps:
         epoch, first = divmod(step, spe)
-        batches = data.EpochBatches(x, y, counts, cfg.shuffle, cfg.seed, epoch, rank)
+        batches = data.EpochBatches(x, y, counts, cfg.shuffle, cfg.seed, epoch, reader)
         for k in range(first, spe):
             if step >= max_steps:
                 break
-            faults.at_step(step + 1, net.params)
+            faults.at_step(step + 1, engine)
             xb, yb = batches(k)
             scale = 1.0 / plan.global_batch_rows(k) / (1 if loss == "cross_entropy" else n_outputs)
-            l, c = net.train_step(xb, yb, scale)
-            comm.allreduce_sum_(net.grads)
-            opt.step(net.params, net.grads)
+            window += engine.step(xb, yb, int(counts[k]), scale)
             step += 1
-            window += (l, c, xb.shape[0])
             if step % cfg.log_every == 0 or step == max_steps or k == spe - 1:
                 total = comm.allreduce_sum(window)
                 now = time.perf_counter()
@@ -252,12 +261,12 @@ def run(cfg, explicit, comm):
                              "accuracy": acc, "samples": int(total[2]), "samples_per_s": rate})
                 window[:] = 0
                 t_window = now
-            if step % cfg.check_every == 0 and not replicas_agree(comm, net.params):
+            if step % cfg.check_every == 0 and not engine.replicas_agree():
                 raise RuntimeError(f"ranks hold different parameters after step {step}")
         if step % spe == 0:  # a whole epoch is done
             record = {"kind": "epoch", "epoch": epoch + 1, "step": step}
             if evaluate:
-                record["val_loss"], record["val_accuracy"] = evaluate(net)
+                record["val_loss"], record["val_accuracy"] = evaluate(engine)
                 log.info(f"epoch {epoch + 1}/{cfg.epochs} validation loss {record['val_loss']:.4f}"
                          + (f" accuracy {record['val_accuracy']:.4f}"
                             if record["val_accuracy"] is not None else ""))
@@ -267,16 +276,36 @@ def run(cfg, explicit, comm):
             t_window = time.perf_counter()  # samples/s measures training, not evaluation or I/O
     if saved_at != step:
         save(step // spe)
-    if not replicas_agree(comm, net.params):
+    if not engine.replicas_agree():
         raise RuntimeError("ranks hold different parameters at the end of training")
     rate = trained_samples / max(train_seconds, 1e-9)
-    log.metrics({"kind": "summary", "step": step, "samples": trained_samples,
-                 "train_seconds": train_seconds, "samples_per_s": rate})
+    summary = {"kind": "summary", "step": step, "samples": trained_samples,
+               "train_seconds": train_seconds, "samples_per_s": rate}
+    if grid.stages > 1:
+        summary["stages"] = gather_stage_stats(comm, grid, engine.stats())
+        summary["ideal_bubble"] = (grid.stages - 1) / (cfg.micro_batches + grid.stages - 1)
+        for s in summary["stages"]:
+            log.info(f"stage {s['stage']}: {s['layers']} layer(s), compute {s['compute_s']:.3f} s, "
+                     f"waiting {s['wait_s']:.3f} s, bubble {s['bubble']:.3f} (ideal "
+                     f"{summary['ideal_bubble']:.3f}), activations {s['activation_bytes']:,} bytes")
+    log.metrics(summary)
     log.info(f"mpinn train: done, {step} steps, {trained_samples:,} samples in {train_seconds:.2f} s "
              f"of training steps ({rate:,.0f} samples/s); checkpoint "
              f"{os.path.join(cfg.run_dir, CHECKPOINT_NAME)}")
     log.close()
-    return net
+    return engine
+
+
+STAT_KEYS = ("compute_s", "wait_s", "bubble", "activation_bytes", "layers")
+
+
+def gather_stage_stats(comm, grid, stats):
+    """Per-stage figures averaged over replicas (one small Allreduce over a stages x keys table)."""
+    table = np.zeros((grid.stages, len(STAT_KEYS)))
+    table[grid.stage] = [stats[k] for k in STAT_KEYS]
+    table = comm.allreduce_sum_(table) / grid.replicas
+    return [{"stage": s, **{k: (int(v) if k in ("activation_bytes", "layers") else float(v))
+                            for k, v in zip(STAT_KEYS, table[s])}} for s in range(grid.stages)]
 
 
 def _raise(message):

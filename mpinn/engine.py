@@ -1,0 +1,97 @@
+"""Engines: how one global batch becomes one update, behind one interface the training loop uses.
+
+    DataParallelEngine   every rank holds the whole network: fused step, one Allreduce
+    PipelineEngine       (pipeline.py) ranks hold consecutive layers; micro-batches over Send/Recv
+
+Interface: `wants_x`/`wants_y` (which data this rank reads), `data_rank`/`data_size` (its place among
+the data-parallel readers), `warmup(x, y)`, `step(xb, yb, rows, scale) -> (loss sum, correct, rows
+counted)`, `forward_chunks(n, read_x, consume)` for evaluation and prediction, `full_state()`
+(the whole network's parameters and optimizer state on rank 0, in checkpoint layout),
+`replicas_agree()`, `stats()` and `optimizer`.
+"""
+import zlib
+
+from . import kernels
+from .model import Network
+from .optim import Optimizer
+
+
+def make_optimizer(settings, n):
+    """settings: dict of Optimizer keyword arguments (name, lr, ...) or None for no training."""
+    return Optimizer(n=n, **settings) if settings is not None else None
+
+
+def restore_optimizer(opt, step, state):
+    """Put checkpointed optimizer state (already sliced to this rank's parameters) in place."""
+    if opt is None or state is None:
+        return
+    opt.t = step
+    for mine, saved in zip(opt.state, state):
+        mine[...] = saved
+
+
+def loss_sums_raw(out, y, loss, out_act):
+    """(loss sum, correct) from raw network outputs (logits or out_act(z)); overwrites out."""
+    if loss == "cross_entropy":
+        l, c = kernels.cross_entropy_grad_(out, y, 1.0)
+    else:
+        l, c = kernels.mse_grad_(out, y, out_act, 1.0)
+    return float(l), int(c)
+
+
+class DataParallelEngine:
+    wants_x = wants_y = True
+
+    def __init__(self, comm, arch, params, max_rows, opt_settings=None, opt_state=None):
+        self.comm, self.arch = comm, arch
+        self.data_rank, self.data_size = comm.rank, comm.size
+        self.net = Network(arch, params, max_rows)
+        self.optimizer = make_optimizer(opt_settings, arch.n_params)
+        if opt_state is not None:
+            restore_optimizer(self.optimizer, *opt_state)
+        self.chunk = self.net.ws.max_rows
+
+    @property
+    def params(self):
+        return self.net.params
+
+    def warmup(self, x, y):
+        self.net.warmup(x, y)
+        if self.optimizer is not None:
+            self.optimizer.warmup()
+
+    def step(self, xb, yb, rows, scale):
+        loss, correct = self.net.train_step(xb, yb, scale)
+        self.comm.allreduce_sum_(self.net.grads)
+        self.optimizer.step(self.net.params, self.net.grads)
+        return loss, correct, rows
+
+    def forward_chunks(self, n, read_x, consume):
+        """Raw outputs for this rank's n rows, chunk by chunk: consume(offset, out)."""
+        ws = self.net.ws
+        for off in range(0, n, self.chunk):
+            m = min(self.chunk, n - off)
+            kernels.forward(self.net.params, read_x(off, m), ws.sizes, ws.w_off, ws.b_off, ws.acts,
+                            ws.a_off, ws.act, ws.out_act)
+            consume(off, ws.output(m))
+
+    def full_state(self):
+        return self.net.params, (self.optimizer.state if self.optimizer else [])
+
+    def replicas_agree(self):
+        lo, hi = self.comm.allreduce_minmax(zlib.crc32(self.net.params))
+        return lo == hi
+
+    def stats(self):
+        return {}
+
+
+def make_engine(comm, grid, arch, params, max_rows, opt_settings=None, opt_state=None,
+                partition=None, micro_batches=1, schedule="1f1b"):
+    """The engine for this rank: data parallel when the grid has one stage, else a pipeline."""
+    if grid.stages == 1:
+        return DataParallelEngine(comm, arch, params, max_rows, opt_settings, opt_state)
+    from .pipeline import PipelineEngine
+    return PipelineEngine(comm, grid, arch, params, max_rows, opt_settings, opt_state, partition,
+                          micro_batches, schedule)
+

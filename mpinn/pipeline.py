@@ -1,0 +1,207 @@
+"""Layer-wise pipeline engine: this rank owns consecutive layers (a stage) of the network; the
+replica's part of each global batch is cut into micro-batches that flow forward stage to stage
+(activations, TAG_ACTIVATION) and back (gradients, TAG_GRADIENT) over uppercase Isend/Recv on
+preallocated contiguous buffers. Gradients of all micro-batches are summed, averaged over the
+stage's replicas with one Allreduce, and applied once per global batch.
+
+Every send has exactly one receive: both sides derive the same micro-batch list and schedule from
+plain ints (rows of the batch, M, S). Sends are non-blocking and a slot's pending send is waited
+for before that slot's buffers are written again, so no cycle of blocking sends can form.
+"""
+import time
+import zlib
+
+import numpy as np
+
+from . import kernels
+from .data import even_part
+from .engine import loss_sums_raw, make_optimizer, restore_optimizer
+from .model import Workspace
+from .schedule import (balanced_partition, in_flight, layer_flops, parse_partition, schedule,
+                       stage_layers)
+
+TAG_ACTIVATION, TAG_GRADIENT = 101, 102
+
+
+class Slot:
+    """Buffers of one micro-batch in flight on this stage, and the send still using them."""
+
+    def __init__(self, ws):
+        self.ws, self.pending, self.h = ws, None, None
+
+    def wait(self):
+        if self.pending is not None:
+            self.pending.Wait()
+            self.pending = None
+
+
+class PipelineEngine:
+    def __init__(self, comm, grid, arch, params, max_rows, opt_settings=None, opt_state=None,
+                 partition=None, micro_batches=1, kind="1f1b"):
+        self.comm, self.grid, self.arch = comm, grid, arch
+        self.kind, self.micro = kind, int(micro_batches)
+        self.wants_x, self.wants_y = grid.is_first, grid.is_last
+        self.data_rank, self.data_size = grid.replica, grid.replicas
+        counts = (parse_partition(partition, arch.n_layers, grid.stages) if partition
+                  else balanced_partition(layer_flops(arch.sizes), grid.stages))
+        self.layers_per_stage = counts
+        first, end = stage_layers(counts, grid.stage)
+        self.sizes = arch.sizes[first:end + 1]
+        self.p0, self.p1 = self.param_range(grid.stage)
+        self.params = np.ascontiguousarray(params[self.p0:self.p1], np.float32).copy()
+        self.grads = np.zeros_like(self.params)
+        self.micro_grads = np.zeros_like(self.params)
+        self.pipe = comm.split(grid.replica, grid.stage)  # this replica's stages, rank = stage
+        self.dp = comm.split(grid.stage, grid.replica)    # this stage's replicas
+        last_act = arch.output_activation if grid.is_last else arch.activation
+        self.loss_code = arch.loss
+        # micro-batch rows: the largest part of this replica's share of a batch (max_rows) over M
+        self.chunk = max(-(-int(max_rows) // self.micro), 1)
+        n_slots = max(in_flight(kind, grid.stages, grid.stage, self.micro), 1)
+        self.slots = [Slot(Workspace(self.sizes, arch.activation, last_act, self.chunk,
+                                     stage_input=not grid.is_first)) for _ in range(n_slots)]
+        self.optimizer = make_optimizer(opt_settings, self.params.size)
+        if opt_state is not None:
+            step, state = opt_state
+            restore_optimizer(self.optimizer, step, [s[self.p0:self.p1] for s in state])
+        self.compute_s = self.wait_s = 0.0
+
+    def param_range(self, stage):
+        """[start, end) of a stage's parameters in the flat buffer: contiguous, as layers are."""
+        first, end = stage_layers(self.layers_per_stage, stage)
+        w_off, _ = self.arch.offsets()
+        start = int(w_off[first])
+        return start, int(w_off[end]) if end < self.arch.n_layers else self.arch.n_params
+
+    # -- one micro-batch through this stage ------------------------------------------------------
+    def _recv(self, buf, source, tag):
+        t = time.perf_counter()
+        self.pipe.recv_(buf, source, tag)
+        self.wait_s += time.perf_counter() - t
+
+    def _wait(self, slot):
+        t = time.perf_counter()
+        slot.wait()
+        self.wait_s += time.perf_counter() - t
+
+    def _forward(self, slot, n, read_x):
+        """Input (read or received) -> this stage's layers -> output sent on (or kept, last stage)."""
+        ws, s = slot.ws, self.grid.stage
+        self._wait(slot)
+        if self.grid.is_first:
+            h = read_x(n)
+        else:
+            h = ws.input(n)
+            self._recv(h, s - 1, TAG_ACTIVATION)
+        t = time.perf_counter()
+        kernels.forward(self.params, h, ws.sizes, ws.w_off, ws.b_off, ws.acts, ws.a_off, ws.act,
+                        ws.out_act)
+        self.compute_s += time.perf_counter() - t
+        slot.h = h
+        out = ws.output(n)
+        if not self.grid.is_last:
+            slot.pending = self.pipe.isend_(out, s + 1, TAG_ACTIVATION)
+        return out
+
+    def _backward(self, slot, n):
+        """Gradient at this stage's output (from the loss, or received) -> parameter gradients
+        accumulated, and the gradient at the stage's input sent back."""
+        ws, s = slot.ws, self.grid.stage
+        if not self.grid.is_last:
+            self._wait(slot)  # the activation send reads the buffer the gradient arrives in
+            self._recv(ws.output(n), s + 1, TAG_GRADIENT)
+        first = self.grid.is_first
+        dx = slot.h if first else ws.input_grad(n)
+        t = time.perf_counter()
+        kernels.backward(self.micro_grads, self.params, slot.h, ws.sizes, ws.w_off, ws.b_off,
+                         ws.acts, ws.a_off, ws.act, ws.d0, ws.d1, dx, not first)
+        self.grads += self.micro_grads
+        self.compute_s += time.perf_counter() - t
+        if not first:
+            slot.pending = self.pipe.isend_(dx, s - 1, TAG_GRADIENT)
+
+    # -- engine interface -----------------------------------------------------------------------
+    def warmup(self, x, y):
+        """Compile the kernels this stage calls on one local row (no communication)."""
+        ws = self.slots[0].ws
+        h = np.zeros((1, int(ws.sizes[0])), np.float32)
+        kernels.forward(self.params, h, ws.sizes, ws.w_off, ws.b_off, ws.acts, ws.a_off, ws.act,
+                        ws.out_act)
+        out = ws.output(1)
+        if self.grid.is_last and y is not None and len(y):
+            loss_sums_raw(out, y[:1], self.loss_code, ws.out_act)
+            if self.loss_code == "cross_entropy":
+                kernels.cross_entropy_grad_(out, y[:1], np.float32(1))
+            else:
+                kernels.mse_grad_(out, y[:1], ws.out_act, np.float32(1))
+        dx = np.zeros_like(h)
+        kernels.backward(self.micro_grads, self.params, h, ws.sizes, ws.w_off, ws.b_off, ws.acts,
+                         ws.a_off, ws.act, ws.d0, ws.d1, dx, not self.grid.is_first)
+        self.micro_grads[:] = 0
+        if self.optimizer is not None:
+            self.optimizer.warmup()
+
+    def step(self, xb, yb, rows, scale):
+        """One global batch: this replica's `rows` rows in M micro-batches, then one update."""
+        parts = [p for p in (even_part(rows, self.micro, i) for i in range(self.micro)) if p[1]]
+        ops = schedule(self.kind, self.grid.stages, self.grid.stage, len(parts))
+        self.grads[:] = 0
+        loss, correct = 0.0, 0
+        scale = np.float32(scale)
+        for op, j in ops:
+            off, n = parts[j]
+            slot = self.slots[j % len(self.slots)]
+            if op == "F":
+                out = self._forward(slot, n, lambda m: xb[off:off + m])
+                if self.grid.is_last:
+                    t = time.perf_counter()
+                    if self.loss_code == "cross_entropy":
+                        l, c = kernels.cross_entropy_grad_(out, yb[off:off + n], scale)
+                    else:
+                        l, c = kernels.mse_grad_(out, yb[off:off + n], slot.ws.out_act, scale)
+                    loss, correct = loss + l, correct + c
+                    self.compute_s += time.perf_counter() - t
+            else:
+                self._backward(slot, n)
+        for slot in self.slots:
+            self._wait(slot)
+        self.dp.allreduce_sum_(self.grads)
+        self.optimizer.step(self.params, self.grads)
+        return float(loss), int(correct), rows if self.grid.is_last else 0
+
+    def forward_chunks(self, n, read_x, consume):
+        """Forward only, this replica's n rows chunk by chunk; the last stage calls
+        consume(offset, raw output)."""
+        for i, off in enumerate(range(0, n, self.chunk)):
+            m = min(self.chunk, n - off)
+            slot = self.slots[i % len(self.slots)]
+            out = self._forward(slot, m, lambda k: read_x(off, k))
+            if self.grid.is_last:
+                consume(off, out)
+        for slot in self.slots:
+            self._wait(slot)
+
+    def full_state(self):
+        """Replica 0's stages gather their slices to world rank 0 (stage 0 of replica 0)."""
+        opt_state = self.optimizer.state if self.optimizer else []
+        if self.grid.replica != 0:
+            return None, None
+        counts = [b - a for a, b in (self.param_range(s) for s in range(self.grid.stages))]
+        root = self.pipe.rank == 0
+        full = lambda: np.empty(self.arch.n_params, np.float32) if root else None  # noqa: E731
+        params = self.pipe.gatherv_(self.params, full(), counts)
+        state = [self.pipe.gatherv_(s, full(), counts) for s in opt_state]
+        return params, state
+
+    def replicas_agree(self):
+        lo, hi = self.dp.allreduce_minmax(zlib.crc32(self.params))
+        lo, hi = self.comm.allreduce_minmax(int(lo != hi))
+        return hi == 0
+
+    def stats(self):
+        """This stage's time computing and waiting on communication, and its bubble fraction."""
+        busy = self.compute_s + self.wait_s
+        return {"stage": self.grid.stage, "compute_s": self.compute_s, "wait_s": self.wait_s,
+                "bubble": self.wait_s / busy if busy else 0.0,
+                "activation_bytes": sum(slot.ws.nbytes for slot in self.slots),
+                "layers": self.layers_per_stage[self.grid.stage]}
