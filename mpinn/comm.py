@@ -102,10 +102,12 @@ class Comm:
             result = fn(*args, **kwargs)
         except UsageError as e:
             error = e
-        first, _ = self.allreduce_minmax(self.rank if error is not None else self.size)
+        # min = the lowest failing rank; max < size only when every rank failed (then the error
+        # is the job's, not one rank's, and naming a rank would mislead)
+        first, last = self.allreduce_minmax(self.rank if error is not None else self.size)
         if first < self.size:
             if self.rank == first:
-                where = f" (rank {self.rank} of {self.size})" if self.size > 1 else ""
+                where = f" (rank {self.rank} of {self.size})" if last == self.size else ""
                 print(f"mpinn: error{where}: {error}", file=sys.stderr, flush=True)
             raise AgreedExit(UsageError.exit_code)
         return result

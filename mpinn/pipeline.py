@@ -171,7 +171,8 @@ class PipelineEngine:
 
     def forward_chunks(self, n, read_x, consume):
         """Forward only, this replica's n rows chunk by chunk; the last stage calls
-        consume(offset, raw output)."""
+        consume(offset, raw output). Not counted in the training-step timings."""
+        timings = self.compute_s, self.wait_s
         for i, off in enumerate(range(0, n, self.chunk)):
             m = min(self.chunk, n - off)
             slot = self.slots[i % len(self.slots)]
@@ -180,6 +181,7 @@ class PipelineEngine:
                 consume(off, out)
         for slot in self.slots:
             self._wait(slot)
+        self.compute_s, self.wait_s = timings
 
     def full_state(self):
         """Replica 0's stages gather their slices to world rank 0 (stage 0 of replica 0)."""
