@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 RANKS  ?= 2
 STAMP  := $(VENV)/.installed
 
-.PHONY: train test install clean
+.PHONY: train test install clean bench-pipeline
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,9 @@ train: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+bench-pipeline: $(STAMP)
+	$(BIN)/python benchmarks/pipeline_bubble.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

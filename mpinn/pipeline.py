@@ -103,9 +103,10 @@ class PipelineEngine:
             slot.pending = self.pipe.isend_(out, s + 1, TAG_ACTIVATION)
         return out
 
-    def _backward(self, slot, n):
+    def _backward(self, slot, n, accumulate):
         """Gradient at this stage's output (from the loss, or received) -> parameter gradients
-        accumulated, and the gradient at the stage's input sent back."""
+        (written for the step's first micro-batch, added after that), and the gradient at the
+        stage's input sent back."""
         ws, s = slot.ws, self.grid.stage
         if not self.grid.is_last:
             self._wait(slot)  # the activation send reads the buffer the gradient arrives in
@@ -113,9 +114,11 @@ class PipelineEngine:
         first = self.grid.is_first
         dx = slot.h if first else ws.input_grad(n)
         t = time.perf_counter()
-        kernels.backward(self.micro_grads, self.params, slot.h, ws.sizes, ws.w_off, ws.b_off,
+        target = self.micro_grads if accumulate else self.grads
+        kernels.backward(target, self.params, slot.h, ws.sizes, ws.w_off, ws.b_off,
                          ws.acts, ws.a_off, ws.act, ws.d0, ws.d1, dx, not first)
-        self.grads += self.micro_grads
+        if accumulate:
+            self.grads += self.micro_grads
         self.compute_s += time.perf_counter() - t
         if not first:
             slot.pending = self.pipe.isend_(dx, s - 1, TAG_GRADIENT)
@@ -145,7 +148,9 @@ class PipelineEngine:
         """One global batch: this replica's `rows` rows in M micro-batches, then one update."""
         parts = [p for p in (even_part(rows, self.micro, i) for i in range(self.micro)) if p[1]]
         ops = schedule(self.kind, self.grid.stages, self.grid.stage, len(parts))
-        self.grads[:] = 0
+        if not parts:
+            self.grads[:] = 0  # this replica has no rows of this batch: it adds zero weight
+        backwards = 0
         loss, correct = 0.0, 0
         scale = np.float32(scale)
         for op, j in ops:
@@ -162,7 +167,8 @@ class PipelineEngine:
                     loss, correct = loss + l, correct + c
                     self.compute_s += time.perf_counter() - t
             else:
-                self._backward(slot, n)
+                self._backward(slot, n, accumulate=backwards > 0)
+                backwards += 1
         for slot in self.slots:
             self._wait(slot)
         self.dp.allreduce_sum_(self.grads)

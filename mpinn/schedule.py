@@ -18,8 +18,9 @@ SCHEDULES = ("gpipe", "1f1b")
 
 
 def layer_flops(sizes):
-    """Training FLOPs per row of each layer (forward 2*fi*fo, backward about twice that)."""
-    return [6 * fi * fo for fi, fo in zip(sizes[:-1], sizes[1:])]
+    """Training FLOPs per row of each layer: forward 2*fi*fo, weight gradient 2*fi*fo, input
+    gradient 2*fi*fo except for the first layer, whose input needs none."""
+    return [(4 if l == 0 else 6) * fi * fo for l, (fi, fo) in enumerate(zip(sizes[:-1], sizes[1:]))]
 
 
 def balanced_partition(costs, stages):
