@@ -42,10 +42,11 @@ def loss_sums_raw(out, y, loss, out_act):
 class DataParallelEngine:
     wants_x = wants_y = True
 
-    def __init__(self, comm, arch, params, max_rows, opt_settings=None, opt_state=None):
+    def __init__(self, comm, arch, params, max_rows, opt_settings=None, opt_state=None,
+                 eval_rows=0):
         self.comm, self.arch = comm, arch
         self.data_rank, self.data_size = comm.rank, comm.size
-        self.net = Network(arch, params, max_rows)
+        self.net = Network(arch, params, max(max_rows, eval_rows))
         self.optimizer = make_optimizer(opt_settings, arch.n_params)
         if opt_state is not None:
             restore_optimizer(self.optimizer, *opt_state)
@@ -87,10 +88,12 @@ class DataParallelEngine:
 
 
 def make_engine(comm, grid, arch, params, max_rows, opt_settings=None, opt_state=None,
-                partition=None, micro_batches=1, schedule="1f1b"):
-    """The engine for this rank: data parallel when the grid has one stage, else a pipeline."""
+                partition=None, micro_batches=1, schedule="1f1b", eval_rows=0):
+    """The engine for this rank: data parallel when the grid has one stage, else a pipeline.
+    max_rows: the most rows of one step on this reader; eval_rows: rows per evaluation pass
+    (data parallel; a pipeline evaluates in micro-batch sized chunks)."""
     if grid.stages == 1:
-        return DataParallelEngine(comm, arch, params, max_rows, opt_settings, opt_state)
+        return DataParallelEngine(comm, arch, params, max_rows, opt_settings, opt_state, eval_rows)
     from .pipeline import PipelineEngine
     return PipelineEngine(comm, grid, arch, params, max_rows, opt_settings, opt_state, partition,
                           micro_batches, schedule)

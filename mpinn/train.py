@@ -204,8 +204,9 @@ def run(cfg, explicit, comm):
                      f"{ckpt.config.get('ranks')}: shuffled data order differs from an "
                      "uninterrupted run")
     engine = comm.checked(make_engine, comm, grid, arch, params, int(counts.max()), opt_settings,
-                          opt_state, cfg.partition, cfg.micro_batches, cfg.schedule)
-    del params  # a pipeline stage keeps only its own slice
+                          opt_state, cfg.partition, cfg.micro_batches, cfg.schedule,
+                          EVAL_ROWS if evaluate else 0)
+    del params, opt_state, ckpt  # the engine holds what this rank needs (a stage: its slice only)
     t0 = time.perf_counter()
     engine.warmup(x, y)
     jit_seconds = time.perf_counter() - t0
