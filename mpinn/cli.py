@@ -14,8 +14,9 @@ import sys
 import traceback
 
 from . import __version__
-from .config import EvaluateConfig, PredictConfig, TrainConfig, load_toml
-from .errors import UsageError
+from .config import (BenchConfig, EvaluateConfig, PredictConfig, ReportConfig, ScaleConfig,
+                     TrainConfig, load_toml)
+from .errors import AgreedExit, UsageError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -28,8 +29,14 @@ def _command_runner(name):
         from .train import run
     elif name == "evaluate":
         from .evaluate import run_evaluate as run
-    else:
+    elif name == "predict":
         from .evaluate import run_predict as run
+    elif name == "bench":
+        from .bench import run
+    elif name == "scale":
+        from .scale import run
+    elif name == "report":
+        from .report import run
     return run
 
 
@@ -37,7 +44,17 @@ COMMANDS = {
     "train": (TrainConfig, "train an MLP data-parallel over all MPI ranks"),
     "evaluate": (EvaluateConfig, "loss and accuracy of a checkpoint on a data file"),
     "predict": (PredictConfig, "write a checkpoint's predictions for a data file"),
+    "bench": (BenchConfig, "time training steps on synthetic data, phase by phase"),
+    "scale": (ScaleConfig, "run a strong or weak scaling series with mpiexec, then the report"),
+    "report": (ReportConfig, "scaling report (tables, model, plots) from bench JSON results"),
 }
+# Commands that run as one process and launch or read MPI runs themselves: they must not
+# initialise MPI (a singleton MPI process that starts mpiexec is fragile).
+DRIVERS = ("scale", "report")
+
+
+class _OneProcess:
+    rank, size, is_root = 0, 1, True
 
 
 def build_parser():
@@ -79,8 +96,12 @@ def parse(argv):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    from .comm import AgreedExit, Comm
-    comm = Comm()
+    command_word = next((a for a in argv if not a.startswith("-")), None)
+    if command_word in DRIVERS:
+        comm = _OneProcess()
+    else:
+        from .comm import Comm
+        comm = Comm()
     # --help, --version and option errors are the same on every rank: only rank 0 speaks.
     out = sys.stdout if comm.is_root else io.StringIO()
     try:

@@ -13,11 +13,7 @@ import sys
 import numpy as np
 from mpi4py import MPI
 
-from .errors import UsageError
-
-
-class AgreedExit(SystemExit):
-    """Raised on every rank after a checked phase failed somewhere; the message is already out."""
+from .errors import AgreedExit, UsageError
 
 
 class Comm:
@@ -31,6 +27,13 @@ class Comm:
         """In-place sum of a contiguous numpy buffer over all ranks."""
         if self.size > 1:
             self._comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+        return buf
+
+    def allreduce_(self, buf, op="sum"):
+        """In-place reduction of a contiguous numpy buffer: op is "sum", "max" or "min"."""
+        if self.size > 1:
+            mpi_op = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}[op]
+            self._comm.Allreduce(MPI.IN_PLACE, buf, op=mpi_op)
         return buf
 
     def allreduce_sum(self, values):

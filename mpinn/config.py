@@ -16,6 +16,21 @@ def option(default, help, choices=None, flag=None):
     return field(default=default, metadata={"help": help, "choices": choices, "flag": flag})
 
 
+def parse_hidden(text):
+    """'128,64' (or [128, 64]) -> (128, 64); '' -> () for a network without hidden layers."""
+    if isinstance(text, (list, tuple)):
+        parts = list(text)
+    else:
+        parts = [p for p in str(text).replace(" ", "").split(",") if p]
+    try:
+        sizes = tuple(int(p) for p in parts)
+    except (TypeError, ValueError):
+        raise UsageError(f"--hidden must be comma-separated positive integers, got {text!r}") from None
+    if any(s < 1 for s in sizes):
+        raise UsageError(f"--hidden widths must be positive, got {text!r}")
+    return sizes
+
+
 ACTIVATIONS = ("relu", "tanh", "sigmoid")
 OUTPUT_ACTIVATIONS = ("identity", "sigmoid")
 
@@ -66,18 +81,7 @@ class TrainConfig:
     debug: bool = option(False, "show Python tracebacks on errors")
 
     def hidden_sizes(self):
-        text = self.hidden.strip() if isinstance(self.hidden, str) else self.hidden
-        if isinstance(text, (list, tuple)):
-            parts = list(text)
-        else:
-            parts = [p for p in text.replace(" ", "").split(",") if p] if text else []
-        try:
-            sizes = tuple(int(p) for p in parts)
-        except (TypeError, ValueError):
-            raise UsageError(f"--hidden must be comma-separated positive integers, got {self.hidden!r}")
-        if any(s < 1 for s in sizes):
-            raise UsageError(f"--hidden widths must be positive, got {self.hidden!r}")
-        return sizes
+        return parse_hidden(self.hidden)
 
     def validate(self):
         positive = {"lr": self.lr, "batch_size": self.batch_size, "epochs": self.epochs,
@@ -172,3 +176,98 @@ def load_toml(cls, path):
             raise UsageError(f"{path}: unknown key {key!r} (valid keys: {', '.join(sorted(names))})")
         out[name] = check_value(cls, name, value, path)
     return out
+
+
+@dataclass
+class BenchConfig:
+    features: int = option(784, "input features of the synthetic data")
+    classes: int = option(10, "classes of the synthetic data")
+    hidden: str = option("512,512", "hidden layer widths, comma-separated")
+    activation: str = option("relu", "hidden-layer activation", ACTIVATIONS)
+    batch_size: int = option(0, "GLOBAL batch split across ranks (strong scaling); 0: use "
+                                "--batch-per-rank")
+    batch_per_rank: int = option(128, "rows per rank per step when --batch-size is 0 (weak "
+                                      "scaling)")
+    optimizer: str = option("momentum", "update rule", ("sgd", "momentum", "adam"))
+    warmup: int = option(5, "untimed steps first")
+    steps: int = option(50, "timed steps")
+    threads: int = option(1, "BLAS threads per rank")
+    allreduce_sweep: bool = option(False, "also time Allreduce over message sizes from 4 B to "
+                                          "--sweep-max bytes (for the performance model)")
+    sweep_max: int = option(1 << 24, "largest Allreduce message of the sweep, bytes")
+    seed: int = option(0, "seed of the synthetic data and the weights")
+    json: bool = option(False, "print one JSON object instead of text")
+    debug: bool = option(False, "show Python tracebacks on errors")
+
+    def validate(self):
+        for name in ("features", "classes", "batch_per_rank", "steps", "threads", "sweep_max"):
+            if getattr(self, name) <= 0:
+                raise UsageError(f"--{name.replace('_', '-')} must be positive, "
+                                 f"got {getattr(self, name)}")
+        for name in ("batch_size", "warmup"):
+            if getattr(self, name) < 0:
+                raise UsageError(f"--{name.replace('_', '-')} must not be negative, "
+                                 f"got {getattr(self, name)}")
+        if self.classes < 2:
+            raise UsageError(f"--classes must be at least 2, got {self.classes}")
+        self.hidden_sizes()
+
+    def hidden_sizes(self):
+        return parse_hidden(self.hidden)
+
+
+NETWORK_HELP = ("interconnect for the projection: measured (the alpha-beta fit of this run), "
+                "infiniband-ndr, infiniband-hdr, infiniband-edr, slingshot-11, omni-path, "
+                "ethernet-100g, ethernet-25g, ethernet-10g")
+
+
+@dataclass
+class ReportConfig:
+    results: str = option("scaling/raw", "folder of `mpinn bench --json` results (or files, "
+                                         "comma-separated)")
+    out: str = option("scaling", "report folder: report.md, results.csv, *.png")
+    mode: str = option("auto", "strong or weak scaling (auto: from the runs)",
+                       ("auto", "strong", "weak"))
+    network: str = option("measured", NETWORK_HELP)
+    alpha: float = option(0.0, "latency in seconds for the projection (with --beta; overrides "
+                               "--network)")
+    beta: float = option(0.0, "bandwidth in bytes/s for the projection (with --alpha)")
+    title: str = option("mpinn scaling report", "report title")
+    debug: bool = option(False, "show Python tracebacks on errors")
+
+    def validate(self):
+        if self.alpha < 0 or self.beta < 0:
+            raise UsageError("--alpha and --beta must be positive")
+
+
+@dataclass
+class ScaleConfig:
+    mode: str = option("strong", "strong: fixed global batch; weak: fixed batch per rank",
+                       ("strong", "weak"))
+    ranks: str = option("1,2,4", "rank counts of the series, comma-separated")
+    out: str = option("scaling", "report folder (raw results in OUT/raw)")
+    features: int = option(784, "input features of the synthetic data")
+    classes: int = option(10, "classes of the synthetic data")
+    hidden: str = option("512,512", "hidden layer widths")
+    batch_size: int = option(1024, "global batch (strong scaling)")
+    batch_per_rank: int = option(128, "rows per rank (weak scaling)")
+    steps: int = option(30, "timed steps per run")
+    warmup: int = option(5, "untimed steps per run")
+    threads: int = option(1, "BLAS threads per rank")
+    sweep_max: int = option(1 << 24, "largest Allreduce message of the sweep, bytes")
+    network: str = option("measured", NETWORK_HELP)
+    launcher: str = option("", "command that starts n ranks, {n} replaced (default: the venv's "
+                               "'mpiexec -n {n}')")
+    timeout: int = option(1800, "seconds one run may take")
+    title: str = option("mpinn scaling report", "report title")
+    debug: bool = option(False, "show Python tracebacks on errors")
+
+    def validate(self):
+        for name in ("features", "classes", "batch_size", "batch_per_rank", "steps", "threads",
+                     "timeout", "sweep_max"):
+            if getattr(self, name) <= 0:
+                raise UsageError(f"--{name.replace('_', '-')} must be positive, "
+                                 f"got {getattr(self, name)}")
+        parse_hidden(self.hidden)
+        from .scale import parse_ranks
+        parse_ranks(self.ranks)

@@ -6,3 +6,7 @@ class UsageError(Exception):
     traceback, exit status 2. Anything else that escapes is a bug or a fault and exits 1."""
 
     exit_code = 2
+
+
+class AgreedExit(SystemExit):
+    """Raised on every rank after a checked phase failed somewhere; the message is already out."""

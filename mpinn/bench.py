@@ -1,0 +1,133 @@
+"""`mpinn bench`: time training steps on synthetic in-memory data, phase by phase, on every rank.
+
+    mpiexec -n 4 python -m mpinn bench --features 784 --hidden 512,512 --batch-per-rank 128 --json
+
+Each timed step is split into data (gathering the batch), compute (forward, loss, backward),
+allreduce and optimizer. The JSON object reports medians over steps of each phase as max and mean
+over ranks (max/mean of compute is the load imbalance), the step time, samples/s, exact training
+GFLOP/s, and, with --allreduce-sweep, Allreduce times over message sizes for the alpha-beta model.
+"""
+import json
+import time
+
+import numpy as np
+
+from .comm import library_version
+from .data import even_part
+from .errors import UsageError
+from .log import Log
+from .model import Architecture, Network, init_params
+from .optim import Optimizer
+from .threads import limit_threads, oversubscription
+
+PHASES = ("data", "compute", "allreduce", "optimizer")
+POOL = 4  # distinct synthetic batches a rank cycles through
+
+
+def training_flops(sizes, rows):
+    """Exact multiply-add FLOPs of one training step over `rows` rows: forward, weight gradient
+    and input gradient (none for the first layer) of every layer, 2 FLOPs per multiply-add."""
+    total = 0
+    for l, (fi, fo) in enumerate(zip(sizes[:-1], sizes[1:])):
+        total += (4 if l == 0 else 6) * fi * fo * rows
+    return total
+
+
+def allreduce_sweep(comm, max_bytes):
+    """[(bytes, median seconds)] of in-place Allreduce SUM over float32 buffers, 4 B to max_bytes."""
+    out = []
+    n_bytes = 4
+    while n_bytes <= max_bytes:
+        buf = np.ones(n_bytes // 4, np.float32)
+        reps = int(max(5, min(200, 4e7 / n_bytes)))
+        times = []
+        for _ in range(reps):
+            comm.barrier()
+            t = time.perf_counter()
+            comm.allreduce_(buf)
+            times.append(time.perf_counter() - t)
+        worst = comm.allreduce_(np.array([np.median(times)]), "max")[0]
+        out.append({"bytes": n_bytes, "seconds": float(worst)})
+        n_bytes *= 4
+    return out
+
+
+def run(cfg, explicit, comm):
+    rank, size = comm.rank, comm.size
+    log = Log(rank, size)
+    limit_threads(cfg.threads)
+    node_ranks = comm.node_size()
+    warning = oversubscription(node_ranks, cfg.threads)
+    if warning and not cfg.json and comm.is_root:
+        log.warn(warning)
+    sizes = (cfg.features,) + cfg.hidden_sizes() + (cfg.classes,)
+    arch = Architecture(sizes, cfg.activation)
+    global_batch = cfg.batch_size or cfg.batch_per_rank * size
+    if global_batch < size:
+        raise UsageError(f"--batch-size {global_batch} is smaller than the {size} ranks")
+    rows = even_part(global_batch, size, rank)[1]
+    rng = np.random.default_rng([cfg.seed, rank])
+    pool_x = rng.normal(size=(POOL * rows, cfg.features)).astype(np.float32)
+    pool_y = rng.integers(0, cfg.classes, POOL * rows)
+    xb = np.empty((rows, cfg.features), np.float32)
+    yb = np.empty(rows, np.int64)
+    net = Network(arch, init_params(arch, cfg.seed), rows)
+    opt = Optimizer(cfg.optimizer, arch.n_params, 1e-3)
+    t0 = time.perf_counter()
+    net.warmup(pool_x, pool_y)
+    opt.warmup()
+    jit_s = time.perf_counter() - t0
+
+    times = np.zeros((cfg.steps, len(PHASES) + 1))
+    scale = 1.0 / global_batch
+    for i in range(cfg.warmup + cfg.steps):
+        t0 = time.perf_counter()
+        idx = np.arange((i % POOL) * rows, (i % POOL + 1) * rows)
+        np.take(pool_x, idx, axis=0, out=xb)
+        np.take(pool_y, idx, axis=0, out=yb)
+        t1 = time.perf_counter()
+        net.train_step(xb, yb, scale)
+        t2 = time.perf_counter()
+        comm.allreduce_sum_(net.grads)
+        t3 = time.perf_counter()
+        opt.step(net.params, net.grads)
+        t4 = time.perf_counter()
+        if i >= cfg.warmup:
+            times[i - cfg.warmup] = (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t4 - t0)
+    medians = np.median(times, axis=0)
+    mean = comm.allreduce_(medians.copy(), "sum") / size
+    worst = comm.allreduce_(medians.copy(), "max")
+    step_s = float(worst[-1])
+    flops = training_flops(sizes, global_batch)
+    result = {
+        "ranks": size, "ranks_per_node": node_ranks, "nodes": max(size // node_ranks, 1),
+        "threads": cfg.threads, "oversubscribed": warning is not None,
+        "layers": list(sizes), "parameters": arch.n_params, "global_batch": global_batch,
+        "batch_per_rank": global_batch / size, "steps": cfg.steps,
+        "step_ms": step_s * 1e3, "samples_per_s": global_batch / step_s,
+        "phases_ms": {p: {"max": float(worst[j]) * 1e3, "mean": float(mean[j]) * 1e3}
+                      for j, p in enumerate(PHASES)},
+        "load_imbalance": float(worst[1] / mean[1]) if mean[1] > 0 else 1.0,
+        "gflops": flops / step_s / 1e9,
+        "compute_s_per_sample": float(mean[1]) / (global_batch / size),
+        "gradient_bytes": int(net.grads.nbytes),
+        "jit_s": jit_s,
+        "mpi_library": library_version(),
+    }
+    if cfg.allreduce_sweep:
+        result["allreduce_sweep"] = allreduce_sweep(comm, cfg.sweep_max) if size > 1 else []
+    if cfg.json:
+        log.info(json.dumps(result))
+    else:
+        ph = result["phases_ms"]
+        log.info(f"mpinn bench: {size} rank(s) x {cfg.threads} thread(s) [{result['mpi_library']}], "
+                 f"network {arch.describe()}, global batch {global_batch}"
+                 + (" (oversubscribed)" if warning else ""))
+        log.info(f"step {result['step_ms']:.2f} ms, {result['samples_per_s']:,.0f} samples/s, "
+                 f"{result['gflops']:.1f} GFLOP/s; phases (max/mean ms): "
+                 + ", ".join(f"{p} {ph[p]['max']:.2f}/{ph[p]['mean']:.2f}" for p in PHASES)
+                 + f"; load imbalance {result['load_imbalance']:.2f}")
+        for point in result.get("allreduce_sweep", []):
+            log.info(f"allreduce {point['bytes']:>10,} B: {point['seconds'] * 1e6:10.1f} us")
+    return result
+
