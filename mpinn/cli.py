@@ -14,8 +14,8 @@ import sys
 import traceback
 
 from . import __version__
-from .config import (BenchConfig, EvaluateConfig, PredictConfig, ReportConfig, ScaleConfig,
-                     TrainConfig, load_toml)
+from .config import (BenchConfig, EvaluateConfig, JobsConfig, PredictConfig, ReportConfig,
+                     ScaleConfig, TrainConfig, load_toml)
 from .errors import AgreedExit, UsageError
 
 
@@ -37,6 +37,8 @@ def _command_runner(name):
         from .scale import run
     elif name == "report":
         from .report import run
+    elif name == "jobs":
+        from .jobs import run
     return run
 
 
@@ -47,10 +49,11 @@ COMMANDS = {
     "bench": (BenchConfig, "time training steps on synthetic data, phase by phase"),
     "scale": (ScaleConfig, "run a strong or weak scaling series with mpiexec, then the report"),
     "report": (ReportConfig, "scaling report (tables, model, plots) from bench JSON results"),
+    "jobs": (JobsConfig, "write a ready SLURM or PBS job file for training or a scaling study"),
 }
 # Commands that run as one process and launch or read MPI runs themselves: they must not
 # initialise MPI (a singleton MPI process that starts mpiexec is fragile).
-DRIVERS = ("scale", "report")
+DRIVERS = ("scale", "report", "jobs")
 
 
 class _OneProcess:
@@ -71,7 +74,9 @@ def build_parser():
         for f in dataclasses.fields(cls):
             flag = "--" + f.name.replace("_", "-")
             text = f"{f.metadata['help']} (default: {f.default!r})"
-            if f.type in (bool, "bool"):
+            if f.metadata.get("positional"):
+                p.add_argument(f.name, choices=f.metadata["choices"], help=f.metadata["help"])
+            elif f.type in (bool, "bool"):
                 p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
                                default=argparse.SUPPRESS, help=text)
             else:

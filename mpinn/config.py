@@ -11,9 +11,11 @@ from dataclasses import dataclass, field
 from .errors import UsageError
 
 
-def option(default, help, choices=None, flag=None):
-    """A config field: its default, help text, allowed values and (optionally) its CLI flag name."""
-    return field(default=default, metadata={"help": help, "choices": choices, "flag": flag})
+def option(default, help, choices=None, positional=False):
+    """A config field: its default, help text, allowed values; positional ones are CLI arguments
+    without a flag (and have no default)."""
+    return field(default=default, metadata={"help": help, "choices": choices,
+                                            "positional": positional})
 
 
 def parse_hidden(text):
@@ -75,6 +77,8 @@ class TrainConfig:
     resume: bool = option(False, "continue from RUN_DIR/checkpoint.h5 where it stopped")
     init: str = option("", "start from this checkpoint's weights (and architecture) with a fresh "
                            "optimizer")
+    timeline: str = option("", "write a Chrome-trace JSON of every rank's phases to this file "
+                               "(open in ui.perfetto.dev or chrome://tracing)")
     log_every: int = option(10, "print and record metrics every N steps")
     check_every: int = option(100, "verify every N steps that all ranks hold identical parameters")
     threads: int = option(1, "BLAS threads per rank")
@@ -271,3 +275,25 @@ class ScaleConfig:
         parse_hidden(self.hidden)
         from .scale import parse_ranks
         parse_ranks(self.ranks)
+
+
+@dataclass
+class JobsConfig:
+    scheduler: str = option("slurm", "which scheduler's job file", ("slurm", "pbs"), positional=True)
+    kind: str = option("train", "train (mpinn train) or scaling (bench series + report)",
+                       ("train", "scaling"))
+    nodes: int = option(1, "nodes")
+    ranks_per_node: int = option(2, "MPI ranks per node")
+    threads: int = option(1, "BLAS threads per rank")
+    time: str = option("00:30:00", "wall-time limit, HH:MM:SS (SLURM also D-HH:MM:SS)")
+    partition: str = option("", "SLURM partition or PBS queue (default: the site's)")
+    account: str = option("", "account/project to charge (default: the site's)")
+    job_name: str = option("", "job name (default: the template's)")
+    out: str = option("", "write the job file here (default: print it)")
+    debug: bool = option(False, "show Python tracebacks on errors")
+
+    def validate(self):
+        for name in ("nodes", "ranks_per_node", "threads"):
+            if getattr(self, name) <= 0:
+                raise UsageError(f"--{name.replace('_', '-')} must be positive, "
+                                 f"got {getattr(self, name)}")

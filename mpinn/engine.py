@@ -9,11 +9,13 @@ counted)`, `forward_chunks(n, read_x, consume)` for evaluation and prediction, `
 (the whole network's parameters and optimizer state on rank 0, in checkpoint layout),
 `replicas_agree()`, `stats()` and `optimizer`.
 """
+import time
 import zlib
 
 from . import kernels
 from .model import Network
 from .optim import Optimizer
+from .timeline import NullTimeline
 
 
 def make_optimizer(settings, n):
@@ -51,6 +53,7 @@ class DataParallelEngine:
         if opt_state is not None:
             restore_optimizer(self.optimizer, *opt_state)
         self.chunk = self.net.ws.max_rows
+        self.timeline = NullTimeline()
 
     @property
     def params(self):
@@ -62,9 +65,17 @@ class DataParallelEngine:
             self.optimizer.warmup()
 
     def step(self, xb, yb, rows, scale):
-        loss, correct = self.net.train_step(xb, yb, scale)
+        tl = self.timeline
+        if tl.enabled:
+            loss, correct = self.net.train_step_traced(xb, yb, scale, tl)
+        else:
+            loss, correct = self.net.train_step(xb, yb, scale)
+        t0 = time.perf_counter()
         self.comm.allreduce_sum_(self.net.grads)
+        t1 = time.perf_counter()
         self.optimizer.step(self.net.params, self.net.grads)
+        tl.add("allreduce", t0, t1)
+        tl.add("optimizer", t1, time.perf_counter())
         return loss, correct, rows
 
     def forward_chunks(self, n, read_x, consume):

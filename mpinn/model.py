@@ -4,6 +4,7 @@ seeded initialisation, and the preallocated workspace the kernels write into.
 Layout (shared with kernels.py and the checkpoint format): W0, b0, W1, b1, ... with W of shape
 (fan_in, fan_out), so a pipeline stage's parameters are one contiguous slice of the flat buffer.
 """
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -152,6 +153,30 @@ class Network:
             loss, correct = kernels.train_step_mse(
                 self.grads, self.params, x, y, self.params.dtype.type(scale), ws.sizes, ws.w_off,
                 ws.b_off, ws.acts, ws.a_off, ws.act, ws.out_act, ws.d0, ws.d1)
+        return float(loss), int(correct)
+
+    def train_step_traced(self, x, y, scale, timeline):
+        """train_step with forward and backward as separate kernel calls (same mathematics),
+        recorded on the timeline."""
+        ws, n = self.ws, x.shape[0]
+        if n == 0:
+            self.grads[:] = 0
+            return 0.0, 0
+        t0 = time.perf_counter()
+        kernels.forward(self.params, x, ws.sizes, ws.w_off, ws.b_off, ws.acts, ws.a_off, ws.act,
+                        ws.out_act)
+        out = ws.output(n)
+        scale = self.params.dtype.type(scale)
+        if self.arch.loss == "cross_entropy":
+            loss, correct = kernels.cross_entropy_grad_(out, y, scale)
+        else:
+            loss, correct = kernels.mse_grad_(out, y, ws.out_act, scale)
+        t1 = time.perf_counter()
+        kernels.backward(self.grads, self.params, x, ws.sizes, ws.w_off, ws.b_off, ws.acts,
+                         ws.a_off, ws.act, ws.d0, ws.d1, x, False)
+        t2 = time.perf_counter()
+        timeline.add("forward", t0, t1)
+        timeline.add("backward", t1, t2)
         return float(loss), int(correct)
 
     def warmup(self, x, y):

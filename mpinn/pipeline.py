@@ -17,6 +17,7 @@ from . import kernels
 from .data import even_part
 from .engine import loss_sums_raw, make_optimizer, restore_optimizer
 from .model import Workspace
+from .timeline import NullTimeline
 from .schedule import (balanced_partition, in_flight, layer_flops, parse_partition, schedule,
                        stage_layers)
 
@@ -65,6 +66,7 @@ class PipelineEngine:
             step, state = opt_state
             restore_optimizer(self.optimizer, step, [s[self.p0:self.p1] for s in state])
         self.compute_s = self.wait_s = 0.0
+        self.timeline = NullTimeline()
 
     def param_range(self, stage):
         """[start, end) of a stage's parameters in the flat buffer: contiguous, as layers are."""
@@ -77,12 +79,18 @@ class PipelineEngine:
     def _recv(self, buf, source, tag):
         t = time.perf_counter()
         self.pipe.recv_(buf, source, tag)
-        self.wait_s += time.perf_counter() - t
+        t1 = time.perf_counter()
+        self.wait_s += t1 - t
+        self.timeline.add("wait", t, t1)
 
     def _wait(self, slot):
+        if slot.pending is None:
+            return
         t = time.perf_counter()
         slot.wait()
-        self.wait_s += time.perf_counter() - t
+        t1 = time.perf_counter()
+        self.wait_s += t1 - t
+        self.timeline.add("wait", t, t1)
 
     def _forward(self, slot, n, read_x):
         """Input (read or received) -> this stage's layers -> output sent on (or kept, last stage)."""
@@ -96,7 +104,9 @@ class PipelineEngine:
         t = time.perf_counter()
         kernels.forward(self.params, h, ws.sizes, ws.w_off, ws.b_off, ws.acts, ws.a_off, ws.act,
                         ws.out_act)
-        self.compute_s += time.perf_counter() - t
+        t1 = time.perf_counter()
+        self.compute_s += t1 - t
+        self.timeline.add("forward", t, t1)
         slot.h = h
         out = ws.output(n)
         if not self.grid.is_last:
@@ -119,7 +129,9 @@ class PipelineEngine:
                          ws.acts, ws.a_off, ws.act, ws.d0, ws.d1, dx, not first)
         if accumulate:
             self.grads += self.micro_grads
-        self.compute_s += time.perf_counter() - t
+        t1 = time.perf_counter()
+        self.compute_s += t1 - t
+        self.timeline.add("backward", t, t1)
         if not first:
             slot.pending = self.pipe.isend_(dx, s - 1, TAG_GRADIENT)
 
@@ -171,8 +183,12 @@ class PipelineEngine:
                 backwards += 1
         for slot in self.slots:
             self._wait(slot)
+        t0 = time.perf_counter()
         self.dp.allreduce_sum_(self.grads)
+        t1 = time.perf_counter()
         self.optimizer.step(self.params, self.grads)
+        self.timeline.add("allreduce", t0, t1)
+        self.timeline.add("optimizer", t1, time.perf_counter())
         return float(loss), int(correct), rows if self.grid.is_last else 0
 
     def forward_chunks(self, n, read_x, consume):

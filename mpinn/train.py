@@ -29,6 +29,7 @@ from .log import Log
 from .model import Architecture, init_params
 from .schedule import Grid
 from .threads import limit_threads, oversubscription
+from .timeline import Timeline
 
 BUNDLED = Path(__file__).resolve().parent.parent / "data"
 EVAL_ROWS = 1024  # rows per forward pass when evaluating
@@ -210,6 +211,10 @@ def run(cfg, explicit, comm):
     t0 = time.perf_counter()
     engine.warmup(x, y)
     jit_seconds = time.perf_counter() - t0
+    if cfg.timeline:
+        comm.checked(_check_output_path, cfg.timeline, "--timeline")
+        engine.timeline = Timeline()
+    timeline = engine.timeline
 
     spe = plan.steps_per_epoch
     max_steps = cfg.epochs * spe if cfg.steps == 0 else min(cfg.steps, cfg.epochs * spe)
@@ -227,11 +232,17 @@ def run(cfg, explicit, comm):
     log.open_metrics(os.path.join(cfg.run_dir, "metrics.jsonl"), append=cfg.resume)
 
     def save(epoch):
+        t0 = time.perf_counter()
         params, state = engine.full_state()
         comm.checked(lambda: checkpoint.save(
             os.path.join(cfg.run_dir, CHECKPOINT_NAME),
             Checkpoint(arch, params, engine.optimizer.name, engine.optimizer.t, state, epoch,
                        step, cfg.seed, run_config)) if comm.is_root else None)
+        timeline.add("checkpoint", t0, time.perf_counter())
+
+    comm.barrier()  # a shared clock origin for the timeline and the first window
+    if timeline.enabled:
+        timeline.start()
 
     window = np.zeros(3)  # loss sum, correct, rows since the last log line (this rank)
     t_window = time.perf_counter()
@@ -244,7 +255,9 @@ def run(cfg, explicit, comm):
             if step >= max_steps:
                 break
             faults.at_step(step + 1, engine)
+            t0 = time.perf_counter()
             xb, yb = batches(k)
+            timeline.add("data", t0, time.perf_counter())
             scale = 1.0 / plan.global_batch_rows(k) / (1 if loss == "cross_entropy" else n_outputs)
             window += engine.step(xb, yb, int(counts[k]), scale)
             step += 1
@@ -267,7 +280,9 @@ def run(cfg, explicit, comm):
         if step % spe == 0:  # a whole epoch is done
             record = {"kind": "epoch", "epoch": epoch + 1, "step": step}
             if evaluate:
+                t0 = time.perf_counter()
                 record["val_loss"], record["val_accuracy"] = evaluate(engine)
+                timeline.add("evaluate", t0, time.perf_counter())
                 log.info(f"epoch {epoch + 1}/{cfg.epochs} validation loss {record['val_loss']:.4f}"
                          + (f" accuracy {record['val_accuracy']:.4f}"
                             if record["val_accuracy"] is not None else ""))
@@ -290,6 +305,10 @@ def run(cfg, explicit, comm):
                      f"waiting {s['wait_s']:.3f} s, bubble {s['bubble']:.3f} (ideal "
                      f"{summary['ideal_bubble']:.3f}), activations {s['activation_bytes']:,} bytes")
     log.metrics(summary)
+    if timeline.enabled:
+        timeline.write(comm, cfg.timeline)
+        log.info(f"mpinn train: timeline of {size} rank(s) written to {cfg.timeline} (open it in "
+                 "ui.perfetto.dev or chrome://tracing)")
     log.info(f"mpinn train: done, {step} steps, {trained_samples:,} samples in {train_seconds:.2f} s "
              f"of training steps ({rate:,.0f} samples/s); checkpoint "
              f"{os.path.join(cfg.run_dir, CHECKPOINT_NAME)}")
@@ -322,6 +341,15 @@ def _prepare_run_dir(path):
         raise UsageError(f"cannot create --run-dir {path}: {e.strerror}") from None
     if not os.access(path, os.W_OK):
         raise UsageError(f"--run-dir {path} is not writable")
+
+
+def _check_output_path(path, option):
+    """Only rank 0 writes outputs, but every rank may check: the folder must exist."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise UsageError(f"{option} {path}: directory {folder} does not exist")
+    if os.path.isdir(path):
+        raise UsageError(f"{option} {path} is a directory")
 
 
 def _check_resumable(cfg, ckpt):

@@ -3,18 +3,20 @@ import dataclasses
 
 import pytest
 
-from mpinn.cli import build_parser, parse
+from mpinn.cli import COMMANDS, build_parser, parse
 from mpinn.config import TrainConfig
 from mpinn.errors import UsageError
 
 
 def test_help_lists_every_option_with_its_default(capsys):
-    for command in ("train", "evaluate", "predict"):
+    for command, (cls, _) in COMMANDS.items():
         with pytest.raises(SystemExit):
             build_parser().parse_args([command, "--help"])
         text = " ".join(capsys.readouterr().out.split())
-        cls = parse([command])[1].__class__
         for f in dataclasses.fields(cls):
+            if f.metadata.get("positional"):
+                assert "{" + ",".join(f.metadata["choices"]) + "}" in text, f.name
+                continue
             flag = "--" + f.name.replace("_", "-")
             assert flag in text, flag
             assert f"(default: {f.default!r})" in text, f.name
@@ -64,5 +66,5 @@ def test_bad_options_are_usage_errors(argv, message):
 
 
 def test_defaults_validate():
-    for command in ("train", "evaluate", "predict"):
-        parse([command])
+    for command in COMMANDS:
+        parse([command, "slurm"] if command == "jobs" else [command])

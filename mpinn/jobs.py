@@ -1,0 +1,90 @@
+"""`mpinn jobs slurm|pbs`: render a ready job file from the templates in jobs/ with the directives
+set (nodes, ranks per node, threads per rank, time, partition/queue, account).
+
+    mpinn jobs slurm --kind scaling --nodes 4 --ranks-per-node 32 --time 01:00:00 --account abc123 \\
+        --out scaling.sbatch
+
+Only directive lines change; the commented body of the template stays as the guide to the rest.
+"""
+import os
+import re
+import stat
+import sys
+from pathlib import Path
+
+from .errors import UsageError
+from .log import Log
+
+TEMPLATES = Path(__file__).resolve().parent.parent / "jobs"
+FILES = {("slurm", "train"): "slurm/train.sbatch", ("slurm", "scaling"): "slurm/scaling.sbatch",
+         ("pbs", "train"): "pbs/train.pbs", ("pbs", "scaling"): "pbs/scaling.pbs"}
+TIME = re.compile(r"^(\d+-)?\d{1,3}:\d{2}:\d{2}$")
+
+
+def _set(text, pattern, line, required=True):
+    """Replace the directive line matching pattern (commented-out or not) by `line`."""
+    new, n = re.subn(pattern, line.replace("\\", "\\\\"), text, count=1, flags=re.M)
+    if required and n != 1:
+        raise UsageError(f"the job template has no line matching {pattern!r}")
+    return new
+
+
+def render_slurm(text, cfg):
+    text = re.sub(r"^#SBATCH --nodes=\S+(\s*)(#.*)?$", f"#SBATCH --nodes={cfg.nodes}\\1\\2", text,
+                  flags=re.M)
+    text = re.sub(r"^#SBATCH --ntasks-per-node=\S+(\s*)(#.*)?$",
+                  f"#SBATCH --ntasks-per-node={cfg.ranks_per_node}\\1\\2", text, flags=re.M)
+    text = re.sub(r"^#SBATCH --cpus-per-task=\S+(\s*)(#.*)?$",
+                  f"#SBATCH --cpus-per-task={cfg.threads}\\1\\2", text, flags=re.M)
+    text = re.sub(r"^#SBATCH --time=\S+(\s*)(#.*)?$", f"#SBATCH --time={cfg.time}\\1\\2", text,
+                  flags=re.M)
+    if cfg.partition:
+        text = _set(text, r"^##?SBATCH --partition=\S+.*$", f"#SBATCH --partition={cfg.partition}")
+    if cfg.account:
+        text = _set(text, r"^##?SBATCH --account=\S+.*$", f"#SBATCH --account={cfg.account}")
+    if cfg.job_name:
+        text = _set(text, r"^#SBATCH --job-name=\S+$", f"#SBATCH --job-name={cfg.job_name}")
+    return text
+
+
+def render_pbs(text, cfg):
+    text = _set(text, r"^#PBS -l select=\S+$",
+                f"#PBS -l select={cfg.nodes}:ncpus={cfg.ranks_per_node * cfg.threads}"
+                f":mpiprocs={cfg.ranks_per_node}:ompthreads={cfg.threads}")
+    text = _set(text, r"^#PBS -l walltime=\S+$", f"#PBS -l walltime={cfg.time}")
+    if cfg.partition:
+        text = _set(text, r"^##?PBS -q \S+.*$", f"#PBS -q {cfg.partition}")
+    if cfg.account:
+        text = _set(text, r"^##?PBS -A \S+.*$", f"#PBS -A {cfg.account}")
+    if cfg.job_name:
+        text = _set(text, r"^#PBS -N \S+$", f"#PBS -N {cfg.job_name}")
+    return text
+
+
+def render(cfg):
+    if not TIME.match(cfg.time) or (cfg.scheduler == "pbs" and "-" in cfg.time):
+        raise UsageError(f"--time must be HH:MM:SS{' or D-HH:MM:SS' if cfg.scheduler == 'slurm' else ''}"
+                         f", got {cfg.time!r}")
+    path = TEMPLATES / FILES[(cfg.scheduler, cfg.kind)]
+    if not path.exists():
+        raise UsageError(f"job template {path} is missing (run from a clone of mpinn)")
+    text = path.read_text()
+    return render_slurm(text, cfg) if cfg.scheduler == "slurm" else render_pbs(text, cfg)
+
+
+def run(cfg, explicit, comm=None):
+    text = render(cfg)
+    if not cfg.out:
+        sys.stdout.write(text)
+        return text
+    folder = os.path.dirname(os.path.abspath(cfg.out))
+    if not os.path.isdir(folder):
+        raise UsageError(f"--out {cfg.out}: directory {folder} does not exist")
+    with open(cfg.out, "w") as fh:
+        fh.write(text)
+    os.chmod(cfg.out, os.stat(cfg.out).st_mode | stat.S_IXUSR | stat.S_IXGRP)
+    submit = "sbatch" if cfg.scheduler == "slurm" else "qsub"
+    Log().info(f"wrote {cfg.out}: {cfg.nodes} node(s) x {cfg.ranks_per_node} rank(s) x "
+               f"{cfg.threads} thread(s), {cfg.time}; submit with `{submit} {cfg.out}` from the "
+               "mpinn folder")
+    return text

@@ -1,0 +1,147 @@
+"""HPC workflow: bench figures, the alpha-beta model, the report from bench results, the scale
+series with real mpiexec runs, and the Chrome-trace timeline."""
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+
+from conftest import ok, run_mpinn
+from mpinn import perfmodel
+from mpinn.bench import training_flops
+from mpinn.cli import parse
+from mpinn.errors import UsageError
+from mpinn.report import build
+
+
+def test_training_flops_are_exact():
+    # 3 -> 4 -> 2, 5 rows: layer 0: fwd + weight grad (no input grad) = 4*3*4*5; layer 1: 6*4*2*5
+    assert training_flops((3, 4, 2), 5) == 4 * 3 * 4 * 5 + 6 * 4 * 2 * 5
+
+
+def test_alpha_beta_fit_recovers_the_model():
+    alpha, beta = 3e-6, 5e9
+    pts = [(n, p, perfmodel.allreduce_time(n, p, alpha, beta)) for p in (2, 4)
+           for n in (4, 256, 65536, 1 << 22)]
+    a, b = perfmodel.fit_alpha_beta(pts)
+    assert a == pytest.approx(alpha, rel=1e-6) and b == pytest.approx(beta, rel=1e-6)
+    assert max(abs(e) for e in perfmodel.relative_errors(pts, a, b)) < 1e-6
+    with pytest.raises(UsageError, match="needs Allreduce times"):
+        perfmodel.fit_alpha_beta([(4, 1, 1e-6)])
+
+
+def test_projection_definitions():
+    # no communication cost: strong efficiency falls only through the fixed per-step time
+    proj = perfmodel.project("strong", 1e-3, 0.0, 0, 1024, 1e-9, 1e30, [1, 8])
+    assert proj[1][2] == pytest.approx(1.0, rel=1e-6)
+    t1 = 1e-3 * 1024
+    a, b = 2e-6, 1e9
+    (p, t, e), = perfmodel.project("weak", 1e-3, 0.0, 4e6, 1024, a, b, [8])
+    assert t == pytest.approx(t1 + 2 * 3 * a + 2 * 7 / 8 * 4e6 / b)
+    assert e == pytest.approx(t1 / t)
+    (p, t, e), = perfmodel.project("strong", 1e-3, 0.0, 4e6, 1024, a, b, [8])
+    assert e == pytest.approx(t1 / (8 * t))
+    assert perfmodel.network("infiniband-hdr")[1:] == perfmodel.NETWORKS["infiniband-hdr"]
+    with pytest.raises(UsageError, match="unknown --network"):
+        perfmodel.network("carrier-pigeon")
+
+
+@pytest.fixture(scope="module")
+def bench_runs():
+    out = {}
+    for ranks in (1, 2):
+        r = ok(run_mpinn(ranks, "bench", "--features", 64, "--hidden", "128,128", "--batch-size",
+                         256, "--steps", 20, "--warmup", 3, "--json", "--allreduce-sweep",
+                         "--sweep-max", 1 << 20))
+        lines = r.stdout.strip().splitlines()
+        assert len(lines) == 1  # rank 0 prints one JSON object
+        out[ranks] = json.loads(lines[0])
+    return out
+
+
+def test_bench_reports_phases_and_rates(bench_runs):
+    two = bench_runs[2]
+    for key in ("ranks", "layers", "batch_per_rank", "samples_per_s", "step_ms", "phases_ms",
+                "gflops", "mpi_library", "load_imbalance", "allreduce_sweep"):
+        assert key in two, key
+    assert two["ranks"] == 2 and two["layers"] == [64, 128, 128, 10] and two["batch_per_rank"] == 128
+    assert two["samples_per_s"] == pytest.approx(256 / (two["step_ms"] / 1e3))
+    assert two["gflops"] == pytest.approx(training_flops(two["layers"], 256) / two["step_ms"] / 1e6)
+    for phase in ("data", "compute", "allreduce", "optimizer"):
+        ph = two["phases_ms"][phase]
+        assert 0 < ph["mean"] <= ph["max"] <= two["step_ms"] * 1.5
+    assert two["load_imbalance"] >= 1
+    sizes = [p["bytes"] for p in two["allreduce_sweep"]]
+    assert sizes[0] == 4 and sizes[-1] == 1 << 20 and all(p["seconds"] > 0
+                                                           for p in two["allreduce_sweep"])
+    assert bench_runs[1]["allreduce_sweep"] == [] and "MPICH" in two["mpi_library"]
+
+
+def test_report_from_bench_results(bench_runs, tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for k, r in bench_runs.items():
+        (raw / f"b{k}.json").write_text(json.dumps(r))
+    _, cfg, _ = parse(["report", "--results", str(raw), "--out", str(tmp_path / "rep"),
+                       "--network", "infiniband-hdr"])
+    rows, model = build(cfg)
+    assert model["mode"] == "strong" and model["network"] == "infiniband-hdr"
+    t1, t2 = bench_runs[1]["step_ms"], bench_runs[2]["step_ms"]
+    assert rows[1]["efficiency"] == pytest.approx(t1 / (2 * t2))  # strong: t1 / (N tN)
+    assert model["fitted_alpha"] > 0 and model["fitted_beta"] > 0
+    assert math.isfinite(rows[1]["model_error"])
+    table = list(csv.DictReader(open(tmp_path / "rep" / "results.csv")))
+    assert [int(r["ranks"]) for r in table] == [1, 2]
+    md = (tmp_path / "rep" / "report.md").read_text()
+    for png in ("speedup", "efficiency", "breakdown", "allreduce", "projection"):
+        assert f"]({png}.png)" in md and (tmp_path / "rep" / f"{png}.png").stat().st_size > 10_000
+    assert "| 4096 |" in md and "| 8 |" in md  # projection rows
+
+
+def test_weak_mode_and_bad_results(tmp_path, bench_runs):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for k in (1, 2):
+        r = dict(bench_runs[k], global_batch=128 * k, batch_per_rank=128,
+                 samples_per_s=128 * k / (bench_runs[k]["step_ms"] / 1e3))
+        (raw / f"b{k}.json").write_text(json.dumps(r))
+    _, cfg, _ = parse(["report", "--results", str(raw), "--out", str(tmp_path / "w")])
+    rows, model = build(cfg)
+    assert model["mode"] == "weak"
+    assert rows[1]["efficiency"] == pytest.approx(bench_runs[1]["step_ms"] / bench_runs[2]["step_ms"])
+    (raw / "junk.json").write_text("{}")
+    with pytest.raises(UsageError, match="not an `mpinn bench --json` result"):
+        build(cfg)
+
+
+def test_scale_runs_the_series_and_flags_oversubscription(tmp_path):
+    r = ok(run_mpinn(1, "scale", "--mode", "weak", "--ranks", "1,2,3", "--features", 32,
+                     "--hidden", "32", "--batch-per-rank", 64, "--steps", 5, "--warmup", 1,
+                     "--sweep-max", 4096, "--out", tmp_path / "s", "--network", "ethernet-25g",
+                     timeout=300))
+    assert "3 rank(s) (oversubscribed: more ranks than cores)" in r.stdout
+    rows = list(csv.DictReader(open(tmp_path / "s" / "results.csv")))
+    assert [int(x["ranks"]) for x in rows] == [1, 2, 3]
+    assert [x["oversubscribed"] for x in rows] == ["False", "False", "True"]
+    assert "oversubscribed" in (tmp_path / "s" / "report.md").read_text()
+
+
+def test_timeline_is_a_chrome_trace_with_a_lane_per_rank(tmp_path):
+    ok(run_mpinn(2, "train", "--epochs", 1, "--run-dir", tmp_path / "r", "--timeline",
+                 tmp_path / "t.json"))
+    trace = json.load(open(tmp_path / "t.json"))
+    events = [e for e in trace["traceEvents"] if e["ph"] == "X"]
+    lanes = {e["args"]["name"]: e["tid"] for e in trace["traceEvents"] if e["ph"] == "M"}
+    assert lanes == {"rank 0": 0, "rank 1": 1}
+    for rank in (0, 1):
+        names = [e["name"] for e in events if e["tid"] == rank]
+        for phase in ("data", "forward", "backward", "allreduce", "optimizer"):
+            assert names.count(phase) == 23, (rank, phase)
+        assert names.count("checkpoint") == 1 and names.count("evaluate") == 1
+    assert all(e["dur"] >= 0 and e["ts"] >= 0 for e in events)
+    steps = sorted((e["ts"], e["name"]) for e in events if e["tid"] == 0)
+    assert [n for _, n in steps[:5]] == ["data", "forward", "backward", "allreduce", "optimizer"]
+    r = run_mpinn(2, "train", "--epochs", 1, "--run-dir", tmp_path / "r2", "--timeline",
+                  tmp_path / "missing" / "t.json")
+    assert r.returncode == 2 and "--timeline" in r.stderr
