@@ -4,18 +4,23 @@ Format (HDF5), version FORMAT_VERSION:
     /params/W0, /params/b0, ...          per-layer weights (fan_in, fan_out) and biases, float32
     /optimizer/state0, state1            flat optimizer buffers (layout of the flat parameters)
     attrs on /: format_version, sizes, activation, output_activation, loss, epoch, global_step,
-                seed, config (the resolved run config as JSON), mpinn_version
+                seed, config (the resolved run config as JSON), mpinn_version,
+                sha256 (of the flat parameters, then each optimizer state buffer, as float32)
     attrs on /optimizer: name, step
-Only rank 0 calls save(); load() runs on one rank and the caller broadcasts (train.py).
+Only rank 0 calls save(); load() runs on one rank and the caller broadcasts (train.py). A file
+whose data does not match its checksum, or that HDF5 cannot read, is refused, never loaded half.
 """
+import glob
+import hashlib
 import json
 import os
+import shutil
 from dataclasses import dataclass, field
 
 import h5py
 import numpy as np
 
-from .errors import UsageError
+from .errors import RunError, UsageError
 from .model import Architecture, layer_views
 
 FORMAT_VERSION = 1
@@ -60,8 +65,45 @@ def _fsync_path(path):
         os.close(fd)
 
 
-def save(path, ckpt):
-    """Write ckpt to path atomically: a reader sees the old file or the new one, never a torn one."""
+def checksum(params, state):
+    h = hashlib.sha256()
+    for a in [params, *state]:
+        h.update(np.ascontiguousarray(a, np.float32).tobytes())
+    return h.hexdigest()
+
+
+def save(path, ckpt, keep=0, before_rename=None):
+    """Write ckpt to path atomically: a reader sees the old file or the new one, never a torn one.
+    keep > 0 also keeps it as checkpoints/step-NNNNNNN.h5 beside path (a hard link), pruning all
+    but the last `keep`. A failed write (full disk, file size limit, vanished folder) is a RunError
+    that says the previous checkpoint is intact."""
+    try:
+        _write(path, ckpt, before_rename)
+    except OSError as e:
+        raise RunError(f"cannot write checkpoint {path}: {e.strerror or e}; the previous "
+                       "checkpoint is intact") from None
+    if keep > 0:
+        _keep(path, ckpt.global_step, keep)
+
+
+def _keep(path, step, keep):
+    folder = os.path.join(os.path.dirname(os.path.abspath(path)), "checkpoints")
+    target = os.path.join(folder, f"step-{step:07d}.h5")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        if os.path.exists(target):
+            os.unlink(target)
+        try:
+            os.link(path, target)  # checkpoint.h5 is replaced by rename later: the link stays
+        except OSError:
+            shutil.copy2(path, target)
+        for old in sorted(glob.glob(os.path.join(folder, "step-*.h5")))[:-keep]:
+            os.unlink(old)
+    except OSError as e:
+        raise RunError(f"cannot keep checkpoint copy {target}: {e.strerror or e}") from None
+
+
+def _write(path, ckpt, before_rename):
     from . import __version__
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
@@ -86,9 +128,14 @@ def save(path, ckpt):
             a["global_step"] = ckpt.global_step
             a["seed"] = ckpt.seed
             a["config"] = json.dumps(ckpt.config, sort_keys=True)
+            a["sha256"] = checksum(ckpt.params, ckpt.optimizer_state)
         _fsync_path(tmp)
+        if before_rename is not None:
+            before_rename()
         os.replace(tmp, path)
         _fsync_path(os.path.dirname(os.path.abspath(path)))
+        for stale in glob.glob(f"{path}.tmp-*"):  # left by a writer that was killed
+            os.unlink(stale)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -96,37 +143,50 @@ def save(path, ckpt):
 
 
 def load(path):
-    """Read and validate a checkpoint; a missing, foreign or newer-format file is a UsageError."""
+    """Read and validate a checkpoint; a missing, foreign, newer-format, truncated or corrupt file
+    is a UsageError."""
     if not os.path.isfile(path):
         raise UsageError(f"checkpoint not found: {path}")
     try:
         f = h5py.File(path, "r", locking=False)
     except OSError as e:
-        raise UsageError(f"{path} is not a readable HDF5 checkpoint: {e}") from None
-    with f:
-        a = f.attrs
-        if "format_version" not in a or "params" not in f:
-            raise UsageError(f"{path} is not an mpinn checkpoint (no format_version or params)")
-        version = int(a["format_version"])
-        if version > FORMAT_VERSION:
-            raise UsageError(f"{path} has checkpoint format {version}; this mpinn reads up to "
-                             f"{FORMAT_VERSION} (upgrade mpinn)")
-        arch = Architecture(tuple(int(s) for s in a["sizes"]), str(a["activation"]),
-                            str(a["output_activation"]), str(a["loss"]))
-        params = np.empty(arch.n_params, np.float32)
-        for l, (W, b) in enumerate(layer_views(arch, params)):
-            for name, view in ((f"W{l}", W), (f"b{l}", b)):
-                ds = f["params"].get(name)
-                if ds is None or ds.shape != view.shape:
-                    raise UsageError(f"{path}: params/{name} is missing or has the wrong shape")
-                view[...] = ds[...]
-        o = f.get("optimizer")
-        state = []
-        if o is not None:
-            i = 0
-            while f"state{i}" in o:
-                state.append(np.asarray(o[f"state{i}"][...], np.float32))
-                i += 1
-        return Checkpoint(arch, params, str(o.attrs["name"]) if o is not None else "",
-                          int(o.attrs["step"]) if o is not None else 0, state, int(a["epoch"]),
-                          int(a["global_step"]), int(a["seed"]), json.loads(a["config"]))
+        raise UsageError(f"{path} is not a readable HDF5 checkpoint (truncated or not HDF5): "
+                         f"{e}") from None
+    try:
+        with f:
+            return _read(f, path)
+    except (OSError, KeyError, ValueError, TypeError) as e:
+        raise UsageError(f"{path} is damaged and was not loaded: {type(e).__name__}: {e}") from None
+
+
+def _read(f, path):
+    """Validate and read an open checkpoint file."""
+    a = f.attrs
+    if "format_version" not in a or "params" not in f:
+        raise UsageError(f"{path} is not an mpinn checkpoint (no format_version or params)")
+    version = int(a["format_version"])
+    if version > FORMAT_VERSION:
+        raise UsageError(f"{path} has checkpoint format {version}; this mpinn reads up to "
+                         f"{FORMAT_VERSION} (upgrade mpinn)")
+    arch = Architecture(tuple(int(s) for s in a["sizes"]), str(a["activation"]),
+                        str(a["output_activation"]), str(a["loss"]))
+    params = np.empty(arch.n_params, np.float32)
+    for l, (W, b) in enumerate(layer_views(arch, params)):
+        for name, view in ((f"W{l}", W), (f"b{l}", b)):
+            ds = f["params"].get(name)
+            if ds is None or ds.shape != view.shape:
+                raise UsageError(f"{path}: params/{name} is missing or has the wrong shape")
+            view[...] = ds[...]
+    o = f.get("optimizer")
+    state = []
+    if o is not None:
+        i = 0
+        while f"state{i}" in o:
+            state.append(np.asarray(o[f"state{i}"][...], np.float32))
+            i += 1
+    if "sha256" in a and checksum(params, state) != str(a["sha256"]):
+        raise UsageError(f"{path} fails its checksum: its parameters or optimizer state are "
+                         "corrupt; it was not loaded")
+    return Checkpoint(arch, params, str(o.attrs["name"]) if o is not None else "",
+                      int(o.attrs["step"]) if o is not None else 0, state, int(a["epoch"]),
+                      int(a["global_step"]), int(a["seed"]), json.loads(a["config"]))

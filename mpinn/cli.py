@@ -16,7 +16,7 @@ import traceback
 from . import __version__
 from .config import (BenchConfig, EvaluateConfig, JobsConfig, PredictConfig, ReportConfig,
                      ScaleConfig, TrainConfig, load_toml)
-from .errors import AgreedExit, UsageError
+from .errors import AgreedExit, MpinnError, UsageError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -124,13 +124,13 @@ def main(argv=None):
     except AgreedExit as e:
         return e.code
     except BaseException as e:  # noqa: B036 - any fault must end every rank, not leave them waiting
-        code = UsageError.exit_code if isinstance(e, UsageError) else 1
+        code = e.exit_code if isinstance(e, MpinnError) else 1
         if isinstance(e, KeyboardInterrupt):
             code = 130
         if cfg.debug:
             traceback.print_exc()
         where = f" on rank {comm.rank} of {comm.size}" if comm.size > 1 else ""
-        cause = str(e) if isinstance(e, UsageError) else f"{type(e).__name__}: {e}"
+        cause = str(e) if isinstance(e, MpinnError) else f"{type(e).__name__}: {e}"
         print(f"mpinn: error{where}: {cause}", file=sys.stderr, flush=True)
         if comm.size > 1:
             comm.abort(code)

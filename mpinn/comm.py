@@ -13,7 +13,7 @@ import sys
 import numpy as np
 from mpi4py import MPI
 
-from .errors import AgreedExit, UsageError
+from .errors import AgreedExit, MpinnError
 
 
 class Comm:
@@ -61,6 +61,27 @@ class Comm:
         self.bcast_(buf, root)
         return json.loads(buf.tobytes().decode())
 
+    def dup(self):
+        """A communicator of the same ranks whose messages never mix with this one's."""
+        return Comm(self._comm.Dup())
+
+    @staticmethod
+    def threads_supported():
+        """True when MPI was initialised with MPI_THREAD_MULTIPLE (threads may call MPI)."""
+        return MPI.Query_thread() == MPI.THREAD_MULTIPLE
+
+    def send_ints_(self, values, dest, tag):
+        self._comm.Send(np.asarray(values, np.int64), dest=dest, tag=tag)
+
+    def poll_ints(self, n, tag):
+        """A waiting message of n int64 from any rank with this tag, or None (never blocks)."""
+        status = MPI.Status()
+        if not self._comm.Iprobe(source=MPI.ANY_SOURCE, tag=tag, status=status):
+            return None
+        buf = np.empty(n, np.int64)
+        self._comm.Recv(buf, source=status.Get_source(), tag=tag)
+        return buf
+
     def split(self, color, key):
         """Sub-communicator of the ranks with the same color, ordered by key."""
         return Comm(self._comm.Split(color, key))
@@ -98,21 +119,23 @@ class Comm:
         self._comm.Abort(code)
 
     def checked(self, fn, *args, **kwargs):
-        """Run fn on this rank, then agree with all ranks: if fn raised UsageError anywhere, the
-        lowest failing rank prints it once and every rank raises AgreedExit(2)."""
+        """Run fn on this rank, then agree with all ranks: if fn raised an MpinnError anywhere,
+        the lowest failing rank prints it once and every rank raises AgreedExit with its exit
+        status (2 for bad input)."""
         error = None
         try:
             result = fn(*args, **kwargs)
-        except UsageError as e:
+        except MpinnError as e:
             error = e
         # min = the lowest failing rank; max < size only when every rank failed (then the error
         # is the job's, not one rank's, and naming a rank would mislead)
         first, last = self.allreduce_minmax(self.rank if error is not None else self.size)
         if first < self.size:
+            code = np.array([error.exit_code if self.rank == first else 0], np.int64)
             if self.rank == first:
                 where = f" (rank {self.rank} of {self.size})" if last == self.size else ""
                 print(f"mpinn: error{where}: {error}", file=sys.stderr, flush=True)
-            raise AgreedExit(UsageError.exit_code)
+            raise AgreedExit(int(self.allreduce_(code, "max")[0]))
         return result
 
 

@@ -77,6 +77,20 @@ class TrainConfig:
     resume: bool = option(False, "continue from RUN_DIR/checkpoint.h5 where it stopped")
     init: str = option("", "start from this checkpoint's weights (and architecture) with a fresh "
                            "optimizer")
+    keep_checkpoints: int = option(0, "also keep the last K checkpoints as "
+                                      "RUN_DIR/checkpoints/step-NNNNNNN.h5 (0: only checkpoint.h5)")
+    checkpoint_on_signal: bool = option(True, "on SIGTERM/SIGINT (a scheduler's time limit, "
+                                              "Ctrl-C) finish the step, write a final checkpoint "
+                                              "and exit")
+    signal_grace: int = option(30, "seconds after a signal before exiting without that "
+                                   "checkpoint")
+    on_nonfinite: str = option("stop", "a NaN/inf loss or gradient: stop (keep the last good "
+                                       "checkpoint) or skip that update", ("stop", "skip"))
+    stall_warning: float = option(60.0, "report which ranks have not arrived when a step has "
+                                        "taken this many seconds and 10x the recent median "
+                                        "(0: off)")
+    stall_timeout: float = option(0.0, "abort the whole job when one step has taken this many "
+                                       "seconds (0: wait forever)")
     timeline: str = option("", "write a Chrome-trace JSON of every rank's phases to this file "
                                "(open in ui.perfetto.dev or chrome://tracing)")
     log_every: int = option(10, "print and record metrics every N steps")
@@ -95,7 +109,8 @@ class TrainConfig:
         for name, value in positive.items():
             if value <= 0:
                 raise UsageError(f"--{name.replace('_', '-')} must be positive, got {value}")
-        for name in ("steps", "weight_decay", "momentum", "eps"):
+        for name in ("steps", "weight_decay", "momentum", "eps", "keep_checkpoints",
+                     "signal_grace", "stall_warning", "stall_timeout"):
             if getattr(self, name) < 0:
                 raise UsageError(f"--{name.replace('_', '-')} must not be negative, "
                                  f"got {getattr(self, name)}")

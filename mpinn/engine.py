@@ -4,18 +4,25 @@
     PipelineEngine       (pipeline.py) ranks hold consecutive layers; micro-batches over Send/Recv
 
 Interface: `wants_x`/`wants_y` (which data this rank reads), `data_rank`/`data_size` (its place among
-the data-parallel readers), `warmup(x, y)`, `step(xb, yb, rows, scale) -> (loss sum, correct, rows
-counted)`, `forward_chunks(n, read_x, consume)` for evaluation and prediction, `full_state()`
-(the whole network's parameters and optimizer state on rank 0, in checkpoint layout),
-`replicas_agree()`, `stats()` and `optimizer`.
+the data-parallel readers), `warmup(x, y)`, `step(xb, yb, rows, scale, stop) -> StepResult`,
+`forward_chunks(n, read_x, consume)` for evaluation and prediction, `full_state()` (the whole
+network's parameters and optimizer state on rank 0, in checkpoint layout), `replicas_agree()`,
+`stats()` and `optimizer`.
+
+Every step also agrees, across all ranks, whether any rank was asked to stop (a signal) and
+whether the reduced loss and gradients are finite; a non-finite update is never applied.
 """
+from dataclasses import dataclass
 import time
 import zlib
+
+import numpy as np
 
 from . import kernels
 from .model import Network
 from .optim import Optimizer
 from .timeline import NullTimeline
+from .watchdog import NullWatchdog
 
 
 def make_optimizer(settings, n):
@@ -41,6 +48,15 @@ def loss_sums_raw(out, y, loss, out_act):
     return float(l), int(c)
 
 
+@dataclass
+class StepResult:
+    loss: float      # this rank's loss sum over its rows
+    correct: int     # this rank's correct predictions
+    rows: int        # rows this rank counts for metrics (0 on pipeline stages without targets)
+    stop: bool       # some rank was asked to stop (identical on every rank)
+    finite: bool     # the step's loss and gradients were finite and the update was applied
+
+
 class DataParallelEngine:
     wants_x = wants_y = True
 
@@ -48,12 +64,16 @@ class DataParallelEngine:
                  eval_rows=0):
         self.comm, self.arch = comm, arch
         self.data_rank, self.data_size = comm.rank, comm.size
-        self.net = Network(arch, params, max(max_rows, eval_rows))
+        n = arch.n_params
+        # gradients, then a stop flag and the loss sum: one Allreduce carries all three
+        self.reduced = np.zeros(n + 2, np.float32)
+        self.net = Network(arch, params, max(max_rows, eval_rows), grads=self.reduced[:n])
         self.optimizer = make_optimizer(opt_settings, arch.n_params)
         if opt_state is not None:
             restore_optimizer(self.optimizer, *opt_state)
         self.chunk = self.net.ws.max_rows
         self.timeline = NullTimeline()
+        self.watchdog = NullWatchdog()
 
     @property
     def params(self):
@@ -61,22 +81,30 @@ class DataParallelEngine:
 
     def warmup(self, x, y):
         self.net.warmup(x, y)
+        kernels.all_finite(self.net.grads)
         if self.optimizer is not None:
             self.optimizer.warmup()
 
-    def step(self, xb, yb, rows, scale):
+    def step(self, xb, yb, rows, scale, stop=False):
         tl = self.timeline
         if tl.enabled:
             loss, correct = self.net.train_step_traced(xb, yb, scale, tl)
         else:
             loss, correct = self.net.train_step(xb, yb, scale)
+        n = self.arch.n_params
+        self.reduced[n] = 1.0 if stop else 0.0
+        self.reduced[n + 1] = loss
         t0 = time.perf_counter()
-        self.comm.allreduce_sum_(self.net.grads)
+        self.watchdog.arrived()
+        self.comm.allreduce_sum_(self.reduced)
         t1 = time.perf_counter()
-        self.optimizer.step(self.net.params, self.net.grads)
+        # every rank holds the same reduced buffer, so every rank decides the same
+        finite = bool(np.isfinite(self.reduced[n + 1]) and kernels.all_finite(self.net.grads))
+        if finite:
+            self.optimizer.step(self.net.params, self.net.grads)
         tl.add("allreduce", t0, t1)
         tl.add("optimizer", t1, time.perf_counter())
-        return loss, correct, rows
+        return StepResult(loss, correct, rows, bool(self.reduced[n] > 0), finite)
 
     def forward_chunks(self, n, read_x, consume):
         """Raw outputs for this rank's n rows, chunk by chunk: consume(offset, out)."""

@@ -1,11 +1,22 @@
-"""The user-facing error type: a clear one-line message about bad input, exit status 2."""
+"""Errors that end a run with one clear line and a chosen exit status, no traceback:
+
+    UsageError        bad input (option, config, data file, checkpoint)          exit 2
+    RunError          the run cannot go on (checkpoint write failed, diverged)   exit 1 or its own
+Anything else that escapes is a bug or a fault: one message naming the rank, MPI Abort, exit 1."""
 
 
-class UsageError(Exception):
-    """Bad input from the user (option, config, data file, checkpoint): said in one line, no
-    traceback, exit status 2. Anything else that escapes is a bug or a fault and exits 1."""
+class MpinnError(Exception):
+    exit_code = 1
 
+
+class UsageError(MpinnError):
     exit_code = 2
+
+
+class RunError(MpinnError):
+    def __init__(self, message, exit_code=1):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 class AgreedExit(SystemExit):

@@ -208,3 +208,12 @@ def train_step_mse(grads, params, x, targets, scale, sizes, w_off, b_off, acts, 
     loss, _ = mse_grad_(out, targets, out_act, scale)
     backward(grads, params, x, sizes, w_off, b_off, acts, a_off, act, d0, d1, x, False)
     return loss, 0
+
+
+@njit(cache=True)
+def all_finite(a):
+    """True when no element of the 1-D array a is NaN or inf."""
+    for i in range(a.shape[0]):
+        if not np.isfinite(a[i]):
+            return False
+    return True

@@ -132,10 +132,12 @@ class Workspace:
 class Network:
     """A network's parameters and gradients (flat buffers) plus the calls that run the kernels."""
 
-    def __init__(self, arch, params, max_rows):
+    def __init__(self, arch, params, max_rows, grads=None):
+        """grads: an optional preallocated buffer (a view the engine reduces together with a few
+        control values); a new one by default."""
         self.arch = arch
         self.params = np.ascontiguousarray(params)
-        self.grads = np.zeros_like(self.params)
+        self.grads = np.zeros_like(self.params) if grads is None else grads
         self.ws = Workspace(arch.sizes, arch.activation, arch.output_activation, max_rows,
                             self.params.dtype)
 

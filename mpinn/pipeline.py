@@ -15,9 +15,10 @@ import numpy as np
 
 from . import kernels
 from .data import even_part
-from .engine import loss_sums_raw, make_optimizer, restore_optimizer
+from .engine import StepResult, loss_sums_raw, make_optimizer, restore_optimizer
 from .model import Workspace
 from .timeline import NullTimeline
+from .watchdog import NullWatchdog
 from .schedule import (balanced_partition, in_flight, layer_flops, parse_partition, schedule,
                        stage_layers)
 
@@ -67,6 +68,8 @@ class PipelineEngine:
             restore_optimizer(self.optimizer, step, [s[self.p0:self.p1] for s in state])
         self.compute_s = self.wait_s = 0.0
         self.timeline = NullTimeline()
+        self.watchdog = NullWatchdog()
+        self.control = np.zeros(2)
 
     def param_range(self, stage):
         """[start, end) of a stage's parameters in the flat buffer: contiguous, as layers are."""
@@ -153,10 +156,11 @@ class PipelineEngine:
         kernels.backward(self.micro_grads, self.params, h, ws.sizes, ws.w_off, ws.b_off, ws.acts,
                          ws.a_off, ws.act, ws.d0, ws.d1, dx, not self.grid.is_first)
         self.micro_grads[:] = 0
+        kernels.all_finite(self.grads)
         if self.optimizer is not None:
             self.optimizer.warmup()
 
-    def step(self, xb, yb, rows, scale):
+    def step(self, xb, yb, rows, scale, stop=False):
         """One global batch: this replica's `rows` rows in M micro-batches, then one update."""
         parts = [p for p in (even_part(rows, self.micro, i) for i in range(self.micro)) if p[1]]
         ops = schedule(self.kind, self.grid.stages, self.grid.stage, len(parts))
@@ -184,12 +188,20 @@ class PipelineEngine:
         for slot in self.slots:
             self._wait(slot)
         t0 = time.perf_counter()
+        self.watchdog.arrived()
         self.dp.allreduce_sum_(self.grads)
+        # stages hold different gradients: agree on stop and finiteness across the whole world
+        bad = not (kernels.all_finite(self.grads) and np.isfinite(loss))
+        self.control[:] = (1.0 if stop else 0.0, 1.0 if bad else 0.0)
+        self.comm.allreduce_(self.control)
         t1 = time.perf_counter()
-        self.optimizer.step(self.params, self.grads)
+        finite = self.control[1] == 0
+        if finite:
+            self.optimizer.step(self.params, self.grads)
         self.timeline.add("allreduce", t0, t1)
         self.timeline.add("optimizer", t1, time.perf_counter())
-        return float(loss), int(correct), rows if self.grid.is_last else 0
+        return StepResult(float(loss), int(correct), rows if self.grid.is_last else 0,
+                          bool(self.control[0] > 0), bool(finite))
 
     def forward_chunks(self, n, read_x, consume):
         """Forward only, this replica's n rows chunk by chunk; the last stage calls

@@ -22,14 +22,16 @@ from . import checkpoint, data
 from .checkpoint import CHECKPOINT_NAME, Checkpoint
 from .comm import library_version
 from .engine import loss_sums_raw, make_engine
-from .errors import UsageError
+from .errors import RunError, UsageError
 from .faults import FaultInjector
 from .kernels import ACTIVATIONS
 from .log import Log
 from .model import Architecture, init_params
 from .schedule import Grid
+from .signals import NoStopRequest, StopRequest
 from .threads import limit_threads, oversubscription
 from .timeline import Timeline
+from .watchdog import NullWatchdog, Watchdog
 
 BUNDLED = Path(__file__).resolve().parent.parent / "data"
 EVAL_ROWS = 1024  # rows per forward pass when evaluating
@@ -163,10 +165,11 @@ def run(cfg, explicit, comm):
     if cfg.batch_size < readers:
         comm.checked(_raise, f"--batch-size {cfg.batch_size} is smaller than the number of {who} "
                              f"({readers}); each needs at least one row of each full batch")
+    def train_selections(n):
+        faults.at("load")
+        return data.plan_selections(data.BatchPlan(n, cfg.batch_size, reader, readers))
     n_rows, n_features, n_targets, x, y = load_split(
-        comm, train_path, cols,
-        lambda n: data.plan_selections(data.BatchPlan(n, cfg.batch_size, reader, readers)),
-        readers, grid.is_first, grid.is_last, who)
+        comm, train_path, cols, train_selections, readers, grid.is_first, grid.is_last, who)
     if loss == "cross_entropy":
         n_outputs = ckpt.arch.sizes[-1] if ckpt else int(
             comm.allreduce_minmax(int(y.max()) if y is not None and y.size else 0)[1]) + 1
@@ -231,14 +234,31 @@ def run(cfg, explicit, comm):
              f"{jit_seconds:.2f} s")
     log.open_metrics(os.path.join(cfg.run_dir, "metrics.jsonl"), append=cfg.resume)
 
+    ckpt_path = os.path.join(cfg.run_dir, CHECKPOINT_NAME)
+    last_saved = [step if cfg.resume else None]
+
     def save(epoch):
         t0 = time.perf_counter()
         params, state = engine.full_state()
         comm.checked(lambda: checkpoint.save(
-            os.path.join(cfg.run_dir, CHECKPOINT_NAME),
-            Checkpoint(arch, params, engine.optimizer.name, engine.optimizer.t, state, epoch,
-                       step, cfg.seed, run_config)) if comm.is_root else None)
+            ckpt_path, Checkpoint(arch, params, engine.optimizer.name, engine.optimizer.t, state,
+                                  epoch, step, cfg.seed, run_config),
+            keep=cfg.keep_checkpoints, before_rename=lambda: faults.at("checkpoint", step))
+            if comm.is_root else None)
+        last_saved[0] = step
         timeline.add("checkpoint", t0, time.perf_counter())
+
+    def diverged(step, epoch):
+        kept = (f"the last good checkpoint {ckpt_path} (step {last_saved[0]}) is kept"
+                if last_saved[0] is not None else "no checkpoint was written before it")
+        comm.checked(_raise_run, f"non-finite loss or gradient at step {step} (epoch {epoch}): "
+                                 f"the update was not applied and training stopped; {kept}. Lower "
+                                 "--lr, or use --on-nonfinite skip to drop such steps", 3)
+
+    stop = StopRequest(cfg.signal_grace, rank) if cfg.checkpoint_on_signal else NoStopRequest()
+    watchdog = (Watchdog(comm, cfg.stall_warning, cfg.stall_timeout, log)
+                if cfg.stall_warning or cfg.stall_timeout else NullWatchdog())
+    engine.watchdog = watchdog
 
     comm.barrier()  # a shared clock origin for the timeline and the first window
     if timeline.enabled:
@@ -248,19 +268,32 @@ def run(cfg, explicit, comm):
     t_window = time.perf_counter()
     trained_samples, train_seconds = 0, 0.0  # global, training steps only
     saved_at = -1
-    while step < max_steps:
+    skipped = 0
+    stopping = False
+    while step < max_steps and not stopping:
         epoch, first = divmod(step, spe)
         batches = data.EpochBatches(x, y, counts, cfg.shuffle, cfg.seed, epoch, reader)
         for k in range(first, spe):
             if step >= max_steps:
                 break
-            faults.at_step(step + 1, engine)
+            watchdog.begin(step + 1)
+            faults.at("step", step + 1, engine)
             t0 = time.perf_counter()
             xb, yb = batches(k)
+            xb = faults.batch(step + 1, xb)
             timeline.add("data", t0, time.perf_counter())
             scale = 1.0 / plan.global_batch_rows(k) / (1 if loss == "cross_entropy" else n_outputs)
-            window += engine.step(xb, yb, int(counts[k]), scale)
+            res = engine.step(xb, yb, int(counts[k]), scale, stop.requested)
+            watchdog.end()
             step += 1
+            if res.finite:
+                window += (res.loss, res.correct, res.rows)
+            elif cfg.on_nonfinite == "stop":
+                diverged(step, epoch + 1)
+            else:
+                skipped += 1
+                log.info(f"warning: step {step}: non-finite loss or gradient, update skipped "
+                         f"({skipped} so far)")
             if step % cfg.log_every == 0 or step == max_steps or k == spe - 1:
                 total = comm.allreduce_sum(window)
                 now = time.perf_counter()
@@ -277,10 +310,14 @@ def run(cfg, explicit, comm):
                 t_window = now
             if step % cfg.check_every == 0 and not engine.replicas_agree():
                 raise RuntimeError(f"ranks hold different parameters after step {step}")
-        if step % spe == 0:  # a whole epoch is done
+            if res.stop:  # every rank sees the same flag after the same step
+                stopping = True
+                break
+        if step % spe == 0 and not stopping:  # a whole epoch is done
             record = {"kind": "epoch", "epoch": epoch + 1, "step": step}
             if evaluate:
                 t0 = time.perf_counter()
+                faults.at("evaluate", step)
                 record["val_loss"], record["val_accuracy"] = evaluate(engine)
                 timeline.add("evaluate", t0, time.perf_counter())
                 log.info(f"epoch {epoch + 1}/{cfg.epochs} validation loss {record['val_loss']:.4f}"
@@ -292,11 +329,18 @@ def run(cfg, explicit, comm):
             t_window = time.perf_counter()  # samples/s measures training, not evaluation or I/O
     if saved_at != step:
         save(step // spe)
+    if stopping:
+        what = stop.name if stop.requested else "a signal on another rank"
+        comm.checked(_raise_run, f"stopped by {what} after step {step}: final checkpoint "
+                                 f"{ckpt_path} written; continue with --resume",
+                     stop.exit_code() if stop.requested else 143)
+    stop.restore()
+    watchdog.stop()
     if not engine.replicas_agree():
         raise RuntimeError("ranks hold different parameters at the end of training")
     rate = trained_samples / max(train_seconds, 1e-9)
     summary = {"kind": "summary", "step": step, "samples": trained_samples,
-               "train_seconds": train_seconds, "samples_per_s": rate}
+               "train_seconds": train_seconds, "samples_per_s": rate, "skipped_steps": skipped}
     if grid.stages > 1:
         summary["stages"] = gather_stage_stats(comm, grid, engine.stats())
         summary["ideal_bubble"] = (grid.stages - 1) / (cfg.micro_batches + grid.stages - 1)
@@ -330,6 +374,10 @@ def gather_stage_stats(comm, grid, stats):
 
 def _raise(message):
     raise UsageError(message)
+
+
+def _raise_run(message, exit_code):
+    raise RunError(message, exit_code)
 
 
 def _prepare_run_dir(path):

@@ -7,7 +7,7 @@ import pytest
 
 from mpinn import checkpoint
 from mpinn.checkpoint import Checkpoint
-from mpinn.errors import UsageError
+from mpinn.errors import RunError, UsageError
 from mpinn.model import Architecture, init_params, layer_views
 
 
@@ -34,6 +34,8 @@ def test_round_trip(tmp_path):
         np.testing.assert_array_equal(f["params/b1"][...], b1)
         assert f.attrs["format_version"] == checkpoint.FORMAT_VERSION
     assert os.listdir(tmp_path) == ["c.h5"]  # no temporary left behind
+    with h5py.File(path, "r") as f:
+        assert f.attrs["sha256"] == checkpoint.checksum(c.params, c.optimizer_state)
 
 
 def test_meta_round_trip_rebuilds_shapes():
@@ -47,8 +49,9 @@ def test_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
     path = str(tmp_path / "c.h5")
     checkpoint.save(path, sample())
     before = open(path, "rb").read()
-    monkeypatch.setattr(checkpoint, "_fsync_path", lambda p: (_ for _ in ()).throw(OSError("disk")))
-    with pytest.raises(OSError):
+    monkeypatch.setattr(checkpoint, "_fsync_path",
+                        lambda p: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+    with pytest.raises(RunError, match="No space left on device; the previous checkpoint is intact"):
         checkpoint.save(path, sample())
     assert open(path, "rb").read() == before
     assert os.listdir(tmp_path) == ["c.h5"]
@@ -72,3 +75,36 @@ def test_refuses_missing_foreign_and_newer(tmp_path):
         f.attrs["format_version"] = checkpoint.FORMAT_VERSION + 1
     with pytest.raises(UsageError, match="upgrade mpinn"):
         checkpoint.load(newer)
+
+
+def test_truncated_and_corrupt_files_are_refused(tmp_path):
+    path = str(tmp_path / "c.h5")
+    c = sample()
+    checkpoint.save(path, c)
+    data = open(path, "rb").read()
+    truncated = tmp_path / "t.h5"
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(UsageError, match="truncated or not HDF5|damaged"):
+        checkpoint.load(str(truncated))
+    # flip the bytes of W0 inside the file: HDF5 still opens it, the checksum must catch it
+    W0 = layer_views(c.arch, c.params)[0][0]
+    pos = data.find(W0.tobytes()[:16])
+    assert pos > 0
+    corrupt = bytearray(data)
+    corrupt[pos:pos + 4] = b"\x00\x00\x80\x7f"
+    (tmp_path / "x.h5").write_bytes(bytes(corrupt))
+    with pytest.raises(UsageError, match="fails its checksum"):
+        checkpoint.load(str(tmp_path / "x.h5"))
+
+
+def test_keep_last_k_checkpoints(tmp_path):
+    path = str(tmp_path / "checkpoint.h5")
+    c = sample()
+    for step in (10, 20, 30, 40):
+        c.global_step = step
+        c.params[0] = step
+        checkpoint.save(path, c, keep=2)
+    kept = sorted(os.listdir(tmp_path / "checkpoints"))
+    assert kept == ["step-0000030.h5", "step-0000040.h5"]
+    assert checkpoint.load(str(tmp_path / "checkpoints" / kept[0])).params[0] == 30
+    assert checkpoint.load(path).params[0] == 40
