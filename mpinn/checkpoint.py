@@ -14,6 +14,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass, field
 
@@ -77,13 +78,17 @@ def save(path, ckpt, keep=0, before_rename=None):
     keep > 0 also keeps it as checkpoints/step-NNNNNNN.h5 beside path (a hard link), pruning all
     but the last `keep`. A failed write (full disk, file size limit, vanished folder) is a RunError
     that says the previous checkpoint is intact."""
-    try:
-        _write(path, ckpt, before_rename)
-    except OSError as e:
-        raise RunError(f"cannot write checkpoint {path}: {e.strerror or e}; the previous "
-                       "checkpoint is intact") from None
+    _write(path, ckpt, before_rename)
     if keep > 0:
         _keep(path, ckpt.global_step, keep)
+
+
+def _reason(error):
+    """The operating system's words for a failed write, also from inside HDF5's long messages."""
+    found = re.search(r"error message = '([^']+)'", str(error))
+    if found:
+        return found.group(1)
+    return getattr(error, "strerror", None) or str(error).splitlines()[0]
 
 
 def _keep(path, step, keep):
@@ -104,42 +109,54 @@ def _keep(path, step, keep):
 
 
 def _write(path, ckpt, before_rename):
-    from . import __version__
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
-        with h5py.File(tmp, "w") as f:
-            g = f.create_group("params")
-            for l, (W, b) in enumerate(layer_views(ckpt.arch, ckpt.params)):
-                g.create_dataset(f"W{l}", data=W)
-                g.create_dataset(f"b{l}", data=b)
-            o = f.create_group("optimizer")
-            o.attrs["name"] = ckpt.optimizer
-            o.attrs["step"] = ckpt.optimizer_step
-            for i, s in enumerate(ckpt.optimizer_state):
-                o.create_dataset(f"state{i}", data=s)
-            a = f.attrs
-            a["format_version"] = FORMAT_VERSION
-            a["mpinn_version"] = __version__
-            a["sizes"] = np.array(ckpt.arch.sizes, np.int64)
-            a["activation"] = ckpt.arch.activation
-            a["output_activation"] = ckpt.arch.output_activation
-            a["loss"] = ckpt.arch.loss
-            a["epoch"] = ckpt.epoch
-            a["global_step"] = ckpt.global_step
-            a["seed"] = ckpt.seed
-            a["config"] = json.dumps(ckpt.config, sort_keys=True)
-            a["sha256"] = checksum(ckpt.params, ckpt.optimizer_state)
-        _fsync_path(tmp)
+        try:
+            _write_file(tmp, ckpt)
+            _fsync_path(tmp)
+        except (OSError, RuntimeError) as e:  # HDF5 reports a failed final flush as RuntimeError
+            raise RunError(f"cannot write checkpoint {path}: {_reason(e)}; the previous "
+                           "checkpoint is intact") from None
         if before_rename is not None:
             before_rename()
-        os.replace(tmp, path)
-        _fsync_path(os.path.dirname(os.path.abspath(path)))
+        try:
+            os.replace(tmp, path)
+            _fsync_path(os.path.dirname(os.path.abspath(path)))
+        except OSError as e:
+            raise RunError(f"cannot write checkpoint {path}: {_reason(e)}; the previous "
+                           "checkpoint is intact") from None
         for stale in glob.glob(f"{path}.tmp-*"):  # left by a writer that was killed
             os.unlink(stale)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _write_file(tmp, ckpt):
+    from . import __version__
+    with h5py.File(tmp, "w") as f:
+        g = f.create_group("params")
+        for l, (W, b) in enumerate(layer_views(ckpt.arch, ckpt.params)):
+            g.create_dataset(f"W{l}", data=W)
+            g.create_dataset(f"b{l}", data=b)
+        o = f.create_group("optimizer")
+        o.attrs["name"] = ckpt.optimizer
+        o.attrs["step"] = ckpt.optimizer_step
+        for i, s in enumerate(ckpt.optimizer_state):
+            o.create_dataset(f"state{i}", data=s)
+        a = f.attrs
+        a["format_version"] = FORMAT_VERSION
+        a["mpinn_version"] = __version__
+        a["sizes"] = np.array(ckpt.arch.sizes, np.int64)
+        a["activation"] = ckpt.arch.activation
+        a["output_activation"] = ckpt.arch.output_activation
+        a["loss"] = ckpt.arch.loss
+        a["epoch"] = ckpt.epoch
+        a["global_step"] = ckpt.global_step
+        a["seed"] = ckpt.seed
+        a["config"] = json.dumps(ckpt.config, sort_keys=True)
+        a["sha256"] = checksum(ckpt.params, ckpt.optimizer_state)
 
 
 def load(path):

@@ -29,19 +29,44 @@ class Run:
     stdout: str
     stderr: str
     seconds: float
+    ended: float = 0.0  # wall-clock time.time() when the job had exited
 
 
-def run_mpinn(ranks, *args, timeout=120, env=None, cwd=None):
+def mpinn_command(ranks, *args):
+    return [mpiexec(), "-n", str(ranks), sys.executable, "-m", "mpinn", *map(str, args)]
+
+
+def mpinn_env(env=None):
+    return {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+
+
+def run_mpinn(ranks, *args, timeout=120, env=None, cwd=None, preexec_fn=None):
     """`mpiexec -n ranks python -m mpinn args...`; fails the test (never hangs) past timeout."""
-    cmd = [mpiexec(), "-n", str(ranks), sys.executable, "-m", "mpinn", *map(str, args)]
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    cmd = mpinn_command(ranks, *args)
     t0 = time.perf_counter()
     try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env,
-                           cwd=cwd or ROOT, start_new_session=True)
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=mpinn_env(env),
+                           cwd=cwd or ROOT, start_new_session=True, preexec_fn=preexec_fn)
     except subprocess.TimeoutExpired as e:
         pytest.fail(f"hung: {' '.join(cmd)} still running after {timeout} s\n{e.stdout}\n{e.stderr}")
-    return Run(p.returncode, p.stdout, p.stderr, time.perf_counter() - t0)
+    return Run(p.returncode, p.stdout, p.stderr, time.perf_counter() - t0, time.time())
+
+
+def start_mpinn(ranks, *args, env=None):
+    """The same job started in the background (to signal it); read with finish()."""
+    return subprocess.Popen(mpinn_command(ranks, *args), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=mpinn_env(env), cwd=ROOT,
+                            start_new_session=True)
+
+
+def finish(proc, timeout=60):
+    t0 = time.perf_counter()
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        pytest.fail(f"hung: still running {timeout} s after it was signalled")
+    return Run(proc.returncode, out, err, time.perf_counter() - t0, time.time())
 
 
 def ok(run):
