@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import dataclasses
 import io
+import math
 import sys
 import traceback
 
@@ -95,6 +96,10 @@ def parse(argv):
     values = load_toml(cls, ns.pop("config")) if "config" in ns else {}
     values.update(ns)
     cfg = cls(**values)
+    for f in dataclasses.fields(cls):
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UsageError(f"--{f.name.replace('_', '-')} must be a finite number, got {value}")
     cfg.validate()
     return command, cfg, frozenset(values)
 
@@ -118,6 +123,7 @@ def main(argv=None):
         return UsageError.exit_code
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else 0
+    comm.debug = cfg.debug
     try:
         _command_runner(command)(cfg, explicit, comm)
         return 0

@@ -9,6 +9,7 @@ its message once, and all ranks exit together instead of leaving the others wait
 """
 import json
 import sys
+import traceback
 
 import numpy as np
 from mpi4py import MPI
@@ -22,6 +23,7 @@ class Comm:
         self.rank = self._comm.Get_rank()
         self.size = self._comm.Get_size()
         self.is_root = self.rank == 0
+        self.debug = False  # cli sets it: --debug adds tracebacks to checked errors
 
     def allreduce_sum_(self, buf):
         """In-place sum of a contiguous numpy buffer over all ranks."""
@@ -134,6 +136,8 @@ class Comm:
             code = np.array([error.exit_code if self.rank == first else 0], np.int64)
             if self.rank == first:
                 where = f" (rank {self.rank} of {self.size})" if last == self.size else ""
+                if self.debug:
+                    traceback.print_exception(error, file=sys.stderr)
                 print(f"mpinn: error{where}: {error}", file=sys.stderr, flush=True)
             raise AgreedExit(int(self.allreduce_(code, "max")[0]))
         return result

@@ -48,6 +48,8 @@ def test_bad_toml_is_refused(tmp_path, toml, message):
 
 @pytest.mark.parametrize("argv,message", [
     (["train", "--lr", "0"], "--lr must be positive"),
+    (["train", "--lr", "nan"], "--lr must be a finite number"),
+    (["train", "--weight-decay", "inf"], "--weight-decay must be a finite number"),
     (["train", "--epochs", "-1"], "--epochs must be positive"),
     (["train", "--batch-size", "0"], "--batch-size must be positive"),
     (["train", "--hidden", "12,x"], "--hidden must be comma-separated"),

@@ -1,0 +1,162 @@
+"""Bad input, one case per test, each a real 2-rank job: the error is one clear line (what, which
+file/key/option, what is expected), printed once, exit status 2, no traceback unless --debug, and
+nothing is overwritten (an existing run folder is left byte for byte as it was)."""
+import shutil
+
+import h5py
+import numpy as np
+import pytest
+
+from conftest import ROOT, ok, run_mpinn
+from mpinn import checkpoint
+
+DIGITS = ROOT / "data" / "digits-train.h5"
+
+
+def h5(path, **datasets):
+    with h5py.File(path, "w") as f:
+        for k, v in datasets.items():
+            f[k] = v
+    return path
+
+
+def good_xy(n=40, f=64, k=10, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.random((n, f)).astype(np.float32), rng.integers(0, k, n)
+
+
+@pytest.fixture(scope="module")
+def good_run(tmp_path_factory):
+    d = tmp_path_factory.mktemp("good") / "run"
+    ok(run_mpinn(2, "train", "--run-dir", d, "--epochs", 1))
+    return d
+
+
+def make_files(tmp):
+    """Every bad file the cases name, written into tmp; returns name -> path."""
+    x, y = good_xy()
+    files = {"x": str(tmp / "x")}
+    files["text"] = tmp / "text.h5"
+    files["text"].write_text("this is not HDF5\n")
+    files["no_x"] = h5(tmp / "no_x.h5", y=y)
+    files["no_y"] = h5(tmp / "no_y.h5", X=x)
+    files["x_1d"] = h5(tmp / "x_1d.h5", X=x[:, 0], y=y)
+    files["y_short"] = h5(tmp / "y_short.h5", X=x, y=y[:-3])
+    files["x_strings"] = h5(tmp / "x_strings.h5", X=np.array([[b"a"] * 4] * 40), y=y)
+    files["y_float"] = h5(tmp / "y_float.h5", X=x, y=y.astype(np.float64) + 0.5)
+    files["y_negative"] = h5(tmp / "y_negative.h5", X=x, y=np.where(y == 3, -1, y))
+    files["y_12"] = h5(tmp / "y_12.h5", X=x, y=np.where(y == 3, 12, y))
+    x_nan = x.copy()
+    x_nan[7, 3] = np.nan
+    files["x_nan"] = h5(tmp / "x_nan.h5", X=x_nan, y=y)
+    x_inf = x.copy()
+    x_inf[33, 0] = np.inf
+    files["x_inf"] = h5(tmp / "x_inf.h5", X=x_inf, y=y)
+    files["empty"] = h5(tmp / "empty.h5", X=np.zeros((0, 64), np.float32), y=np.zeros(0, int))
+    files["one_row"] = h5(tmp / "one_row.h5", X=x[:1], y=y[:1])
+    files["f5"] = h5(tmp / "f5.h5", X=x[:, :5], y=y)
+    files["targets3"] = h5(tmp / "targets3.h5", X=x, y=np.zeros((40, 3), np.float32))
+    return files
+
+
+def make_checkpoints(tmp, good_run):
+    src = checkpoint.load(str(good_run / "checkpoint.h5"))
+    out = {"good": str(good_run / "checkpoint.h5")}
+    newer = tmp / "newer.h5"
+    checkpoint.save(str(newer), src)
+    with h5py.File(newer, "a") as f:
+        f.attrs["format_version"] = checkpoint.FORMAT_VERSION + 1
+    out["newer"] = str(newer)
+    corrupt = tmp / "corrupt.h5"
+    checkpoint.save(str(corrupt), src)
+    with h5py.File(corrupt, "a") as f:
+        f["params/W1"][0, 0] += 1.0  # changed behind the checksum's back
+    out["corrupt"] = str(corrupt)
+    return out
+
+
+CASES = [
+    # (name, argv after the command, expected text)
+    ("missing file", ["train", "--data", "{x}/missing.h5"], "data file not found: "),
+    ("not HDF5", ["train", "--data", "{text}"], "as HDF5"),
+    ("missing X key", ["train", "--data", "{no_x}"], "no dataset 'X' for inputs (use --x-key"),
+    ("missing y key", ["train", "--data", "{no_y}"], "no dataset 'y' for targets (use --y-key"),
+    ("X not 2-D", ["train", "--data", "{x_1d}"], ":X must be 2-D (rows x features); it has shape (40,)"),
+    ("y length", ["train", "--data", "{y_short}"], ":y must have one entry per row of X (40); it has shape (37,)"),
+    ("non-numeric X", ["train", "--data", "{x_strings}"], ":X must be numeric; it has dtype |S1"),
+    ("float labels", ["train", "--data", "{y_float}"], ":y must hold integer class labels (1-D) for --loss cross_entropy"),
+    ("negative labels", ["train", "--data", "{y_negative}"], ":y has negative class labels (min -1)"),
+    ("label >= classes", ["train", "--data", "{y_12}", "--init", "{ckpt_good}"], "class label 12 is out of range for a network with 10 classes"),
+    ("NaN in X", ["train", "--data", "{x_nan}"], ":X contains NaN or inf values"),
+    ("inf in X", ["train", "--data", "{x_inf}"], ":X contains NaN or inf values"),
+    ("empty dataset", ["train", "--data", "{empty}"], ":X is empty (0 rows)"),
+    ("fewer rows than ranks", ["train", "--data", "{one_row}"], "has 1 rows, fewer than the 2 ranks"),
+    ("batch < ranks", ["train", "--batch-size", "1"], "--batch-size 1 is smaller than the number of ranks (2)"),
+    ("val features", ["train", "--data", str(DIGITS), "--val-data", "{f5}"], "has 5 features; "),
+    ("init input size", ["train", "--data", "{f5}", "--init", "{ckpt_good}"], "the checkpoint's network takes 64 input features; the data has 5"),
+    ("resume architecture", ["train", "--resume", "--hidden", "32"], "--hidden (32,) conflicts with the checkpoint's (128, 64)"),
+    ("newer checkpoint", ["train", "--init", "{ckpt_newer}"], "upgrade mpinn"),
+    ("corrupt checkpoint", ["evaluate", "--checkpoint", "{ckpt_corrupt}"], "fails its checksum"),
+    ("unknown config key", ["train", "--config", "{toml_unknown}"], "unknown key 'learning_rate'"),
+    ("wrong value type", ["train", "--config", "{toml_type}"], "epochs must be int, got '10'"),
+    ("zero lr", ["train", "--lr", "0"], "--lr must be positive, got 0.0"),
+    ("negative epochs", ["train", "--epochs", "-2"], "--epochs must be positive, got -2"),
+    ("zero batch", ["train", "--batch-size", "0"], "--batch-size must be positive, got 0"),
+    ("unknown activation", ["train", "--activation", "gelu"], "argument --activation: invalid choice: 'gelu'"),
+    ("unknown loss", ["train", "--loss", "hinge"], "argument --loss: invalid choice: 'hinge'"),
+    ("unknown optimizer", ["train", "--optimizer", "rmsprop"], "argument --optimizer: invalid choice: 'rmsprop'"),
+    ("run dir is a file", ["train", "--run-dir", "{text}"], "exists and is not a directory"),
+    ("resume without checkpoint", ["train", "--run-dir", "{x}/fresh", "--resume"], "--resume: no checkpoint at"),
+    ("output in missing folder", ["predict", "--checkpoint", "{ckpt_good}", "--out", "{x}/nowhere/p.h5"], "does not exist"),
+    ("mse targets width", ["evaluate", "--checkpoint", "{ckpt_mse}", "--data", "{y_short_mse}"], "targets; the network has"),
+    ("timeline folder", ["train", "--timeline", "{x}/nowhere/t.json", "--epochs", "1"], "--timeline"),
+]
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory, good_run):
+    tmp = tmp_path_factory.mktemp("bad")
+    (tmp / "x").mkdir()
+    files = make_files(tmp)
+    files.update({f"ckpt_{k}": v for k, v in make_checkpoints(tmp, good_run).items()})
+    (tmp / "unknown.toml").write_text("learning_rate = 0.1\n")
+    (tmp / "type.toml").write_text('epochs = "10"\n')
+    files["toml_unknown"], files["toml_type"] = tmp / "unknown.toml", tmp / "type.toml"
+    # an mse network with 2 outputs, and data with 3 targets for it
+    reg = h5(tmp / "reg.h5", X=good_xy()[0], y=np.zeros((40, 2), np.float32))
+    ok(run_mpinn(1, "train", "--data", reg, "--loss", "mse", "--epochs", 1, "--run-dir",
+                 tmp / "mse"))
+    files["ckpt_mse"] = tmp / "mse" / "checkpoint.h5"
+    files["y_short_mse"] = files["targets3"]
+    return {k: str(v) for k, v in files.items()}
+
+
+def snapshot(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+@pytest.mark.parametrize("name,argv,expected", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_one_clear_line_exit_2(tmp_path, good_run, inputs, name, argv, expected):
+    run_dir = tmp_path / "run"
+    shutil.copytree(good_run, run_dir)  # an existing run that must not be touched
+    before = snapshot(run_dir)
+    argv = [a.format(**inputs) for a in argv]
+    if argv[0] == "train" and "--run-dir" not in argv:
+        argv += ["--run-dir", str(run_dir)]
+    r = run_mpinn(2, *argv, timeout=60)
+    lines = [l for l in r.stderr.splitlines() if l.startswith("mpinn: error")]
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    assert len(lines) == 1, r.stderr
+    assert expected in lines[0], lines[0]
+    assert "Traceback" not in r.stderr and "Abort" not in r.stderr
+    assert snapshot(run_dir) == before
+
+
+def test_debug_adds_the_traceback(tmp_path, inputs):
+    r = run_mpinn(2, "train", "--data", inputs["x_nan"], "--run-dir", tmp_path, "--debug")
+    assert r.returncode == 2 and "Traceback" in r.stderr
+    assert "contains NaN or inf values" in r.stderr
+
+
+def test_at_least_25_cases():
+    assert len(CASES) >= 25
