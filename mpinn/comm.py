@@ -38,6 +38,16 @@ class Comm:
             self._comm.Allreduce(MPI.IN_PLACE, buf, op=mpi_op)
         return buf
 
+    def iallreduce_sum_(self, buf):
+        """Start an in-place sum of a contiguous buffer; returns the request (None on 1 rank)."""
+        if self.size == 1:
+            return None
+        return self._comm.Iallreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+
+    @staticmethod
+    def wait_all(requests):
+        MPI.Request.Waitall([r for r in requests if r is not None])
+
     def allreduce_sum(self, values):
         """Sum of a few float64 values over ranks (metrics)."""
         return self.allreduce_sum_(np.array(values, np.float64))
@@ -107,12 +117,30 @@ class Comm:
 
     def node_size(self):
         """How many ranks of this communicator share this rank's node (shared-memory domain)."""
+        return self._node()[1]
+
+    def node_rank(self):
+        """This rank's index among the ranks on its node."""
+        return self._node()[0]
+
+    def _node(self):
         if self.size == 1:
-            return 1
-        local = self._comm.Split_type(MPI.COMM_TYPE_SHARED)
-        n = local.Get_size()
-        local.Free()
-        return n
+            return 0, 1
+        if not hasattr(self, "_node_cached"):
+            local = self._comm.Split_type(MPI.COMM_TYPE_SHARED)
+            self._node_cached = (local.Get_rank(), local.Get_size())
+            local.Free()
+        return self._node_cached
+
+    def first_on_each_node_then_rest(self, fn):
+        """Run fn on the first rank of every node, then (after a barrier) on the others: ranks
+        that compile into one Numba cache must not race to write it (numba #10128)."""
+        first = self.node_rank() == 0
+        if first:
+            fn()
+        self.barrier()
+        if not first:
+            fn()
 
     def barrier(self):
         self._comm.Barrier()

@@ -65,6 +65,9 @@ class TrainConfig:
     seed: int = option(0, "seed for initialisation and shuffling")
     shuffle: bool = option(True, "shuffle each rank's rows every epoch; --no-shuffle keeps file "
                                  "order, which makes results independent of the number of ranks")
+    overlap_mb: float = option(0.0, "data parallel: Allreduce gradients in buckets of this many "
+                                    "MiB, last layer first, while earlier layers' backward runs "
+                                    "(0: one Allreduce after the backward pass)")
     pipeline_stages: int = option(1, "split the layers into S pipeline stages (ranks = S x "
                                      "replicas); 1 = pure data parallel")
     partition: str = option("", "layers per pipeline stage, e.g. '2,1' (default: balanced by "
@@ -110,7 +113,7 @@ class TrainConfig:
             if value <= 0:
                 raise UsageError(f"--{name.replace('_', '-')} must be positive, got {value}")
         for name in ("steps", "weight_decay", "momentum", "eps", "keep_checkpoints",
-                     "signal_grace", "stall_warning", "stall_timeout"):
+                     "signal_grace", "stall_warning", "stall_timeout", "overlap_mb"):
             if getattr(self, name) < 0:
                 raise UsageError(f"--{name.replace('_', '-')} must not be negative, "
                                  f"got {getattr(self, name)}")
@@ -211,6 +214,8 @@ class BenchConfig:
     warmup: int = option(5, "untimed steps first")
     steps: int = option(50, "timed steps")
     threads: int = option(1, "BLAS threads per rank")
+    overlap_mb: float = option(0.0, "Allreduce gradients in buckets of this many MiB during the "
+                                    "backward pass (0: one Allreduce after it)")
     allreduce_sweep: bool = option(False, "also time Allreduce over message sizes from 4 B to "
                                           "--sweep-max bytes (for the performance model)")
     sweep_max: int = option(1 << 24, "largest Allreduce message of the sweep, bytes")

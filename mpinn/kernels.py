@@ -93,10 +93,24 @@ def backward(grads, params, x, sizes, w_off, b_off, acts, a_off, act, d0, d1, dx
     dLoss/dz_L (N, K); grads (P,) is overwritten with dLoss/dparams. d0/d1 are scratch.
     With want_dx (a pipeline stage after the first), dx (N, F) receives dLoss/dz of the layer that
     produced x: (d @ W0^T) * act'(x), which the previous stage continues from."""
+    backward_layers(grads, params, x, sizes, w_off, b_off, acts, a_off, act, d0, d1, dx, want_dx,
+                    sizes.shape[0] - 1, 0)
+
+
+@njit(cache=True)
+def backward_layers(grads, params, x, sizes, w_off, b_off, acts, a_off, act, d0, d1, dx, want_dx,
+                    hi, lo):
+    """Backpropagate through layers hi-1 down to lo only (gradients of those layers written), so
+    a caller can reduce finished layers' gradients while earlier layers are still computed. The
+    incoming dLoss/dz of layer hi-1 is where the previous call left it: the output slot when hi is
+    the last layer, else d0 or d1 (layer m's in d0 when m+1 is even)."""
     n = x.shape[0]
     n_layers = sizes.shape[0] - 1
-    d = _view2(acts, a_off[n_layers - 1], n, sizes[n_layers])
-    for l in range(n_layers - 1, -1, -1):
+    if hi == n_layers:
+        d = _view2(acts, a_off[n_layers - 1], n, sizes[n_layers])
+    else:
+        d = _view2(d0 if hi % 2 == 0 else d1, 0, n, sizes[hi])
+    for l in range(hi - 1, lo - 1, -1):
         fi, fo = sizes[l], sizes[l + 1]
         h_in = x if l == 0 else _view2(acts, a_off[l - 1], n, fi)
         gW = _view2(grads, w_off[l], fi, fo)

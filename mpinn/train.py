@@ -12,6 +12,7 @@ Allreduce SUM is exactly the gradient of the global mean loss. Every rank runs t
 steps by construction. Rank 0 writes the checkpoint at the end of every epoch and of training.
 """
 import os
+import resource
 import textwrap
 import time
 from pathlib import Path
@@ -168,8 +169,11 @@ def run(cfg, explicit, comm):
     def train_selections(n):
         faults.at("load")
         return data.plan_selections(data.BatchPlan(n, cfg.batch_size, reader, readers))
+    t_load = time.perf_counter()
     n_rows, n_features, n_targets, x, y = load_split(
         comm, train_path, cols, train_selections, readers, grid.is_first, grid.is_last, who)
+    t_load = time.perf_counter() - t_load
+    shard_bytes = sum(a.nbytes for a in (x, y) if a is not None)
     if loss == "cross_entropy":
         n_outputs = ckpt.arch.sizes[-1] if ckpt else int(
             comm.allreduce_minmax(int(y.max()) if y is not None and y.size else 0)[1]) + 1
@@ -209,10 +213,10 @@ def run(cfg, explicit, comm):
                      "uninterrupted run")
     engine = comm.checked(make_engine, comm, grid, arch, params, int(counts.max()), opt_settings,
                           opt_state, cfg.partition, cfg.micro_batches, cfg.schedule,
-                          EVAL_ROWS if evaluate else 0)
+                          EVAL_ROWS if evaluate else 0, cfg.overlap_mb)
     del params, opt_state, ckpt  # the engine holds what this rank needs (a stage: its slice only)
     t0 = time.perf_counter()
-    engine.warmup(x, y)
+    comm.first_on_each_node_then_rest(lambda: engine.warmup(x, y))
     jit_seconds = time.perf_counter() - t0
     if cfg.timeline:
         comm.checked(_check_output_path, cfg.timeline, "--timeline")
@@ -264,6 +268,7 @@ def run(cfg, explicit, comm):
     if timeline.enabled:
         timeline.start()
 
+    startup_s = seconds_since_process_start()
     window = np.zeros(3)  # loss sum, correct, rows since the last log line (this rank)
     t_window = time.perf_counter()
     trained_samples, train_seconds = 0, 0.0  # global, training steps only
@@ -339,8 +344,14 @@ def run(cfg, explicit, comm):
     if not engine.replicas_agree():
         raise RuntimeError("ranks hold different parameters at the end of training")
     rate = trained_samples / max(train_seconds, 1e-9)
+    per_rank = np.zeros((size, 3))  # peak RSS MB, shard MB, shard read seconds
+    per_rank[rank] = (peak_rss_mb(), shard_bytes / 2**20, t_load)
+    comm.allreduce_(per_rank)
     summary = {"kind": "summary", "step": step, "samples": trained_samples,
-               "train_seconds": train_seconds, "samples_per_s": rate, "skipped_steps": skipped}
+               "train_seconds": train_seconds, "samples_per_s": rate, "skipped_steps": skipped,
+               "kernels_s": jit_seconds, "startup_s": startup_s,
+               "peak_rss_mb": per_rank[:, 0].tolist(), "shard_mb": per_rank[:, 1].tolist(),
+               "shard_read_s": per_rank[:, 2].tolist()}
     if grid.stages > 1:
         summary["stages"] = gather_stage_stats(comm, grid, engine.stats())
         summary["ideal_bubble"] = (grid.stages - 1) / (cfg.micro_batches + grid.stages - 1)
@@ -353,6 +364,9 @@ def run(cfg, explicit, comm):
         timeline.write(comm, cfg.timeline)
         log.info(f"mpinn train: timeline of {size} rank(s) written to {cfg.timeline} (open it in "
                  "ui.perfetto.dev or chrome://tracing)")
+    log.info(f"mpinn train: ready {startup_s:.2f} s after start (kernels {jit_seconds:.2f} s); "
+             f"peak RSS per rank {per_rank[:, 0].max():,.0f} MB max, data shard "
+             f"{per_rank[:, 1].max():,.1f} MB max, read in {per_rank[:, 2].max():.2f} s")
     log.info(f"mpinn train: done, {step} steps, {trained_samples:,} samples in {train_seconds:.2f} s "
              f"of training steps ({rate:,.0f} samples/s); checkpoint "
              f"{os.path.join(cfg.run_dir, CHECKPOINT_NAME)}")
@@ -370,6 +384,23 @@ def gather_stage_stats(comm, grid, stats):
     table = comm.allreduce_sum_(table) / grid.replicas
     return [{"stage": s, **{k: (int(v) if k in ("activation_bytes", "layers") else float(v))
                             for k, v in zip(STAT_KEYS, table[s])}} for s in range(grid.stages)]
+
+
+def peak_rss_mb():
+    """This process's peak resident memory so far, MiB (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def seconds_since_process_start():
+    """Wall seconds since this process started (Linux /proc; 0 elsewhere)."""
+    try:
+        with open("/proc/self/stat") as fh:
+            start_ticks = int(fh.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as fh:
+            uptime = float(fh.read().split()[0])
+        return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return 0.0
 
 
 def _raise(message):

@@ -133,3 +133,36 @@ def test_initialisation_is_seeded_and_scaled():
     assert np.abs(W1).max() <= np.sqrt(6 / 310)  # Xavier-uniform output layer
     assert not b0.any()
 
+
+
+def test_backward_in_layer_ranges_equals_the_whole():
+    from mpinn import kernels
+    rng = np.random.default_rng(7)
+    sizes = (5, 7, 6, 4, 3)
+    x, y = problem(sizes, "cross_entropy", 9, rng, np.float64)
+    flat = flatten(init_layers(sizes, rng))
+    whole = network(sizes, "tanh", "cross_entropy", "identity", flat, 9)
+    whole.train_step(x, y, 1 / 9)
+    net = network(sizes, "tanh", "cross_entropy", "identity", flat, 9)
+    ws = net.ws
+    kernels.forward(net.params, x, ws.sizes, ws.w_off, ws.b_off, ws.acts, ws.a_off, ws.act,
+                    ws.out_act)
+    kernels.cross_entropy_grad_(ws.output(9), y, 1 / 9)
+    for hi, lo in ((4, 3), (3, 1), (1, 0)):
+        kernels.backward_layers(net.grads, net.params, x, ws.sizes, ws.w_off, ws.b_off, ws.acts,
+                                ws.a_off, ws.act, ws.d0, ws.d1, x, False, hi, lo)
+    np.testing.assert_allclose(net.grads, whole.grads, rtol=1e-12)
+
+
+def test_gradient_buckets_cover_the_buffer_last_layer_first():
+    from mpinn.engine import gradient_buckets
+    arch = Architecture((100, 200, 300, 50, 10))
+    for bucket_bytes in (1, 100_000, 300_000, 10**9):
+        buckets = gradient_buckets(arch, bucket_bytes)
+        assert buckets[0][0] == arch.n_layers and buckets[-1][1] == 0
+        assert buckets[0][3] == arch.n_params + 2  # the first also carries stop flag and loss
+        for (hi, lo, a, b), (hi2, lo2, a2, b2) in zip(buckets, buckets[1:]):
+            assert hi2 == lo and b2 == a  # contiguous, layer after layer, backwards
+        assert buckets[-1][2] == 0
+    assert len(gradient_buckets(arch, 1)) == arch.n_layers
+    assert len(gradient_buckets(arch, 10**9)) == 1

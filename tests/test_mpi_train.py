@@ -120,3 +120,13 @@ def test_mse_regression_learns(tmp_path):
     val = [m["val_loss"] for m in val if m["kind"] == "epoch"]
     assert val[-1] < 0.1 * val[0], val
     assert "acc" not in r.stdout.split("validation")[-1]
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_overlapped_allreduce_gives_the_same_training(dataset, trained, tmp_path, ranks):
+    """Buckets of about 1 KiB: several Iallreduce per step, started during the backward pass."""
+    ok(run_mpinn(ranks, "train", "--data", dataset, "--run-dir", tmp_path, *COMMON,
+                 "--overlap-mb", "0.001"))
+    ckpt = checkpoint.load(str(tmp_path / "checkpoint.h5"))
+    np.testing.assert_allclose(ckpt.params, trained[1].params, rtol=1e-4, atol=1e-6)
+    assert ckpt.global_step == trained[1].global_step
