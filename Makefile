@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 RANKS  ?= 2
 STAMP  := $(VENV)/.installed
 
-.PHONY: train test install clean bench-pipeline
+.PHONY: train test install clean bench bench-pipeline
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,11 @@ train: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# mpinn vs PyTorch 2.13 CPU (installed here from PyPI if missing), side by side: ~15 minutes
+bench: $(STAMP)
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python benchmarks/suite.py
 
 bench-pipeline: $(STAMP)
 	$(BIN)/python benchmarks/pipeline_bubble.py

@@ -14,6 +14,7 @@ import h5py
 import numpy as np
 
 from .errors import UsageError
+from .kernels import all_finite  # one pass, no temporary the size of the shard
 
 
 def even_part(n, parts, i):
@@ -167,7 +168,7 @@ def read_rows(path, cols, selections, n_targets, want_x=True, want_y=True):
         if want_x:
             X = f[cols.x_key]
             x = _read_selection(X, np.empty((n, X.shape[1]), np.float32), selections)
-            if not np.isfinite(x).all():
+            if not all_finite(x.reshape(-1)):
                 raise UsageError(f"{path}:{cols.x_key} contains NaN or inf values")
         if not want_y:
             return x, y
@@ -179,7 +180,7 @@ def read_rows(path, cols, selections, n_targets, want_x=True, want_y=True):
         else:
             y = _read_selection(y_ds, np.empty((n,) if y_ds.ndim == 1 else (n, n_targets), np.float32),
                                 selections).reshape(n, n_targets)
-            if not np.isfinite(y).all():
+            if not all_finite(y.reshape(-1)):
                 raise UsageError(f"{path}:{cols.y_key} contains NaN or inf values")
     return x, y
 
@@ -189,7 +190,7 @@ def read_inputs(f, path, x_key, selections):
     n = sum(rows for _, rows in selections)
     X = f[x_key]
     x = _read_selection(X, np.empty((n, X.shape[1]), np.float32), selections)
-    if not np.isfinite(x).all():
+    if not all_finite(x.reshape(-1)):
         raise UsageError(f"{path}:{x_key} contains NaN or inf values")
     return x
 

@@ -1,0 +1,222 @@
+"""mpinn against PyTorch on this machine, side by side in one run (`make bench`).
+
+    python benchmarks/suite.py [--steps 200] [--out benchmarks/RESULTS.md]
+
+For each model (small 64-128-10 batch 32, mnist-like 784-512-512-10 batch 128, wide
+1024-2048-2048-10 batch 256) and layout (1 rank x 1 thread, 1 rank x 2 threads, 2 ranks x 1
+thread with the batch per rank fixed: mpinn over MPI vs PyTorch DDP over gloo) it runs mpinn and
+PyTorch alternately, twice each, SGD with momentum, float32, synthetic data in memory, warm-up
+then --steps timed steps, and keeps each tool's faster median step time. Also: numpy and SciPy
+sgemm peak at 1 and 2 threads, gradient overlap on/off, per-rank memory and shard read speed on a
+synthetic HDF5 file of 1 million rows, and JIT start-up cold and warm. Writes a Markdown table.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+BIN = Path(sys.executable).parent
+MODELS = [("small", (64, 128, 10), 32), ("mnist-like", (784, 512, 512, 10), 128),
+          ("wide", (1024, 2048, 2048, 10), 256)]
+LAYOUTS = [("1 rank x 1 thread", 1, 1), ("1 rank x 2 threads", 1, 2), ("2 ranks x 1 thread", 2, 1)]
+
+
+def sh(cmd, env=None, timeout=3600):
+    p = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout,
+                       env={**os.environ, **(env or {})})
+    if p.returncode != 0:
+        raise SystemExit(f"failed: {' '.join(map(str, cmd))}\n{p.stderr[-2000:]}")
+    return p.stdout
+
+
+def last_json(text):
+    return json.loads(text.strip().splitlines()[-1])
+
+
+def training_flops(sizes, rows):
+    return sum((4 if l == 0 else 6) * a * b * rows
+               for l, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])))
+
+
+def mpinn_step(sizes, batch, ranks, threads, steps, overlap=0.0):
+    out = sh([BIN / "mpiexec", "-n", ranks, sys.executable, "-m", "mpinn", "bench", "--features",
+              sizes[0], "--hidden", ",".join(map(str, sizes[1:-1])), "--classes", sizes[-1],
+              "--batch-per-rank", batch, "--threads", threads, "--steps", steps, "--warmup", 20,
+              "--overlap-mb", overlap, "--json"], env={"OMP_NUM_THREADS": str(threads)})
+    return last_json(out)["step_ms"]
+
+
+def torch_step(sizes, batch, ranks, threads, steps):
+    out = sh([sys.executable, HERE / "torch_bench.py", "--sizes", "-".join(map(str, sizes)),
+              "--batch", batch, "--ranks", ranks, "--threads", threads, "--steps", steps],
+             env={"OMP_NUM_THREADS": str(threads)})
+    return last_json(out)["step_ms"]
+
+
+PEAK = """
+import sys, time, numpy as np
+from threadpoolctl import threadpool_limits
+threadpool_limits(int(sys.argv[1]))
+n = 2048
+a = np.random.rand(n, n).astype(np.float32); c = np.empty_like(a)
+if sys.argv[2] == "scipy":
+    from scipy.linalg import blas
+    af = np.asfortranarray(a)
+    f = lambda: blas.sgemm(1.0, af, af)
+else:
+    f = lambda: np.dot(a, a, out=c)
+f(); ts = []
+for _ in range(10):
+    t = time.perf_counter(); f(); ts.append(time.perf_counter() - t)
+print(2 * n ** 3 / min(ts) / 1e9)
+"""
+
+
+def sgemm_peak(threads, lib):
+    return float(sh([sys.executable, "-c", PEAK, threads, lib],
+                    env={"OMP_NUM_THREADS": str(threads)}).strip())
+
+
+def have_torch():
+    return subprocess.run([sys.executable, "-c", "import torch"], capture_output=True).returncode == 0
+
+
+def compare(steps, lines):
+    torch_ok = have_torch()
+    measured = {(t, lib): sgemm_peak(t, lib) for t in (1, 2) for lib in ("numpy", "scipy")}
+    peaks = {t: max(measured[(t, "numpy")], measured[(t, "scipy")]) for t in (1, 2)}
+    lines += ["## sgemm peak (2048 x 2048 x 2048, float32)", "",
+              "| threads | numpy GFLOP/s | SciPy BLAS (what mpinn's kernels call) GFLOP/s |",
+              "|---|---|---|"]
+    for t in (1, 2):
+        lines.append(f"| {t} | {measured[(t, 'numpy')]:.1f} | {measured[(t, 'scipy')]:.1f} |")
+    lines += ["", f"Peak used below: the better of the two, {peaks[1]:.1f} (1 thread) and "
+              f"{peaks[2]:.1f} (2 threads) GFLOP/s.", "",
+              "## mpinn vs PyTorch " + ("2.13 CPU" if torch_ok else "(not installed: mpinn only)"),
+              "", "| model | layout | mpinn samples/s | PyTorch samples/s | ratio | mpinn GFLOP/s "
+              "(exact) | of sgemm peak |", "|---|---|---|---|---|---|---|"]
+    results = {}
+    for name, sizes, batch in MODELS:
+        for layout, ranks, threads in LAYOUTS:
+            ours, theirs = [], []
+            for _ in range(2):  # alternately, so both see the same machine
+                ours.append(mpinn_step(sizes, batch, ranks, threads, steps))
+                if torch_ok:
+                    theirs.append(torch_step(sizes, batch, ranks, threads, steps))
+            t_ours = min(ours)
+            rows = batch * ranks
+            flops = training_flops(sizes, rows) / (t_ours / 1e3) / 1e9
+            peak = peaks[1] * ranks if threads == 1 else peaks[2]
+            sps = rows / (t_ours / 1e3)
+            results[(name, ranks, threads)] = (t_ours, min(theirs) if theirs else None)
+            if theirs:
+                tps = rows / (min(theirs) / 1e3)
+                cols = f"{tps:,.0f} | {sps / tps:.2f}x"
+            else:
+                cols = "– | –"
+            lines.append(f"| {name} | {layout} | {sps:,.0f} | {cols} | {flops:.1f} | "
+                         f"{100 * flops / peak:.0f}% |")
+            print(lines[-1], flush=True)
+    lines += ["", "2-rank weak scaling (batch per rank fixed): efficiency = t(1 rank) / t(2 ranks)",
+              "", "| model | mpinn | PyTorch DDP (gloo) |", "|---|---|---|"]
+    for name, _, _ in MODELS:
+        one, two = results[(name, 1, 1)], results[(name, 2, 1)]
+        theirs = f"{100 * one[1] / two[1]:.0f}%" if one[1] else "–"
+        lines.append(f"| {name} | {100 * one[0] / two[0]:.0f}% | {theirs} |")
+    return results
+
+
+def overlap(steps, lines):
+    lines += ["", "## Gradient overlap (2 ranks x 1 thread, step ms, alternately, best of 3)", "",
+              "| model | one Allreduce after backward | 4 MiB buckets during backward |",
+              "|---|---|---|"]
+    for name, sizes, batch in MODELS[1:]:
+        off, on = [], []
+        for _ in range(3):
+            off.append(mpinn_step(sizes, batch, 2, 1, steps))
+            on.append(mpinn_step(sizes, batch, 2, 1, steps, overlap=4.0))
+        lines.append(f"| {name} | {min(off):.2f} | {min(on):.2f} |")
+        print(lines[-1], flush=True)
+
+
+def memory(lines, rows=1_000_000, features=64):
+    import h5py
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "big.h5")
+        rng = np.random.default_rng(0)
+        with h5py.File(path, "w") as f:
+            X = f.create_dataset("X", (rows, features), np.float32)
+            for s in range(0, rows, 100_000):
+                X[s:s + 100_000] = rng.normal(size=(100_000, features)).astype(np.float32)
+            f["y"] = rng.integers(0, 10, rows)
+        size_mb = os.path.getsize(path) / 2**20
+        t = time.perf_counter()
+        with open(path, "rb") as fh:  # into a fresh array, as a shard read is (page faults too)
+            fh.readinto(np.empty(os.path.getsize(path), np.uint8))
+        raw = size_mb / (time.perf_counter() - t)
+        lines += ["", f"## Memory and data path ({rows:,} rows x {features} float32: "
+                  f"{size_mb:,.0f} MiB file; reading its bytes straight into a new array: {raw:,.0f} "
+                  "MiB/s, page cache warm)", "",
+                  "| ranks | shard per rank (MiB) | peak RSS per rank (MiB) | shard read, slowest rank "
+                  "(MiB/s) |",
+                  "|---|---|---|---|"]
+        for ranks in (1, 2):
+            run_dir = os.path.join(tmp, f"r{ranks}")
+            sh([BIN / "mpiexec", "-n", ranks, sys.executable, "-m", "mpinn", "train", "--data",
+                path, "--val-data", "", "--hidden", "128", "--batch-size", 1024, "--steps", 20,
+                "--run-dir", run_dir])
+            s = [json.loads(l) for l in open(os.path.join(run_dir, "metrics.jsonl"))][-1]
+            speed = min(m / t for m, t in zip(s["shard_mb"], s["shard_read_s"]))  # slowest rank
+            lines.append(f"| {ranks} | {max(s['shard_mb']):,.0f} | {max(s['peak_rss_mb']):,.0f} | "
+                         f"{speed:,.0f} |")
+            print(lines[-1], flush=True)
+        base = sh([sys.executable, "-c", "import resource, mpinn.train, mpinn.engine;"
+                   "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"])
+        lines += ["", f"A Python process with mpinn, NumPy, Numba, h5py and MPI imported holds "
+                  f"{float(base):,.0f} MiB before any data."]
+
+
+def startup(lines):
+    lines += ["", "## Start-up (2 ranks, bundled digits; kernels = compile or cache load)", "",
+              "| Numba cache | kernels ready (s) | first step after process start (s) |",
+              "|---|---|---|"]
+    with tempfile.TemporaryDirectory() as cache:
+        for label in ("cold (empty cache)", "warm"):
+            with tempfile.TemporaryDirectory() as run_dir:
+                sh([BIN / "mpiexec", "-n", 2, sys.executable, "-m", "mpinn", "train", "--epochs",
+                    1, "--run-dir", run_dir], env={"NUMBA_CACHE_DIR": cache})
+                s = [json.loads(l) for l in open(os.path.join(run_dir, "metrics.jsonl"))][-1]
+            lines.append(f"| {label} | {s['kernels_s']:.2f} | {s['startup_s']:.2f} |")
+            print(lines[-1], flush=True)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--out", default=str(HERE / "RESULTS.md"))
+    p.add_argument("--skip", default="", help="comma-separated: compare,overlap,memory,startup")
+    args = p.parse_args()
+    skip = set(args.skip.split(","))
+    lines = ["# mpinn benchmark results", "",
+             f"`python benchmarks/suite.py --steps {args.steps}` on {os.cpu_count()} cores, "
+             f"{time.strftime('%Y-%m-%d')}. Median step time over {args.steps} timed steps, the "
+             "better of two alternated runs per tool.", ""]
+    for name, fn in (("compare", lambda: compare(args.steps, lines)),
+                     ("overlap", lambda: overlap(args.steps, lines)),
+                     ("memory", lambda: memory(lines)), ("startup", lambda: startup(lines))):
+        if name not in skip:
+            fn()
+    with open(args.out, "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
