@@ -53,11 +53,15 @@ def mpinn_step(sizes, batch, ranks, threads, steps, overlap=0.0):
     return last_json(out)["step_ms"]
 
 
-def torch_step(sizes, batch, ranks, threads, steps):
-    out = sh([sys.executable, HERE / "torch_bench.py", "--sizes", "-".join(map(str, sizes)),
-              "--batch", batch, "--ranks", ranks, "--threads", threads, "--steps", steps],
-             env={"OMP_NUM_THREADS": str(threads)})
-    return last_json(out)["step_ms"]
+def torch_step(sizes, batch, ranks, threads, steps, tries=3):
+    cmd = [sys.executable, HERE / "torch_bench.py", "--sizes", "-".join(map(str, sizes)),
+           "--batch", batch, "--ranks", ranks, "--threads", threads, "--steps", steps]
+    for attempt in range(tries):  # gloo start-up occasionally fails on a busy machine: retry
+        try:
+            return last_json(sh(cmd, env={"OMP_NUM_THREADS": str(threads)}))["step_ms"]
+        except SystemExit:
+            if attempt == tries - 1:
+                raise
 
 
 PEAK = """
@@ -177,8 +181,8 @@ def memory(lines, rows=1_000_000, features=64):
             lines.append(f"| {ranks} | {max(s['shard_mb']):,.0f} | {max(s['peak_rss_mb']):,.0f} | "
                          f"{speed:,.0f} |")
             print(lines[-1], flush=True)
-        base = sh([sys.executable, "-c", "import resource, mpinn.train, mpinn.engine;"
-                   "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"])
+        base = sh([sys.executable, "-c", "import mpinn.train, mpinn.engine;"
+                   "print(mpinn.train.peak_rss_mb())"])
         lines += ["", f"A Python process with mpinn, NumPy, Numba, h5py and MPI imported holds "
                   f"{float(base):,.0f} MiB before any data."]
 

@@ -8,6 +8,7 @@ Prints one JSON object: median step time (ms) over the timed steps, samples/s (a
 import argparse
 import json
 import os
+import socket
 import time
 
 import numpy as np
@@ -56,6 +57,7 @@ def run(rank, args, port, out):
         worst = torch.tensor([float(np.median(times))])
         dist.all_reduce(worst, op=dist.ReduceOp.MAX)
         med = float(worst[0])
+        dist.barrier()  # nobody tears gloo down while another process still talks to it
         dist.destroy_process_group()
     else:
         med = float(np.median(times))
@@ -76,7 +78,9 @@ def main():
     args = p.parse_args()
     out = f"/tmp/torch-bench-{os.getpid()}.json"
     if args.ranks > 1:
-        port = 29500 + os.getpid() % 1000
+        with socket.socket() as sock:  # a port the OS says is free
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
         mp.spawn(run, args=(args, port, out), nprocs=args.ranks, join=True)
     else:
         run(0, args, 0, out)

@@ -1,8 +1,9 @@
-"""BLAS thread limits per rank. Ranks x threads above the cores collapses speed, so the default
-under MPI is one thread per rank (threadpoolctl, which also reaches the BLAS that Numba's np.dot
-calls through SciPy)."""
+"""Thread limits per rank (--threads): BLAS pools through threadpoolctl, which also reaches the BLAS
+that Numba's np.dot calls through SciPy, and Numba's own threads. Ranks x threads above the cores
+collapses speed, so the default is one thread per rank, with a warning when oversubscribed."""
 import os
 
+import numba
 import scipy.linalg.cython_blas  # noqa: F401 - load the BLAS Numba uses so the limit reaches it
 from threadpoolctl import threadpool_limits
 
@@ -10,9 +11,10 @@ _limits = None
 
 
 def limit_threads(n):
-    """Limit every loaded BLAS/OpenMP pool to n threads for the rest of the process."""
+    """Limit every loaded BLAS/OpenMP pool, and Numba's threads, to n for the rest of the process."""
     global _limits
     _limits = threadpool_limits(limits=int(n))
+    numba.set_num_threads(min(int(n), numba.config.NUMBA_NUM_THREADS))
 
 
 def oversubscription(ranks_on_node, threads, cores=None):

@@ -387,7 +387,15 @@ def gather_stage_stats(comm, grid, stats):
 
 
 def peak_rss_mb():
-    """This process's peak resident memory so far, MiB (Linux reports ru_maxrss in KiB)."""
+    """This process's peak resident memory so far, MiB: VmHWM on Linux (ru_maxrss would also count
+    the parent's memory before exec), else ru_maxrss."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
