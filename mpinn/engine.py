@@ -125,14 +125,7 @@ class DataParallelEngine:
         rows = xb.shape[0]
         t0 = time.perf_counter()
         if rows:
-            kernels.forward(net.params, xb, ws.sizes, ws.w_off, ws.b_off, ws.acts, ws.a_off,
-                            ws.act, ws.out_act)
-            out = ws.output(rows)
-            s = net.params.dtype.type(scale)
-            if self.arch.loss == "cross_entropy":
-                loss, correct = kernels.cross_entropy_grad_(out, yb, s)
-            else:
-                loss, correct = kernels.mse_grad_(out, yb, ws.out_act, s)
+            loss, correct = net.forward_loss_grad(xb, yb, scale)
         else:
             loss, correct = 0.0, 0
             net.grads[:] = 0

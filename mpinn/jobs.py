@@ -30,14 +30,11 @@ def _set(text, pattern, line, required=True):
 
 
 def render_slurm(text, cfg):
-    text = re.sub(r"^#SBATCH --nodes=\S+(\s*)(#.*)?$", f"#SBATCH --nodes={cfg.nodes}\\1\\2", text,
-                  flags=re.M)
-    text = re.sub(r"^#SBATCH --ntasks-per-node=\S+(\s*)(#.*)?$",
-                  f"#SBATCH --ntasks-per-node={cfg.ranks_per_node}\\1\\2", text, flags=re.M)
-    text = re.sub(r"^#SBATCH --cpus-per-task=\S+(\s*)(#.*)?$",
-                  f"#SBATCH --cpus-per-task={cfg.threads}\\1\\2", text, flags=re.M)
-    text = re.sub(r"^#SBATCH --time=\S+(\s*)(#.*)?$", f"#SBATCH --time={cfg.time}\\1\\2", text,
-                  flags=re.M)
+    for flag, value in (("nodes", cfg.nodes), ("ntasks-per-node", cfg.ranks_per_node),
+                        ("cpus-per-task", cfg.threads), ("time", cfg.time)):
+        # keep the template's comment after the value
+        text = re.sub(rf"^#SBATCH --{flag}=\S+(\s*)(#.*)?$", f"#SBATCH --{flag}={value}\\1\\2",
+                      text, flags=re.M)
     if cfg.partition:
         text = _set(text, r"^##?SBATCH --partition=\S+.*$", f"#SBATCH --partition={cfg.partition}")
     if cfg.account:

@@ -157,22 +157,29 @@ class Network:
                 ws.b_off, ws.acts, ws.a_off, ws.act, ws.out_act, ws.d0, ws.d1)
         return float(loss), int(correct)
 
-    def train_step_traced(self, x, y, scale, timeline):
-        """train_step with forward and backward as separate kernel calls (same mathematics),
-        recorded on the timeline."""
-        ws, n = self.ws, x.shape[0]
-        if n == 0:
-            self.grads[:] = 0
-            return 0.0, 0
-        t0 = time.perf_counter()
+    def forward_loss_grad(self, x, y, scale):
+        """Forward pass and loss for the rows of x (at least one), leaving scale * dLoss/dz of
+        the output layer in the workspace for backward. Returns (loss sum, correct count)."""
+        ws = self.ws
         kernels.forward(self.params, x, ws.sizes, ws.w_off, ws.b_off, ws.acts, ws.a_off, ws.act,
                         ws.out_act)
-        out = ws.output(n)
+        out = ws.output(x.shape[0])
         scale = self.params.dtype.type(scale)
         if self.arch.loss == "cross_entropy":
             loss, correct = kernels.cross_entropy_grad_(out, y, scale)
         else:
             loss, correct = kernels.mse_grad_(out, y, ws.out_act, scale)
+        return float(loss), int(correct)
+
+    def train_step_traced(self, x, y, scale, timeline):
+        """train_step with forward and backward as separate kernel calls (same mathematics),
+        recorded on the timeline."""
+        ws = self.ws
+        if x.shape[0] == 0:
+            self.grads[:] = 0
+            return 0.0, 0
+        t0 = time.perf_counter()
+        loss, correct = self.forward_loss_grad(x, y, scale)
         t1 = time.perf_counter()
         kernels.backward(self.grads, self.params, x, ws.sizes, ws.w_off, ws.b_off, ws.acts,
                          ws.a_off, ws.act, ws.d0, ws.d1, x, False)
