@@ -15,8 +15,8 @@ import sys
 import traceback
 
 from . import __version__
-from .config import (BenchConfig, EvaluateConfig, JobsConfig, PredictConfig, ReportConfig,
-                     ScaleConfig, TrainConfig, load_toml)
+from .config import (BenchConfig, EvaluateConfig, InspectConfig, JobsConfig, PredictConfig,
+                     ReportConfig, ScaleConfig, SynthConfig, TrainConfig, load_toml)
 from .errors import AgreedExit, MpinnError, UsageError
 
 
@@ -40,6 +40,10 @@ def _command_runner(name):
         from .report import run
     elif name == "jobs":
         from .jobs import run
+    elif name == "data synth":
+        from .datatools import run_synth as run
+    elif name == "data inspect":
+        from .datatools import run_inspect as run
     return run
 
 
@@ -51,10 +55,14 @@ COMMANDS = {
     "scale": (ScaleConfig, "run a strong or weak scaling series with mpiexec, then the report"),
     "report": (ReportConfig, "scaling report (tables, model, plots) from bench JSON results"),
     "jobs": (JobsConfig, "write a ready SLURM or PBS job file for training or a scaling study"),
+    "data synth": (SynthConfig, "write a classification data set of any size from a random "
+                                "teacher network"),
+    "data inspect": (InspectConfig, "shapes, dtypes, chunking, value ranges, NaN counts and class "
+                                    "balance of an HDF5 file"),
 }
 # Commands that run as one process and launch or read MPI runs themselves: they must not
 # initialise MPI (a singleton MPI process that starts mpiexec is fragile).
-DRIVERS = ("scale", "report", "jobs")
+DRIVERS = ("scale", "report", "jobs", "data")
 
 
 class _OneProcess:
@@ -67,8 +75,18 @@ def build_parser():
     parser.add_argument("--version", action="version", version=f"mpinn {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
                                 parser_class=_Parser)
+    groups = {}
     for name, (cls, summary) in COMMANDS.items():
-        p = sub.add_parser(name, help=summary, description=summary)
+        if " " in name:  # "data synth": a sub-command of the "data" group
+            group, name = name.split(" ", 1)
+            if group not in groups:
+                g = sub.add_parser(group, help=f"{group} tools: " + ", ".join(
+                    c.split(" ", 1)[1] for c in COMMANDS if c.startswith(group + " ")))
+                groups[group] = g.add_subparsers(dest=f"{group}_command", required=True,
+                                                 metavar="COMMAND", parser_class=_Parser)
+            p = groups[group].add_parser(name, help=summary, description=summary)
+        else:
+            p = sub.add_parser(name, help=summary, description=summary)
         p.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
                        help="TOML file with any of these options as keys (underscores or dashes); "
                             "the command line wins")
@@ -76,7 +94,8 @@ def build_parser():
             flag = "--" + f.name.replace("_", "-")
             text = f"{f.metadata['help']} (default: {f.default!r})"
             if f.metadata.get("positional"):
-                p.add_argument(f.name, choices=f.metadata["choices"], help=f.metadata["help"])
+                p.add_argument(f.name, choices=f.metadata["choices"], help=f.metadata["help"],
+                               metavar=None if f.metadata["choices"] else f.name.upper())
             elif f.type in (bool, "bool"):
                 p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
                                default=argparse.SUPPRESS, help=text)
@@ -92,6 +111,8 @@ def parse(argv):
     """-> (command, config, explicitly set keys). Raises UsageError on any bad option or key."""
     ns = vars(build_parser().parse_args(argv))
     command = ns.pop("command")
+    if f"{command}_command" in ns:
+        command = f"{command} {ns.pop(f'{command}_command')}"
     cls = COMMANDS[command][0]
     values = load_toml(cls, ns.pop("config")) if "config" in ns else {}
     values.update(ns)

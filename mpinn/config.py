@@ -317,3 +317,37 @@ class JobsConfig:
             if getattr(self, name) <= 0:
                 raise UsageError(f"--{name.replace('_', '-')} must be positive, "
                                  f"got {getattr(self, name)}")
+
+
+@dataclass
+class SynthConfig:
+    out: str = option("synthetic.h5", "output HDF5 file (X float32, y int64)")
+    rows: int = option(100_000, "rows to write (e.g. 10000000 for a weak-scaling study)")
+    features: int = option(64, "input features")
+    classes: int = option(10, "classes")
+    hidden: str = option("64", "hidden widths of the random teacher network")
+    seed: int = option(0, "seed: the same seed gives the same rows, whatever the chunking")
+    chunk_rows: int = option(65_536, "rows per HDF5 chunk and per write")
+    compression: str = option("none", "HDF5 compression of the datasets", ("none", "gzip", "lzf"))
+    debug: bool = option(False, "show Python tracebacks on errors")
+
+    def validate(self):
+        for name in ("rows", "features", "chunk_rows"):
+            if getattr(self, name) <= 0:
+                raise UsageError(f"--{name.replace('_', '-')} must be positive, "
+                                 f"got {getattr(self, name)}")
+        if self.classes < 2:
+            raise UsageError(f"--classes must be at least 2, got {self.classes}")
+        parse_hidden(self.hidden)
+
+
+@dataclass
+class InspectConfig:
+    path: str = option("", "HDF5 file to describe", positional=True)
+    chunk_rows: int = option(65_536, "rows read at a time")
+    json: bool = option(False, "print one JSON object instead of text")
+    debug: bool = option(False, "show Python tracebacks on errors")
+
+    def validate(self):
+        if self.chunk_rows <= 0:
+            raise UsageError(f"--chunk-rows must be positive, got {self.chunk_rows}")

@@ -11,11 +11,12 @@ from mpinn.errors import UsageError
 def test_help_lists_every_option_with_its_default(capsys):
     for command, (cls, _) in COMMANDS.items():
         with pytest.raises(SystemExit):
-            build_parser().parse_args([command, "--help"])
+            build_parser().parse_args([*command.split(), "--help"])
         text = " ".join(capsys.readouterr().out.split())
         for f in dataclasses.fields(cls):
             if f.metadata.get("positional"):
-                assert "{" + ",".join(f.metadata["choices"]) + "}" in text, f.name
+                choices = f.metadata["choices"]
+                assert ("{" + ",".join(choices) + "}" if choices else f.name.upper()) in text
                 continue
             flag = "--" + f.name.replace("_", "-")
             assert flag in text, flag
@@ -68,5 +69,6 @@ def test_bad_options_are_usage_errors(argv, message):
 
 
 def test_defaults_validate():
+    positional = {"jobs": ["slurm"], "data inspect": ["some.h5"]}
     for command in COMMANDS:
-        parse([command, "slurm"] if command == "jobs" else [command])
+        parse([*command.split(), *positional.get(command, [])])

@@ -1,0 +1,140 @@
+"""`mpinn data synth` and `mpinn data inspect`: make a classification set of any size, and look
+inside an HDF5 data file, both streaming in chunks so neither ever holds the whole file.
+
+synth: rows come from a seeded random teacher network (tanh hidden layers, argmax of the output);
+row block b (BLOCK rows) is drawn from a generator seeded by (seed, b), so every row is the same
+whatever --chunk-rows the file is written with.
+"""
+import json
+import os
+
+import h5py
+import numpy as np
+
+from .config import parse_hidden
+from .data import open_h5
+from .errors import UsageError
+from .log import Log
+
+BLOCK = 1 << 16  # rows per generator block: fixed, so rows do not depend on the chunking
+
+
+class Teacher:
+    def __init__(self, features, hidden, classes, seed):
+        rng = np.random.default_rng([seed, 2**32 - 1])  # weights: a stream no row block uses
+        sizes = (features,) + hidden + (classes,)
+        self.layers = [(rng.normal(0, 1 / np.sqrt(a), (a, b)).astype(np.float32),
+                        rng.normal(0, 0.1, b).astype(np.float32)) for a, b in zip(sizes[:-1], sizes[1:])]
+
+    def labels(self, x):
+        h = x
+        for i, (W, b) in enumerate(self.layers):
+            h = h @ W + b
+            if i < len(self.layers) - 1:
+                h = np.tanh(h)
+        return h.argmax(axis=1).astype(np.int64)
+
+
+def synth_block(b, rows, features, seed, teacher):
+    x = np.random.default_rng([seed, b]).standard_normal((rows, features), dtype=np.float32)
+    return x, teacher.labels(x)
+
+
+def synth(cfg):
+    hidden = parse_hidden(cfg.hidden)
+    folder = os.path.dirname(os.path.abspath(cfg.out))
+    if not os.path.isdir(folder):
+        raise UsageError(f"--out {cfg.out}: directory {folder} does not exist")
+    teacher = Teacher(cfg.features, hidden, cfg.classes, cfg.seed)
+    n, chunk = cfg.rows, min(cfg.chunk_rows, cfg.rows)
+    options = {} if cfg.compression == "none" else {"compression": cfg.compression}
+    cached = (-1, None, None)
+    with h5py.File(cfg.out, "w") as f:
+        X = f.create_dataset("X", (n, cfg.features), np.float32, chunks=(chunk, cfg.features),
+                             **options)
+        y = f.create_dataset("y", (n,), np.int64, chunks=(chunk,), **options)
+        f.attrs.update({"source": "mpinn data synth", "seed": cfg.seed, "teacher_hidden": cfg.hidden,
+                        "classes": cfg.classes})
+        for start in range(0, n, chunk):
+            stop = min(start + chunk, n)
+            xs, ys, row = [], [], start
+            while row < stop:  # the generator blocks this chunk overlaps
+                b = row // BLOCK
+                if cached[0] != b:
+                    rows_b = min(BLOCK, n - b * BLOCK)
+                    cached = (b, *synth_block(b, rows_b, cfg.features, cfg.seed, teacher))
+                take = min(stop, (b + 1) * BLOCK) - row
+                xs.append(cached[1][row - b * BLOCK: row - b * BLOCK + take])
+                ys.append(cached[2][row - b * BLOCK: row - b * BLOCK + take])
+                row += take
+            X[start:stop] = np.concatenate(xs)
+            y[start:stop] = np.concatenate(ys)
+    Log().info(f"wrote {n:,} rows x {cfg.features} features, {cfg.classes} classes to {cfg.out} "
+               f"({os.path.getsize(cfg.out) / 2**20:,.1f} MiB)")
+
+
+def _dataset_summary(ds, chunk_rows):
+    out = {"shape": list(ds.shape), "dtype": str(ds.dtype), "chunks": list(ds.chunks or []) or None,
+           "compression": ds.compression}
+    if ds.size == 0 or not (np.issubdtype(ds.dtype, np.number) or ds.dtype == bool):
+        return out
+    lo, hi, total, count, nan, inf = np.inf, -np.inf, 0.0, 0, 0, 0
+    counts = {}
+    integer = np.issubdtype(ds.dtype, np.integer) and ds.ndim == 1
+    for s in range(0, ds.shape[0], chunk_rows):
+        a = ds[s:s + chunk_rows]
+        if np.issubdtype(a.dtype, np.floating):
+            nan += int(np.isnan(a).sum())
+            inf += int(np.isinf(a).sum())
+            a = a[np.isfinite(a)]
+        if a.size:
+            lo, hi = min(lo, float(a.min())), max(hi, float(a.max()))
+            total += float(a.astype(np.float64).sum())
+            count += a.size
+        if integer:
+            values, n = np.unique(a, return_counts=True)
+            for v, c in zip(values.tolist(), n.tolist()):
+                counts[v] = counts.get(v, 0) + c
+    out.update({"min": lo if count else None, "max": hi if count else None,
+                "mean": total / count if count else None, "nan": nan, "inf": inf})
+    if integer:
+        out["class_counts"] = {str(k): v for k, v in sorted(counts.items())}
+    return out
+
+
+def inspect(cfg):
+    with open_h5(cfg.path) as f:
+        report = {"file": cfg.path, "bytes": os.path.getsize(cfg.path), "datasets": {}}
+
+        def visit(name, obj):
+            if isinstance(obj, h5py.Dataset):
+                report["datasets"][name] = _dataset_summary(obj, cfg.chunk_rows)
+        f.visititems(visit)
+    log = Log()
+    if cfg.json:
+        log.info(json.dumps(report))
+        return report
+    log.info(f"{cfg.path}: {report['bytes'] / 2**20:,.1f} MiB")
+    for name, d in report["datasets"].items():
+        line = (f"  {name}: shape {tuple(d['shape'])}, {d['dtype']}, chunks "
+                f"{tuple(d['chunks']) if d['chunks'] else 'contiguous'}"
+                + (f", {d['compression']}" if d["compression"] else ""))
+        if d.get("min") is not None:
+            line += f", range [{d['min']:.4g}, {d['max']:.4g}], mean {d['mean']:.4g}"
+        if d.get("nan") or d.get("inf"):
+            line += f", {d['nan']} NaN, {d['inf']} inf"
+        log.info(line)
+        if "class_counts" in d:
+            counts = d["class_counts"]
+            total = sum(counts.values())
+            log.info("    classes: " + ", ".join(f"{k}: {v} ({100 * v / total:.1f}%)"
+                                                 for k, v in counts.items()))
+    return report
+
+
+def run_synth(cfg, explicit, comm=None):
+    return synth(cfg)
+
+
+def run_inspect(cfg, explicit, comm=None):
+    return inspect(cfg)
