@@ -15,8 +15,9 @@ import sys
 import traceback
 
 from . import __version__
-from .config import (BenchConfig, EvaluateConfig, InspectConfig, JobsConfig, PredictConfig,
-                     ReportConfig, ScaleConfig, SynthConfig, TrainConfig, load_toml)
+from .config import (BenchConfig, ConvertConfig, EvaluateConfig, ExportConfig, InspectConfig,
+                     JobsConfig, PredictConfig, ReportConfig, ScaleConfig, SynthConfig, TrainConfig,
+                     load_toml)
 from .errors import AgreedExit, MpinnError, UsageError
 
 
@@ -44,6 +45,10 @@ def _command_runner(name):
         from .datatools import run_synth as run
     elif name == "data inspect":
         from .datatools import run_inspect as run
+    elif name == "data convert":
+        from .convert import run
+    elif name == "export":
+        from .export import run
     return run
 
 
@@ -59,10 +64,13 @@ COMMANDS = {
                                 "teacher network"),
     "data inspect": (InspectConfig, "shapes, dtypes, chunking, value ranges, NaN counts and class "
                                     "balance of an HDF5 file"),
+    "data convert": (ConvertConfig, "NumPy .npz, CSV or MNIST IDX into mpinn's HDF5 layout, "
+                                    "streaming; optional stratified train/test split"),
+    "export": (ExportConfig, "write a checkpoint's network as ONNX, a PyTorch state dict or npz"),
 }
 # Commands that run as one process and launch or read MPI runs themselves: they must not
 # initialise MPI (a singleton MPI process that starts mpiexec is fragile).
-DRIVERS = ("scale", "report", "jobs", "data")
+DRIVERS = ("scale", "report", "jobs", "data", "export")
 
 
 class _OneProcess:

@@ -351,3 +351,42 @@ class InspectConfig:
     def validate(self):
         if self.chunk_rows <= 0:
             raise UsageError(f"--chunk-rows must be positive, got {self.chunk_rows}")
+
+
+@dataclass
+class ConvertConfig:
+    source: str = option("", "input file: .npz, .csv (or .csv.gz), or MNIST IDX images",
+                         positional=True)
+    out: str = option("data.h5", "output HDF5 file (with --split: OUT-train.h5 and OUT-test.h5)")
+    format: str = option("auto", "input format (auto: by the file name)",
+                         ("auto", "npz", "csv", "idx"))
+    x_key: str = option("X", "npz: the array of inputs")
+    y_key: str = option("y", "npz: the array of labels or targets")
+    label_column: str = option("-1", "csv: the label column, by header name or index (-1: last)")
+    labels: str = option("", "idx: the labels file that goes with the images")
+    scale: float = option(1.0, "multiply inputs by this (e.g. 0.00392156862745098 = 1/255 for "
+                               "MNIST pixels)")
+    split: float = option(0.0, "write a stratified train/test pair with this fraction for "
+                               "training (0: one file)")
+    seed: int = option(0, "seed of the split")
+    chunk_rows: int = option(65_536, "rows read and written at a time (and HDF5 chunk rows)")
+    compression: str = option("none", "HDF5 compression", ("none", "gzip", "lzf"))
+    debug: bool = option(False, "show Python tracebacks on errors")
+
+    def validate(self):
+        if self.chunk_rows <= 0:
+            raise UsageError(f"--chunk-rows must be positive, got {self.chunk_rows}")
+        if not 0 <= self.split < 1:
+            raise UsageError(f"--split must be in [0, 1), got {self.split}")
+
+
+@dataclass
+class ExportConfig:
+    checkpoint: str = option("runs/latest/checkpoint.h5", "checkpoint to export")
+    format: str = option("onnx", "onnx (ONNX model), torch (state dict for torch.nn.Sequential) "
+                                 "or npz (plain arrays)", ("onnx", "torch", "npz"))
+    out: str = option("model.onnx", "output file")
+    debug: bool = option(False, "show Python tracebacks on errors")
+
+    def validate(self):
+        pass

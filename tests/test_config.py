@@ -69,6 +69,6 @@ def test_bad_options_are_usage_errors(argv, message):
 
 
 def test_defaults_validate():
-    positional = {"jobs": ["slurm"], "data inspect": ["some.h5"]}
+    positional = {"jobs": ["slurm"], "data inspect": ["some.h5"], "data convert": ["in.csv"]}
     for command in COMMANDS:
         parse([*command.split(), *positional.get(command, [])])

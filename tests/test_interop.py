@@ -1,0 +1,182 @@
+"""`mpinn data convert` (npz, CSV, IDX; streaming; stratified split) and `mpinn export` (ONNX run
+by onnxruntime, a PyTorch state dict, npz), each on real files the test writes."""
+import gzip
+
+import h5py
+import numpy as np
+import pytest
+
+from conftest import ROOT, ok, run_mpinn
+from mpinn import checkpoint
+from mpinn.cli import main
+
+DIGITS_TEST = ROOT / "data" / "digits-test.h5"
+
+
+def read(path):
+    with h5py.File(path, "r") as f:
+        return f["X"][...], f["y"][...], f["X"].chunks
+
+
+def data(n=57, f=5, k=3, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n, f)).astype(np.float32), rng.integers(0, k, n)
+
+
+@pytest.mark.parametrize("chunk", [7, 1000])
+def test_convert_npz_streams_any_chunking(tmp_path, chunk):
+    x, y = data()
+    np.savez(tmp_path / "d.npz", inputs=x, labels=y)
+    assert main(["data", "convert", str(tmp_path / "d.npz"), "--x-key", "inputs", "--y-key",
+                 "labels", "--out", str(tmp_path / "d.h5"), "--chunk-rows", str(chunk),
+                 "--compression", "gzip"]) == 0
+    X, Y, chunks = read(tmp_path / "d.h5")
+    np.testing.assert_array_equal(X, x)
+    np.testing.assert_array_equal(Y, y)
+    assert Y.dtype == np.int64 and chunks == (chunk, 5)
+
+
+def test_convert_csv_with_header_label_by_name_and_without_header(tmp_path):
+    x, y = data()
+    with open(tmp_path / "h.csv", "w") as fh:
+        fh.write("a,label,b,c,d,e\n")
+        for row, label in zip(x, y):
+            fh.write(",".join([repr(float(row[0])), str(label)] + [repr(float(v)) for v in row[1:]]) + "\n")
+    assert main(["data", "convert", str(tmp_path / "h.csv"), "--label-column", "label", "--out",
+                 str(tmp_path / "h.h5"), "--chunk-rows", "10"]) == 0
+    X, Y, _ = read(tmp_path / "h.h5")
+    np.testing.assert_allclose(X, x, rtol=1e-6)
+    np.testing.assert_array_equal(Y, y)
+    t = np.column_stack([x, y + 0.5])  # float targets in the last column, no header, gzipped
+    with gzip.open(tmp_path / "n.csv.gz", "wt") as fh:
+        np.savetxt(fh, t, delimiter=",")
+    assert main(["data", "convert", str(tmp_path / "n.csv.gz"), "--out", str(tmp_path / "n.h5")]) == 0
+    X, Y, _ = read(tmp_path / "n.h5")
+    assert Y.dtype == np.float32 and np.allclose(Y, y + 0.5) and X.shape == (57, 5)
+
+
+def write_idx(path, array, code):
+    header = bytes([0, 0, code, array.ndim]) + np.array(array.shape, ">i4").tobytes()
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "wb") as fh:
+        fh.write(header + array.tobytes())
+
+
+@pytest.mark.parametrize("suffix", ["", ".gz"])
+def test_convert_idx_pair_with_scale(tmp_path, suffix):
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, (30, 4, 4)).astype(np.uint8)
+    labels = rng.integers(0, 10, 30).astype(np.uint8)
+    write_idx(tmp_path / f"img.idx{suffix}", images, 0x08)
+    write_idx(tmp_path / f"lab.idx{suffix}", labels, 0x08)
+    assert main(["data", "convert", str(tmp_path / f"img.idx{suffix}"), "--labels",
+                 str(tmp_path / f"lab.idx{suffix}"), "--format", "idx", "--scale", str(1 / 255),
+                 "--out", str(tmp_path / "m.h5"), "--chunk-rows", "8"]) == 0
+    X, Y, _ = read(tmp_path / "m.h5")
+    np.testing.assert_allclose(X, images.reshape(30, 16) / 255, rtol=1e-6)
+    np.testing.assert_array_equal(Y, labels)
+
+
+def test_convert_split_is_stratified_and_complete(tmp_path):
+    x, y = data(n=1000, k=4, seed=3)
+    np.savez(tmp_path / "d.npz", X=x, y=y)
+    assert main(["data", "convert", str(tmp_path / "d.npz"), "--out", str(tmp_path / "d.h5"),
+                 "--split", "0.9", "--chunk-rows", "64"]) == 0
+    Xa, Ya, _ = read(tmp_path / "d-train.h5")
+    Xb, Yb, _ = read(tmp_path / "d-test.h5")
+    assert len(Ya) + len(Yb) == 1000
+    for c in range(4):
+        assert abs((Ya == c).sum() - round(0.9 * (y == c).sum())) <= 1
+    rows = {tuple(r) for r in np.concatenate([Xa, Xb])}
+    assert rows == {tuple(r) for r in x}  # every row once, nothing lost
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["{tmp}/none.csv"], "input file not found"),
+    (["{tmp}/d.npz", "--x-key", "inputs"], "no array 'inputs' (found: X, y)"),
+    (["{tmp}/d.csv", "--label-column", "price"], "--label-column 'price': no such column"),
+    (["{tmp}/d.txt"], "cannot tell the format"),
+    (["{tmp}/d.npz", "--split", "1.5"], "--split must be in [0, 1)"),
+    (["{tmp}/d.npz", "--out", "{tmp}/missing/o.h5"], "does not exist"),
+])
+def test_convert_errors(tmp_path, capsys, argv, message):
+    x, y = data()
+    np.savez(tmp_path / "d.npz", X=x, y=y)
+    np.savetxt(tmp_path / "d.csv", np.column_stack([x, y]), delimiter=",")
+    (tmp_path / "d.txt").write_text("1,2\n")
+    code = main(["data", "convert", *[a.format(tmp=tmp_path) for a in argv]])
+    lines = [l for l in capsys.readouterr().err.splitlines() if l.startswith("mpinn: error")]
+    assert code == 2 and len(lines) == 1 and message in lines[0], lines
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = {}
+    d = tmp_path_factory.mktemp("exp")
+    ok(run_mpinn(1, "train", "--epochs", 3, "--run-dir", d / "ce"))
+    out["ce"] = d / "ce" / "checkpoint.h5"
+    x = np.random.default_rng(0).normal(size=(64, 3)).astype(np.float32)
+    with h5py.File(d / "reg.h5", "w") as f:
+        f["X"], f["y"] = x, (x[:, :2] > 0).astype(np.float32)
+    ok(run_mpinn(1, "train", "--data", d / "reg.h5", "--loss", "mse", "--output-activation",
+                 "sigmoid", "--activation", "tanh", "--hidden", "8", "--epochs", 5, "--run-dir",
+                 d / "mse"))
+    out["mse"] = d / "mse" / "checkpoint.h5"
+    out["mse_data"] = d / "reg.h5"
+    return out
+
+
+def predictions(ckpt, data_file, tmp_path):
+    ok(run_mpinn(1, "predict", "--checkpoint", ckpt, "--data", data_file, "--out",
+                 tmp_path / "p.h5"))
+    with h5py.File(tmp_path / "p.h5", "r") as f:
+        return f["prob"][...] if "prob" in f else f["output"][...]
+    
+
+@pytest.mark.parametrize("kind", ["ce", "mse"])
+def test_onnx_export_matches_predict(trained, tmp_path, kind):
+    ort = pytest.importorskip("onnxruntime")
+    data_file = DIGITS_TEST if kind == "ce" else trained["mse_data"]
+    assert main(["export", "--checkpoint", str(trained[kind]), "--format", "onnx", "--out",
+                 str(tmp_path / "m.onnx")]) == 0
+    with h5py.File(data_file, "r") as f:
+        x = f["X"][...].astype(np.float32)
+    got = ort.InferenceSession(str(tmp_path / "m.onnx")).run(["y"], {"x": x})[0]
+    expected = predictions(trained[kind], data_file, tmp_path)
+    assert np.abs(got - expected).max() <= 1e-5
+
+
+def test_torch_export_loads_into_sequential(trained, tmp_path, capsys):
+    torch = pytest.importorskip("torch")
+    assert main(["export", "--checkpoint", str(trained["ce"]), "--format", "torch", "--out",
+                 str(tmp_path / "m.pt")]) == 0
+    assert "torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU()" in capsys.readouterr().out
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 64),
+                                torch.nn.ReLU(), torch.nn.Linear(64, 10))
+    model.load_state_dict(torch.load(tmp_path / "m.pt"))
+    with h5py.File(DIGITS_TEST, "r") as f:
+        x = torch.tensor(f["X"][...], dtype=torch.float32)
+    probs = torch.softmax(model(x), dim=1).detach().numpy()
+    np.testing.assert_allclose(probs, predictions(trained["ce"], DIGITS_TEST, tmp_path), atol=1e-5)
+
+
+def test_npz_export_reproduces_predictions_with_numpy(trained, tmp_path):
+    assert main(["export", "--checkpoint", str(trained["ce"]), "--format", "npz", "--out",
+                 str(tmp_path / "m.npz")]) == 0
+    z = np.load(tmp_path / "m.npz")
+    with h5py.File(DIGITS_TEST, "r") as f:
+        h = f["X"][...].astype(np.float64)
+    layers = len(z["sizes"]) - 1
+    for l in range(layers):
+        h = h @ z[f"W{l}"] + z[f"b{l}"]
+        if l < layers - 1:
+            h = np.maximum(h, 0)
+    p = np.exp(h - h.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    np.testing.assert_allclose(p, predictions(trained["ce"], DIGITS_TEST, tmp_path), atol=1e-5)
+    assert str(z["activation"]) == "relu" and list(z["sizes"]) == [64, 128, 64, 10]
+
+
+def test_export_errors(tmp_path, capsys):
+    assert main(["export", "--checkpoint", str(tmp_path / "none.h5")]) == 2
+    assert "checkpoint not found" in capsys.readouterr().err
