@@ -108,6 +108,10 @@ def build_parser():
                 p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
                                default=argparse.SUPPRESS, help=text)
             else:
+                if f.name == "shuffle":  # --no-shuffle: the short way to say --shuffle none
+                    p.add_argument("--no-shuffle", dest="shuffle", action="store_const",
+                                   const="none", default=argparse.SUPPRESS,
+                                   help="keep file order (same as --shuffle none)")
                 typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
                 p.add_argument(flag, dest=f.name, type=typ, choices=f.metadata["choices"],
                                default=argparse.SUPPRESS, help=text,

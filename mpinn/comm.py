@@ -106,6 +106,17 @@ class Comm:
         """Receive into a preallocated contiguous buffer of exactly the sent size."""
         self._comm.Recv(buf, source=source, tag=tag)
 
+    def alltoallv_(self, sendbuf, send_counts, recvbuf, recv_counts):
+        """Rank r sends send_counts[d] consecutive elements of sendbuf to each rank d and receives
+        recv_counts[s] from each s, in rank order, into recvbuf (both contiguous, one dtype)."""
+        if self.size == 1:
+            recvbuf[...] = sendbuf
+            return recvbuf
+        displ = lambda c: np.concatenate([[0], np.cumsum(c)[:-1]]).astype(np.int64)  # noqa: E731
+        self._comm.Alltoallv([sendbuf, (list(map(int, send_counts)), list(map(int, displ(send_counts))))],
+                             [recvbuf, (list(map(int, recv_counts)), list(map(int, displ(recv_counts))))])
+        return recvbuf
+
     def gatherv_(self, sendbuf, recvbuf, counts, root=0):
         """Concatenate every rank's sendbuf (counts[r] elements each) into recvbuf on root."""
         if self.size == 1:

@@ -63,8 +63,11 @@ class TrainConfig:
     epochs: int = option(30, "epochs to train (in total, counting resumed ones)")
     steps: int = option(0, "stop after this many optimizer steps in total (0: no cap)")
     seed: int = option(0, "seed for initialisation and shuffling")
-    shuffle: bool = option(True, "shuffle each rank's rows every epoch; --no-shuffle keeps file "
-                                 "order, which makes results independent of the number of ranks")
+    shuffle: str = option("rank", "rank: each rank shuffles its own rows every epoch (cheap); "
+                                  "global: a seeded permutation of all rows every epoch, rows "
+                                  "exchanged between ranks (all-to-all), results independent of "
+                                  "the number of ranks; none (or --no-shuffle): file order",
+                          ("rank", "global", "none"))
     overlap_mb: float = option(0.0, "data parallel: Allreduce gradients in buckets of this many "
                                     "MiB, last layer first, while earlier layers' backward runs "
                                     "(0: one Allreduce after the backward pass)")
@@ -173,6 +176,8 @@ def check_value(cls, name, value, where):
         value, ok = float(value), True
     if name == "hidden" and isinstance(value, list) and all(isinstance(v, int) for v in value):
         value, ok = ",".join(str(v) for v in value), True
+    if name == "shuffle" and isinstance(value, bool):  # shuffle = true/false in older configs
+        value, ok = ("rank" if value else "none"), True
     if not ok:
         raise UsageError(f"{where}: {name} must be {expected.__name__}, got {value!r}")
     choices = f.metadata.get("choices")

@@ -163,6 +163,9 @@ def run(cfg, explicit, comm):
     loss = ckpt.arch.loss if ckpt else cfg.loss
     cols = data.Columns(cfg.x_key, cfg.y_key, loss)
     who = "ranks" if grid.stages == 1 else "pipeline replicas"
+    if cfg.shuffle == "global" and grid.stages > 1:
+        comm.checked(_raise, "--shuffle global works in data-parallel mode only for now; use "
+                             "--shuffle rank or none with --pipeline-stages")
     if cfg.batch_size < readers:
         comm.checked(_raise, f"--batch-size {cfg.batch_size} is smaller than the number of {who} "
                              f"({readers}); each needs at least one row of each full batch")
@@ -207,7 +210,7 @@ def run(cfg, explicit, comm):
         comm.checked(_check_resumable, cfg, ckpt)
         step = ckpt.global_step
         opt_state = (ckpt.optimizer_step, ckpt.optimizer_state)
-        if ckpt.config.get("ranks") != size and cfg.shuffle:
+        if ckpt.config.get("ranks") != size and cfg.shuffle == "rank":
             log.info(f"note: resuming on {size} ranks a run checkpointed on "
                      f"{ckpt.config.get('ranks')}: shuffled data order differs from an "
                      "uninterrupted run")
@@ -274,10 +277,18 @@ def run(cfg, explicit, comm):
     trained_samples, train_seconds = 0, 0.0  # global, training steps only
     saved_at = -1
     skipped = 0
+    shuffle_seconds = 0.0
     stopping = False
     while step < max_steps and not stopping:
         epoch, first = divmod(step, spe)
-        batches = data.EpochBatches(x, y, counts, cfg.shuffle, cfg.seed, epoch, reader)
+        if cfg.shuffle == "global":
+            t0 = time.perf_counter()
+            ex, ey = data.global_shuffle(comm, x, y, n_rows, cfg.batch_size, cfg.seed, epoch)
+            shuffle_seconds += time.perf_counter() - t0
+            batches = data.EpochBatches(ex, ey, counts, False, cfg.seed, epoch, reader)
+        else:
+            batches = data.EpochBatches(x, y, counts, cfg.shuffle == "rank", cfg.seed, epoch,
+                                        reader)
         for k in range(first, spe):
             if step >= max_steps:
                 break
@@ -350,6 +361,7 @@ def run(cfg, explicit, comm):
     summary = {"kind": "summary", "step": step, "samples": trained_samples,
                "train_seconds": train_seconds, "samples_per_s": rate, "skipped_steps": skipped,
                "kernels_s": jit_seconds, "startup_s": startup_s,
+               "global_shuffle_s": shuffle_seconds,
                "peak_rss_mb": per_rank[:, 0].tolist(), "shard_mb": per_rank[:, 1].tolist(),
                "shard_read_s": per_rank[:, 2].tolist()}
     if grid.stages > 1:

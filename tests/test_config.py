@@ -28,7 +28,7 @@ def test_command_line_wins_over_toml(tmp_path):
     path.write_text('lr = 0.5\nbatch-size = 32\nhidden = [16, 8]\nshuffle = false\n')
     _, cfg, explicit = parse(["train", "--config", str(path), "--lr", "0.1"])
     assert cfg.lr == 0.1 and cfg.batch_size == 32 and cfg.hidden_sizes() == (16, 8)
-    assert cfg.shuffle is False and cfg.epochs == TrainConfig.epochs
+    assert cfg.shuffle == "none" and cfg.epochs == TrainConfig.epochs  # a boolean still works
     assert {"lr", "batch_size", "hidden", "shuffle"} <= explicit and "epochs" not in explicit
 
 
@@ -36,7 +36,8 @@ def test_command_line_wins_over_toml(tmp_path):
     ("learning_rate = 0.1", "unknown key 'learning_rate'"),
     ("epochs = 'ten'", "epochs must be int"),
     ("epochs = 2.5", "epochs must be int"),
-    ("shuffle = 1", "shuffle must be bool"),
+    ("shuffle = 1", "shuffle must be str"),
+    ("shuffle = 'random'", "shuffle must be one of rank, global, none"),
     ("activation = 'gelu'", "activation must be one of"),
     ("lr = [", "not valid TOML"),
 ])

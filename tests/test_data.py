@@ -121,3 +121,26 @@ def test_missing_and_non_hdf5_files(tmp_path):
     bad.write_text("hello")
     with pytest.raises(UsageError, match="cannot open"):
         data.open_h5(str(bad))
+
+
+@pytest.mark.parametrize("n,batch,size", [(103, 10, 3), (100, 10, 4), (11, 4, 3), (7, 7, 2)])
+def test_position_owners_match_the_batch_plan(n, batch, size):
+    owner, local = data.position_owners(n, batch, size)
+    for r in range(size):
+        rows = data.BatchPlan(n, batch, r, size).owned_rows()
+        np.testing.assert_array_equal(np.flatnonzero(owner == r), rows)
+        np.testing.assert_array_equal(local[rows], np.arange(len(rows)))
+
+
+def test_global_shuffle_on_one_rank_is_the_permuted_file():
+    class One:
+        rank, size = 0, 1
+
+        def alltoallv_(self, send, sc, recv, rc):
+            recv[...] = send
+    x = np.arange(40, dtype=np.float32).reshape(20, 2)
+    y = np.arange(20)
+    gx, gy = data.global_shuffle(One(), x, y, 20, 6, 3, 1)
+    perm = np.random.default_rng([3, 1, 2**31]).permutation(20)
+    np.testing.assert_array_equal(gy, perm)
+    np.testing.assert_array_equal(gx, x[perm])

@@ -130,3 +130,19 @@ def test_overlapped_allreduce_gives_the_same_training(dataset, trained, tmp_path
     ckpt = checkpoint.load(str(tmp_path / "checkpoint.h5"))
     np.testing.assert_allclose(ckpt.params, trained[1].params, rtol=1e-4, atol=1e-6)
     assert ckpt.global_step == trained[1].global_step
+
+
+def test_global_shuffle_gives_the_same_training_on_1_2_4_ranks(dataset, tmp_path):
+    args = [a for a in COMMON if a != "--no-shuffle"] + ["--shuffle", "global"]
+    result = {}
+    for ranks in (1, 2, 4):
+        ok(run_mpinn(ranks, "train", "--data", dataset, "--run-dir", tmp_path / str(ranks), *args))
+        result[ranks] = checkpoint.load(str(tmp_path / str(ranks) / "checkpoint.h5"))
+    for ranks in (2, 4):
+        np.testing.assert_allclose(result[ranks].params, result[1].params, rtol=1e-4, atol=1e-6)
+    # and it is a real shuffle: not the file order
+    ok(run_mpinn(1, "train", "--data", dataset, "--run-dir", tmp_path / "fixed", *COMMON))
+    fixed = checkpoint.load(str(tmp_path / "fixed" / "checkpoint.h5"))
+    assert not np.allclose(fixed.params, result[1].params, rtol=1e-3)
+    summary = [json.loads(l) for l in open(tmp_path / "4" / "metrics.jsonl")][-1]
+    assert summary["global_shuffle_s"] > 0

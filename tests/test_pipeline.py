@@ -114,6 +114,7 @@ def test_evaluate_and_predict_in_pipeline_mode(dataset, baseline, tmp_path):
     (3, ["--pipeline-stages", 2], "--pipeline-stages 2 does not divide the 3 ranks"),
     (2, ["--pipeline-stages", 2, "--partition", "3,2"], "--partition 3,2 must give 2 positive"),
     (1, ["--micro-batches", 0], "--micro-batches must be positive"),
+    (2, ["--pipeline-stages", 2, "--shuffle", "global"], "--shuffle global works in data-parallel"),
 ])
 def test_invalid_stage_settings(dataset, tmp_path, ranks, args, message):
     r = run_mpinn(ranks, "train", "--data", dataset, "--run-dir", tmp_path, *COMMON, *args)
