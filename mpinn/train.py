@@ -267,91 +267,96 @@ def run(cfg, explicit, comm):
                 if cfg.stall_warning or cfg.stall_timeout else NullWatchdog())
     engine.watchdog = watchdog
 
-    comm.barrier()  # a shared clock origin for the timeline and the first window
-    if timeline.enabled:
-        timeline.start()
+    try:
+        comm.barrier()  # a shared clock origin for the timeline and the first window
+        if timeline.enabled:
+            timeline.start()
 
-    startup_s = seconds_since_process_start()
-    window = np.zeros(3)  # loss sum, correct, rows since the last log line (this rank)
-    t_window = time.perf_counter()
-    trained_samples, train_seconds = 0, 0.0  # global, training steps only
-    saved_at = -1
-    skipped = 0
-    shuffle_seconds = 0.0
-    stopping = False
-    while step < max_steps and not stopping:
-        epoch, first = divmod(step, spe)
-        if cfg.shuffle == "global":
-            t0 = time.perf_counter()
-            ex, ey = data.global_shuffle(comm, x, y, n_rows, cfg.batch_size, cfg.seed, epoch)
-            shuffle_seconds += time.perf_counter() - t0
-            batches = data.EpochBatches(ex, ey, counts, False, cfg.seed, epoch, reader)
-        else:
-            batches = data.EpochBatches(x, y, counts, cfg.shuffle == "rank", cfg.seed, epoch,
-                                        reader)
-        for k in range(first, spe):
-            if step >= max_steps:
-                break
-            watchdog.begin(step + 1)
-            faults.at("step", step + 1, engine)
-            t0 = time.perf_counter()
-            xb, yb = batches(k)
-            xb = faults.batch(step + 1, xb)
-            timeline.add("data", t0, time.perf_counter())
-            scale = 1.0 / plan.global_batch_rows(k) / (1 if loss == "cross_entropy" else n_outputs)
-            res = engine.step(xb, yb, int(counts[k]), scale, stop.requested)
-            watchdog.end()
-            step += 1
-            if res.finite:
-                window += (res.loss, res.correct, res.rows)
-            elif cfg.on_nonfinite == "stop":
-                diverged(step, epoch + 1)
-            else:
-                skipped += 1
-                log.info(f"warning: step {step}: non-finite loss or gradient, update skipped "
-                         f"({skipped} so far)")
-            if step % cfg.log_every == 0 or step == max_steps or k == spe - 1:
-                total = comm.allreduce_sum(window)
-                now = time.perf_counter()
-                mean_loss, acc = summarize(*total, loss, n_outputs)
-                rate = total[2] / max(now - t_window, 1e-9)
-                trained_samples += int(total[2])
-                train_seconds += now - t_window
-                log.info(f"epoch {epoch + 1}/{cfg.epochs} step {step} loss {mean_loss:.4f}"
-                         + (f" acc {acc:.4f}" if acc is not None else "")
-                         + f" samples/s {rate:,.0f}")
-                log.metrics({"kind": "train", "epoch": epoch + 1, "step": step, "loss": mean_loss,
-                             "accuracy": acc, "samples": int(total[2]), "samples_per_s": rate})
-                window[:] = 0
-                t_window = now
-            if step % cfg.check_every == 0 and not engine.replicas_agree():
-                raise RuntimeError(f"ranks hold different parameters after step {step}")
-            if res.stop:  # every rank sees the same flag after the same step
-                stopping = True
-                break
-        if step % spe == 0 and not stopping:  # a whole epoch is done
-            record = {"kind": "epoch", "epoch": epoch + 1, "step": step}
-            if evaluate:
+        startup_s = seconds_since_process_start()
+        window = np.zeros(3)  # loss sum, correct, rows since the last log line (this rank)
+        t_window = time.perf_counter()
+        trained_samples, train_seconds = 0, 0.0  # global, training steps only
+        saved_at = -1
+        skipped = 0
+        shuffle_seconds = 0.0
+        stopping = False
+        while step < max_steps and not stopping:
+            epoch, first = divmod(step, spe)
+            if cfg.shuffle == "global":
                 t0 = time.perf_counter()
-                faults.at("evaluate", step)
-                record["val_loss"], record["val_accuracy"] = evaluate(engine)
-                timeline.add("evaluate", t0, time.perf_counter())
-                log.info(f"epoch {epoch + 1}/{cfg.epochs} validation loss {record['val_loss']:.4f}"
-                         + (f" accuracy {record['val_accuracy']:.4f}"
-                            if record["val_accuracy"] is not None else ""))
-            log.metrics(record)
-            save(epoch + 1)
-            saved_at = step
-            t_window = time.perf_counter()  # samples/s measures training, not evaluation or I/O
-    if saved_at != step:
-        save(step // spe)
-    if stopping:
-        what = stop.name if stop.requested else "a signal on another rank"
-        comm.checked(_raise_run, f"stopped by {what} after step {step}: final checkpoint "
-                                 f"{ckpt_path} written; continue with --resume",
-                     stop.exit_code() if stop.requested else 143)
-    stop.restore()
-    watchdog.stop()
+                ex, ey = data.global_shuffle(comm, x, y, n_rows, cfg.batch_size, cfg.seed, epoch)
+                shuffle_seconds += time.perf_counter() - t0
+                batches = data.EpochBatches(ex, ey, counts, False, cfg.seed, epoch, reader)
+            else:
+                batches = data.EpochBatches(x, y, counts, cfg.shuffle == "rank", cfg.seed, epoch,
+                                            reader)
+            for k in range(first, spe):
+                if step >= max_steps:
+                    break
+                watchdog.begin(step + 1)
+                faults.at("step", step + 1, engine)
+                t0 = time.perf_counter()
+                xb, yb = batches(k)
+                xb = faults.batch(step + 1, xb)
+                timeline.add("data", t0, time.perf_counter())
+                per_row = 1 if loss == "cross_entropy" else n_outputs  # mse: mean over elements
+                scale = 1.0 / plan.global_batch_rows(k) / per_row
+                res = engine.step(xb, yb, int(counts[k]), scale, stop.requested)
+                watchdog.end()
+                step += 1
+                if res.finite:
+                    window += (res.loss, res.correct, res.rows)
+                elif cfg.on_nonfinite == "stop":
+                    diverged(step, epoch + 1)
+                else:
+                    skipped += 1
+                    log.info(f"warning: step {step}: non-finite loss or gradient, update skipped "
+                             f"({skipped} so far)")
+                if step % cfg.log_every == 0 or step == max_steps or k == spe - 1:
+                    total = comm.allreduce_sum(window)
+                    now = time.perf_counter()
+                    mean_loss, acc = summarize(*total, loss, n_outputs)
+                    rate = total[2] / max(now - t_window, 1e-9)
+                    trained_samples += int(total[2])
+                    train_seconds += now - t_window
+                    log.info(f"epoch {epoch + 1}/{cfg.epochs} step {step} loss {mean_loss:.4f}"
+                             + (f" acc {acc:.4f}" if acc is not None else "")
+                             + f" samples/s {rate:,.0f}")
+                    log.metrics({"kind": "train", "epoch": epoch + 1, "step": step,
+                                 "loss": mean_loss, "accuracy": acc, "samples": int(total[2]),
+                                 "samples_per_s": rate})
+                    window[:] = 0
+                    t_window = now
+                if step % cfg.check_every == 0 and not engine.replicas_agree():
+                    raise RuntimeError(f"ranks hold different parameters after step {step}")
+                if res.stop:  # every rank sees the same flag after the same step
+                    stopping = True
+                    break
+            if step % spe == 0 and not stopping:  # a whole epoch is done
+                record = {"kind": "epoch", "epoch": epoch + 1, "step": step}
+                if evaluate:
+                    t0 = time.perf_counter()
+                    faults.at("evaluate", step)
+                    record["val_loss"], record["val_accuracy"] = evaluate(engine)
+                    timeline.add("evaluate", t0, time.perf_counter())
+                    log.info(f"epoch {epoch + 1}/{cfg.epochs} validation loss "
+                             f"{record['val_loss']:.4f}"
+                             + (f" accuracy {record['val_accuracy']:.4f}"
+                                if record["val_accuracy"] is not None else ""))
+                log.metrics(record)
+                save(epoch + 1)
+                saved_at = step
+                t_window = time.perf_counter()  # samples/s measures training, not evaluation or I/O
+        if saved_at != step:
+            save(step // spe)
+        if stopping:
+            what = stop.name if stop.requested else "a signal on another rank"
+            comm.checked(_raise_run, f"stopped by {what} after step {step}: final checkpoint "
+                                     f"{ckpt_path} written; continue with --resume",
+                         stop.exit_code() if stop.requested else 143)
+    finally:  # also when training ends with an error: handlers back, thread gone
+        stop.restore()
+        watchdog.stop()
     if not engine.replicas_agree():
         raise RuntimeError("ranks hold different parameters at the end of training")
     rate = trained_samples / max(train_seconds, 1e-9)
