@@ -27,9 +27,7 @@ class Comm:
 
     def allreduce_sum_(self, buf):
         """In-place sum of a contiguous numpy buffer over all ranks."""
-        if self.size > 1:
-            self._comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
-        return buf
+        return self.allreduce_(buf, "sum")
 
     def allreduce_(self, buf, op="sum"):
         """In-place reduction of a contiguous numpy buffer: op is "sum", "max" or "min"."""

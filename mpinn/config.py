@@ -33,6 +33,21 @@ def parse_hidden(text):
     return sizes
 
 
+def require_positive(cfg, *names):
+    """UsageError naming the option when any of these fields is zero or negative."""
+    for name in names:
+        value = getattr(cfg, name)
+        if value <= 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {value}")
+
+
+def require_non_negative(cfg, *names):
+    for name in names:
+        value = getattr(cfg, name)
+        if value < 0:
+            raise UsageError(f"--{name.replace('_', '-')} must not be negative, got {value}")
+
+
 ACTIVATIONS = ("relu", "tanh", "sigmoid")
 OUTPUT_ACTIVATIONS = ("identity", "sigmoid")
 
@@ -108,18 +123,10 @@ class TrainConfig:
         return parse_hidden(self.hidden)
 
     def validate(self):
-        positive = {"lr": self.lr, "batch_size": self.batch_size, "epochs": self.epochs,
-                    "log_every": self.log_every, "check_every": self.check_every,
-                    "threads": self.threads, "pipeline_stages": self.pipeline_stages,
-                    "micro_batches": self.micro_batches}
-        for name, value in positive.items():
-            if value <= 0:
-                raise UsageError(f"--{name.replace('_', '-')} must be positive, got {value}")
-        for name in ("steps", "weight_decay", "momentum", "eps", "keep_checkpoints",
-                     "signal_grace", "stall_warning", "stall_timeout", "overlap_mb"):
-            if getattr(self, name) < 0:
-                raise UsageError(f"--{name.replace('_', '-')} must not be negative, "
-                                 f"got {getattr(self, name)}")
+        require_positive(self, "lr", "batch_size", "epochs", "log_every", "check_every", "threads",
+                         "pipeline_stages", "micro_batches")
+        require_non_negative(self, "steps", "weight_decay", "momentum", "eps", "keep_checkpoints",
+                             "signal_grace", "stall_warning", "stall_timeout", "overlap_mb")
         for name in ("beta1", "beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise UsageError(f"--{name} must be in [0, 1), got {getattr(self, name)}")
@@ -142,10 +149,7 @@ class EvaluateConfig:
     debug: bool = option(False, "show Python tracebacks on errors")
 
     def validate(self):
-        for name in ("batch_size", "threads", "pipeline_stages"):
-            if getattr(self, name) <= 0:
-                raise UsageError(f"--{name.replace('_', '-')} must be positive, "
-                                 f"got {getattr(self, name)}")
+        require_positive(self, "batch_size", "threads", "pipeline_stages")
 
 
 @dataclass
@@ -170,7 +174,7 @@ class PredictConfig:
 def check_value(cls, name, value, where):
     """Type-check one value for field `name` of dataclass `cls`; ints are accepted for floats."""
     f = {f.name: f for f in dataclasses.fields(cls)}[name]
-    expected = f.type if isinstance(f.type, type) else eval(f.type)
+    expected = f.type
     ok = isinstance(value, expected) and not (expected is int and isinstance(value, bool))
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         value, ok = float(value), True
@@ -229,14 +233,9 @@ class BenchConfig:
     debug: bool = option(False, "show Python tracebacks on errors")
 
     def validate(self):
-        for name in ("features", "classes", "batch_per_rank", "steps", "threads", "sweep_max"):
-            if getattr(self, name) <= 0:
-                raise UsageError(f"--{name.replace('_', '-')} must be positive, "
-                                 f"got {getattr(self, name)}")
-        for name in ("batch_size", "warmup"):
-            if getattr(self, name) < 0:
-                raise UsageError(f"--{name.replace('_', '-')} must not be negative, "
-                                 f"got {getattr(self, name)}")
+        require_positive(self, "features", "classes", "batch_per_rank", "steps", "threads",
+                         "sweep_max")
+        require_non_negative(self, "batch_size", "warmup")
         if self.classes < 2:
             raise UsageError(f"--classes must be at least 2, got {self.classes}")
         self.hidden_sizes()
@@ -292,11 +291,8 @@ class ScaleConfig:
     debug: bool = option(False, "show Python tracebacks on errors")
 
     def validate(self):
-        for name in ("features", "classes", "batch_size", "batch_per_rank", "steps", "threads",
-                     "timeout", "sweep_max"):
-            if getattr(self, name) <= 0:
-                raise UsageError(f"--{name.replace('_', '-')} must be positive, "
-                                 f"got {getattr(self, name)}")
+        require_positive(self, "features", "classes", "batch_size", "batch_per_rank", "steps",
+                         "threads", "timeout", "sweep_max")
         parse_hidden(self.hidden)
         from .scale import parse_ranks
         parse_ranks(self.ranks)
@@ -318,10 +314,7 @@ class JobsConfig:
     debug: bool = option(False, "show Python tracebacks on errors")
 
     def validate(self):
-        for name in ("nodes", "ranks_per_node", "threads"):
-            if getattr(self, name) <= 0:
-                raise UsageError(f"--{name.replace('_', '-')} must be positive, "
-                                 f"got {getattr(self, name)}")
+        require_positive(self, "nodes", "ranks_per_node", "threads")
 
 
 @dataclass
@@ -337,10 +330,7 @@ class SynthConfig:
     debug: bool = option(False, "show Python tracebacks on errors")
 
     def validate(self):
-        for name in ("rows", "features", "chunk_rows"):
-            if getattr(self, name) <= 0:
-                raise UsageError(f"--{name.replace('_', '-')} must be positive, "
-                                 f"got {getattr(self, name)}")
+        require_positive(self, "rows", "features", "chunk_rows")
         if self.classes < 2:
             raise UsageError(f"--classes must be at least 2, got {self.classes}")
         parse_hidden(self.hidden)
@@ -354,8 +344,7 @@ class InspectConfig:
     debug: bool = option(False, "show Python tracebacks on errors")
 
     def validate(self):
-        if self.chunk_rows <= 0:
-            raise UsageError(f"--chunk-rows must be positive, got {self.chunk_rows}")
+        require_positive(self, "chunk_rows")
 
 
 @dataclass
@@ -379,8 +368,7 @@ class ConvertConfig:
     debug: bool = option(False, "show Python tracebacks on errors")
 
     def validate(self):
-        if self.chunk_rows <= 0:
-            raise UsageError(f"--chunk-rows must be positive, got {self.chunk_rows}")
+        require_positive(self, "chunk_rows")
         if not 0 <= self.split < 1:
             raise UsageError(f"--split must be in [0, 1), got {self.split}")
 

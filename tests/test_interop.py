@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, ok, run_mpinn
-from mpinn import checkpoint
 from mpinn.cli import main
 
 DIGITS_TEST = ROOT / "data" / "digits-test.h5"
