@@ -1,0 +1,175 @@
+"""mpinn against PyTorch, an implementation that shares no code with it.
+
+1. Forward, loss and backward of every hidden activation x loss (and output activation), in
+   float64 (agreement to rounding: rtol 1e-10) and float32 (rtol 2e-5: float32 has a unit roundoff
+   of 6e-8 and these sums run over at most a few dozen terms).
+2. Training end to end through `mpiexec ... mpinn train`: every optimizer option (SGD, weight decay,
+   momentum, Nesterov, Adam with its betas and eps) and both losses, at 1 and 3 ranks data parallel
+   and on 3 pipeline stages, against torch.optim in float64 from the same initial weights (given to
+   mpinn with --init) over the same batches. mpinn computes in float32, so the two drift apart by
+   float32 rounding only: about 1e-6 relative per step; after 8 steps we allow rtol 2e-5 plus atol
+   2e-6 (for weights near zero). A wrong scale, a missed rank or a mis-ordered batch moves weights
+   by 1e-3 or more.
+"""
+import itertools
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from conftest import ok, run_mpinn
+from mpinn import checkpoint
+from mpinn.model import Architecture, Network
+
+torch.set_num_threads(1)
+TORCH_ACT = {"relu": torch.relu, "tanh": torch.tanh, "sigmoid": torch.sigmoid,
+             "identity": lambda z: z}
+
+
+def torch_layers(flat, sizes):
+    """(W, b) float64 leaf tensors (W of shape (fan_in, fan_out)) from a flat mpinn buffer."""
+    layers, o = [], 0
+    for fi, fo in zip(sizes[:-1], sizes[1:]):
+        W = torch.tensor(np.array(flat[o:o + fi * fo], np.float64).reshape(fi, fo),
+                         requires_grad=True)
+        o += fi * fo
+        b = torch.tensor(np.array(flat[o:o + fo], np.float64), requires_grad=True)
+        o += fo
+        layers.append((W, b))
+    return layers
+
+
+def torch_forward(layers, x, act, out_act):
+    h = torch.as_tensor(x, dtype=torch.float64)
+    for i, (W, b) in enumerate(layers):
+        h = TORCH_ACT[out_act if i == len(layers) - 1 else act](h @ W + b)
+    return h
+
+
+def torch_loss(out, y, loss):
+    if loss == "cross_entropy":
+        return torch.nn.functional.cross_entropy(out, torch.as_tensor(y))
+    return torch.nn.functional.mse_loss(out, torch.as_tensor(y, dtype=torch.float64))
+
+
+def flat_grads(layers):
+    return np.concatenate([np.concatenate([W.grad.numpy().ravel(), b.grad.numpy()])
+                           for W, b in layers])
+
+
+def flat_params(layers):
+    return np.concatenate([np.concatenate([W.detach().numpy().ravel(), b.detach().numpy()])
+                           for W, b in layers])
+
+
+LOSSES = [("cross_entropy", "identity"), ("mse", "identity"), ("mse", "sigmoid")]
+
+
+@pytest.mark.parametrize("act,loss_out", list(itertools.product(("relu", "tanh", "sigmoid"),
+                                                               LOSSES)))
+@pytest.mark.parametrize("dtype,rtol", [(np.float64, 1e-10), (np.float32, 2e-5)])
+def test_forward_loss_backward_match_torch(act, loss_out, dtype, rtol):
+    loss, out_act = loss_out
+    rng = np.random.default_rng(11)
+    sizes = (5, 9, 7, 4)
+    n = 13
+    x = rng.normal(size=(n, sizes[0])).astype(dtype)
+    y = (rng.integers(0, sizes[-1], n) if loss == "cross_entropy"
+         else rng.uniform(0, 1, (n, sizes[-1])).astype(dtype))
+    arch = Architecture(sizes, act, out_act, loss)
+    flat = rng.normal(0, 0.6, arch.n_params).astype(dtype)
+    net = Network(arch, flat.copy(), n)
+
+    layers = torch_layers(flat, sizes)
+    out = torch_forward(layers, x, act, out_act)
+    value = torch_loss(out, y, loss)
+    value.backward()
+
+    per = n if loss == "cross_entropy" else n * sizes[-1]
+    loss_sum, correct = net.train_step(x, y, 1.0 / per)
+    assert loss_sum / per == pytest.approx(value.item(), rel=rtol)
+    np.testing.assert_allclose(net.grads, flat_grads(layers), rtol=rtol, atol=rtol * 1e-2)
+    expect = out.detach()
+    if loss == "cross_entropy":
+        expect = torch.softmax(expect, 1)
+        assert correct == int((out.argmax(1).numpy() == y).sum())
+    np.testing.assert_allclose(net.forward(x), expect.numpy(), rtol=rtol, atol=rtol * 1e-2)
+
+
+# -- training end to end --------------------------------------------------------------------------
+N, F, HIDDEN, K, BATCH, STEPS = 45, 5, (7, 6), 3, 12, 8   # 4 steps an epoch, the last of 9 rows
+
+OPTIMIZERS = {
+    "sgd": (["--optimizer", "sgd", "--lr", "0.2"], dict(name="sgd", lr=0.2)),
+    "sgd-decay": (["--optimizer", "sgd", "--lr", "0.2", "--weight-decay", "0.05"],
+                  dict(name="sgd", lr=0.2, weight_decay=0.05)),
+    "momentum": (["--optimizer", "momentum", "--lr", "0.1", "--momentum", "0.8"],
+                 dict(name="sgd", lr=0.1, momentum=0.8)),
+    "nesterov": (["--optimizer", "momentum", "--lr", "0.1", "--momentum", "0.7", "--nesterov",
+                  "--weight-decay", "0.03"],
+                 dict(name="sgd", lr=0.1, momentum=0.7, nesterov=True, weight_decay=0.03)),
+    "adam": (["--optimizer", "adam", "--lr", "0.02", "--beta1", "0.8", "--beta2", "0.95",
+              "--eps", "1e-4", "--weight-decay", "0.01"],
+             dict(name="adam", lr=0.02, betas=(0.8, 0.95), eps=1e-4, weight_decay=0.01)),
+}
+# (loss, hidden activation, output activation): cross-entropy with tanh, mse with a sigmoid output
+NETS = {"ce": ("cross_entropy", "tanh", "identity"), "mse": ("mse", "relu", "sigmoid")}
+CASES = [(net, opt) for opt in OPTIMIZERS for net in ("ce",)] + [("mse", "adam"),
+                                                                 ("mse", "nesterov")]
+LAYOUTS = {"1 rank": (1, []), "3 ranks": (3, []),
+           "3 stages": (3, ["--pipeline-stages", 3, "--micro-batches", 2])}
+
+
+@pytest.fixture(scope="module")
+def problem(tmp_path_factory):
+    """Data files (one per loss) and an initial checkpoint per network, in a temporary folder."""
+    tmp = tmp_path_factory.mktemp("ref")
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(N, F)).astype(np.float32)
+    files = {}
+    with h5py.File(tmp / "ce.h5", "w") as f:
+        f["X"], f["y"] = x, rng.integers(0, K, N)
+    with h5py.File(tmp / "mse.h5", "w") as f:
+        f["X"], f["y"] = x, rng.uniform(0, 1, (N, K)).astype(np.float32)
+    for name, (loss, act, out_act) in NETS.items():
+        arch = Architecture((F,) + HIDDEN + (K,), act, out_act, loss)
+        params = rng.normal(0, 0.5, arch.n_params).astype(np.float32)
+        checkpoint.save(str(tmp / f"init-{name}.h5"), checkpoint.Checkpoint(arch, params))
+        files[name] = (str(tmp / f"{name}.h5"), str(tmp / f"init-{name}.h5"), arch, params)
+    return files
+
+
+def torch_training(data_path, arch, params, opt):
+    """The same 8 steps in float64 PyTorch: global batch k is rows [12k, 12k+12) in file order."""
+    with h5py.File(data_path, "r") as f:
+        x, y = f["X"][...], f["y"][...]
+    layers = torch_layers(params, arch.sizes)
+    tensors = [t for layer in layers for t in layer]
+    kw = dict(opt)
+    name = kw.pop("name")
+    optimizer = torch.optim.Adam(tensors, **kw) if name == "adam" else torch.optim.SGD(tensors, **kw)
+    for step in range(STEPS):
+        k = step % -(-N // BATCH)
+        rows = slice(k * BATCH, min((k + 1) * BATCH, N))
+        optimizer.zero_grad()
+        out = torch_forward(layers, x[rows], arch.activation, arch.output_activation)
+        torch_loss(out, y[rows], arch.loss).backward()
+        optimizer.step()
+    return flat_params(layers)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("net,opt", CASES)
+def test_training_matches_torch(problem, tmp_path, net, opt, layout):
+    data_path, init, arch, params = problem[net]
+    loss, act, out_act = NETS[net]
+    ranks, extra = LAYOUTS[layout]
+    ok(run_mpinn(ranks, "train", "--data", data_path, "--init", init, "--run-dir", tmp_path,
+                 "--batch-size", BATCH, "--steps", STEPS, "--epochs", 10, "--no-shuffle",
+                 "--check-every", 1, "--log-every", 100, *OPTIMIZERS[opt][0], *extra))
+    got = checkpoint.load(str(tmp_path / "checkpoint.h5"))
+    assert got.global_step == STEPS and got.arch == arch
+    expect = torch_training(data_path, arch, params, OPTIMIZERS[opt][1])
+    assert not np.allclose(expect, params, atol=1e-3)  # training moved the weights
+    np.testing.assert_allclose(got.params, expect, rtol=2e-5, atol=2e-6)
