@@ -181,8 +181,8 @@ def memory(lines, rows=1_000_000, features=64):
             lines.append(f"| {ranks} | {max(s['shard_mb']):,.0f} | {max(s['peak_rss_mb']):,.0f} | "
                          f"{speed:,.0f} |")
             print(lines[-1], flush=True)
-        base = sh([sys.executable, "-c", "import mpinn.train, mpinn.engine;"
-                   "print(mpinn.train.peak_rss_mb())"])
+        base = sh([sys.executable, "-c", "import mpinn.train, mpinn.runtime.process;"
+                   "print(mpinn.runtime.process.peak_rss_mb())"])
         lines += ["", f"A Python process with mpinn, NumPy, Numba, h5py and MPI imported holds "
                   f"{float(base):,.0f} MiB before any data."]
 

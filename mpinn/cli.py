@@ -9,15 +9,15 @@ Error policy (the job never hangs):
 import argparse
 import contextlib
 import dataclasses
+import importlib
 import io
-import math
 import sys
 import traceback
 
 from . import __version__
 from .config import (BenchConfig, ConvertConfig, EvaluateConfig, ExportConfig, InspectConfig,
                      JobsConfig, PredictConfig, ReportConfig, ScaleConfig, SynthConfig, TrainConfig,
-                     load_toml)
+                     build, load_toml)
 from .errors import AgreedExit, MpinnError, UsageError
 
 
@@ -26,30 +26,21 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message} (see --help)")
 
 
+# command -> (module, function): imported only when that command runs, so `mpinn jobs` never
+# loads Numba or MPI
+RUNNERS = {
+    "train": ("train", "run"), "evaluate": ("evaluate", "run_evaluate"),
+    "predict": ("evaluate", "run_predict"), "bench": ("hpc.bench", "run"),
+    "scale": ("hpc.scale", "run"), "report": ("hpc.report", "run"), "jobs": ("hpc.jobs", "run"),
+    "data synth": ("tools.datatools", "run_synth"),
+    "data inspect": ("tools.datatools", "run_inspect"),
+    "data convert": ("tools.convert", "run"), "export": ("tools.export", "run"),
+}
+
+
 def _command_runner(name):
-    if name == "train":
-        from .train import run
-    elif name == "evaluate":
-        from .evaluate import run_evaluate as run
-    elif name == "predict":
-        from .evaluate import run_predict as run
-    elif name == "bench":
-        from .bench import run
-    elif name == "scale":
-        from .scale import run
-    elif name == "report":
-        from .report import run
-    elif name == "jobs":
-        from .jobs import run
-    elif name == "data synth":
-        from .datatools import run_synth as run
-    elif name == "data inspect":
-        from .datatools import run_inspect as run
-    elif name == "data convert":
-        from .convert import run
-    elif name == "export":
-        from .export import run
-    return run
+    module, function = RUNNERS[name]
+    return getattr(importlib.import_module(f"{__package__}.{module}"), function)
 
 
 COMMANDS = {
@@ -128,13 +119,7 @@ def parse(argv):
     cls = COMMANDS[command][0]
     values = load_toml(cls, ns.pop("config")) if "config" in ns else {}
     values.update(ns)
-    cfg = cls(**values)
-    for f in dataclasses.fields(cls):
-        value = getattr(cfg, f.name)
-        if isinstance(value, float) and not math.isfinite(value):
-            raise UsageError(f"--{f.name.replace('_', '-')} must be a finite number, got {value}")
-    cfg.validate()
-    return command, cfg, frozenset(values)
+    return command, build(cls, values), frozenset(values)
 
 
 def main(argv=None):

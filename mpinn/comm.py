@@ -151,6 +151,11 @@ class Comm:
         if not first:
             fn()
 
+    @staticmethod
+    def library_version():
+        """The MPI library's name and version, e.g. 'MPICH Version: 5.0.2'."""
+        return library_version()
+
     def barrier(self):
         self._comm.Barrier()
 

@@ -5,6 +5,7 @@ Each sub-command has a dataclass; cli.py turns its fields into argparse options 
 and the command line wins. Unknown keys and wrong types are UsageErrors.
 """
 import dataclasses
+import math
 import tomllib
 from dataclasses import dataclass, field
 
@@ -31,6 +32,16 @@ def parse_hidden(text):
     if any(s < 1 for s in sizes):
         raise UsageError(f"--hidden widths must be positive, got {text!r}")
     return sizes
+
+
+def parse_ranks(text):
+    try:
+        ranks = sorted({int(r) for r in str(text).split(",") if r.strip()})
+    except ValueError:
+        raise UsageError(f"--ranks must be comma-separated integers, got {text!r}") from None
+    if not ranks or ranks[0] < 1:
+        raise UsageError(f"--ranks must be positive, got {text!r}")
+    return ranks
 
 
 def require_positive(cfg, *names):
@@ -190,6 +201,30 @@ def check_value(cls, name, value, where):
     return value
 
 
+def build(cls, values):
+    """The validated config of dataclass cls from already type-checked values."""
+    cfg = cls(**values)
+    for f in dataclasses.fields(cls):
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UsageError(f"--{f.name.replace('_', '-')} must be a finite number, got {value}")
+    cfg.validate()
+    return cfg
+
+
+def from_options(cls, config_file=None, where="options", **options):
+    """A validated config from a TOML file and keyword options (the options win), type-checked
+    as the command line and config files are: the Python API's way in."""
+    values = load_toml(cls, config_file) if config_file else {}
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key, value in options.items():
+        name = key.replace("-", "_")
+        if name not in names:
+            raise UsageError(f"{where}: unknown option {key!r} (valid: {', '.join(sorted(names))})")
+        values[name] = check_value(cls, name, value, where)
+    return build(cls, values), frozenset(values)
+
+
 def load_toml(cls, path):
     """The keys of a TOML config file for `cls`, type-checked; '-' and '_' in keys are the same."""
     try:
@@ -294,7 +329,6 @@ class ScaleConfig:
         require_positive(self, "features", "classes", "batch_size", "batch_per_rank", "steps",
                          "threads", "timeout", "sweep_max")
         parse_hidden(self.hidden)
-        from .scale import parse_ranks
         parse_ranks(self.ranks)
 
 

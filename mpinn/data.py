@@ -1,12 +1,8 @@
-"""Which rows a rank owns (pure functions of rank and size), per-rank read-only HDF5 reads, and the
-per-epoch batch order.
+"""Per-rank data: read-only HDF5 reads of only the rows a rank owns (plan.BatchPlan says which), the
+data checks every reader runs, the global shuffle's row exchange, and the per-epoch batch order.
 
-The split makes results independent of the number of ranks. With B the global batch and N rows,
-global batch k is rows [k*B, min((k+1)*B, N)) of the file, and rank r owns its own contiguous part
-of every global batch (parts as even as possible, the first ranks one row longer). The rows a rank
-owns are therefore one strided block selection over the full batches (h5py.MultiBlockSlice, read
-as one hyperslab) plus its part of the last, shorter batch. Every rank runs ceil(N/B) steps per
-epoch by construction; a rank whose part of a batch is empty takes part with zero rows.
+The rows a rank owns are one strided block selection over the full batches (h5py.MultiBlockSlice,
+read as one hyperslab) plus its part of the last, shorter batch.
 """
 from dataclasses import dataclass
 
@@ -15,64 +11,7 @@ import numpy as np
 
 from .errors import UsageError
 from .kernels import all_finite  # one pass, no temporary the size of the shard
-
-
-def even_part(n, parts, i):
-    """(offset, count) of part i when n items are split into `parts` near-equal contiguous parts."""
-    base, extra = divmod(n, parts)
-    return i * base + min(i, extra), base + (1 if i < extra else 0)
-
-
-@dataclass(frozen=True)
-class BatchPlan:
-    """The rows rank `rank` of `size` owns when N rows are cut into global batches of B."""
-    n_rows: int
-    batch: int
-    rank: int = 0
-    size: int = 1
-
-    @property
-    def steps_per_epoch(self):
-        return -(-self.n_rows // self.batch)
-
-    @property
-    def n_full(self):
-        return self.n_rows // self.batch
-
-    @property
-    def last_batch(self):
-        """Rows in the last, shorter global batch (0 when B divides N)."""
-        return self.n_rows - self.n_full * self.batch
-
-    def global_batch_rows(self, k):
-        """Rows in global batch k (the same for every rank)."""
-        return self.batch if k < self.n_full else self.last_batch
-
-    def full_part(self):
-        return even_part(self.batch, self.size, self.rank)
-
-    def last_part(self):
-        return even_part(self.last_batch, self.size, self.rank)
-
-    def local_counts(self):
-        """This rank's rows in each global batch, in step order (length steps_per_epoch)."""
-        counts = [self.full_part()[1]] * self.n_full
-        if self.last_batch:
-            counts.append(self.last_part()[1])
-        return np.array(counts, np.int64)
-
-    @property
-    def n_local(self):
-        return int(self.local_counts().sum())
-
-    def owned_rows(self):
-        """Global row indices this rank owns, in step order (for tests and checks)."""
-        off, cnt = self.full_part()
-        rows = [k * self.batch + off + np.arange(cnt) for k in range(self.n_full)]
-        if self.last_batch:
-            off, cnt = self.last_part()
-            rows.append(self.n_full * self.batch + off + np.arange(cnt))
-        return np.concatenate(rows) if rows else np.zeros(0, np.int64)
+from .plan import even_part, position_owners
 
 
 def open_h5(path):
@@ -193,30 +132,6 @@ def read_inputs(f, path, x_key, selections):
     if not all_finite(x.reshape(-1)):
         raise UsageError(f"{path}:{x_key} contains NaN or inf values")
     return x
-
-
-def position_owners(plan_n_rows, batch, size):
-    """For every position p of an epoch's row order: (rank that owns it, its index among that
-    rank's rows), following the same split as BatchPlan. Vectorised, O(N) int64."""
-    p = np.arange(plan_n_rows, dtype=np.int64)
-    k, q = np.divmod(p, batch)
-    n_full = plan_n_rows // batch
-    owner = np.empty(plan_n_rows, np.int64)
-    local = np.empty(plan_n_rows, np.int64)
-    for last in (False, True):
-        sel = (k == n_full) if last else (k < n_full)
-        if not sel.any():
-            continue
-        rows = plan_n_rows - n_full * batch if last else batch
-        base, extra = divmod(rows, size)
-        qq = q[sel]
-        cut = extra * (base + 1)
-        r = np.where(qq < cut, qq // (base + 1), extra + (qq - cut) // max(base, 1))
-        off = r * base + np.minimum(r, extra)
-        cnt_full = np.array([even_part(batch, size, i)[1] for i in range(size)], np.int64)
-        before = n_full * cnt_full[r] if last else k[sel] * cnt_full[r]
-        owner[sel], local[sel] = r, before + (qq - off)
-    return owner, local
 
 
 def global_shuffle(comm, x, y, n_rows, batch, seed, epoch):

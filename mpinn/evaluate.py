@@ -2,18 +2,18 @@
 `mpinn predict` (classes and probabilities, or regression outputs, in input order to HDF5 or CSV).
 Both run data parallel or, with --pipeline-stages, as a forward-only pipeline."""
 import json
-import os
 
 import h5py
 import numpy as np
 
-from . import checkpoint, data, kernels
-from .engine import make_engine
+from . import checkpoint, data
 from .errors import UsageError
 from .log import Log
-from .schedule import Grid
-from .threads import limit_threads
-from .train import Evaluator, broadcast_checkpoint, bundled, check_labels, load_split
+from .outputs import check_output_path
+from .plan import Grid, even_part
+from .runtime.threads import limit_threads
+from .session import (Evaluator, broadcast_checkpoint, bundled, check_labels, load_split,
+                      make_engine)
 
 
 def run_evaluate(cfg, explicit, comm):
@@ -32,13 +32,13 @@ def run_evaluate(cfg, explicit, comm):
         if n_features != arch.sizes[0]:
             raise UsageError(f"{path} has {n_features} features; the checkpoint's network takes "
                              f"{arch.sizes[0]}")
-        if arch.loss == "cross_entropy":
+        if arch.loss_fn.integer_labels:
             check_labels(y, arch.sizes[-1], path)
         elif n_targets != arch.sizes[-1]:
             raise UsageError(f"{path}:{cfg.y_key} has {n_targets} targets; the network has "
                              f"{arch.sizes[-1]} outputs")
     comm.checked(check)
-    n_local = data.even_part(n_rows, grid.replicas, grid.replica)[1]
+    n_local = even_part(n_rows, grid.replicas, grid.replica)[1]
     engine = comm.checked(make_engine, comm, grid, arch, ckpt.params,
                           min(cfg.batch_size, max(n_local, 1)), partition=cfg.partition)
     if n_local:
@@ -58,9 +58,7 @@ def run_evaluate(cfg, explicit, comm):
 
 def open_output(path, n, k, classify):
     """(write(offset, outputs), close) for n rows of predictions: HDF5 datasets or CSV."""
-    directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
-        raise UsageError(f"--out {path}: directory {directory} does not exist")
+    check_output_path(path)
     if path.lower().endswith(".csv"):
         fh = open(path, "w")
         cols = (["pred"] + [f"p{j}" for j in range(k)]) if classify else [f"y{j}" for j in range(k)]
@@ -102,7 +100,7 @@ def run_predict(cfg, explicit, comm):
     arch = ckpt.arch
     path = cfg.data or comm.checked(bundled, "digits-test.h5")
     active = grid.replica == 0
-    classify = arch.loss == "cross_entropy"
+    classify = arch.loss_fn.integer_labels
 
     def prepare():
         with data.open_h5(path) as f:
@@ -120,9 +118,7 @@ def run_predict(cfg, explicit, comm):
         write = writer[0] if writer else None
 
         def consume(off, out):
-            if classify:
-                kernels.softmax_(out)
-            write(off, out)
+            write(off, arch.loss_fn.outputs_(out))
         f = data.open_h5(path) if grid.is_first else None
         try:
             engine.forward_chunks(

@@ -13,8 +13,10 @@ The workspace `acts` holds each layer's output for up to `max_rows` rows (layer 
 `d0`/`d1` are ping-pong buffers for dLoss/dz of max_rows * max(width). All outputs are preallocated
 by the caller (model.Workspace); nothing here allocates per step, touches MPI, does I/O or reads globals.
 
-Activation codes (ACT_*) and loss codes (LOSS_*) are plain ints so one compiled kernel serves all
-networks. The gradient written is d(scale * sum of per-sample losses)/d(params): the caller passes
+Activation codes (ACT_*) are plain ints so one compiled kernel serves all networks; the losses
+(losses.py) pick between the cross-entropy and squared-error kernels here.
+
+The gradient written is d(scale * sum of per-sample losses)/d(params): the caller passes
 scale = 1/global_batch (cross-entropy) or 1/(global_batch*K) (mse), so the sum over ranks of the
 per-rank gradients is exactly the gradient of the global mean loss, however the rows are split.
 """
@@ -23,8 +25,6 @@ from numba import njit
 
 ACT_IDENTITY, ACT_RELU, ACT_TANH, ACT_SIGMOID = 0, 1, 2, 3
 ACTIVATIONS = {"identity": ACT_IDENTITY, "relu": ACT_RELU, "tanh": ACT_TANH, "sigmoid": ACT_SIGMOID}
-LOSS_CROSS_ENTROPY, LOSS_MSE = 0, 1
-LOSSES = {"cross_entropy": LOSS_CROSS_ENTROPY, "mse": LOSS_MSE}
 
 
 @njit(cache=True)

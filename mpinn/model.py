@@ -11,6 +11,7 @@ import numpy as np
 
 from . import kernels
 from .errors import UsageError
+from .losses import LOSSES
 
 
 @dataclass(frozen=True)
@@ -30,11 +31,16 @@ class Architecture:
         if self.output_activation not in kernels.ACTIVATIONS:
             raise UsageError(f"unknown output activation {self.output_activation!r}; expected one "
                              f"of {', '.join(kernels.ACTIVATIONS)}")
-        if self.loss not in kernels.LOSSES:
-            raise UsageError(f"unknown loss {self.loss!r}; expected one of {', '.join(kernels.LOSSES)}")
+        if self.loss not in LOSSES:
+            raise UsageError(f"unknown loss {self.loss!r}; expected one of {', '.join(LOSSES)}")
         if self.loss == "cross_entropy" and self.output_activation != "identity":
             raise UsageError("--output-activation applies to --loss mse only "
                              "(cross_entropy applies softmax itself)")
+
+    @property
+    def loss_fn(self):
+        """The loss object (losses.py) this network trains with."""
+        return LOSSES[self.loss]
 
     @property
     def n_layers(self):
@@ -94,6 +100,7 @@ class Workspace:
 
     def __init__(self, sizes, activation, out_activation, max_rows, dtype=np.float32,
                  stage_input=False):
+        sizes = tuple(int(s) for s in sizes)
         self.max_rows = max(int(max_rows), 1)
         widths = sizes[1:]
         self.a_off = np.cumsum([0] + [self.max_rows * w for w in widths[:-1]]).astype(np.int64)
@@ -129,64 +136,85 @@ class Workspace:
         return self.dx[:n * f].reshape(n, f)
 
 
+class Layers:
+    """Consecutive dense layers over one flat parameter buffer (a whole network, or a pipeline
+    stage's contiguous slice of it) and the kernel calls that run them on a Workspace. Gradients go
+    to `grads` (its own buffer unless one is given) or to a buffer the caller names."""
+
+    def __init__(self, sizes, activation, out_activation, params, grads=None):
+        self.sizes = tuple(int(s) for s in sizes)
+        self.activation, self.out_activation = activation, out_activation
+        self.params = np.ascontiguousarray(params)
+        self.grads = np.zeros_like(self.params) if grads is None else grads
+
+    @property
+    def n_layers(self):
+        return len(self.sizes) - 1
+
+    def workspace(self, max_rows, stage_input=False):
+        return Workspace(self.sizes, self.activation, self.out_activation, max_rows,
+                         self.params.dtype, stage_input)
+
+    def forward(self, ws, x):
+        """The last layer's output for the rows of x: a view into ws, valid until ws is reused."""
+        kernels.forward(self.params, x, ws.sizes, ws.w_off, ws.b_off, ws.acts, ws.a_off, ws.act,
+                        ws.out_act)
+        return ws.output(x.shape[0])
+
+    def backward(self, ws, x, grads=None, dx=None, hi=None, lo=0):
+        """Backpropagate the dLoss/dz left in ws's output slot through layers hi-1 .. lo (default:
+        all), writing their gradients into grads (default self.grads). With dx (a pipeline stage
+        after the first), dx receives dLoss/dz of the layer that produced x."""
+        kernels.backward_layers(self.grads if grads is None else grads, self.params, x, ws.sizes,
+                                ws.w_off, ws.b_off, ws.acts, ws.a_off, ws.act, ws.d0, ws.d1,
+                                x if dx is None else dx, dx is not None,
+                                self.n_layers if hi is None else hi, lo)
+
+
 class Network:
-    """A network's parameters and gradients (flat buffers) plus the calls that run the kernels."""
+    """A whole network: its layers over the flat parameter and gradient buffers, one workspace, and
+    its loss object."""
 
     def __init__(self, arch, params, max_rows, grads=None):
         """grads: an optional preallocated buffer (a view the engine reduces together with a few
         control values); a new one by default."""
-        self.arch = arch
-        self.params = np.ascontiguousarray(params)
-        self.grads = np.zeros_like(self.params) if grads is None else grads
-        self.ws = Workspace(arch.sizes, arch.activation, arch.output_activation, max_rows,
-                            self.params.dtype)
+        self.arch, self.loss = arch, arch.loss_fn
+        self.layers = Layers(arch.sizes, arch.activation, arch.output_activation, params, grads)
+        self.params, self.grads = self.layers.params, self.layers.grads
+        self.ws = self.layers.workspace(max_rows)
 
     def train_step(self, x, y, scale):
         """Gradient of scale * (sum of losses over the rows of x) into self.grads.
         Returns (loss sum, correct count) over those rows."""
-        ws = self.ws
-        if x.shape[0] > ws.max_rows:
-            raise ValueError(f"{x.shape[0]} rows exceed the workspace of {ws.max_rows}")
-        if self.arch.loss == "cross_entropy":
-            loss, correct = kernels.train_step_ce(
-                self.grads, self.params, x, y, self.params.dtype.type(scale), ws.sizes, ws.w_off,
-                ws.b_off, ws.acts, ws.a_off, ws.act, ws.d0, ws.d1)
-        else:
-            loss, correct = kernels.train_step_mse(
-                self.grads, self.params, x, y, self.params.dtype.type(scale), ws.sizes, ws.w_off,
-                ws.b_off, ws.acts, ws.a_off, ws.act, ws.out_act, ws.d0, ws.d1)
+        if x.shape[0] > self.ws.max_rows:
+            raise ValueError(f"{x.shape[0]} rows exceed the workspace of {self.ws.max_rows}")
+        loss, correct = self.loss.fused_step(self.grads, self.params, x, y,
+                                             self.params.dtype.type(scale), self.ws)
         return float(loss), int(correct)
 
     def forward_loss_grad(self, x, y, scale):
         """Forward pass and loss for the rows of x (at least one), leaving scale * dLoss/dz of
         the output layer in the workspace for backward. Returns (loss sum, correct count)."""
-        ws = self.ws
-        kernels.forward(self.params, x, ws.sizes, ws.w_off, ws.b_off, ws.acts, ws.a_off, ws.act,
-                        ws.out_act)
-        out = ws.output(x.shape[0])
-        scale = self.params.dtype.type(scale)
-        if self.arch.loss == "cross_entropy":
-            loss, correct = kernels.cross_entropy_grad_(out, y, scale)
-        else:
-            loss, correct = kernels.mse_grad_(out, y, ws.out_act, scale)
-        return float(loss), int(correct)
+        out = self.layers.forward(self.ws, x)
+        return self.loss.grad_(out, y, self.ws.out_act, self.params.dtype.type(scale))
+
+    def backward(self, x, hi=None, lo=0):
+        """Backpropagate what forward_loss_grad left (layers hi-1 .. lo; default all)."""
+        self.layers.backward(self.ws, x, hi=hi, lo=lo)
 
     def train_step_traced(self, x, y, scale, timeline):
         """train_step with forward and backward as separate kernel calls (same mathematics),
         recorded on the timeline."""
-        ws = self.ws
         if x.shape[0] == 0:
             self.grads[:] = 0
             return 0.0, 0
         t0 = time.perf_counter()
         loss, correct = self.forward_loss_grad(x, y, scale)
         t1 = time.perf_counter()
-        kernels.backward(self.grads, self.params, x, ws.sizes, ws.w_off, ws.b_off, ws.acts,
-                         ws.a_off, ws.act, ws.d0, ws.d1, x, False)
-        t2 = time.perf_counter()
+        self.backward(x)
         timeline.add("forward", t0, t1)
-        timeline.add("backward", t1, t2)
-        return float(loss), int(correct)
+        timeline.add("backward", t1, time.perf_counter())
+        return loss, correct
 
     def warmup(self, x, y):
         """Compile (or load from cache) the kernels for these dtypes on one row, outside any timing;
@@ -195,27 +223,18 @@ class Network:
         self.loss_sums(x[:1], y[:1])
         self.grads[:] = 0
 
+    def raw_outputs(self, x):
+        """Raw outputs (logits, or out_act(z) for mse) of the rows of x (at most max_rows): a view
+        into the workspace, valid until the next call."""
+        return self.layers.forward(self.ws, x)
+
     def forward(self, x):
         """Outputs for the rows of x (at most max_rows): a view into the workspace, valid until the
         next call. Softmax probabilities for cross-entropy, out_act(z) for mse."""
-        ws = self.ws
-        kernels.forward(self.params, x, ws.sizes, ws.w_off, ws.b_off, ws.acts, ws.a_off, ws.act,
-                        ws.out_act)
-        out = ws.output(x.shape[0])
-        if self.arch.loss == "cross_entropy":
-            kernels.softmax_(out)
-        return out
+        return self.loss.outputs_(self.raw_outputs(x))
 
     def loss_sums(self, x, y):
         """(loss sum, correct count) over the rows of x, without touching the gradients."""
         if x.shape[0] == 0:
             return 0.0, 0
-        ws = self.ws
-        kernels.forward(self.params, x, ws.sizes, ws.w_off, ws.b_off, ws.acts, ws.a_off, ws.act,
-                        ws.out_act)
-        out = ws.output(x.shape[0])
-        if self.arch.loss == "cross_entropy":
-            loss, correct = kernels.cross_entropy_grad_(out, y, 1.0)
-        else:
-            loss, correct = kernels.mse_grad_(out, y, ws.out_act, 1.0)
-        return float(loss), int(correct)
+        return self.loss.grad_(self.raw_outputs(x), y, self.ws.out_act, 1.0)

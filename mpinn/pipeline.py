@@ -14,15 +14,13 @@ import zlib
 import numpy as np
 
 from . import kernels
-from .data import even_part
-from .engine import StepResult, loss_sums_raw, make_optimizer, restore_optimizer
-from .model import Workspace
-from .timeline import NullTimeline
-from .watchdog import NullWatchdog
-from .schedule import (balanced_partition, in_flight, layer_flops, parse_partition, schedule,
-                       stage_layers)
+from .engine import Engine, StepResult, make_optimizer
+from .model import Layers
+from .plan import (balanced_partition, even_part, in_flight, layer_flops, parse_partition,
+                   schedule, stage_layers)
 
 TAG_ACTIVATION, TAG_GRADIENT = 101, 102
+STAT_KEYS = ("compute_s", "wait_s", "bubble", "activation_bytes", "layers")
 
 
 class Slot:
@@ -37,7 +35,7 @@ class Slot:
             self.pending = None
 
 
-class PipelineEngine:
+class PipelineEngine(Engine):
     def __init__(self, comm, grid, arch, params, max_rows, opt_settings=None, opt_state=None,
                  partition=None, micro_batches=1, kind="1f1b"):
         self.comm, self.grid, self.arch = comm, grid, arch
@@ -48,27 +46,24 @@ class PipelineEngine:
                   else balanced_partition(layer_flops(arch.sizes), grid.stages))
         self.layers_per_stage = counts
         first, end = stage_layers(counts, grid.stage)
-        self.sizes = arch.sizes[first:end + 1]
         self.p0, self.p1 = self.param_range(grid.stage)
-        self.params = np.ascontiguousarray(params[self.p0:self.p1], np.float32).copy()
-        self.grads = np.zeros_like(self.params)
+        last_act = arch.output_activation if grid.is_last else arch.activation
+        self.layers = Layers(arch.sizes[first:end + 1], arch.activation, last_act,
+                             np.array(params[self.p0:self.p1], np.float32))
+        self.params, self.grads = self.layers.params, self.layers.grads
         self.micro_grads = np.zeros_like(self.params)
         self.pipe = comm.split(grid.replica, grid.stage)  # this replica's stages, rank = stage
         self.dp = comm.split(grid.stage, grid.replica)    # this stage's replicas
-        last_act = arch.output_activation if grid.is_last else arch.activation
-        self.loss_code = arch.loss
+        self.loss = arch.loss_fn
         # micro-batch rows: the largest part of this replica's share of a batch (max_rows) over M
         self.chunk = max(-(-int(max_rows) // self.micro), 1)
         n_slots = max(in_flight(kind, grid.stages, grid.stage, self.micro), 1)
-        self.slots = [Slot(Workspace(self.sizes, arch.activation, last_act, self.chunk,
-                                     stage_input=not grid.is_first)) for _ in range(n_slots)]
-        self.optimizer = make_optimizer(opt_settings, self.params.size)
-        if opt_state is not None:
-            step, state = opt_state
-            restore_optimizer(self.optimizer, step, [s[self.p0:self.p1] for s in state])
+        self.slots = [Slot(self.layers.workspace(self.chunk, stage_input=not grid.is_first))
+                      for _ in range(n_slots)]
+        self.optimizer = make_optimizer(
+            opt_settings, self.params.size,
+            None if opt_state is None else (opt_state[0], [b[self.p0:self.p1] for b in opt_state[1]]))
         self.compute_s = self.wait_s = 0.0
-        self.timeline = NullTimeline()
-        self.watchdog = NullWatchdog()
         self.control = np.zeros(2)
 
     def param_range(self, stage):
@@ -105,13 +100,11 @@ class PipelineEngine:
             h = ws.input(n)
             self._recv(h, s - 1, TAG_ACTIVATION)
         t = time.perf_counter()
-        kernels.forward(self.params, h, ws.sizes, ws.w_off, ws.b_off, ws.acts, ws.a_off, ws.act,
-                        ws.out_act)
+        out = self.layers.forward(ws, h)
         t1 = time.perf_counter()
         self.compute_s += t1 - t
         self.timeline.add("forward", t, t1)
         slot.h = h
-        out = ws.output(n)
         if not self.grid.is_last:
             slot.pending = self.pipe.isend_(out, s + 1, TAG_ACTIVATION)
         return out
@@ -125,11 +118,9 @@ class PipelineEngine:
             self._wait(slot)  # the activation send reads the buffer the gradient arrives in
             self._recv(ws.output(n), s + 1, TAG_GRADIENT)
         first = self.grid.is_first
-        dx = slot.h if first else ws.input_grad(n)
+        dx = None if first else ws.input_grad(n)
         t = time.perf_counter()
-        target = self.micro_grads if accumulate else self.grads
-        kernels.backward(target, self.params, slot.h, ws.sizes, ws.w_off, ws.b_off,
-                         ws.acts, ws.a_off, ws.act, ws.d0, ws.d1, dx, not first)
+        self.layers.backward(ws, slot.h, self.micro_grads if accumulate else self.grads, dx)
         if accumulate:
             self.grads += self.micro_grads
         t1 = time.perf_counter()
@@ -142,19 +133,13 @@ class PipelineEngine:
     def warmup(self, x, y):
         """Compile the kernels this stage calls on one local row (no communication)."""
         ws = self.slots[0].ws
-        h = np.zeros((1, int(ws.sizes[0])), np.float32)
-        kernels.forward(self.params, h, ws.sizes, ws.w_off, ws.b_off, ws.acts, ws.a_off, ws.act,
-                        ws.out_act)
-        out = ws.output(1)
+        h = np.zeros((1, self.layers.sizes[0]), np.float32)
+        out = self.layers.forward(ws, h)
         if self.grid.is_last and y is not None and len(y):
-            loss_sums_raw(out, y[:1], self.loss_code, ws.out_act)
-            if self.loss_code == "cross_entropy":
-                kernels.cross_entropy_grad_(out, y[:1], np.float32(1))
-            else:
-                kernels.mse_grad_(out, y[:1], ws.out_act, np.float32(1))
-        dx = np.zeros_like(h)
-        kernels.backward(self.micro_grads, self.params, h, ws.sizes, ws.w_off, ws.b_off, ws.acts,
-                         ws.a_off, ws.act, ws.d0, ws.d1, dx, not self.grid.is_first)
+            self.loss.grad_(out, y[:1], ws.out_act, 1.0)          # evaluation's float64 scale
+            self.loss.grad_(out, y[:1], ws.out_act, np.float32(1))  # training's float32 scale
+        self.layers.backward(ws, h, self.micro_grads,
+                             None if self.grid.is_first else np.zeros_like(h))
         self.micro_grads[:] = 0
         kernels.all_finite(self.grads)
         if self.optimizer is not None:
@@ -176,10 +161,7 @@ class PipelineEngine:
                 out = self._forward(slot, n, lambda m: xb[off:off + m])
                 if self.grid.is_last:
                     t = time.perf_counter()
-                    if self.loss_code == "cross_entropy":
-                        l, c = kernels.cross_entropy_grad_(out, yb[off:off + n], scale)
-                    else:
-                        l, c = kernels.mse_grad_(out, yb[off:off + n], slot.ws.out_act, scale)
+                    l, c = self.loss.grad_(out, yb[off:off + n], slot.ws.out_act, scale)
                     loss, correct = loss + l, correct + c
                     self.compute_s += time.perf_counter() - t
             else:
@@ -241,3 +223,14 @@ class PipelineEngine:
                 "bubble": self.wait_s / busy if busy else 0.0,
                 "activation_bytes": sum(slot.ws.nbytes for slot in self.slots),
                 "layers": self.layers_per_stage[self.grid.stage]}
+
+    def stage_summary(self):
+        """Per-stage figures averaged over replicas, the same list on every rank (one small
+        Allreduce over a stages x keys table; collective)."""
+        grid, stats = self.grid, self.stats()
+        table = np.zeros((grid.stages, len(STAT_KEYS)))
+        table[grid.stage] = [stats[k] for k in STAT_KEYS]
+        table = self.comm.allreduce_sum_(table) / grid.replicas
+        return [{"stage": s, **{k: (int(v) if k in ("activation_bytes", "layers") else float(v))
+                                for k, v in zip(STAT_KEYS, table[s])}}
+                for s in range(grid.stages)]

@@ -7,76 +7,380 @@
     python -m mpinn train                               (1 rank, bundled digits data)
 
 Each data-parallel reader (a rank, or a pipeline replica) reads only its part of every global
-batch (data.BatchPlan); its gradient is of (sum of its rows' losses) / (global batch rows), so the
+batch (plan.BatchPlan); its gradient is of (sum of its rows' losses) / (global batch rows), so the
 Allreduce SUM is exactly the gradient of the global mean loss. Every rank runs the same number of
 steps by construction. Rank 0 writes the checkpoint at the end of every epoch and of training.
 """
 import os
-import resource
 import textwrap
 import time
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 
 from . import checkpoint, data
 from .checkpoint import CHECKPOINT_NAME, Checkpoint
-from .comm import library_version
-from .engine import loss_sums_raw, make_engine
 from .errors import RunError, UsageError
-from .faults import FaultInjector
-from .kernels import ACTIVATIONS
 from .log import Log
 from .model import Architecture, init_params
-from .schedule import Grid
-from .signals import NoStopRequest, StopRequest
-from .threads import limit_threads, oversubscription
-from .timeline import Timeline
-from .watchdog import NullWatchdog, Watchdog
+from .outputs import check_output_path, prepare_run_dir
+from .plan import BatchPlan, Grid, even_part
+from .losses import LOSSES
+from .runtime.faults import FaultInjector
+from .runtime.process import peak_rss_mb, seconds_since_process_start
+from .runtime.signals import NoStopRequest, StopRequest
+from .runtime.threads import limit_threads, oversubscription
+from .runtime.timeline import Timeline
+from .runtime.watchdog import NullWatchdog, Watchdog
+from .session import (Evaluator, broadcast_checkpoint, check_labels, data_paths, load_split,
+                      make_engine)
 
-BUNDLED = Path(__file__).resolve().parent.parent / "data"
 EVAL_ROWS = 1024  # rows per forward pass when evaluating
 
 
-def bundled(name):
-    path = BUNDLED / name
-    if not path.exists():
-        raise UsageError(f"no --data given and the bundled data set {path} is missing "
-                         "(run from a clone of mpinn, or pass --data)")
-    return str(path)
+def run(cfg, explicit, comm):
+    """`mpinn train`: set up (data, network, engine), train epoch by epoch, then the summary."""
+    log = Log(comm.rank, comm.size)
+    trainer = Trainer(cfg, comm, log, set_up(cfg, explicit, comm, log))
+    trainer.announce()
+    try:
+        trainer.train()
+    finally:  # also when training ends with an error: handlers back, watchdog thread gone
+        trainer.release()
+    trainer.summarize()
+    return trainer.engine
 
 
-def data_paths(cfg):
-    if cfg.data:
-        return cfg.data, cfg.val_data or None
-    return bundled("digits-train.h5"), cfg.val_data or bundled("digits-test.h5")
+@dataclass
+class Setup:
+    """Everything the loop needs, decided once before the first step."""
+    grid: Grid
+    faults: FaultInjector
+    train_path: str
+    val_path: str
+    arch: Architecture
+    n_rows: int
+    x: np.ndarray
+    y: np.ndarray
+    plan: BatchPlan
+    evaluate: Evaluator
+    engine: object
+    step: int             # optimizer steps already made (resume)
+    run_config: dict      # the resolved configuration, saved in every checkpoint
+    load_s: float         # this rank's shard read time
+    shard_bytes: int
+    jit_s: float
 
 
-def _start_checkpoint(cfg):
+def set_up(cfg, explicit, comm, log):
+    """Threads, rank grid, run folder, start checkpoint, this rank's data, network and engine."""
+    limit_threads(cfg.threads)
+    warning = oversubscription(comm.node_size(), cfg.threads)
+    if warning and comm.is_root:
+        log.warn(warning)
+    faults = FaultInjector.from_env(comm.rank)
+    grid = comm.checked(Grid, cfg.pipeline_stages, comm.size, comm.rank)
+    train_path, val_path = comm.checked(data_paths, cfg)
+    comm.checked(lambda: prepare_run_dir(cfg.run_dir) if comm.is_root else None)
+    ckpt = broadcast_checkpoint(comm, lambda: start_checkpoint(cfg))
+    comm.checked(check_mode, cfg, grid)
+    loss = ckpt.arch.loss if ckpt else cfg.loss
+    integer_labels = LOSSES[loss].integer_labels
+    cols = data.Columns(cfg.x_key, cfg.y_key, loss)
+
+    def train_selections(n):
+        faults.at("load")
+        return data.plan_selections(BatchPlan(n, cfg.batch_size, grid.replica, grid.replicas))
+    t_load = time.perf_counter()
+    n_rows, n_features, n_targets, x, y = load_split(
+        comm, train_path, cols, train_selections, grid.replicas, grid.is_first, grid.is_last,
+        "ranks" if grid.stages == 1 else "pipeline replicas")
+    t_load = time.perf_counter() - t_load
+    n_outputs = n_targets if not integer_labels else (ckpt.arch.sizes[-1] if ckpt else int(
+        comm.allreduce_minmax(int(y.max()) if y is not None and y.size else 0)[1]) + 1)
+    arch = comm.checked(architecture, cfg, explicit, ckpt, n_features, n_outputs)
+    if integer_labels:
+        comm.checked(check_labels, y, n_outputs, train_path)
+    evaluate = validation(cfg, comm, grid, cols, val_path, train_path, n_features, arch)
+    plan = BatchPlan(n_rows, cfg.batch_size, grid.replica, grid.replicas)
+    engine, step = build_engine(cfg, comm, grid, arch, plan, ckpt, log, bool(evaluate))
+    del ckpt  # the engine holds what this rank needs (a stage: its slice only)
+    t0 = time.perf_counter()
+    comm.first_on_each_node_then_rest(lambda: engine.warmup(x, y))
+    jit_s = time.perf_counter() - t0
+    if cfg.timeline:
+        comm.checked(check_output_path, cfg.timeline, "--timeline")
+        engine.timeline = Timeline()
+    run_config = {**{k: getattr(cfg, k) for k in cfg.__dataclass_fields__}, "data": train_path,
+                  "val_data": val_path or "", "ranks": comm.size}
+    return Setup(grid, faults, train_path, val_path, arch, n_rows, x, y, plan, evaluate, engine,
+                 step, run_config, t_load, sum(a.nbytes for a in (x, y) if a is not None), jit_s)
+
+
+def validation(cfg, comm, grid, cols, val_path, train_path, n_features, arch):
+    """An Evaluator over this reader's block of the validation data, or None without one."""
+    if not val_path:
+        return None
+    n_val, val_features, _, vx, vy = load_split(
+        comm, val_path, cols, lambda n: data.block_selections(n, grid.replica, grid.replicas), 1,
+        grid.is_first, grid.is_last)
+    if val_features != n_features:
+        comm.checked(raise_usage, f"{val_path} has {val_features} features; {train_path} has "
+                                  f"{n_features}")
+    if arch.loss_fn.integer_labels:
+        comm.checked(check_labels, vy, arch.sizes[-1], val_path)
+    return Evaluator(comm, even_part(n_val, grid.replicas, grid.replica)[1], vx, vy, arch)
+
+
+def build_engine(cfg, comm, grid, arch, plan, ckpt, log, evaluates):
+    """This rank's engine with the start weights (rank 0's, broadcast) and, when resuming, the
+    optimizer state; returns (engine, optimizer steps already made)."""
+    params = ckpt.params if ckpt else init_params(arch, cfg.seed)
+    comm.bcast_(params)  # one source of truth for the initial weights: rank 0's
+    opt_settings = dict(name=cfg.optimizer, lr=cfg.lr, momentum=cfg.momentum,
+                        nesterov=cfg.nesterov, beta1=cfg.beta1, beta2=cfg.beta2, eps=cfg.eps,
+                        weight_decay=cfg.weight_decay)
+    step, opt_state = 0, None
+    if cfg.resume:
+        comm.checked(check_resumable, cfg, ckpt)
+        step, opt_state = ckpt.global_step, (ckpt.optimizer_step, ckpt.optimizer_state)
+        if ckpt.config.get("ranks") != comm.size and cfg.shuffle == "rank":
+            log.info(f"note: resuming on {comm.size} ranks a run checkpointed on "
+                     f"{ckpt.config.get('ranks')}: shuffled data order differs from an "
+                     "uninterrupted run")
+    engine = comm.checked(make_engine, comm, grid, arch, params, int(plan.local_counts().max()),
+                          opt_settings, opt_state, cfg.partition, cfg.micro_batches, cfg.schedule,
+                          EVAL_ROWS if evaluates else 0, cfg.overlap_mb)
+    return engine, step
+
+
+class Trainer:
+    """The loop's state: the current step, the metrics window, the last checkpoint."""
+
+    def __init__(self, cfg, comm, log, setup):
+        self.cfg, self.comm, self.log, self.s = cfg, comm, log, setup
+        self.engine, self.step, self.arch = setup.engine, setup.step, setup.arch
+        self.spe = setup.plan.steps_per_epoch
+        self.counts = setup.plan.local_counts()
+        self.max_steps = (cfg.epochs * self.spe if cfg.steps == 0
+                          else min(cfg.steps, cfg.epochs * self.spe))
+        self.ckpt_path = checkpoint_path(cfg)
+        self.last_saved = self.step if cfg.resume else None
+        self.saved_at, self.skipped, self.stopping = -1, 0, False
+        self.window = np.zeros(3)  # loss sum, correct, rows since the last log line (this rank)
+        self.trained_samples, self.train_seconds, self.shuffle_seconds = 0, 0.0, 0.0
+        self.stop = (StopRequest(cfg.signal_grace, comm.rank) if cfg.checkpoint_on_signal
+                     else NoStopRequest())
+        self.watchdog = (Watchdog(comm, cfg.stall_warning, cfg.stall_timeout, log)
+                         if cfg.stall_warning or cfg.stall_timeout else NullWatchdog())
+        self.engine.watchdog = self.watchdog
+
+    def announce(self):
+        """The resolved configuration and the run's shape, once, from rank 0."""
+        s, cfg, grid = self.s, self.cfg, self.s.grid
+        self.log.info("mpinn train: config " + textwrap.fill(
+            " ".join(f"{k}={v!r}" for k, v in s.run_config.items()), 100, subsequent_indent="  "))
+        mode = (f"{grid.stages} pipeline stages (layers {self.engine.layers_per_stage}) x "
+                f"{grid.replicas} replica(s), {cfg.micro_batches} micro-batches, {cfg.schedule}"
+                if grid.stages > 1 else "data parallel")
+        self.log.info(f"mpinn train: {self.comm.size} rank(s) [{self.comm.library_version()}], "
+                      f"{mode}, network {self.arch.describe()} ({self.arch.n_params:,} "
+                      f"parameters, {self.arch.loss}), {s.n_rows} rows, global batch "
+                      f"{cfg.batch_size} -> {self.spe} steps/epoch; kernels ready in "
+                      f"{s.jit_s:.2f} s")
+        self.log.open_metrics(os.path.join(cfg.run_dir, "metrics.jsonl"), append=cfg.resume)
+
+    def train(self):
+        """Epochs of steps; after each whole epoch, validation and a checkpoint."""
+        self.comm.barrier()  # a shared clock origin for the timeline and the first window
+        self.engine.timeline.start()
+        self.startup_s = seconds_since_process_start()
+        self.t_window = time.perf_counter()
+        while self.step < self.max_steps and not self.stopping:
+            epoch, first = divmod(self.step, self.spe)
+            batches = self.epoch_batches(epoch)
+            for k in range(first, self.spe):
+                if self.step >= self.max_steps or self.stopping:
+                    break
+                self.train_step(batches, k, epoch)
+            if self.step % self.spe == 0 and not self.stopping:
+                self.end_epoch(epoch)
+        if self.saved_at != self.step:
+            self.save(self.step // self.spe)
+        if self.stopping:
+            what = self.stop.name if self.stop.requested else "a signal on another rank"
+            self.comm.checked(raise_run, f"stopped by {what} after step {self.step}: final "
+                                         f"checkpoint {self.ckpt_path} written; continue with "
+                                         "--resume", self.stop.exit_code()
+                              if self.stop.requested else 143)
+
+    def epoch_batches(self, epoch):
+        """This rank's batches for one epoch, in the order --shuffle asks for."""
+        s, cfg = self.s, self.cfg
+        if cfg.shuffle != "global":
+            return data.EpochBatches(s.x, s.y, self.counts, cfg.shuffle == "rank", cfg.seed,
+                                     epoch, s.grid.replica)
+        t0 = time.perf_counter()
+        ex, ey = data.global_shuffle(self.comm, s.x, s.y, s.n_rows, cfg.batch_size, cfg.seed,
+                                     epoch)
+        self.shuffle_seconds += time.perf_counter() - t0
+        return data.EpochBatches(ex, ey, self.counts, False, cfg.seed, epoch, s.grid.replica)
+
+    def train_step(self, batches, k, epoch):
+        """Global batch k: this rank's part, one engine step, metrics, checks."""
+        s, engine = self.s, self.engine
+        self.watchdog.begin(self.step + 1)
+        s.faults.at("step", self.step + 1, engine)
+        t0 = time.perf_counter()
+        xb, yb = batches(k)
+        xb = s.faults.batch(self.step + 1, xb)
+        engine.timeline.add("data", t0, time.perf_counter())
+        scale = self.arch.loss_fn.scale(s.plan.global_batch_rows(k), self.arch.sizes[-1])
+        res = engine.step(xb, yb, int(self.counts[k]), scale, self.stop.requested)
+        self.watchdog.end()
+        self.step += 1
+        if res.finite:
+            self.window += (res.loss, res.correct, res.rows)
+        elif self.cfg.on_nonfinite == "stop":
+            self.diverged(epoch + 1)
+        else:
+            self.skipped += 1
+            self.log.info(f"warning: step {self.step}: non-finite loss or gradient, update "
+                          f"skipped ({self.skipped} so far)")
+        if (self.step % self.cfg.log_every == 0 or self.step == self.max_steps
+                or k == self.spe - 1):
+            self.log_window(epoch)
+        if self.step % self.cfg.check_every == 0 and not engine.replicas_agree():
+            raise RuntimeError(f"ranks hold different parameters after step {self.step}")
+        self.stopping = res.stop  # every rank sees the same flag after the same step
+
+    def log_window(self, epoch):
+        """Loss, accuracy and rate since the last line, summed over ranks (one small Allreduce)."""
+        total = self.comm.allreduce_sum(self.window)
+        now = time.perf_counter()
+        mean_loss, acc = self.arch.loss_fn.summarize(*total, self.arch.sizes[-1])
+        rate = total[2] / max(now - self.t_window, 1e-9)
+        self.trained_samples += int(total[2])
+        self.train_seconds += now - self.t_window
+        self.log.info(f"epoch {epoch + 1}/{self.cfg.epochs} step {self.step} loss {mean_loss:.4f}"
+                      + (f" acc {acc:.4f}" if acc is not None else "")
+                      + f" samples/s {rate:,.0f}")
+        self.log.metrics({"kind": "train", "epoch": epoch + 1, "step": self.step,
+                          "loss": mean_loss, "accuracy": acc, "samples": int(total[2]),
+                          "samples_per_s": rate})
+        self.window[:] = 0
+        self.t_window = now
+
+    def end_epoch(self, epoch):
+        """Validation (when there is validation data), the epoch's metrics and checkpoint."""
+        record = {"kind": "epoch", "epoch": epoch + 1, "step": self.step}
+        if self.s.evaluate:
+            t0 = time.perf_counter()
+            self.s.faults.at("evaluate", self.step)
+            record["val_loss"], record["val_accuracy"] = self.s.evaluate(self.engine)
+            self.engine.timeline.add("evaluate", t0, time.perf_counter())
+            self.log.info(f"epoch {epoch + 1}/{self.cfg.epochs} validation loss "
+                          f"{record['val_loss']:.4f}"
+                          + (f" accuracy {record['val_accuracy']:.4f}"
+                             if record["val_accuracy"] is not None else ""))
+        self.log.metrics(record)
+        self.save(epoch + 1)
+        self.saved_at = self.step
+        self.t_window = time.perf_counter()  # samples/s measures training, not evaluation or I/O
+
+    def save(self, epoch):
+        """Rank 0 writes the checkpoint atomically (a pipeline gathers it there first)."""
+        t0 = time.perf_counter()
+        params, state = self.engine.full_state()
+        opt, step, cfg = self.engine.optimizer, self.step, self.cfg
+        self.comm.checked(lambda: checkpoint.save(
+            self.ckpt_path, Checkpoint(self.arch, params, opt.name, opt.t, state, epoch, step,
+                                       cfg.seed, self.s.run_config),
+            keep=cfg.keep_checkpoints, before_rename=lambda: self.s.faults.at("checkpoint", step))
+            if self.comm.is_root else None)
+        self.last_saved = step
+        self.engine.timeline.add("checkpoint", t0, time.perf_counter())
+
+    def diverged(self, epoch):
+        kept = (f"the last good checkpoint {self.ckpt_path} (step {self.last_saved}) is kept"
+                if self.last_saved is not None else "no checkpoint was written before it")
+        self.comm.checked(raise_run, f"non-finite loss or gradient at step {self.step} (epoch "
+                                     f"{epoch}): the update was not applied and training "
+                                     f"stopped; {kept}. Lower --lr, or use --on-nonfinite skip "
+                                     "to drop such steps", 3)
+
+    def release(self):
+        self.stop.restore()
+        self.watchdog.stop()
+
+    def summarize(self):
+        """Final checks and figures: every replica agrees, rates, memory, pipeline stages."""
+        comm, s, log = self.comm, self.s, self.log
+        if not self.engine.replicas_agree():
+            raise RuntimeError("ranks hold different parameters at the end of training")
+        rate = self.trained_samples / max(self.train_seconds, 1e-9)
+        per_rank = np.zeros((comm.size, 3))  # peak RSS MB, shard MB, shard read seconds
+        per_rank[comm.rank] = (peak_rss_mb(), s.shard_bytes / 2**20, s.load_s)
+        comm.allreduce_(per_rank)
+        summary = {"kind": "summary", "step": self.step, "samples": self.trained_samples,
+                   "train_seconds": self.train_seconds, "samples_per_s": rate,
+                   "skipped_steps": self.skipped, "kernels_s": s.jit_s,
+                   "startup_s": self.startup_s, "global_shuffle_s": self.shuffle_seconds,
+                   "peak_rss_mb": per_rank[:, 0].tolist(), "shard_mb": per_rank[:, 1].tolist(),
+                   "shard_read_s": per_rank[:, 2].tolist()}
+        if s.grid.stages > 1:
+            self.summarize_stages(summary)
+        log.metrics(summary)
+        timeline = self.engine.timeline
+        if timeline.enabled:
+            timeline.write(comm, self.cfg.timeline)
+            log.info(f"mpinn train: timeline of {comm.size} rank(s) written to "
+                     f"{self.cfg.timeline} (open it in ui.perfetto.dev or chrome://tracing)")
+        log.info(f"mpinn train: ready {self.startup_s:.2f} s after start (kernels "
+                 f"{s.jit_s:.2f} s); peak RSS per rank {per_rank[:, 0].max():,.0f} MB max, data "
+                 f"shard {per_rank[:, 1].max():,.1f} MB max, read in {per_rank[:, 2].max():.2f} s")
+        log.info(f"mpinn train: done, {self.step} steps, {self.trained_samples:,} samples in "
+                 f"{self.train_seconds:.2f} s of training steps ({rate:,.0f} samples/s); "
+                 f"checkpoint {self.ckpt_path}")
+        log.close()
+
+    def summarize_stages(self, summary):
+        grid = self.s.grid
+        summary["stages"] = self.engine.stage_summary()
+        summary["ideal_bubble"] = (grid.stages - 1) / (self.cfg.micro_batches + grid.stages - 1)
+        for st in summary["stages"]:
+            self.log.info(f"stage {st['stage']}: {st['layers']} layer(s), compute "
+                          f"{st['compute_s']:.3f} s, waiting {st['wait_s']:.3f} s, bubble "
+                          f"{st['bubble']:.3f} (ideal {summary['ideal_bubble']:.3f}), "
+                          f"activations {st['activation_bytes']:,} bytes")
+
+
+def checkpoint_path(cfg):
+    return os.path.join(cfg.run_dir, CHECKPOINT_NAME)
+
+
+def start_checkpoint(cfg):
     """The checkpoint a run starts from (rank 0 only), or None."""
     if cfg.resume:
-        path = os.path.join(cfg.run_dir, CHECKPOINT_NAME)
+        path = checkpoint_path(cfg)
         if not os.path.exists(path):
             raise UsageError(f"--resume: no checkpoint at {path}")
         return checkpoint.load(path)
     return checkpoint.load(cfg.init) if cfg.init else None
 
 
-def broadcast_checkpoint(comm, load):
-    """Rank 0 runs load() (under comm.checked), then every rank gets the same Checkpoint or None."""
-    ckpt = comm.checked(load) if comm.is_root else comm.checked(lambda: None)
-    meta = comm.bcast_json(ckpt.meta() if ckpt is not None else None)
-    if meta is None:
-        return None
-    if not comm.is_root:
-        ckpt = Checkpoint.from_meta(meta)
-    comm.bcast_(ckpt.params)
-    for s in ckpt.optimizer_state:
-        comm.bcast_(s)
-    return ckpt
+def check_mode(cfg, grid):
+    """Options that the rank grid rules out (every rank decides the same)."""
+    who = "ranks" if grid.stages == 1 else "pipeline replicas"
+    if cfg.shuffle == "global" and grid.stages > 1:
+        raise UsageError("--shuffle global works in data-parallel mode only for now; use "
+                         "--shuffle rank or none with --pipeline-stages")
+    if cfg.batch_size < grid.replicas:
+        raise UsageError(f"--batch-size {cfg.batch_size} is smaller than the number of {who} "
+                         f"({grid.replicas}); each needs at least one row of each full batch")
 
 
-def _architecture(cfg, explicit, ckpt, n_features, n_outputs):
+def architecture(cfg, explicit, ckpt, n_features, n_outputs):
     """The network to train: from the checkpoint (conflicting explicit options are errors) or cfg."""
     if ckpt is None:
         return Architecture((n_features,) + cfg.hidden_sizes() + (n_outputs,), cfg.activation,
@@ -93,372 +397,23 @@ def _architecture(cfg, explicit, ckpt, n_features, n_outputs):
     if arch.sizes[0] != n_features:
         raise UsageError(f"the checkpoint's network takes {arch.sizes[0]} input features; the data "
                          f"has {n_features}")
-    if n_outputs is not None and arch.sizes[-1] != n_outputs and arch.loss == "mse":
+    if n_outputs is not None and arch.sizes[-1] != n_outputs and not arch.loss_fn.integer_labels:
         raise UsageError(f"the checkpoint's network has {arch.sizes[-1]} outputs; the data's "
                          f"targets have {n_outputs}")
     return arch
 
 
-def check_labels(y, n_classes, path):
-    if y is not None and y.size and y.max() >= n_classes:
-        raise UsageError(f"{path}: class label {int(y.max())} is out of range for a network with "
-                         f"{n_classes} classes")
-
-
-def load_split(comm, path, cols, selections_of, min_rows=1, want_x=True, want_y=True,
-               who="ranks"):
-    """Each rank inspects the file and reads only its own rows (and only the inputs or targets it
-    needs). Returns (n_rows, F, K|None, x|None, y|None)."""
-    def read():
-        with data.open_h5(path) as f:
-            n, n_features, n_targets = data.inspect(f, path, cols)
-        if n < min_rows:
-            raise UsageError(f"{path} has {n} rows, fewer than the {min_rows} {who}")
-        x, y = data.read_rows(path, cols, selections_of(n), n_targets, want_x, want_y)
-        return n, n_features, n_targets, x, y
-    return comm.checked(read)
-
-
-class Evaluator:
-    """Loss and accuracy on this reader's block of a data set, summed over all ranks (ranks that
-    hold no targets, such as early pipeline stages, add zeros)."""
-
-    def __init__(self, comm, n_local, x, y, arch):
-        self.comm, self.n_local, self.x, self.y, self.arch = comm, n_local, x, y, arch
-
-    def __call__(self, engine):
-        sums = np.zeros(3)
-        out_act = ACTIVATIONS[self.arch.output_activation]
-
-        def consume(off, out):
-            l, c = loss_sums_raw(out, self.y[off:off + len(out)], self.arch.loss, out_act)
-            sums[:] += (l, c, len(out))
-        engine.forward_chunks(self.n_local, lambda off, m: self.x[off:off + m], consume)
-        loss, correct, n = self.comm.allreduce_sum(sums)
-        return summarize(loss, correct, n, self.arch.loss, self.arch.sizes[-1])
-
-
-def summarize(loss_sum, correct, n, loss, k):
-    """Mean loss as PyTorch defines it, accuracy for classification (None for mse)."""
-    n = max(n, 1)
-    if loss == "cross_entropy":
-        return loss_sum / n, correct / n
-    return loss_sum / (n * k), None
-
-
-def run(cfg, explicit, comm):
-    rank, size = comm.rank, comm.size
-    log = Log(rank, size)
-    limit_threads(cfg.threads)
-    warning = oversubscription(comm.node_size(), cfg.threads)
-    if warning and comm.is_root:
-        log.warn(warning)
-    faults = FaultInjector.from_env(rank)
-    grid = comm.checked(Grid, cfg.pipeline_stages, size, rank)
-    readers, reader = grid.replicas, grid.replica
-    train_path, val_path = comm.checked(data_paths, cfg)
-    comm.checked(lambda: _prepare_run_dir(cfg.run_dir) if comm.is_root else None)
-    ckpt = broadcast_checkpoint(comm, lambda: _start_checkpoint(cfg))
-
-    loss = ckpt.arch.loss if ckpt else cfg.loss
-    cols = data.Columns(cfg.x_key, cfg.y_key, loss)
-    who = "ranks" if grid.stages == 1 else "pipeline replicas"
-    if cfg.shuffle == "global" and grid.stages > 1:
-        comm.checked(_raise, "--shuffle global works in data-parallel mode only for now; use "
-                             "--shuffle rank or none with --pipeline-stages")
-    if cfg.batch_size < readers:
-        comm.checked(_raise, f"--batch-size {cfg.batch_size} is smaller than the number of {who} "
-                             f"({readers}); each needs at least one row of each full batch")
-    def train_selections(n):
-        faults.at("load")
-        return data.plan_selections(data.BatchPlan(n, cfg.batch_size, reader, readers))
-    t_load = time.perf_counter()
-    n_rows, n_features, n_targets, x, y = load_split(
-        comm, train_path, cols, train_selections, readers, grid.is_first, grid.is_last, who)
-    t_load = time.perf_counter() - t_load
-    shard_bytes = sum(a.nbytes for a in (x, y) if a is not None)
-    if loss == "cross_entropy":
-        n_outputs = ckpt.arch.sizes[-1] if ckpt else int(
-            comm.allreduce_minmax(int(y.max()) if y is not None and y.size else 0)[1]) + 1
-    else:
-        n_outputs = n_targets
-    arch = comm.checked(_architecture, cfg, explicit, ckpt, n_features, n_outputs)
-    if loss == "cross_entropy":
-        comm.checked(check_labels, y, n_outputs, train_path)
-    evaluate = None
-    if val_path:
-        n_val, val_features, _, vx, vy = load_split(
-            comm, val_path, cols, lambda n: data.block_selections(n, reader, readers), 1,
-            grid.is_first, grid.is_last)
-        if val_features != n_features:
-            comm.checked(_raise, f"{val_path} has {val_features} features; {train_path} has "
-                                 f"{n_features}")
-        if loss == "cross_entropy":
-            comm.checked(check_labels, vy, n_outputs, val_path)
-        evaluate = Evaluator(comm, data.even_part(n_val, readers, reader)[1], vx, vy, arch)
-
-    plan = data.BatchPlan(n_rows, cfg.batch_size, reader, readers)
-    counts = plan.local_counts()
-    params = ckpt.params if ckpt else init_params(arch, cfg.seed)
-    comm.bcast_(params)  # one source of truth for the initial weights: rank 0's
-    opt_settings = dict(name=cfg.optimizer, lr=cfg.lr, momentum=cfg.momentum,
-                        nesterov=cfg.nesterov, beta1=cfg.beta1, beta2=cfg.beta2, eps=cfg.eps,
-                        weight_decay=cfg.weight_decay)
-    step = 0
-    opt_state = None
-    if cfg.resume:
-        comm.checked(_check_resumable, cfg, ckpt)
-        step = ckpt.global_step
-        opt_state = (ckpt.optimizer_step, ckpt.optimizer_state)
-        if ckpt.config.get("ranks") != size and cfg.shuffle == "rank":
-            log.info(f"note: resuming on {size} ranks a run checkpointed on "
-                     f"{ckpt.config.get('ranks')}: shuffled data order differs from an "
-                     "uninterrupted run")
-    engine = comm.checked(make_engine, comm, grid, arch, params, int(counts.max()), opt_settings,
-                          opt_state, cfg.partition, cfg.micro_batches, cfg.schedule,
-                          EVAL_ROWS if evaluate else 0, cfg.overlap_mb)
-    del params, opt_state, ckpt  # the engine holds what this rank needs (a stage: its slice only)
-    t0 = time.perf_counter()
-    comm.first_on_each_node_then_rest(lambda: engine.warmup(x, y))
-    jit_seconds = time.perf_counter() - t0
-    if cfg.timeline:
-        comm.checked(_check_output_path, cfg.timeline, "--timeline")
-        engine.timeline = Timeline()
-    timeline = engine.timeline
-
-    spe = plan.steps_per_epoch
-    max_steps = cfg.epochs * spe if cfg.steps == 0 else min(cfg.steps, cfg.epochs * spe)
-    run_config = {**{k: getattr(cfg, k) for k in cfg.__dataclass_fields__}, "data": train_path,
-                  "val_data": val_path or "", "ranks": size}
-    log.info("mpinn train: config " + textwrap.fill(
-        " ".join(f"{k}={v!r}" for k, v in run_config.items()), 100, subsequent_indent="  "))
-    mode = (f"{grid.stages} pipeline stages (layers {engine.layers_per_stage}) x {readers} "
-            f"replica(s), {cfg.micro_batches} micro-batches, {cfg.schedule}"
-            if grid.stages > 1 else "data parallel")
-    log.info(f"mpinn train: {size} rank(s) [{library_version()}], {mode}, network "
-             f"{arch.describe()} ({arch.n_params:,} parameters, {arch.loss}), {n_rows} rows, "
-             f"global batch {cfg.batch_size} -> {spe} steps/epoch; kernels ready in "
-             f"{jit_seconds:.2f} s")
-    log.open_metrics(os.path.join(cfg.run_dir, "metrics.jsonl"), append=cfg.resume)
-
-    ckpt_path = os.path.join(cfg.run_dir, CHECKPOINT_NAME)
-    last_saved = [step if cfg.resume else None]
-
-    def save(epoch):
-        t0 = time.perf_counter()
-        params, state = engine.full_state()
-        comm.checked(lambda: checkpoint.save(
-            ckpt_path, Checkpoint(arch, params, engine.optimizer.name, engine.optimizer.t, state,
-                                  epoch, step, cfg.seed, run_config),
-            keep=cfg.keep_checkpoints, before_rename=lambda: faults.at("checkpoint", step))
-            if comm.is_root else None)
-        last_saved[0] = step
-        timeline.add("checkpoint", t0, time.perf_counter())
-
-    def diverged(step, epoch):
-        kept = (f"the last good checkpoint {ckpt_path} (step {last_saved[0]}) is kept"
-                if last_saved[0] is not None else "no checkpoint was written before it")
-        comm.checked(_raise_run, f"non-finite loss or gradient at step {step} (epoch {epoch}): "
-                                 f"the update was not applied and training stopped; {kept}. Lower "
-                                 "--lr, or use --on-nonfinite skip to drop such steps", 3)
-
-    stop = StopRequest(cfg.signal_grace, rank) if cfg.checkpoint_on_signal else NoStopRequest()
-    watchdog = (Watchdog(comm, cfg.stall_warning, cfg.stall_timeout, log)
-                if cfg.stall_warning or cfg.stall_timeout else NullWatchdog())
-    engine.watchdog = watchdog
-
-    try:
-        comm.barrier()  # a shared clock origin for the timeline and the first window
-        if timeline.enabled:
-            timeline.start()
-
-        startup_s = seconds_since_process_start()
-        window = np.zeros(3)  # loss sum, correct, rows since the last log line (this rank)
-        t_window = time.perf_counter()
-        trained_samples, train_seconds = 0, 0.0  # global, training steps only
-        saved_at = -1
-        skipped = 0
-        shuffle_seconds = 0.0
-        stopping = False
-        while step < max_steps and not stopping:
-            epoch, first = divmod(step, spe)
-            if cfg.shuffle == "global":
-                t0 = time.perf_counter()
-                ex, ey = data.global_shuffle(comm, x, y, n_rows, cfg.batch_size, cfg.seed, epoch)
-                shuffle_seconds += time.perf_counter() - t0
-                batches = data.EpochBatches(ex, ey, counts, False, cfg.seed, epoch, reader)
-            else:
-                batches = data.EpochBatches(x, y, counts, cfg.shuffle == "rank", cfg.seed, epoch,
-                                            reader)
-            for k in range(first, spe):
-                if step >= max_steps:
-                    break
-                watchdog.begin(step + 1)
-                faults.at("step", step + 1, engine)
-                t0 = time.perf_counter()
-                xb, yb = batches(k)
-                xb = faults.batch(step + 1, xb)
-                timeline.add("data", t0, time.perf_counter())
-                per_row = 1 if loss == "cross_entropy" else n_outputs  # mse: mean over elements
-                scale = 1.0 / plan.global_batch_rows(k) / per_row
-                res = engine.step(xb, yb, int(counts[k]), scale, stop.requested)
-                watchdog.end()
-                step += 1
-                if res.finite:
-                    window += (res.loss, res.correct, res.rows)
-                elif cfg.on_nonfinite == "stop":
-                    diverged(step, epoch + 1)
-                else:
-                    skipped += 1
-                    log.info(f"warning: step {step}: non-finite loss or gradient, update skipped "
-                             f"({skipped} so far)")
-                if step % cfg.log_every == 0 or step == max_steps or k == spe - 1:
-                    total = comm.allreduce_sum(window)
-                    now = time.perf_counter()
-                    mean_loss, acc = summarize(*total, loss, n_outputs)
-                    rate = total[2] / max(now - t_window, 1e-9)
-                    trained_samples += int(total[2])
-                    train_seconds += now - t_window
-                    log.info(f"epoch {epoch + 1}/{cfg.epochs} step {step} loss {mean_loss:.4f}"
-                             + (f" acc {acc:.4f}" if acc is not None else "")
-                             + f" samples/s {rate:,.0f}")
-                    log.metrics({"kind": "train", "epoch": epoch + 1, "step": step,
-                                 "loss": mean_loss, "accuracy": acc, "samples": int(total[2]),
-                                 "samples_per_s": rate})
-                    window[:] = 0
-                    t_window = now
-                if step % cfg.check_every == 0 and not engine.replicas_agree():
-                    raise RuntimeError(f"ranks hold different parameters after step {step}")
-                if res.stop:  # every rank sees the same flag after the same step
-                    stopping = True
-                    break
-            if step % spe == 0 and not stopping:  # a whole epoch is done
-                record = {"kind": "epoch", "epoch": epoch + 1, "step": step}
-                if evaluate:
-                    t0 = time.perf_counter()
-                    faults.at("evaluate", step)
-                    record["val_loss"], record["val_accuracy"] = evaluate(engine)
-                    timeline.add("evaluate", t0, time.perf_counter())
-                    log.info(f"epoch {epoch + 1}/{cfg.epochs} validation loss "
-                             f"{record['val_loss']:.4f}"
-                             + (f" accuracy {record['val_accuracy']:.4f}"
-                                if record["val_accuracy"] is not None else ""))
-                log.metrics(record)
-                save(epoch + 1)
-                saved_at = step
-                t_window = time.perf_counter()  # samples/s measures training, not evaluation or I/O
-        if saved_at != step:
-            save(step // spe)
-        if stopping:
-            what = stop.name if stop.requested else "a signal on another rank"
-            comm.checked(_raise_run, f"stopped by {what} after step {step}: final checkpoint "
-                                     f"{ckpt_path} written; continue with --resume",
-                         stop.exit_code() if stop.requested else 143)
-    finally:  # also when training ends with an error: handlers back, thread gone
-        stop.restore()
-        watchdog.stop()
-    if not engine.replicas_agree():
-        raise RuntimeError("ranks hold different parameters at the end of training")
-    rate = trained_samples / max(train_seconds, 1e-9)
-    per_rank = np.zeros((size, 3))  # peak RSS MB, shard MB, shard read seconds
-    per_rank[rank] = (peak_rss_mb(), shard_bytes / 2**20, t_load)
-    comm.allreduce_(per_rank)
-    summary = {"kind": "summary", "step": step, "samples": trained_samples,
-               "train_seconds": train_seconds, "samples_per_s": rate, "skipped_steps": skipped,
-               "kernels_s": jit_seconds, "startup_s": startup_s,
-               "global_shuffle_s": shuffle_seconds,
-               "peak_rss_mb": per_rank[:, 0].tolist(), "shard_mb": per_rank[:, 1].tolist(),
-               "shard_read_s": per_rank[:, 2].tolist()}
-    if grid.stages > 1:
-        summary["stages"] = gather_stage_stats(comm, grid, engine.stats())
-        summary["ideal_bubble"] = (grid.stages - 1) / (cfg.micro_batches + grid.stages - 1)
-        for s in summary["stages"]:
-            log.info(f"stage {s['stage']}: {s['layers']} layer(s), compute {s['compute_s']:.3f} s, "
-                     f"waiting {s['wait_s']:.3f} s, bubble {s['bubble']:.3f} (ideal "
-                     f"{summary['ideal_bubble']:.3f}), activations {s['activation_bytes']:,} bytes")
-    log.metrics(summary)
-    if timeline.enabled:
-        timeline.write(comm, cfg.timeline)
-        log.info(f"mpinn train: timeline of {size} rank(s) written to {cfg.timeline} (open it in "
-                 "ui.perfetto.dev or chrome://tracing)")
-    log.info(f"mpinn train: ready {startup_s:.2f} s after start (kernels {jit_seconds:.2f} s); "
-             f"peak RSS per rank {per_rank[:, 0].max():,.0f} MB max, data shard "
-             f"{per_rank[:, 1].max():,.1f} MB max, read in {per_rank[:, 2].max():.2f} s")
-    log.info(f"mpinn train: done, {step} steps, {trained_samples:,} samples in {train_seconds:.2f} s "
-             f"of training steps ({rate:,.0f} samples/s); checkpoint "
-             f"{os.path.join(cfg.run_dir, CHECKPOINT_NAME)}")
-    log.close()
-    return engine
-
-
-STAT_KEYS = ("compute_s", "wait_s", "bubble", "activation_bytes", "layers")
-
-
-def gather_stage_stats(comm, grid, stats):
-    """Per-stage figures averaged over replicas (one small Allreduce over a stages x keys table)."""
-    table = np.zeros((grid.stages, len(STAT_KEYS)))
-    table[grid.stage] = [stats[k] for k in STAT_KEYS]
-    table = comm.allreduce_sum_(table) / grid.replicas
-    return [{"stage": s, **{k: (int(v) if k in ("activation_bytes", "layers") else float(v))
-                            for k, v in zip(STAT_KEYS, table[s])}} for s in range(grid.stages)]
-
-
-def peak_rss_mb():
-    """This process's peak resident memory so far, MiB: VmHWM on Linux (ru_maxrss would also count
-    the parent's memory before exec), else ru_maxrss."""
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def seconds_since_process_start():
-    """Wall seconds since this process started (Linux /proc; 0 elsewhere)."""
-    try:
-        with open("/proc/self/stat") as fh:
-            start_ticks = int(fh.read().rsplit(")", 1)[1].split()[19])
-        with open("/proc/uptime") as fh:
-            uptime = float(fh.read().split()[0])
-        return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return 0.0
-
-
-def _raise(message):
-    raise UsageError(message)
-
-
-def _raise_run(message, exit_code):
-    raise RunError(message, exit_code)
-
-
-def _prepare_run_dir(path):
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise UsageError(f"--run-dir {path} exists and is not a directory")
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError as e:
-        raise UsageError(f"cannot create --run-dir {path}: {e.strerror}") from None
-    if not os.access(path, os.W_OK):
-        raise UsageError(f"--run-dir {path} is not writable")
-
-
-def _check_output_path(path, option):
-    """Only rank 0 writes outputs, but every rank may check: the folder must exist."""
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise UsageError(f"{option} {path}: directory {folder} does not exist")
-    if os.path.isdir(path):
-        raise UsageError(f"{option} {path} is a directory")
-
-
-def _check_resumable(cfg, ckpt):
+def check_resumable(cfg, ckpt):
     saved = ckpt.config
     for key in ("batch_size", "optimizer"):
         if key in saved and saved[key] != getattr(cfg, key):
             raise UsageError(f"--resume needs the same --{key.replace('_', '-')} as the checkpoint "
                              f"({saved[key]!r}), got {getattr(cfg, key)!r}")
+
+
+def raise_usage(message):
+    raise UsageError(message)
+
+
+def raise_run(message, exit_code):
+    raise RunError(message, exit_code)

@@ -1,18 +1,40 @@
-"""Shared test helpers: real `mpiexec -n K` runs of mpinn with a timeout, and small HDF5 data sets
-written by h5py into temporary directories."""
+"""Shared test helpers: real `mpiexec -n K` runs of mpinn with a timeout, small HDF5 data sets
+written by h5py into temporary directories, and figures of the bundled data derived from the file.
+
+The suite leaves the machine as it found it: Numba's compile cache and Hypothesis's example
+database live in a temporary folder for the session (set before mpinn or numba is imported, and
+inherited by every mpiexec child), removed at the end."""
+import atexit
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import h5py
-import numpy as np
-import pytest
+_SCRATCH = tempfile.mkdtemp(prefix="mpinn-tests-")
+atexit.register(shutil.rmtree, _SCRATCH, True)
+os.environ["NUMBA_CACHE_DIR"] = os.path.join(_SCRATCH, "numba-cache")
+os.environ["HYPOTHESIS_STORAGE_DIRECTORY"] = os.path.join(_SCRATCH, "hypothesis")
 
+import h5py  # noqa: E402 - after NUMBA_CACHE_DIR, which numba reads once
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
+DIGITS_TRAIN = ROOT / "data" / "digits-train.h5"
+DIGITS_TEST = ROOT / "data" / "digits-test.h5"
+
+
+def rows_of(path, key="X"):
+    with h5py.File(path, "r") as f:
+        return f[key].shape[0]
+
+
+def steps_per_epoch(path=DIGITS_TRAIN, batch=64):
+    """Optimizer steps in one epoch of a data file at a global batch (64: train's default)."""
+    return -(-rows_of(path) // batch)
 
 
 def mpiexec():

@@ -7,7 +7,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import ROOT, ok, run_mpinn, write_classification
+from conftest import DIGITS_TEST, ROOT, ok, rows_of, run_mpinn, write_classification
 from mpinn import checkpoint
 
 
@@ -24,7 +24,7 @@ def test_bundled_digits_reach_95_percent(digits_run):
     assert r.seconds < 60, f"default training took {r.seconds:.0f} s on 2 ranks"
     e = ok(run_mpinn(2, "evaluate", "--checkpoint", run_dir / "checkpoint.h5", "--json"))
     result = json.loads(e.stdout)
-    assert result["samples"] == 360 and result["data"].endswith("digits-test.h5")
+    assert result["samples"] == rows_of(DIGITS_TEST) and result["data"].endswith("digits-test.h5")
     assert result["accuracy"] >= 0.95, result
 
 
@@ -48,7 +48,8 @@ def test_predict_writes_h5_and_csv_in_input_order(digits_run, tmp_path):
         y = f["y"][...]
     with h5py.File(tmp_path / "p.h5", "r") as f:
         pred, prob = f["pred"][...], f["prob"][...]
-    assert pred.shape == (360,) and prob.shape == (360, 10)
+    n = rows_of(DIGITS_TEST)
+    assert pred.shape == (n,) and prob.shape == (n, 10)
     np.testing.assert_allclose(prob.sum(1), 1, rtol=1e-5)
     np.testing.assert_array_equal(pred, prob.argmax(1))
     accuracy = json.loads(ok(run_mpinn(1, "evaluate", "--checkpoint", ckpt, "--json")).stdout)

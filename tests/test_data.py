@@ -3,7 +3,7 @@ import h5py
 import numpy as np
 import pytest
 
-from mpinn import data
+from mpinn import data, plan
 from mpinn.errors import UsageError
 
 SHAPES = [(103, 10), (100, 10), (7, 7), (50, 64), (5, 3), (11, 4)]
@@ -14,7 +14,7 @@ SHAPES = [(103, 10), (100, 10), (7, 7), (50, 64), (5, 3), (11, 4)]
 def test_parts_of_every_global_batch_are_contiguous_and_cover_it(n, batch, size):
     if batch < size:
         pytest.skip("global batch smaller than ranks is refused")
-    plans = [data.BatchPlan(n, batch, r, size) for r in range(size)]
+    plans = [plan.BatchPlan(n, batch, r, size) for r in range(size)]
     steps = {p.steps_per_epoch for p in plans}
     assert steps == {-(-n // batch)}  # every rank runs the same number of steps
     for p in plans:
@@ -36,7 +36,7 @@ def test_parts_of_every_global_batch_are_contiguous_and_cover_it(n, batch, size)
 
 def test_a_rank_may_own_nothing_of_the_last_batch():
     # 10 rows, batch 4, 3 ranks: last batch has 2 rows, rank 2 owns none of it
-    p = data.BatchPlan(10, 4, 2, 3)
+    p = plan.BatchPlan(10, 4, 2, 3)
     assert list(p.local_counts()) == [1, 1, 0]
 
 
@@ -51,9 +51,9 @@ def test_hdf5_selection_reads_exactly_the_owned_rows(tmp_path, n, batch, size):
     with h5py.File(path, "w") as f:
         f["X"], f["y"] = x, y
     for r in range(size):
-        plan = data.BatchPlan(n, batch, r, size)
-        xr, yr = data.read_rows(str(path), data.Columns(), data.plan_selections(plan), None)
-        rows = plan.owned_rows()
+        p = plan.BatchPlan(n, batch, r, size)
+        xr, yr = data.read_rows(str(path), data.Columns(), data.plan_selections(p), None)
+        rows = p.owned_rows()
         assert xr.dtype == np.float32 and yr.dtype == np.int64
         np.testing.assert_array_equal(xr, x[rows])
         np.testing.assert_array_equal(yr, y[rows])
@@ -125,9 +125,9 @@ def test_missing_and_non_hdf5_files(tmp_path):
 
 @pytest.mark.parametrize("n,batch,size", [(103, 10, 3), (100, 10, 4), (11, 4, 3), (7, 7, 2)])
 def test_position_owners_match_the_batch_plan(n, batch, size):
-    owner, local = data.position_owners(n, batch, size)
+    owner, local = plan.position_owners(n, batch, size)
     for r in range(size):
-        rows = data.BatchPlan(n, batch, r, size).owned_rows()
+        rows = plan.BatchPlan(n, batch, r, size).owned_rows()
         np.testing.assert_array_equal(np.flatnonzero(owner == r), rows)
         np.testing.assert_array_equal(local[rows], np.arange(len(rows)))
 

@@ -11,10 +11,12 @@ import time
 import numpy as np
 import pytest
 
-from conftest import finish, ok, run_mpinn, start_mpinn
+from conftest import finish, ok, run_mpinn, start_mpinn, steps_per_epoch
 from mpinn import checkpoint
 
-EPOCHS = 3  # bundled digits, global batch 64: 23 steps per epoch
+EPOCHS = 3
+SPE = steps_per_epoch()  # of the bundled digits at the default global batch (64)
+MID2 = SPE + 7           # a step in the middle of epoch 2
 ARGS = ["--epochs", EPOCHS, "--log-every", 5]
 FAULT_TO_EXIT = 10.0
 
@@ -42,10 +44,10 @@ def uninterrupted(tmp_path_factory):
 
 @pytest.mark.parametrize("spec,rank,where", [
     ("raise:rank=0:step=5", 0, "at step, step 5"),
-    ("raise:rank=2:step=40", 2, "at step, step 40"),
+    (f"raise:rank=2:step={SPE + 17}", 2, f"at step, step {SPE + 17}"),
     ("raise:rank=1:at=load", 1, "at load"),
-    ("raise:rank=2:at=evaluate:step=1", 2, "at evaluate, step 23"),
-    ("raise:rank=0:at=checkpoint:step=1", 0, "at checkpoint, step 23"),
+    ("raise:rank=2:at=evaluate:step=1", 2, f"at evaluate, step {SPE}"),
+    ("raise:rank=0:at=checkpoint:step=1", 0, f"at checkpoint, step {SPE}"),
 ])
 def test_exception_on_one_rank_ends_every_rank(tmp_path, spec, rank, where):
     r = run_mpinn(3, "train", "--run-dir", tmp_path, *ARGS, env={"MPINN_FAULT": spec}, timeout=60)
@@ -59,22 +61,22 @@ def test_exception_on_one_rank_ends_every_rank(tmp_path, spec, rank, where):
 
 def test_sigkill_of_one_rank_ends_the_job_and_resume_is_exact(tmp_path, uninterrupted):
     r = run_mpinn(2, "train", "--run-dir", tmp_path, *ARGS,
-                  env={"MPINN_FAULT": "kill:rank=1:step=30"}, timeout=60)
+                  env={"MPINN_FAULT": f"kill:rank=1:step={MID2}"}, timeout=60)
     assert r.returncode != 0
     assert r.ended - fault_time(r) < FAULT_TO_EXIT
-    assert load(tmp_path / "checkpoint.h5").global_step == 23  # the epoch-1 checkpoint, intact
+    assert load(tmp_path / "checkpoint.h5").global_step == SPE  # the epoch-1 checkpoint, intact
     ok(run_mpinn(2, "train", "--run-dir", tmp_path, *ARGS, "--resume"))
     resumed = load(tmp_path / "checkpoint.h5")
-    assert resumed.global_step == uninterrupted.global_step == 69
+    assert resumed.global_step == uninterrupted.global_step == 3 * SPE
     np.testing.assert_array_equal(resumed.params, uninterrupted.params)
 
 
 def test_sigkill_while_rank_0_writes_a_checkpoint(tmp_path, uninterrupted):
     r = run_mpinn(2, "train", "--run-dir", tmp_path, *ARGS,
-                  env={"MPINN_FAULT": "kill:rank=0:step=30:at=checkpoint"}, timeout=60)
-    assert r.returncode != 0 and "at checkpoint, step 46" in r.stderr
+                  env={"MPINN_FAULT": f"kill:rank=0:step={MID2}:at=checkpoint"}, timeout=60)
+    assert r.returncode != 0 and f"at checkpoint, step {2 * SPE}" in r.stderr
     assert r.ended - fault_time(r) < FAULT_TO_EXIT
-    assert load(tmp_path / "checkpoint.h5").global_step == 23  # the previous one loads
+    assert load(tmp_path / "checkpoint.h5").global_step == SPE  # the previous one loads
     ok(run_mpinn(2, "train", "--run-dir", tmp_path, *ARGS, "--resume"))
     np.testing.assert_array_equal(load(tmp_path / "checkpoint.h5").params, uninterrupted.params)
     assert not list(tmp_path.glob("checkpoint.h5.tmp-*"))  # the dead writer's temporary is gone
@@ -106,21 +108,21 @@ def test_signal_writes_a_final_checkpoint_then_resume_is_exact(tmp_path, sig, co
 
 
 def test_nan_stops_and_keeps_the_last_good_checkpoint(tmp_path):
-    r = run_mpinn(2, "train", "--run-dir", tmp_path, *ARGS, env={"MPINN_FAULT": "nan:rank=1:step=30"})
+    r = run_mpinn(2, "train", "--run-dir", tmp_path, *ARGS, env={"MPINN_FAULT": f"nan:rank=1:step={MID2}"})
     assert r.returncode == 3
     lines = errors(r)
-    assert len(lines) == 1 and "non-finite loss or gradient at step 30 (epoch 2)" in lines[0]
-    assert f"the last good checkpoint {tmp_path}/checkpoint.h5 (step 23) is kept" in lines[0]
+    assert len(lines) == 1 and f"non-finite loss or gradient at step {MID2} (epoch 2)" in lines[0]
+    assert f"the last good checkpoint {tmp_path}/checkpoint.h5 (step {SPE}) is kept" in lines[0]
     ckpt = load(tmp_path / "checkpoint.h5")
-    assert ckpt.global_step == 23 and np.isfinite(ckpt.params).all()
+    assert ckpt.global_step == SPE and np.isfinite(ckpt.params).all()
 
 
 def test_nan_step_skipped_on_request(tmp_path):
     r = ok(run_mpinn(2, "train", "--run-dir", tmp_path, *ARGS, "--on-nonfinite", "skip",
-                     env={"MPINN_FAULT": "nan:rank=1:step=30"}))
-    assert r.stdout.count("step 30: non-finite loss or gradient, update skipped (1 so far)") == 1
+                     env={"MPINN_FAULT": f"nan:rank=1:step={MID2}"}))
+    assert r.stdout.count(f"step {MID2}: non-finite loss or gradient, update skipped (1 so far)") == 1
     summary = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")][-1]
-    assert summary["skipped_steps"] == 1 and summary["step"] == 69
+    assert summary["skipped_steps"] == 1 and summary["step"] == 3 * SPE
     assert np.isfinite(load(tmp_path / "checkpoint.h5").params).all()
 
 
@@ -150,7 +152,7 @@ def test_full_disk_when_checkpointing_keeps_the_old_checkpoint(tiny_filesystem):
     assert len(lines) == 1 and f"cannot write checkpoint {run_dir}/checkpoint.h5" in lines[0]
     assert "No space left on device; the previous checkpoint is intact" in lines[0]
     assert "Traceback" not in r.stderr
-    assert load(run_dir / "checkpoint.h5").global_step == 23
+    assert load(run_dir / "checkpoint.h5").global_step == SPE
     assert not list(run_dir.glob("checkpoint.h5.tmp-*"))
 
 
@@ -159,14 +161,14 @@ def test_resume_on_another_number_of_ranks(tmp_path):
     r = ok(run_mpinn(3, "train", "--run-dir", tmp_path, "--epochs", 2, "--resume"))
     assert "note: resuming on 3 ranks a run checkpointed on 2" in r.stdout
     assert "epoch 2/2 step" in r.stdout and "epoch 1/2" not in r.stdout
-    assert load(tmp_path / "checkpoint.h5").global_step == 46
+    assert load(tmp_path / "checkpoint.h5").global_step == 2 * SPE
 
 
 def test_keep_checkpoints_in_a_run(tmp_path):
     ok(run_mpinn(2, "train", "--run-dir", tmp_path, *ARGS, "--keep-checkpoints", 2))
     kept = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
-    assert kept == ["step-0000046.h5", "step-0000069.h5"]
-    assert load(tmp_path / "checkpoints" / kept[0]).global_step == 46
+    assert kept == [f"step-{2 * SPE:07d}.h5", f"step-{3 * SPE:07d}.h5"]
+    assert load(tmp_path / "checkpoints" / kept[0]).global_step == 2 * SPE
 
 
 def test_stall_watchdog_names_the_missing_rank_and_aborts(tmp_path):

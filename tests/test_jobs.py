@@ -10,11 +10,11 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import steps_per_epoch, ROOT
 from mpinn import checkpoint
 from mpinn.cli import parse
 from mpinn.errors import UsageError
-from mpinn.jobs import render
+from mpinn.hpc.jobs import render
 
 PBS_DIRECTIVE = re.compile(
     r"^#PBS (-N [\w.-]+|-j oe|-q \S+|-A \S+|"
@@ -87,7 +87,7 @@ def test_pbs_train_job_body_runs(tmp_path):
     assert p.returncode == 0, p.stderr
     run_dir = tmp_path / "runs" / "4242"  # named after the job id, under PBS_O_WORKDIR
     ckpt = checkpoint.load(str(run_dir / "checkpoint.h5"))
-    assert ckpt.global_step == 2 * 23 and ckpt.config["ranks"] == 2
+    assert ckpt.global_step == 2 * steps_per_epoch() and ckpt.config["ranks"] == 2
     assert p.stdout.count("mpinn train: done") == 1
 
 

@@ -155,7 +155,7 @@ def test_backward_in_layer_ranges_equals_the_whole():
 
 
 def test_gradient_buckets_cover_the_buffer_last_layer_first():
-    from mpinn.engine import gradient_buckets
+    from mpinn.data_parallel import gradient_buckets
     arch = Architecture((100, 200, 300, 50, 10))
     for bucket_bytes in (1, 100_000, 300_000, 10**9):
         buckets = gradient_buckets(arch, bucket_bytes)

@@ -7,7 +7,7 @@ import pytest
 
 from conftest import ok, run_mpinn, write_classification, write_regression
 from mpinn import checkpoint
-from mpinn.data import BatchPlan
+from mpinn.plan import BatchPlan
 from reference import ReferenceOptimizer, loss_and_grads, unflatten
 
 # 203 rows: a multiple of neither the global batch (24) nor the number of ranks (2, 3, 4); the last

@@ -3,7 +3,7 @@ deadlock, checked by simulating every stage's blocking receives."""
 import pytest
 
 from mpinn.errors import UsageError
-from mpinn.schedule import (Grid, balanced_partition, ideal_bubble, in_flight, layer_flops,
+from mpinn.plan import (Grid, balanced_partition, ideal_bubble, in_flight, layer_flops,
                             parse_partition, schedule, stage_layers)
 
 

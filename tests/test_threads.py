@@ -1,6 +1,6 @@
 """Thread limits and the oversubscription warning."""
 
-from mpinn.threads import oversubscription
+from mpinn.runtime.threads import oversubscription
 
 
 def test_oversubscription_warning():
@@ -13,7 +13,7 @@ def test_limit_reaches_every_blas_and_numba():
     import numba
     from threadpoolctl import threadpool_info
 
-    from mpinn.threads import limit_threads
+    from mpinn.runtime.threads import limit_threads
     try:
         limit_threads(2)
         assert numba.get_num_threads() == min(2, numba.config.NUMBA_NUM_THREADS)

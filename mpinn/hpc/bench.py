@@ -12,13 +12,12 @@ import time
 
 import numpy as np
 
-from .comm import library_version
-from .data import even_part
-from .errors import UsageError
-from .log import Log
-from .engine import DataParallelEngine
-from .model import Architecture, init_params
-from .threads import limit_threads, oversubscription
+from ..errors import UsageError
+from ..log import Log
+from ..data_parallel import DataParallelEngine
+from ..model import Architecture, init_params
+from ..plan import even_part
+from ..runtime.threads import limit_threads, oversubscription
 
 PHASES = ("data", "compute", "allreduce", "optimizer")
 POOL = 4  # distinct synthetic batches a rank cycles through
@@ -108,7 +107,7 @@ def run(cfg, explicit, comm):
         "compute_s_per_sample": float(mean[1]) / (global_batch / size),
         "gradient_bytes": int(engine.net.grads.nbytes), "overlap_mb": cfg.overlap_mb,
         "jit_s": jit_s,
-        "mpi_library": library_version(),
+        "mpi_library": comm.library_version(),
     }
     if cfg.allreduce_sweep:
         result["allreduce_sweep"] = allreduce_sweep(comm, cfg.sweep_max) if size > 1 else []

@@ -1,4 +1,4 @@
-"""`mpinn jobs slurm|pbs`: render a ready job file from the templates in jobs/ with the directives
+"""`mpinn jobs slurm|pbs`: render a ready job file from the templates shipped in mpinn/assets/jobs with the directives
 set (nodes, ranks per node, threads per rank, time, partition/queue, account).
 
     mpinn jobs slurm --kind scaling --nodes 4 --ranks-per-node 32 --time 01:00:00 --account abc123 \\
@@ -10,12 +10,12 @@ import os
 import re
 import stat
 import sys
-from pathlib import Path
 
-from .errors import UsageError
-from .log import Log
+from .. import assets
+from ..errors import UsageError
+from ..log import Log
+from ..outputs import check_output_path
 
-TEMPLATES = Path(__file__).resolve().parent.parent / "jobs"
 FILES = {("slurm", "train"): "slurm/train.sbatch", ("slurm", "scaling"): "slurm/scaling.sbatch",
          ("pbs", "train"): "pbs/train.pbs", ("pbs", "scaling"): "pbs/scaling.pbs"}
 TIME = re.compile(r"^(\d+-)?\d{1,3}:\d{2}:\d{2}$")
@@ -62,10 +62,7 @@ def render(cfg):
     if not TIME.match(cfg.time) or (cfg.scheduler == "pbs" and "-" in cfg.time):
         raise UsageError(f"--time must be HH:MM:SS{' or D-HH:MM:SS' if cfg.scheduler == 'slurm' else ''}"
                          f", got {cfg.time!r}")
-    path = TEMPLATES / FILES[(cfg.scheduler, cfg.kind)]
-    if not path.exists():
-        raise UsageError(f"job template {path} is missing (run from a clone of mpinn)")
-    text = path.read_text()
+    text = assets.path("jobs", FILES[(cfg.scheduler, cfg.kind)]).read_text()
     return render_slurm(text, cfg) if cfg.scheduler == "slurm" else render_pbs(text, cfg)
 
 
@@ -74,9 +71,7 @@ def run(cfg, explicit, comm=None):
     if not cfg.out:
         sys.stdout.write(text)
         return text
-    folder = os.path.dirname(os.path.abspath(cfg.out))
-    if not os.path.isdir(folder):
-        raise UsageError(f"--out {cfg.out}: directory {folder} does not exist")
+    check_output_path(cfg.out)
     with open(cfg.out, "w") as fh:
         fh.write(text)
     os.chmod(cfg.out, os.stat(cfg.out).st_mode | stat.S_IXUSR | stat.S_IXGRP)

@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 
-from .errors import UsageError
+from ..errors import UsageError
 
 # (alpha seconds, beta bytes/s): typical MPI latency and per-link bandwidth of common interconnects.
 NETWORKS = {

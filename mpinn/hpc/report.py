@@ -18,8 +18,8 @@ import os
 import numpy as np
 
 from . import perfmodel
-from .errors import UsageError
-from .log import Log
+from ..errors import UsageError
+from ..log import Log
 
 PHASES = ("data", "compute", "allreduce", "optimizer")
 COLORS = {"data": "#8c8c8c", "compute": "#1f77b4", "allreduce": "#d62728", "optimizer": "#2ca02c",

@@ -14,9 +14,9 @@ import sys
 from pathlib import Path
 
 from . import report
-from .config import ReportConfig
-from .errors import UsageError
-from .log import Log
+from ..config import ReportConfig, parse_ranks
+from ..errors import UsageError
+from ..log import Log
 
 
 def default_launcher():
@@ -64,13 +64,3 @@ def run(cfg, explicit, comm=None):
             fh.write(p.stdout.strip().splitlines()[-1] + "\n")
     return report.run(ReportConfig(results=raw, out=cfg.out, mode=cfg.mode, network=cfg.network,
                                    title=cfg.title), explicit)
-
-
-def parse_ranks(text):
-    try:
-        ranks = sorted({int(r) for r in str(text).split(",") if r.strip()})
-    except ValueError:
-        raise UsageError(f"--ranks must be comma-separated integers, got {text!r}") from None
-    if not ranks or ranks[0] < 1:
-        raise UsageError(f"--ranks must be positive, got {text!r}")
-    return ranks

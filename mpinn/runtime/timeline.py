@@ -19,6 +19,9 @@ MAX_EVENTS = 500_000  # per rank; a longer run keeps its first events
 class NullTimeline:
     enabled = False
 
+    def start(self):
+        pass
+
     def add(self, name, t0, t1):
         pass
 

@@ -12,8 +12,9 @@ import h5py
 import numpy as np
 from numpy.lib import format as npy_format
 
-from .errors import UsageError
-from .log import Log
+from ..errors import UsageError
+from ..log import Log
+from ..outputs import check_output_path
 
 
 # -- readers: each yields (x chunk float32 rows x features, y chunk) in file order ---------------
@@ -179,9 +180,7 @@ def convert(cfg):
     for p in [cfg.source] + ([cfg.labels] if fmt == "idx" else []):
         if not p or not os.path.isfile(p):
             raise UsageError(f"input file not found: {p or '(give --labels for IDX images)'}")
-    folder = os.path.dirname(os.path.abspath(cfg.out))
-    if not os.path.isdir(folder):
-        raise UsageError(f"--out {cfg.out}: directory {folder} does not exist")
+    check_output_path(cfg.out)
 
     def chunks():
         if fmt == "npz":

@@ -11,10 +11,11 @@ import os
 import h5py
 import numpy as np
 
-from .config import parse_hidden
-from .data import open_h5
-from .errors import UsageError
-from .log import Log
+from ..config import parse_hidden
+from ..data import open_h5
+from ..errors import UsageError
+from ..log import Log
+from ..outputs import check_output_path
 
 BLOCK = 1 << 16  # rows per generator block: fixed, so rows do not depend on the chunking
 
@@ -42,9 +43,7 @@ def synth_block(b, rows, features, seed, teacher):
 
 def synth(cfg):
     hidden = parse_hidden(cfg.hidden)
-    folder = os.path.dirname(os.path.abspath(cfg.out))
-    if not os.path.isdir(folder):
-        raise UsageError(f"--out {cfg.out}: directory {folder} does not exist")
+    check_output_path(cfg.out)
     teacher = Teacher(cfg.features, hidden, cfg.classes, cfg.seed)
     n, chunk = cfg.rows, min(cfg.chunk_rows, cfg.rows)
     options = {} if cfg.compression == "none" else {"compression": cfg.compression}

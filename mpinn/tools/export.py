@@ -10,10 +10,11 @@ import os
 
 import numpy as np
 
-from . import checkpoint
-from .errors import UsageError
-from .log import Log
-from .model import layer_views
+from .. import checkpoint
+from ..errors import UsageError
+from ..log import Log
+from ..model import layer_views
+from ..outputs import check_output_path
 
 ONNX_ACT = {"relu": "Relu", "tanh": "Tanh", "sigmoid": "Sigmoid"}
 TORCH_ACT = {"relu": "ReLU", "tanh": "Tanh", "sigmoid": "Sigmoid"}
@@ -87,9 +88,7 @@ def to_npz(ckpt, path):
 
 def run(cfg, explicit, comm=None):
     ckpt = checkpoint.load(cfg.checkpoint)
-    folder = os.path.dirname(os.path.abspath(cfg.out))
-    if not os.path.isdir(folder):
-        raise UsageError(f"--out {cfg.out}: directory {folder} does not exist")
+    check_output_path(cfg.out)
     {"onnx": to_onnx, "torch": to_torch, "npz": to_npz}[cfg.format](ckpt, cfg.out)
     log = Log()
     log.info(f"wrote {cfg.format} model {ckpt.arch.describe()} to {cfg.out}")

@@ -1,0 +1,90 @@
+"""The Python API, for scripts and notebooks.
+
+    import mpinn
+    result = mpinn.fit(data="train.h5", hidden="256,128", epochs=5, run_dir="runs/a")
+    model = mpinn.load(result.checkpoint)         # or any checkpoint.h5
+    probabilities = model.predict(x)              # NumPy in, NumPy out, in this process
+    loss, accuracy = model.evaluate(x, y)
+
+fit() takes the options of `mpinn train` as keywords (and/or a TOML file as `config`), checked as
+the command line checks them, and trains exactly as `mpinn train` does: on one process, or under
+`mpirun -n N python script.py` over all N ranks (every rank calls fit with the same options).
+Importing mpinn starts no MPI; fit() does, the first time it runs. load(), predict() and
+evaluate() never use MPI.
+"""
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import checkpoint
+from .config import TrainConfig, from_options
+from .errors import AgreedExit, RunError
+from .model import Network
+
+
+@dataclass
+class FitResult:
+    checkpoint: str   # the run's final checkpoint (written by rank 0)
+    steps: int        # optimizer steps made in all (counting resumed ones)
+    rank: int         # this process's rank, and the world's size
+    size: int
+
+    def model(self):
+        """The trained network, loaded from the final checkpoint."""
+        return load(self.checkpoint)
+
+
+def fit(config=None, **options):
+    """Train as `mpinn train` would with these options; returns a FitResult. Bad options raise
+    UsageError before MPI starts; a failure during the run (already reported on stderr by the
+    rank that saw it) raises RunError on every rank."""
+    from . import train
+    from .comm import Comm  # the one place MPI starts
+    cfg, explicit = from_options(TrainConfig, config, "mpinn.fit", **options)
+    comm = Comm()
+    comm.debug = cfg.debug
+    try:
+        engine = train.run(cfg, explicit, comm)
+    except AgreedExit as e:
+        raise RunError("training stopped (the reason is printed above)", e.code) from None
+    return FitResult(str(train.checkpoint_path(cfg)), engine.optimizer.t, comm.rank, comm.size)
+
+
+def load(path):
+    """A trained network from a checkpoint file, ready to predict in this process."""
+    return Model(checkpoint.load(str(path)))
+
+
+class Model:
+    """A network with its weights: `arch` (sizes, activations, loss), `params` (one flat float32
+    buffer), and predictions in chunks of at most `batch_size` rows."""
+
+    def __init__(self, ckpt, batch_size=4096):
+        self.arch, self.params, self.batch_size = ckpt.arch, ckpt.params, batch_size
+        self.config = ckpt.config
+        self._net = Network(self.arch, self.params, batch_size)
+
+    def _chunks(self, x):
+        x = np.ascontiguousarray(x, np.float32)
+        if x.ndim != 2 or x.shape[1] != self.arch.sizes[0]:
+            raise ValueError(f"x must be (rows, {self.arch.sizes[0]}); got shape {x.shape}")
+        for start in range(0, len(x), self.batch_size):
+            yield start, x[start:start + self.batch_size]
+
+    def predict(self, x):
+        """Class probabilities (cross-entropy) or outputs (mse) for the rows of x: (rows, K)."""
+        out = np.empty((len(x), self.arch.sizes[-1]), np.float32)
+        for start, chunk in self._chunks(x):
+            out[start:start + len(chunk)] = self._net.forward(chunk)
+        return out
+
+    def evaluate(self, x, y):
+        """(mean loss, accuracy or None) over the rows of x, as `mpinn evaluate` reports them."""
+        integer = self.arch.loss_fn.integer_labels
+        y = np.asarray(y, np.int64) if integer else np.asarray(y, np.float32).reshape(
+            len(y), -1)
+        loss_sum = correct = 0.0
+        for start, chunk in self._chunks(x):
+            l, c = self._net.loss_sums(chunk, np.ascontiguousarray(y[start:start + len(chunk)]))
+            loss_sum, correct = loss_sum + l, correct + c
+        return self.arch.loss_fn.summarize(loss_sum, correct, len(x), self.arch.sizes[-1])

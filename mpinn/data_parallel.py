@@ -1,0 +1,123 @@
+"""The data-parallel engine: every rank holds the whole network, computes the gradient of its part
+of the global batch in one fused kernel call, and one in-place Allreduce over the flat gradient
+buffer (plus a stop flag and the loss, so signals and non-finite checks cost no extra collective)
+makes every rank's gradient the global one. Every rank then applies the same update.
+
+With --overlap-mb the backward pass runs one bucket of layers at a time, last layer first, and each
+bucket's Iallreduce starts as soon as its gradients exist.
+"""
+import time
+import zlib
+
+import numpy as np
+
+from . import kernels
+from .engine import Engine, StepResult, make_optimizer
+from .model import Network
+
+
+class DataParallelEngine(Engine):
+    def __init__(self, comm, arch, params, max_rows, opt_settings=None, opt_state=None,
+                 eval_rows=0, overlap_mb=0.0):
+        self.comm, self.arch = comm, arch
+        self.data_rank, self.data_size = comm.rank, comm.size
+        n = arch.n_params
+        # gradients, then a stop flag and the loss sum: one Allreduce carries all three
+        self.reduced = np.zeros(n + 2, np.float32)
+        self.net = Network(arch, params, max(max_rows, eval_rows), grads=self.reduced[:n])
+        self.buckets = gradient_buckets(arch, overlap_mb * 2**20) if overlap_mb > 0 else None
+        self.phase_s = [0.0, 0.0, 0.0]  # the last step's compute, allreduce (wait), optimizer
+        self.optimizer = make_optimizer(opt_settings, n, opt_state)
+        self.chunk = self.net.ws.max_rows
+
+    @property
+    def params(self):
+        return self.net.params
+
+    def warmup(self, x, y):
+        self.net.warmup(x, y)
+        kernels.all_finite(self.net.grads)
+        if self.optimizer is not None:
+            self.optimizer.warmup()
+
+    def step(self, xb, yb, rows, scale, stop=False):
+        n = self.arch.n_params
+        start = time.perf_counter()
+        if self.buckets:
+            loss, correct, requests = self._backward_overlapped(xb, yb, scale, stop)
+            t0 = time.perf_counter()
+            self.watchdog.arrived()
+            self.comm.wait_all(requests)
+        else:
+            if self.timeline.enabled:
+                loss, correct = self.net.train_step_traced(xb, yb, scale, self.timeline)
+            else:
+                loss, correct = self.net.train_step(xb, yb, scale)
+            self.reduced[n] = 1.0 if stop else 0.0
+            self.reduced[n + 1] = loss
+            t0 = time.perf_counter()
+            self.watchdog.arrived()
+            self.comm.allreduce_sum_(self.reduced)
+        t1 = time.perf_counter()
+        # every rank holds the same reduced buffer, so every rank decides the same
+        finite = bool(np.isfinite(self.reduced[n + 1]) and kernels.all_finite(self.net.grads))
+        if finite:
+            self.optimizer.step(self.net.params, self.net.grads)
+        t2 = time.perf_counter()
+        self.timeline.add("allreduce", t0, t1)
+        self.timeline.add("optimizer", t1, t2)
+        self.phase_s = [t0 - start, t1 - t0, t2 - t1]
+        return StepResult(loss, correct, rows, bool(self.reduced[n] > 0), finite)
+
+    def _backward_overlapped(self, xb, yb, scale, stop):
+        """Forward and loss, then backward one bucket of layers at a time, last layer first, each
+        bucket's Iallreduce started as soon as its gradients exist (the first bucket also carries
+        the stop flag and the loss). Returns (loss, correct, requests to wait for)."""
+        net, n = self.net, self.arch.n_params
+        rows = xb.shape[0]
+        t0 = time.perf_counter()
+        if rows:
+            loss, correct = net.forward_loss_grad(xb, yb, scale)
+        else:
+            loss, correct = 0.0, 0
+            net.grads[:] = 0
+        t1 = time.perf_counter()
+        self.timeline.add("forward", t0, t1)
+        self.reduced[n] = 1.0 if stop else 0.0
+        self.reduced[n + 1] = loss
+        requests = []
+        for hi, lo, a, b in self.buckets:
+            if rows:
+                net.backward(xb, hi, lo)
+            requests.append(self.comm.iallreduce_sum_(self.reduced[a:b]))
+        self.timeline.add("backward", t1, time.perf_counter())
+        return float(loss), int(correct), requests
+
+    def forward_chunks(self, n, read_x, consume):
+        for off in range(0, n, self.chunk):
+            m = min(self.chunk, n - off)
+            consume(off, self.net.raw_outputs(read_x(off, m)))
+
+    def full_state(self):
+        return self.net.params, (self.optimizer.state if self.optimizer else [])
+
+    def replicas_agree(self):
+        lo, hi = self.comm.allreduce_minmax(zlib.crc32(self.net.params))
+        return lo == hi
+
+
+def gradient_buckets(arch, bucket_bytes):
+    """[(hi, lo, start, end)]: groups of whole layers, last layer first, each about bucket_bytes
+    of gradients, with its contiguous slice [start, end) of the reduced buffer (the first bucket
+    runs to the buffer's end, taking the stop flag and loss along)."""
+    w_off, _ = arch.offsets()
+    ends = list(w_off[1:]) + [arch.n_params]
+    buckets, hi = [], arch.n_layers
+    while hi > 0:
+        lo = hi - 1
+        while lo > 0 and (ends[hi - 1] - w_off[lo - 1]) * 4 <= bucket_bytes:
+            lo -= 1
+        end = arch.n_params + 2 if hi == arch.n_layers else int(ends[hi - 1])
+        buckets.append((hi, lo, int(w_off[lo]), end))
+        hi = lo
+    return buckets

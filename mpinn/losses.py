@@ -1,0 +1,72 @@
+"""The losses, chosen once by name (`LOSSES[name]`) and then used as objects: what the labels are,
+which kernels compute the loss and its gradient, how a batch's gradient is scaled, how sums become
+the reported mean, and what prediction outputs look like. Nothing else compares loss names.
+
+    cross_entropy  integer class labels (N,), softmax over K logits, mean over rows; accuracy too
+    mse            float targets (N, K) of out_act(z), mean over all N*K elements (PyTorch's mean)
+"""
+from . import kernels
+
+
+class CrossEntropy:
+    name = "cross_entropy"
+    integer_labels = True
+
+    @staticmethod
+    def grad_(out, y, out_act, scale):
+        """Raw outputs (logits) -> scale * dLoss/dz in place; (loss sum, correct) over the rows."""
+        loss, correct = kernels.cross_entropy_grad_(out, y, scale)
+        return float(loss), int(correct)
+
+    @staticmethod
+    def fused_step(grads, params, x, y, scale, ws):
+        """Forward, loss and backward in one compiled call (the data-parallel hot path)."""
+        return kernels.train_step_ce(grads, params, x, y, scale, ws.sizes, ws.w_off, ws.b_off,
+                                     ws.acts, ws.a_off, ws.act, ws.d0, ws.d1)
+
+    @staticmethod
+    def scale(global_rows, n_outputs):
+        """Factor on the summed per-row losses that makes the global mean loss."""
+        return 1.0 / global_rows
+
+    @staticmethod
+    def summarize(loss_sum, correct, n, n_outputs):
+        """(mean loss, accuracy) from sums over n rows."""
+        n = max(n, 1)
+        return loss_sum / n, correct / n
+
+    @staticmethod
+    def outputs_(out):
+        """Raw outputs -> what predict reports (probabilities), in place."""
+        kernels.softmax_(out)
+        return out
+
+
+class MeanSquaredError:
+    name = "mse"
+    integer_labels = False
+
+    @staticmethod
+    def grad_(out, y, out_act, scale):
+        loss, correct = kernels.mse_grad_(out, y, out_act, scale)
+        return float(loss), int(correct)
+
+    @staticmethod
+    def fused_step(grads, params, x, y, scale, ws):
+        return kernels.train_step_mse(grads, params, x, y, scale, ws.sizes, ws.w_off, ws.b_off,
+                                      ws.acts, ws.a_off, ws.act, ws.out_act, ws.d0, ws.d1)
+
+    @staticmethod
+    def scale(global_rows, n_outputs):
+        return 1.0 / (global_rows * n_outputs)
+
+    @staticmethod
+    def summarize(loss_sum, correct, n, n_outputs):
+        return loss_sum / (max(n, 1) * n_outputs), None
+
+    @staticmethod
+    def outputs_(out):
+        return out
+
+
+LOSSES = {loss.name: loss for loss in (CrossEntropy(), MeanSquaredError())}

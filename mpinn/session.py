@@ -1,0 +1,92 @@
+"""What train, evaluate and predict share: the data files (the bundled digits by default), the
+checkpoint every rank starts from (rank 0 loads it, every rank receives it), each rank's slice of a
+data file with its checks, the engine for this rank, and evaluation summed over ranks.
+
+Every phase that can fail on some ranks only runs under comm.checked(), so a bad file is one clear
+error on every rank instead of a hang.
+"""
+import numpy as np
+
+from . import assets, data
+from .checkpoint import Checkpoint
+from .data_parallel import DataParallelEngine
+from .errors import UsageError
+from .kernels import ACTIVATIONS
+from .pipeline import PipelineEngine
+
+
+def bundled(name):
+    """Path of a bundled data file (shipped inside the package)."""
+    return assets.file_path("data", name)
+
+
+def data_paths(cfg):
+    """(training data, validation data or None): the bundled digits when --data is not given."""
+    if cfg.data:
+        return cfg.data, cfg.val_data or None
+    return bundled("digits-train.h5"), cfg.val_data or bundled("digits-test.h5")
+
+
+def broadcast_checkpoint(comm, load):
+    """Rank 0 runs load() (under comm.checked), then every rank gets the same Checkpoint or None."""
+    ckpt = comm.checked(load) if comm.is_root else comm.checked(lambda: None)
+    meta = comm.bcast_json(ckpt.meta() if ckpt is not None else None)
+    if meta is None:
+        return None
+    if not comm.is_root:
+        ckpt = Checkpoint.from_meta(meta)
+    comm.bcast_(ckpt.params)
+    for s in ckpt.optimizer_state:
+        comm.bcast_(s)
+    return ckpt
+
+
+def load_split(comm, path, cols, selections_of, min_rows=1, want_x=True, want_y=True,
+               who="ranks"):
+    """Each rank inspects the file and reads only its own rows (and only the inputs or targets it
+    needs). Returns (n_rows, F, K|None, x|None, y|None)."""
+    def read():
+        with data.open_h5(path) as f:
+            n, n_features, n_targets = data.inspect(f, path, cols)
+        if n < min_rows:
+            raise UsageError(f"{path} has {n} rows, fewer than the {min_rows} {who}")
+        x, y = data.read_rows(path, cols, selections_of(n), n_targets, want_x, want_y)
+        return n, n_features, n_targets, x, y
+    return comm.checked(read)
+
+
+def check_labels(y, n_classes, path):
+    if y is not None and y.size and y.max() >= n_classes:
+        raise UsageError(f"{path}: class label {int(y.max())} is out of range for a network with "
+                         f"{n_classes} classes")
+
+
+def make_engine(comm, grid, arch, params, max_rows, opt_settings=None, opt_state=None,
+                partition=None, micro_batches=1, schedule="1f1b", eval_rows=0, overlap_mb=0.0):
+    """The engine for this rank: data parallel when the grid has one stage, else a pipeline.
+    max_rows: the most rows of one step on this reader; eval_rows: rows per evaluation pass
+    (data parallel; a pipeline evaluates in micro-batch sized chunks)."""
+    if grid.stages == 1:
+        return DataParallelEngine(comm, arch, params, max_rows, opt_settings, opt_state, eval_rows,
+                                  overlap_mb)
+    return PipelineEngine(comm, grid, arch, params, max_rows, opt_settings, opt_state, partition,
+                          micro_batches, schedule)
+
+
+class Evaluator:
+    """Loss and accuracy on this reader's block of a data set, summed over all ranks (ranks that
+    hold no targets, such as early pipeline stages, add zeros)."""
+
+    def __init__(self, comm, n_local, x, y, arch):
+        self.comm, self.n_local, self.x, self.y, self.arch = comm, n_local, x, y, arch
+
+    def __call__(self, engine):
+        sums = np.zeros(3)
+        loss, out_act = self.arch.loss_fn, ACTIVATIONS[self.arch.output_activation]
+
+        def consume(off, out):
+            rows = len(out)
+            sums[:] += (*loss.grad_(out, self.y[off:off + rows], out_act, 1.0), rows)
+        engine.forward_chunks(self.n_local, lambda off, m: self.x[off:off + m], consume)
+        loss_sum, correct, n = self.comm.allreduce_sum(sums)
+        return loss.summarize(loss_sum, correct, n, self.arch.sizes[-1])
