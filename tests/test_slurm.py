@@ -1,77 +1,106 @@
-"""A real one-node SLURM cluster (Debian's slurmctld, slurmd, munge; tests/slurm/up.sh) runs the
-SLURM job files with sbatch: the train job and a small scaling study. Skipped only where apt-get is
-missing or we are not root; elsewhere, including CI, it runs."""
+"""A real one-node SLURM cluster (Debian's slurmctld, slurmd, munge) runs the SLURM job files with
+sbatch: the train job and a small scaling study. The cluster is private to the test (tests/slurm/
+up.sh): its config, munge key and socket, spool, logs and pids live in a temporary folder, it
+listens on free ports of its own, and tear-down cancels only the jobs this test submitted and stops
+only its own daemons. Skipped with the reason where Slurm is not installed or we are not root
+(.ci/run installs the packages first)."""
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
+from conftest import steps_per_epoch, ROOT
 from mpinn import checkpoint
 
 HERE = ROOT / "tests" / "slurm"
-TERMINAL_WAIT = 300
+TERMINAL_WAIT = 200  # seconds a job may take; below pytest's own 300 s so this one acts first
+
+
+def free_port_pair():
+    """A TCP port p such that p and p + 1 are free now (slurmctld and slurmd)."""
+    for _ in range(50):
+        with socket.socket() as a:
+            a.bind(("127.0.0.1", 0))
+            port = a.getsockname()[1]
+            with socket.socket() as b:
+                try:
+                    b.bind(("127.0.0.1", port + 1))
+                except OSError:
+                    continue
+        return port
+    pytest.fail("no two consecutive free TCP ports")
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    if shutil.which("apt-get") is None and shutil.which("slurmctld") is None:
-        pytest.skip("no apt-get to install SLURM from Debian's packages")
+def cluster():
+    missing = [c for c in ("slurmctld", "slurmd", "sbatch", "munged") if not shutil.which(c)]
+    if missing:
+        pytest.skip(f"Slurm is not installed (missing {', '.join(missing)}; apt-get install "
+                    "--no-install-recommends slurmctld slurmd slurm-client munge)")
     if os.geteuid() != 0:
-        pytest.skip("starting SLURM daemons needs root")
-    state = tmp_path_factory.mktemp("slurm-state")
-    env = {**os.environ, "SLURM_LOCAL_STATE": str(state)}
-    up = subprocess.run(["bash", str(HERE / "up.sh")], env=env, capture_output=True, text=True,
-                        timeout=600, stdin=subprocess.DEVNULL)
+        pytest.skip("starting Slurm daemons needs root")
+    # not under pytest's own temporary folder: that is mode 0700 and munged runs as user munge
+    state = Path(tempfile.mkdtemp(prefix="mpinn-slurm-"))
+    state.chmod(0o755)
+    env = {**os.environ, "SLURM_LOCAL_STATE": str(state),
+           "SLURM_LOCAL_PORT": str(free_port_pair()), "SLURM_CONF": str(state / "slurm.conf")}
     try:
+        up = subprocess.run(["bash", str(HERE / "up.sh")], env=env, capture_output=True,
+                            text=True, timeout=120, stdin=subprocess.DEVNULL)
         assert up.returncode == 0, f"slurm up failed:\n{up.stdout}\n{up.stderr}"
-        yield state
+        yield env
     finally:
-        subprocess.run(["bash", str(HERE / "down.sh")], env=env, capture_output=True, timeout=120)
+        subprocess.run(["bash", str(HERE / "down.sh")], env=env, capture_output=True, timeout=60)
+        shutil.rmtree(state, ignore_errors=True)
 
 
 def sbatch_wait(job_file, workdir, env):
-    """Submit, poll scontrol every 0.5 s until the job ends; return (state, exit code, output)."""
+    """Submit, poll scontrol every 0.5 s until the job ends; return (id, state, exit code, output)."""
     out = workdir / "job-%j.out"
     job_id = subprocess.run(["sbatch", "--parsable", f"--chdir={workdir}", f"--output={out}",
                              str(job_file)], env=env, capture_output=True, text=True, check=True,
                             timeout=60).stdout.strip().split(";")[0]
+    with open(os.path.join(env["SLURM_LOCAL_STATE"], "jobs"), "a") as fh:
+        fh.write(job_id + "\n")  # down.sh cancels these and no others
     deadline = time.time() + TERMINAL_WAIT
     state = ""
     while time.time() < deadline:
         info = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True,
-                              text=True).stdout
+                              text=True, env=env, timeout=30).stdout
         fields = dict(f.split("=", 1) for f in info.split() if "=" in f)
         state = fields.get("JobState", "")
         if state not in ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", ""):
             text = (workdir / f"job-{job_id}.out").read_text()
             return job_id, state, fields.get("ExitCode", ""), text
         time.sleep(0.5)
-    subprocess.run(["scancel", job_id])
+    subprocess.run(["scancel", job_id], env=env, timeout=30)
     pytest.fail(f"job {job_id} still {state} after {TERMINAL_WAIT} s")
 
 
-def job_env(**extra):
-    return {**os.environ, "VENV": sys.prefix, "DATA": str(ROOT / "data" / "digits-train.h5"),
+def job_env(cluster, **extra):
+    return {**cluster, "VENV": sys.prefix, "DATA": str(ROOT / "data" / "digits-train.h5"),
             "VAL_DATA": str(ROOT / "data" / "digits-test.h5"), **extra}
 
 
 def test_train_job_file_under_slurm(cluster, tmp_path):
     job_id, state, exit_code, out = sbatch_wait(ROOT / "jobs" / "slurm" / "train.sbatch", tmp_path,
-                                                job_env(ARGS="--epochs 2"))
+                                                job_env(cluster, ARGS="--epochs 2"))
     assert (state, exit_code) == ("COMPLETED", "0:0"), out
     ckpt = checkpoint.load(str(tmp_path / "runs" / job_id / "checkpoint.h5"))  # named by job id
-    assert ckpt.global_step == 2 * 23 and ckpt.config["ranks"] == 2  # 2 ranks through srun
+    assert ckpt.global_step == 2 * steps_per_epoch() and ckpt.config["ranks"] == 2  # 2 ranks through srun
     assert out.count("mpinn train: done") == 1
 
 
 def test_scaling_job_file_under_slurm(cluster, tmp_path):
     job_id, state, exit_code, out = sbatch_wait(
         ROOT / "jobs" / "slurm" / "scaling.sbatch", tmp_path,
-        job_env(BENCH_ARGS="--features 64 --hidden 32 --steps 5 --warmup 2 --sweep-max 65536",
+        job_env(cluster, BENCH_ARGS="--features 64 --hidden 32 --steps 5 --warmup 2 --sweep-max 65536",
                 BATCH="64"))
     assert (state, exit_code) == ("COMPLETED", "0:0"), out
     report = tmp_path / "runs" / f"scaling-{job_id}"

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Stop only the daemons slurm-up.sh started (pids it recorded), TERM then KILL after 30 s.
-STATE=${SLURM_LOCAL_STATE:-/tmp/slurm-local}
-# cancel whatever is still queued/running so slurmd has no steps left
-ids=$(squeue -h -o %i 2>/dev/null || true); [ -n "$ids" ] && scancel $ids && sleep 1
+# Stop the private cluster up.sh started in $SLURM_LOCAL_STATE: cancel the jobs named in
+# $SLURM_LOCAL_STATE/jobs (the ones the tests submitted), then stop its own daemons by recorded pid
+# (TERM, then KILL after 30 s). Nothing else is touched.
+STATE=${SLURM_LOCAL_STATE:?set SLURM_LOCAL_STATE to the folder up.sh used}
+export SLURM_CONF=$STATE/slurm.conf
+if [ -s "$STATE/jobs" ]; then scancel $(cat "$STATE/jobs") 2>/dev/null; sleep 1; fi
 alive() {  # running and not a zombie (init here reaps orphans late; kill -0 is true for zombies)
   [ -r "/proc/$1/stat" ] && [ "$(awk '{print $3}' "/proc/$1/stat")" != Z ]
 }
