@@ -84,8 +84,8 @@ def sbatch_wait(job_file, workdir, env):
 
 
 def job_env(cluster, **extra):
-    return {**cluster, "VENV": sys.prefix, "DATA": str(ROOT / "data" / "digits-train.h5"),
-            "VAL_DATA": str(ROOT / "data" / "digits-test.h5"), **extra}
+    """The job's environment: this venv; no DATA, so the job trains on the bundled digits."""
+    return {**cluster, "VENV": sys.prefix, **extra}
 
 
 def test_train_job_file_under_slurm(cluster, tmp_path):
