@@ -38,9 +38,9 @@ def fit(config=None, **options):
     """Train as `mpinn train` would with these options; returns a FitResult. Bad options raise
     UsageError before MPI starts; a failure during the run (already reported on stderr by the
     rank that saw it) raises RunError on every rank."""
-    from . import train
-    from .comm import Comm  # the one place MPI starts
     cfg, explicit = from_options(TrainConfig, config, "mpinn.fit", **options)
+    from . import train
+    from .comm import Comm  # MPI starts here, once the options are known to be good
     comm = Comm()
     comm.debug = cfg.debug
     try:

@@ -149,61 +149,81 @@ def write_csv(path, rows):
 
 
 def make_plots(out, rows, runs, mode, points, fitted, projections, label):
+    """speedup, efficiency, breakdown, allreduce (with a fit) and projection PNGs in out;
+    returns {name: file}."""
     import matplotlib
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    figures = Figures(out, rows)
+    figures.speedup(mode)
+    figures.efficiency(mode)
+    figures.breakdown()
+    if fitted:
+        figures.allreduce(points, fitted)
+    figures.projection(projections, mode, label)
+    return figures.files
 
-    ranks = [r["ranks"] for r in rows]
-    over = [r["oversubscribed"] for r in rows]
-    files = {}
 
-    def save(fig, name):
+class Figures:
+    """The report's plots, one method each; measured points are hollow where oversubscribed."""
+
+    def __init__(self, out, rows):
+        import matplotlib.pyplot as plt
+        self.plt, self.out, self.rows, self.files = plt, out, rows, {}
+        self.ranks = [r["ranks"] for r in rows]
+        self.over = [r["oversubscribed"] for r in rows]
+
+    def save(self, fig, name):
         fig.tight_layout()
-        fig.savefig(os.path.join(out, name), dpi=110)
-        plt.close(fig)
-        files[name.split(".")[0]] = name
+        fig.savefig(os.path.join(self.out, name), dpi=110)
+        self.plt.close(fig)
+        self.files[name.split(".")[0]] = name
 
-    def mark(ax, ys):
-        for x, y, o in zip(ranks, ys, over):
+    def mark(self, ax, ys):
+        for x, y, o in zip(self.ranks, ys, self.over):
             ax.plot(x, y, "o", color="C0", mfc="white" if o else "C0", ms=7)
-        if any(over):
+        if any(self.over):
             ax.plot([], [], "o", color="C0", mfc="white", label="oversubscribed (ranks > cores)")
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(ranks, [r["speedup"] for r in rows], "-", color="C0", label="measured")
-    mark(ax, [r["speedup"] for r in rows])
-    ax.plot(ranks, ranks, "--", color="k", label="ideal")
-    ax.set(xlabel="MPI ranks", ylabel=f"speedup ({mode} scaling)", xticks=ranks,
-           title=f"Speedup, {mode} scaling")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    save(fig, "speedup.png")
+    def speedup(self, mode):
+        fig, ax = self.plt.subplots(figsize=(6, 4))
+        speedups = [r["speedup"] for r in self.rows]
+        ax.plot(self.ranks, speedups, "-", color="C0", label="measured")
+        self.mark(ax, speedups)
+        ax.plot(self.ranks, self.ranks, "--", color="k", label="ideal")
+        ax.set(xlabel="MPI ranks", ylabel=f"speedup ({mode} scaling)", xticks=self.ranks,
+               title=f"Speedup, {mode} scaling")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        self.save(fig, "speedup.png")
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(ranks, [100 * r["efficiency"] for r in rows], "-", color="C0", label="measured")
-    mark(ax, [100 * r["efficiency"] for r in rows])
-    ax.axhline(100, ls="--", color="k", label="ideal")
-    ax.set(xlabel="MPI ranks", ylabel="parallel efficiency (%)", xticks=ranks, ylim=(0, 110),
-           title=f"Efficiency, {mode} scaling")
-    ax.legend(loc="lower left")
-    ax.grid(alpha=0.3)
-    save(fig, "efficiency.png")
+    def efficiency(self, mode):
+        fig, ax = self.plt.subplots(figsize=(6, 4))
+        eff = [100 * r["efficiency"] for r in self.rows]
+        ax.plot(self.ranks, eff, "-", color="C0", label="measured")
+        self.mark(ax, eff)
+        ax.axhline(100, ls="--", color="k", label="ideal")
+        ax.set(xlabel="MPI ranks", ylabel="parallel efficiency (%)", xticks=self.ranks,
+               ylim=(0, 110), title=f"Efficiency, {mode} scaling")
+        ax.legend(loc="lower left")
+        ax.grid(alpha=0.3)
+        self.save(fig, "efficiency.png")
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    bottom = np.zeros(len(rows))
-    labels = [str(r) for r in ranks]
-    for p in PHASES + ("other",):
-        vals = np.array([max(r["step_ms"] - sum(r[f"{q}_ms"] for q in PHASES), 0) if p == "other"
-                         else r[f"{p}_ms"] for r in rows])
-        ax.bar(labels, vals, bottom=bottom, color=COLORS[p], label=p)
-        bottom += vals
-    ax.set(xlabel="MPI ranks", ylabel="time per step (ms, slowest rank per phase)",
-           title="Where a step's time goes")
-    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    save(fig, "breakdown.png")
+    def breakdown(self):
+        fig, ax = self.plt.subplots(figsize=(7, 4))
+        bottom = np.zeros(len(self.rows))
+        labels = [str(r) for r in self.ranks]
+        for p in PHASES + ("other",):
+            vals = np.array([max(r["step_ms"] - sum(r[f"{q}_ms"] for q in PHASES), 0)
+                             if p == "other" else r[f"{p}_ms"] for r in self.rows])
+            ax.bar(labels, vals, bottom=bottom, color=COLORS[p], label=p)
+            bottom += vals
+        ax.set(xlabel="MPI ranks", ylabel="time per step (ms, slowest rank per phase)",
+               title="Where a step's time goes")
+        ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
+        self.save(fig, "breakdown.png")
 
-    if fitted:
-        fig, ax = plt.subplots(figsize=(6, 4))
+    def allreduce(self, points, fitted):
+        fig, ax = self.plt.subplots(figsize=(6, 4))
         for p in sorted({p for _, p, _ in points}):
             pts = sorted((n, t) for n, q, t in points if q == p)
             n = np.array([a for a, _ in pts], float)
@@ -216,25 +236,25 @@ def make_plots(out, rows, runs, mode, points, fitted, projections, label):
                      f"beta={fitted[1] / 1e9:.2f} GB/s")
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3, which="both")
-        save(fig, "allreduce.png")
+        self.save(fig, "allreduce.png")
 
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    for m, style in (("strong", "-"), ("weak", "--")):
-        proj = projections[m]
-        ax.semilogx([p for p, _, _ in proj], [100 * e for _, _, e in proj], style, base=2,
-                    label=f"model, {m} scaling")
-    for x, r in zip(ranks, rows):
-        ax.semilogx(x, 100 * r["efficiency"], "o", base=2, color="k",
-                    mfc="white" if r["oversubscribed"] else "k")
-    ax.plot([], [], "o", color="k", label=f"measured here ({mode} scaling)")
-    if any(over):
-        ax.plot([], [], "o", color="k", mfc="white", label="measured, oversubscribed")
-    ax.set(xlabel="MPI ranks", ylabel="parallel efficiency (%)", ylim=(0, 105),
-           title=f"Measured efficiency and the model's projection\nnetwork: {label}")
-    ax.legend(fontsize=8, loc="lower left")
-    ax.grid(alpha=0.3, which="both")
-    save(fig, "projection.png")
-    return files
+    def projection(self, projections, mode, label):
+        fig, ax = self.plt.subplots(figsize=(7.5, 4.5))
+        for m, style in (("strong", "-"), ("weak", "--")):
+            proj = projections[m]
+            ax.semilogx([p for p, _, _ in proj], [100 * e for _, _, e in proj], style, base=2,
+                        label=f"model, {m} scaling")
+        for x, r in zip(self.ranks, self.rows):
+            ax.semilogx(x, 100 * r["efficiency"], "o", base=2, color="k",
+                        mfc="white" if r["oversubscribed"] else "k")
+        ax.plot([], [], "o", color="k", label=f"measured here ({mode} scaling)")
+        if any(self.over):
+            ax.plot([], [], "o", color="k", mfc="white", label="measured, oversubscribed")
+        ax.set(xlabel="MPI ranks", ylabel="parallel efficiency (%)", ylim=(0, 105),
+               title=f"Measured efficiency and the model's projection\nnetwork: {label}")
+        ax.legend(fontsize=8, loc="lower left")
+        ax.grid(alpha=0.3, which="both")
+        self.save(fig, "projection.png")
 
 
 def write_markdown(path, title, runs, rows, mode, model, projections, plots):

@@ -1,0 +1,99 @@
+"""The Python API: mpinn.fit trains exactly as `mpinn train` does (one process and under mpiexec),
+mpinn.load / Model.predict / Model.evaluate agree with `mpinn predict` and `mpinn evaluate`, bad
+options fail before MPI starts, and importing mpinn starts no MPI."""
+import json
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+
+from conftest import ROOT, mpiexec, mpinn_env, ok, run_mpinn, write_classification
+from mpinn import checkpoint
+
+ARGS = dict(hidden="12,8", epochs=2, batch_size=16, optimizer="momentum", lr=0.05,
+            shuffle="none", log_every=100)
+
+
+def cli_args(options):
+    out = []
+    for k, v in options.items():
+        out += [f"--{k.replace('_', '-')}", str(v)]
+    return out
+
+
+def script(tmp_path, body):
+    path = tmp_path / "script.py"
+    path.write_text(body)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return write_classification(tmp_path_factory.mktemp("api") / "d.h5", 90, 5, 3, seed=2)
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_fit_trains_as_the_command_line_does(dataset, tmp_path, ranks):
+    ok(run_mpinn(ranks, "train", "--data", dataset, "--run-dir", tmp_path / "cli",
+                 *cli_args(ARGS)))
+    body = (f"import mpinn\nr = mpinn.fit(data={dataset!r}, run_dir={str(tmp_path / 'api')!r}, "
+            f"**{ARGS!r})\nprint(r.rank, r.size, r.steps, r.checkpoint)\n")
+    p = subprocess.run([mpiexec(), "-n", str(ranks), sys.executable, script(tmp_path, body)],
+                       capture_output=True, text=True, timeout=120, env=mpinn_env(), cwd=ROOT)
+    assert p.returncode == 0, p.stderr
+    lines = sorted(l for l in p.stdout.splitlines() if l.split()[0].isdigit())
+    assert [l.split()[:3] for l in lines] == [[str(r), str(ranks), "12"] for r in range(ranks)]
+    cli = checkpoint.load(str(tmp_path / "cli" / "checkpoint.h5"))
+    api = checkpoint.load(lines[0].split()[3])
+    np.testing.assert_array_equal(api.params, cli.params)
+
+
+def test_load_predict_evaluate_agree_with_the_commands(dataset, tmp_path):
+    ok(run_mpinn(1, "train", "--data", dataset, "--run-dir", tmp_path, *cli_args(ARGS)))
+    ckpt = tmp_path / "checkpoint.h5"
+    ok(run_mpinn(1, "predict", "--checkpoint", ckpt, "--data", dataset, "--out",
+                 tmp_path / "p.h5"))
+    evaluated = json.loads(ok(run_mpinn(1, "evaluate", "--checkpoint", ckpt, "--data", dataset,
+                                        "--json")).stdout)
+    import mpinn
+    model = mpinn.load(ckpt)
+    with h5py.File(dataset, "r") as f:
+        x, y = f["X"][...], f["y"][...]
+    with h5py.File(tmp_path / "p.h5", "r") as f:
+        np.testing.assert_allclose(model.predict(x), f["prob"][...], rtol=1e-6, atol=1e-7)
+    loss, accuracy = model.evaluate(x, y)
+    assert accuracy == evaluated["accuracy"]
+    assert loss == pytest.approx(evaluated["loss"], rel=1e-6)
+    small = mpinn.api.Model(checkpoint.load(str(ckpt)), batch_size=7)  # many chunks, same result
+    np.testing.assert_allclose(small.predict(x), model.predict(x), rtol=1e-6)
+    with pytest.raises(ValueError, match=r"x must be \(rows, 5\)"):
+        model.predict(x[:, :4])
+
+
+def test_bad_options_fail_before_mpi_and_import_starts_no_mpi(tmp_path):
+    body = ("import sys, mpinn\nfrom mpinn.errors import UsageError\n"
+            "assert 'mpi4py.MPI' not in sys.modules and 'numba' not in sys.modules\n"
+            "for bad in (dict(learning_rate=0.1), dict(epochs='3'), dict(lr=0)):\n"
+            "    try:\n        mpinn.fit(**bad)\n    except UsageError as e:\n"
+            "        print('refused:', e)\n    else:\n        raise SystemExit('accepted ' + str(bad))\n"
+            "assert 'mpi4py.MPI' not in sys.modules\n")
+    p = subprocess.run([sys.executable, script(tmp_path, body)], capture_output=True, text=True,
+                       timeout=60, env=mpinn_env(), cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.splitlines() == [
+        "refused: mpinn.fit: unknown option 'learning_rate' (valid: " + ", ".join(sorted(
+            __import__("mpinn.config").config.TrainConfig.__dataclass_fields__)) + ")",
+        "refused: mpinn.fit: epochs must be int, got '3'",
+        "refused: --lr must be positive, got 0.0"]
+
+
+def test_a_failing_run_raises_run_error(tmp_path):
+    body = (f"import mpinn\nfrom mpinn.errors import RunError\ntry:\n"
+            f"    mpinn.fit(data={str(tmp_path / 'missing.h5')!r}, run_dir={str(tmp_path)!r})\n"
+            f"except RunError as e:\n    print('stopped', e.exit_code)\n")
+    p = subprocess.run([sys.executable, script(tmp_path, body)], capture_output=True, text=True,
+                       timeout=60, env=mpinn_env(), cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == "stopped 2" and "data file not found" in p.stderr
