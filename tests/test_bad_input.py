@@ -2,6 +2,7 @@
 file/key/option, what is expected), printed once, exit status 2, no traceback unless --debug, and
 nothing is overwritten (an existing run folder is left byte for byte as it was)."""
 import shutil
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -131,32 +132,35 @@ def inputs(tmp_path_factory, good_run):
     return {k: str(v) for k, v in files.items()}
 
 
-def snapshot(folder):
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+def snapshot(*folders):
+    """Every file below these folders, with its bytes."""
+    return {str(p): p.read_bytes() for folder in folders for p in sorted(folder.rglob("*"))
+            if p.is_file()}
 
 
 @pytest.mark.parametrize("name,argv,expected", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_is_one_clear_line_exit_2(tmp_path, good_run, inputs, name, argv, expected):
+    """Nothing is written or changed anywhere a case could write: the run folder it is given (an
+    existing run), every input file and checkpoint, and its working folder (empty)."""
     run_dir = tmp_path / "run"
-    shutil.copytree(good_run, run_dir)  # an existing run that must not be touched
-    before = snapshot(run_dir)
+    shutil.copytree(good_run, run_dir)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    watched = (run_dir, cwd, Path(inputs["x"]).parent, good_run)
+    before = snapshot(*watched)
     argv = [a.format(**inputs) for a in argv]
     if argv[0] == "train" and "--run-dir" not in argv:
         argv += ["--run-dir", str(run_dir)]
-    r = run_mpinn(2, *argv, timeout=60)
+    r = run_mpinn(2, *argv, timeout=60, cwd=cwd)
     lines = [l for l in r.stderr.splitlines() if l.startswith("mpinn: error")]
     assert r.returncode == 2, (r.returncode, r.stderr)
     assert len(lines) == 1, r.stderr
     assert expected in lines[0], lines[0]
     assert "Traceback" not in r.stderr and "Abort" not in r.stderr
-    assert snapshot(run_dir) == before
+    assert snapshot(*watched) == before
 
 
 def test_debug_adds_the_traceback(tmp_path, inputs):
     r = run_mpinn(2, "train", "--data", inputs["x_nan"], "--run-dir", tmp_path, "--debug")
     assert r.returncode == 2 and "Traceback" in r.stderr
     assert "contains NaN or inf values" in r.stderr
-
-
-def test_at_least_25_cases():
-    assert len(CASES) >= 25

@@ -21,7 +21,6 @@ def digits_run(tmp_path_factory):
 
 def test_bundled_digits_reach_95_percent(digits_run):
     run_dir, r = digits_run
-    assert r.seconds < 60, f"default training took {r.seconds:.0f} s on 2 ranks"
     e = ok(run_mpinn(2, "evaluate", "--checkpoint", run_dir / "checkpoint.h5", "--json"))
     result = json.loads(e.stdout)
     assert result["samples"] == rows_of(DIGITS_TEST) and result["data"].endswith("digits-test.h5")

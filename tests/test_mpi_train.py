@@ -65,7 +65,7 @@ def test_replica_check_catches_diverged_ranks(dataset, tmp_path):
     """The periodic check is real: a rank whose parameters drift stops the job with a clear error."""
     r = run_mpinn(2, "train", "--data", dataset, "--run-dir", tmp_path, *COMMON,
                   env={"MPINN_FAULT": "perturb:rank=1:step=4"}, timeout=60)
-    assert r.returncode != 0
+    assert r.returncode == 1
     assert "ranks hold different parameters after step 4" in r.stderr
 
 
@@ -92,9 +92,8 @@ def test_resume_continues_exactly(dataset, tmp_path):
 
 def test_exception_on_one_rank_ends_the_job(dataset, tmp_path):
     r = run_mpinn(3, "train", "--data", dataset, "--run-dir", tmp_path, *COMMON,
-                  env={"MPINN_FAULT": "raise:rank=1:step=3"}, timeout=60)
-    assert r.returncode != 0
-    assert r.seconds < 30, f"took {r.seconds:.1f} s to end"
+                  env={"MPINN_FAULT": "raise:rank=1:step=3"}, timeout=60)  # a hang fails here
+    assert r.returncode == 1
     assert r.stderr.count("mpinn: error on rank 1 of 3: RuntimeError: injected fault at step, step 3") == 1
 
 
