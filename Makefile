@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 RANKS  ?= 2
 STAMP  := $(VENV)/.installed
 
-.PHONY: train test install clean bench bench-pipeline
+.PHONY: train test test-mutants install clean bench bench-pipeline
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ train: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# one-line bugs of real risk, one at a time in a scratch copy: every one must make its tests fail
+test-mutants: $(STAMP)
+	$(BIN)/python tests/mutants.py
 
 # mpinn vs PyTorch 2.13 CPU (installed here from PyPI if missing), side by side: ~15 minutes
 bench: $(STAMP)

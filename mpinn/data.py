@@ -11,6 +11,7 @@ import numpy as np
 
 from .errors import UsageError
 from .kernels import all_finite  # one pass, no temporary the size of the shard
+from .losses import LOSSES
 from .plan import even_part, position_owners
 
 
@@ -59,7 +60,7 @@ def inspect(f, path, cols, need_y=True):
                          f"({n}); it has shape {y.shape}")
     if not np.issubdtype(y.dtype, np.number):
         raise UsageError(f"{path}:{cols.y_key} must be numeric; it has dtype {y.dtype}")
-    if cols.loss == "cross_entropy":
+    if LOSSES[cols.loss].integer_labels:
         if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
             raise UsageError(f"{path}:{cols.y_key} must hold integer class labels (1-D) for "
                              f"--loss cross_entropy; it has shape {y.shape}, dtype {y.dtype}")

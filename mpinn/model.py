@@ -33,7 +33,7 @@ class Architecture:
                              f"of {', '.join(kernels.ACTIVATIONS)}")
         if self.loss not in LOSSES:
             raise UsageError(f"unknown loss {self.loss!r}; expected one of {', '.join(LOSSES)}")
-        if self.loss == "cross_entropy" and self.output_activation != "identity":
+        if self.loss_fn.integer_labels and self.output_activation != "identity":
             raise UsageError("--output-activation applies to --loss mse only "
                              "(cross_entropy applies softmax itself)")
 

@@ -7,13 +7,13 @@ from mpinn import data, plan
 from mpinn.errors import UsageError
 
 SHAPES = [(103, 10), (100, 10), (7, 7), (50, 64), (5, 3), (11, 4)]
+# (rows, global batch, ranks) with at least one row of every full batch per rank (mpinn refuses
+# a global batch smaller than the ranks)
+SPLITS = [(n, batch, size) for n, batch in SHAPES for size in (1, 2, 3, 4) if batch >= size]
 
 
-@pytest.mark.parametrize("n,batch", SHAPES)
-@pytest.mark.parametrize("size", [1, 2, 3, 4])
+@pytest.mark.parametrize("n,batch,size", SPLITS)
 def test_parts_of_every_global_batch_are_contiguous_and_cover_it(n, batch, size):
-    if batch < size:
-        pytest.skip("global batch smaller than ranks is refused")
     plans = [plan.BatchPlan(n, batch, r, size) for r in range(size)]
     steps = {p.steps_per_epoch for p in plans}
     assert steps == {-(-n // batch)}  # every rank runs the same number of steps
@@ -40,11 +40,8 @@ def test_a_rank_may_own_nothing_of_the_last_batch():
     assert list(p.local_counts()) == [1, 1, 0]
 
 
-@pytest.mark.parametrize("n,batch", SHAPES)
-@pytest.mark.parametrize("size", [1, 2, 3, 4])
+@pytest.mark.parametrize("n,batch,size", SPLITS)
 def test_hdf5_selection_reads_exactly_the_owned_rows(tmp_path, n, batch, size):
-    if batch < size:
-        pytest.skip("global batch smaller than ranks is refused")
     path = tmp_path / "d.h5"
     x = np.arange(n * 3, dtype=np.float64).reshape(n, 3)
     y = np.arange(n) % 5
@@ -144,3 +141,20 @@ def test_global_shuffle_on_one_rank_is_the_permuted_file():
     perm = np.random.default_rng([3, 1, 2**31]).permutation(20)
     np.testing.assert_array_equal(gy, perm)
     np.testing.assert_array_equal(gx, x[perm])
+
+
+def test_global_shuffle_is_a_new_permutation_every_epoch_and_seed():
+    class One:
+        rank, size = 0, 1
+
+        def alltoallv_(self, send, sc, recv, rc):
+            recv[...] = send
+    x = np.arange(200, dtype=np.float32).reshape(100, 2)
+    orders = {}
+    for seed, epoch in ((0, 0), (0, 1), (0, 2), (1, 0)):
+        gx, gy = data.global_shuffle(One(), x, np.arange(100), 100, 8, seed, epoch)
+        assert sorted(gy) == list(range(100))                      # every row once
+        np.testing.assert_array_equal(gx[:, 0], 2 * gy)          # rows move whole
+        orders[seed, epoch] = tuple(gy)
+    assert len(set(orders.values())) == 4                          # no two alike
+    assert orders[0, 0] != tuple(range(100))                       # and not the file order

@@ -134,7 +134,7 @@ def predictions(ckpt, data_file, tmp_path):
 
 @pytest.mark.parametrize("kind", ["ce", "mse"])
 def test_onnx_export_matches_predict(trained, tmp_path, kind):
-    ort = pytest.importorskip("onnxruntime")
+    import onnxruntime as ort
     data_file = DIGITS_TEST if kind == "ce" else trained["mse_data"]
     assert main(["export", "--checkpoint", str(trained[kind]), "--format", "onnx", "--out",
                  str(tmp_path / "m.onnx")]) == 0
@@ -146,7 +146,7 @@ def test_onnx_export_matches_predict(trained, tmp_path, kind):
 
 
 def test_torch_export_loads_into_sequential(trained, tmp_path, capsys):
-    torch = pytest.importorskip("torch")
+    import torch
     assert main(["export", "--checkpoint", str(trained["ce"]), "--format", "torch", "--out",
                  str(tmp_path / "m.pt")]) == 0
     assert "torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU()" in capsys.readouterr().out

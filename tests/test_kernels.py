@@ -172,3 +172,20 @@ def test_gradient_buckets_cover_the_buffer_last_layer_first():
         assert buckets[-1][2] == 0
     assert len(gradient_buckets(arch, 1)) == arch.n_layers
     assert len(gradient_buckets(arch, 10**9)) == 1
+
+
+def test_softmax_and_cross_entropy_are_stable_for_large_logits():
+    """Both subtract the row maximum before exp: logits near 1000 overflow float32 otherwise."""
+    from mpinn import kernels
+    logits = np.array([[1000.0, 999.0, 0.0], [-5.0, 800.0, 801.0]], np.float32)
+    e = np.exp(np.array([[1.0, 0.0], [0.0, 1.0]]))
+    expect = np.array([[e[0, 0], e[0, 1], 0.0], [0.0, e[1, 0], e[1, 1]]])
+    expect /= expect.sum(1, keepdims=True)
+    probs = logits.copy()
+    kernels.softmax_(probs)
+    np.testing.assert_allclose(probs, expect, rtol=1e-6, atol=1e-30)
+    grad = logits.copy()
+    loss, correct = kernels.cross_entropy_grad_(grad, np.array([0, 1]), np.float32(1))
+    assert loss == pytest.approx(-np.log(expect[0, 0]) - np.log(expect[1, 1]), rel=1e-6)
+    assert correct == 1
+    np.testing.assert_allclose(grad, expect - np.eye(3)[[0, 1]], rtol=1e-6, atol=1e-7)

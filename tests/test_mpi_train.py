@@ -58,7 +58,7 @@ def test_one_rank_matches_naive_numpy_training(dataset, trained):
             s = slice(k * BATCH, min((k + 1) * BATCH, N))
             _, grads = loss_and_grads(unflatten(w, arch.sizes), x[s], y[s], "tanh", "cross_entropy")
             w = opt.step(w, np.concatenate([np.concatenate([g.ravel(), b]) for g, b in grads]))
-    np.testing.assert_allclose(trained[1].params, w, rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(trained[1].params, w, rtol=1e-5, atol=1e-6)  # float32 rounding over 27 steps
 
 
 def test_replica_check_catches_diverged_ranks(dataset, tmp_path):

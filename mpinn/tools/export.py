@@ -35,7 +35,7 @@ def to_onnx(ckpt, path):
                   helper.make_node("Add", [f"m{l}", f"b{l}"], [f"z{l}"])]
         h = f"z{l}"
         last = l == arch.n_layers - 1
-        act = ("softmax" if arch.loss == "cross_entropy" else arch.output_activation) if last \
+        act = ("softmax" if arch.loss_fn.integer_labels else arch.output_activation) if last \
             else arch.activation
         if act == "softmax":
             nodes.append(helper.make_node("Softmax", [h], [f"a{l}"], axis=1))
@@ -60,7 +60,7 @@ def torch_layers(arch):
         out.append(f"Linear({fi}, {fo})")
         last = l == arch.n_layers - 1
         act = arch.output_activation if last else arch.activation
-        if act != "identity" and not (last and arch.loss == "cross_entropy"):
+        if act != "identity" and not (last and arch.loss_fn.integer_labels):
             out.append(f"{TORCH_ACT[act]}()")
     return out
 

@@ -1,0 +1,134 @@
+"""`make test-mutants`: does the suite catch real bugs? Each mutant is a one-line bug of real risk,
+applied alone to a scratch copy of the project; the tests named for it run against that copy
+(`python -m pytest` there, so `import mpinn` and every `mpiexec ... -m mpinn` child load the
+mutated code). A mutant is caught when those tests fail. The same tests must pass unmutated first.
+Prints a table; exits 1 when any mutant survives, 2 when the unmutated baseline fails.
+
+    python tests/mutants.py [NAME ...]     (default: all; names as in the table)
+"""
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TORCH_3_RANKS = ["tests/test_torch_reference.py", "-k", "3 and ranks and ce and sgd"]
+
+# (name, file, text, replacement, tests)
+MUTANTS = [
+    ("gradient 1/N: local rows instead of the global batch", "mpinn/train.py",
+     "self.arch.loss_fn.scale(s.plan.global_batch_rows(k), self.arch.sizes[-1])",
+     "self.arch.loss_fn.scale(int(self.counts[k]), self.arch.sizes[-1])", TORCH_3_RANKS),
+    ("row split: a rank's part one row too long", "mpinn/plan.py",
+     "base + (1 if i < extra else 0)", "base + (1 if i <= extra else 0)",
+     ["tests/test_data.py"]),
+    ("short last batch dropped from the epoch", "mpinn/plan.py",
+     "return -(-self.n_rows // self.batch)", "return self.n_rows // self.batch",
+     ["tests/test_data.py"]),
+    ("Adam bias correction one step ahead", "mpinn/optim.py",
+     "bias1 = 1 - self.beta1 ** self.t", "bias1 = 1 - self.beta1 ** (self.t + 1)",
+     ["tests/test_optim.py"]),
+    ("momentum dampened", "mpinn/optim.py",
+     "v = mu * velocity[i] + g", "v = mu * velocity[i] + (1 - mu) * g", ["tests/test_optim.py"]),
+    ("Nesterov step without the gradient", "mpinn/optim.py",
+     "params[i] -= lr * (g + mu * v if nesterov else v)",
+     "params[i] -= lr * (mu * v if nesterov else v)", ["tests/test_optim.py"]),
+    ("weight decay with the wrong sign (SGD)", "mpinn/optim.py",
+     "params[i] -= lr * (grads[i] + weight_decay * params[i])",
+     "params[i] -= lr * (grads[i] - weight_decay * params[i])", ["tests/test_optim.py"]),
+    ("softmax without the max-shift", "mpinn/kernels.py",
+     "logits[i, j] = np.exp(logits[i, j] - m)", "logits[i, j] = np.exp(logits[i, j])",
+     ["tests/test_kernels.py"]),
+    ("cross-entropy normaliser without the max-shift", "mpinn/kernels.py",
+     "s += np.exp(logits[i, j] - m)", "s += np.exp(logits[i, j])", ["tests/test_kernels.py"]),
+    ("tanh derivative", "mpinn/kernels.py", "d[i, j] *= 1 - v * v", "d[i, j] *= 1 - v",
+     ["tests/test_kernels.py"]),
+    ("mse gradient loses its factor 2", "mpinn/kernels.py", "g = 2 * e * scale", "g = e * scale",
+     ["tests/test_kernels.py"]),
+    ("bias gradient keeps only the last row", "mpinn/kernels.py", "gb[j] += d[i, j]",
+     "gb[j] = d[i, j]", ["tests/test_kernels.py"]),
+    ("gradient Allreduce takes the max", "mpinn/comm.py",
+     'mpi_op = {"sum": MPI.SUM,', 'mpi_op = {"sum": MPI.MAX,', TORCH_3_RANKS),
+    ("checkpoint written in place instead of renamed", "mpinn/checkpoint.py",
+     'tmp = f"{path}.tmp-{os.getpid()}"', "tmp = path",
+     ["tests/test_faults.py", "-k", "sigkill_while"]),
+    ("checkpoint checksum not verified", "mpinn/checkpoint.py",
+     'if "sha256" in a and checksum(params, state)', 'if False and checksum(params, state)',
+     ["tests/test_checkpoint.py"]),
+    ("resume restarts the optimizer's step count", "mpinn/engine.py",
+     "        opt.t = step\n", "        opt.t = 0\n",
+     ["tests/test_mpi_train.py", "-k", "resume"]),
+    ("pipeline micro-batch gradients overwritten, not summed", "mpinn/pipeline.py",
+     "accumulate=backwards > 0", "accumulate=backwards > 1",
+     ["tests/test_pipeline.py", "-k", "matches_one_rank and 2-2-3"]),
+    ("global shuffle: the same permutation every epoch", "mpinn/data.py",
+     "np.random.default_rng([seed, epoch, 2**31])", "np.random.default_rng([seed, 0, 2**31])",
+     ["tests/test_data.py", "-k", "global_shuffle"]),
+    ("evaluation not summed over ranks", "mpinn/session.py",
+     "loss_sum, correct, n = self.comm.allreduce_sum(sums)", "loss_sum, correct, n = sums",
+     ["tests/test_commands.py", "-k", "evaluate_is_the_same"]),
+]
+TIMEOUT = 900  # seconds for one mutant's tests; a hang counts as caught (the suite's timeouts act)
+
+
+def copy_project(dest):
+    shutil.copytree(ROOT, dest, symlinks=True, ignore=shutil.ignore_patterns(
+        ".venv", ".git", "runs", "build", "*.egg-info", "__pycache__", ".pytest_cache"))
+
+
+def run_tests(copy, tests):
+    """pytest exit code and seconds for these tests in the scratch copy."""
+    env = {**os.environ, "PYTHONPATH": str(copy)}
+    t0 = time.perf_counter()
+    p = subprocess.Popen([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
+                          *tests], cwd=copy, env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out, _ = p.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        out, _ = p.communicate()
+        return "timeout", time.perf_counter() - t0, out
+    return p.returncode, time.perf_counter() - t0, out
+
+
+def main(names):
+    chosen = [m for m in MUTANTS if not names or m[0] in names]
+    with tempfile.TemporaryDirectory(prefix="mpinn-mutants-") as tmp:
+        copy = Path(tmp) / "project"
+        copy_project(copy)
+        for tests in sorted({tuple(m[4]) for m in chosen}):  # the unmutated copy must pass them
+            code, seconds, out = run_tests(copy, list(tests))
+            if code != 0:
+                print(f"baseline fails: {' '.join(tests)}\n{out[-3000:]}")
+                return 2
+            print(f"baseline passes: {' '.join(tests)} ({seconds:.0f} s)", flush=True)
+        rows, survived = [], 0
+        for name, rel, text, new, tests in chosen:
+            path = copy / rel
+            original = path.read_text()
+            assert original.count(text) == 1, f"{name}: the text to mutate occurs " \
+                                              f"{original.count(text)} times in {rel}"
+            path.write_text(original.replace(text, new))
+            try:
+                code, seconds, out = run_tests(copy, tests)
+            finally:
+                path.write_text(original)
+            caught = code != 0 and code != 5  # 5: pytest ran no test
+            survived += not caught
+            rows.append((name, rel, " ".join(tests), "caught" if caught else "SURVIVED",
+                         f"{seconds:.0f}"))
+            print(f"{'caught  ' if caught else 'SURVIVED'} {name} ({seconds:.0f} s)", flush=True)
+    print("\n| mutant | file | tests run | result | seconds |\n|---|---|---|---|---|")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+    print(f"\n{len(rows) - survived} of {len(rows)} mutants caught")
+    return 1 if survived else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
