@@ -129,30 +129,28 @@ def test_position_owners_match_the_batch_plan(n, batch, size):
         np.testing.assert_array_equal(local[rows], np.arange(len(rows)))
 
 
-def test_global_shuffle_on_one_rank_is_the_permuted_file():
-    class One:
-        rank, size = 0, 1
+class OneRank:
+    """A 1-rank communicator for the global shuffle, run serially."""
+    rank, size = 0, 1
 
-        def alltoallv_(self, send, sc, recv, rc):
-            recv[...] = send
+    def alltoallv_(self, send, send_counts, recv, recv_counts):
+        recv[...] = send
+
+
+def test_global_shuffle_on_one_rank_is_the_permuted_file():
     x = np.arange(40, dtype=np.float32).reshape(20, 2)
     y = np.arange(20)
-    gx, gy = data.global_shuffle(One(), x, y, 20, 6, 3, 1)
+    gx, gy = data.global_shuffle(OneRank(), x, y, 20, 6, 3, 1)
     perm = np.random.default_rng([3, 1, 2**31]).permutation(20)
     np.testing.assert_array_equal(gy, perm)
     np.testing.assert_array_equal(gx, x[perm])
 
 
 def test_global_shuffle_is_a_new_permutation_every_epoch_and_seed():
-    class One:
-        rank, size = 0, 1
-
-        def alltoallv_(self, send, sc, recv, rc):
-            recv[...] = send
     x = np.arange(200, dtype=np.float32).reshape(100, 2)
     orders = {}
     for seed, epoch in ((0, 0), (0, 1), (0, 2), (1, 0)):
-        gx, gy = data.global_shuffle(One(), x, np.arange(100), 100, 8, seed, epoch)
+        gx, gy = data.global_shuffle(OneRank(), x, np.arange(100), 100, 8, seed, epoch)
         assert sorted(gy) == list(range(100))                      # every row once
         np.testing.assert_array_equal(gx[:, 0], 2 * gy)          # rows move whole
         orders[seed, epoch] = tuple(gy)
