@@ -1,5 +1,5 @@
-"""`mpinn jobs slurm|pbs`: render a ready job file from the templates shipped in mpinn/assets/jobs with the directives
-set (nodes, ranks per node, threads per rank, time, partition/queue, account).
+"""`mpinn jobs slurm|pbs`: render a ready job file from the templates shipped in mpinn/assets/jobs
+with the directives set (nodes, ranks per node, threads per rank, time, partition/queue, account).
 
     mpinn jobs slurm --kind scaling --nodes 4 --ranks-per-node 32 --time 01:00:00 --account abc123 \\
         --out scaling.sbatch
