@@ -29,10 +29,13 @@ test: $(STAMP)
 test-mutants: $(STAMP)
 	$(BIN)/python tests/mutants.py
 
-# mpinn vs PyTorch 2.13 CPU (installed here from PyPI if missing), side by side: ~15 minutes
+# mpinn vs JAX and PyTorch 2.13 CPU (the bench extra, installed if missing), side by side: ~20
+# minutes. The BLAS override some machines set (OPENBLAS_CORETYPE, OPENBLAS_L2_SIZE) is lifted for
+# this command only; the results name the kernel that ran. JAX at 2 ranks needs mpi4jax (see
+# docs/performance.md for its build).
 bench: $(STAMP)
-	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python benchmarks/suite.py
+	$(BIN)/python -c "import torch, jax" 2>/dev/null || $(BIN)/python -m pip install --quiet -e '.[bench]'
+	env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE $(BIN)/python benchmarks/suite.py
 
 bench-pipeline: $(STAMP)
 	$(BIN)/python benchmarks/pipeline_bubble.py

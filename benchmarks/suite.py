@@ -1,14 +1,17 @@
-"""mpinn against PyTorch on this machine, side by side in one run (`make bench`).
+"""mpinn against JAX and PyTorch on this machine, side by side in one run (`make bench`).
 
-    python benchmarks/suite.py [--steps 200] [--out benchmarks/RESULTS.md]
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/suite.py [--steps 200]
 
 For each model (small 64-128-10 batch 32, mnist-like 784-512-512-10 batch 128, wide
 1024-2048-2048-10 batch 256) and layout (1 rank x 1 thread, 1 rank x 2 threads, 2 ranks x 1
-thread with the batch per rank fixed: mpinn over MPI vs PyTorch DDP over gloo) it runs mpinn and
-PyTorch alternately, twice each, SGD with momentum, float32, synthetic data in memory, warm-up
-then --steps timed steps, and keeps each tool's faster median step time. Also: numpy and SciPy
-sgemm peak at 1 and 2 threads, gradient overlap on/off, per-rank memory and shard read speed on a
-synthetic HDF5 file of 1 million rows, and JIT start-up cold and warm. Writes a Markdown table.
+thread with the batch per rank fixed: mpinn over MPI, JAX with mpi4jax's allreduce inside its jit
+step (when mpi4jax is installed), PyTorch DDP over gloo) it runs the tools alternately, twice
+each, SGD with momentum, float32, synthetic data in memory, warm-up then --steps timed steps, and
+keeps each tool's faster median step time. Every tool times its step with the batch already in
+place (mpinn: `engine_step_ms` of `mpinn bench`). Each step is also given as a multiple of the
+same run's GEMM floor (benchmarks/gemm_floor.py: the step's matrix multiplies alone). Also: the
+BLAS kernel in use and its sgemm peak, gradient overlap on/off, per-rank memory and shard read
+speed on a synthetic HDF5 file of 1 million rows, and JIT start-up cold and warm. Writes Markdown.
 """
 import argparse
 import json
@@ -50,7 +53,21 @@ def mpinn_step(sizes, batch, ranks, threads, steps, overlap=0.0):
               sizes[0], "--hidden", ",".join(map(str, sizes[1:-1])), "--classes", sizes[-1],
               "--batch-per-rank", batch, "--threads", threads, "--steps", steps, "--warmup", 20,
               "--overlap-mb", overlap, "--json"], env={"OMP_NUM_THREADS": str(threads)})
-    return last_json(out)["step_ms"]
+    return last_json(out)["engine_step_ms"]
+
+
+def jax_step(sizes, batch, ranks, threads, steps):
+    cmd = [sys.executable, HERE / "jax_bench.py", "--sizes", "-".join(map(str, sizes)),
+           "--batch", batch, "--ranks", ranks, "--threads", threads, "--steps", steps]
+    if ranks > 1:
+        cmd = [BIN / "mpiexec", "-n", ranks] + cmd
+    return last_json(sh(cmd))["step_ms"]
+
+
+def floor_step(sizes, batch, threads, steps):
+    return last_json(sh([sys.executable, HERE / "gemm_floor.py", "--sizes",
+                         "-".join(map(str, sizes)), "--batch", batch, "--threads", threads,
+                         "--steps", min(steps, 50)]))["floor_ms"]
 
 
 def torch_step(sizes, batch, ranks, threads, steps, tries=3):
@@ -88,12 +105,32 @@ def sgemm_peak(threads, lib):
                     env={"OMP_NUM_THREADS": str(threads)}).strip())
 
 
-def have_torch():
-    return subprocess.run([sys.executable, "-c", "import torch"], capture_output=True).returncode == 0
+def have(module):
+    return subprocess.run([sys.executable, "-c", f"import {module}"],
+                          capture_output=True).returncode == 0
+
+
+def peers_available():
+    """Which peers run here: PyTorch, JAX, and JAX at 2 ranks (mpi4jax)."""
+    return {"torch": have("torch"), "jax": have("jax"), "jax2": have("mpi4jax")}
+
+
+def blas_line():
+    from threadpoolctl import threadpool_info
+    import scipy.linalg.cython_blas  # noqa: F401
+    pool = next(p for p in threadpool_info() if "/scipy.libs/" in p["filepath"])
+    forced = {k: os.environ[k] for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE") if k in os.environ}
+    return (f"BLAS: {pool['internal_api']} {pool['version']}, kernel {pool['architecture']} "
+            f"(threadpoolctl){'; environment forces ' + str(forced) if forced else ''}.")
+
+
+def ratio(a, b):
+    return f"{a / b:.2f}x" if a and b else "–"
 
 
 def compare(steps, lines):
-    torch_ok = have_torch()
+    peers = peers_available()
+    torch_ok = peers["torch"]
     measured = {(t, lib): sgemm_peak(t, lib) for t in (1, 2) for lib in ("numpy", "scipy")}
     peaks = {t: max(measured[(t, "numpy")], measured[(t, "scipy")]) for t in (1, 2)}
     lines += ["## sgemm peak (2048 x 2048 x 2048, float32)", "",
@@ -101,39 +138,44 @@ def compare(steps, lines):
               "|---|---|---|"]
     for t in (1, 2):
         lines.append(f"| {t} | {measured[(t, 'numpy')]:.1f} | {measured[(t, 'scipy')]:.1f} |")
-    lines += ["", f"Peak used below: the better of the two, {peaks[1]:.1f} (1 thread) and "
-              f"{peaks[2]:.1f} (2 threads) GFLOP/s.", "",
-              "## mpinn vs PyTorch " + ("2.13 CPU" if torch_ok else "(not installed: mpinn only)"),
-              "", "| model | layout | mpinn samples/s | PyTorch samples/s | ratio | mpinn GFLOP/s "
-              "(exact) | of sgemm peak |", "|---|---|---|---|---|---|---|"]
+    lines += ["", blas_line(), "",
+              "## mpinn vs JAX and PyTorch (samples/s; step as a multiple of the GEMM floor)", "",
+              "| model | layout | mpinn | JAX | mpinn/JAX | PyTorch | mpinn/PyTorch | GEMM floor "
+              "(ms) | mpinn step/floor | JAX step/floor | mpinn % of sgemm peak |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     results = {}
     for name, sizes, batch in MODELS:
         for layout, ranks, threads in LAYOUTS:
-            ours, theirs = [], []
-            for _ in range(2):  # alternately, so both see the same machine
-                ours.append(mpinn_step(sizes, batch, ranks, threads, steps))
+            t = {"mpinn": [], "jax": [], "torch": [], "floor": []}
+            for _ in range(2):  # alternately, so all see the same machine
+                t["mpinn"].append(mpinn_step(sizes, batch, ranks, threads, steps))
+                if peers["jax"] and (ranks == 1 or peers["jax2"]):
+                    t["jax"].append(jax_step(sizes, batch, ranks, threads, steps))
                 if torch_ok:
-                    theirs.append(torch_step(sizes, batch, ranks, threads, steps))
-            t_ours = min(ours)
+                    t["torch"].append(torch_step(sizes, batch, ranks, threads, steps))
+                t["floor"].append(floor_step(sizes, batch, threads, steps))
+            best = {k: min(v) if v else None for k, v in t.items()}
             rows = batch * ranks
-            flops = training_flops(sizes, rows) / (t_ours / 1e3) / 1e9
+            sps = {k: rows / (v / 1e3) if v else None for k, v in best.items()}
+            flops = training_flops(sizes, rows) / (best["mpinn"] / 1e3) / 1e9
             peak = peaks[1] * ranks if threads == 1 else peaks[2]
-            sps = rows / (t_ours / 1e3)
-            results[(name, ranks, threads)] = (t_ours, min(theirs) if theirs else None)
-            if theirs:
-                tps = rows / (min(theirs) / 1e3)
-                cols = f"{tps:,.0f} | {sps / tps:.2f}x"
-            else:
-                cols = "– | –"
-            lines.append(f"| {name} | {layout} | {sps:,.0f} | {cols} | {flops:.1f} | "
-                         f"{100 * flops / peak:.0f}% |")
+            results[(name, ranks, threads)] = best
+            fmt = lambda v: f"{v:,.0f}" if v else "–"  # noqa: E731
+            lines.append(
+                f"| {name} | {layout} | {fmt(sps['mpinn'])} | {fmt(sps['jax'])} | "
+                f"{ratio(sps['mpinn'], sps['jax'])} | {fmt(sps['torch'])} | "
+                f"{ratio(sps['mpinn'], sps['torch'])} | {best['floor']:.3f} | "
+                f"{best['mpinn'] / best['floor']:.2f} | "
+                f"{best['jax'] / best['floor'] if best['jax'] else 0:.2f} | "
+                f"{100 * flops / peak:.0f}% |")
             print(lines[-1], flush=True)
     lines += ["", "2-rank weak scaling (batch per rank fixed): efficiency = t(1 rank) / t(2 ranks)",
-              "", "| model | mpinn | PyTorch DDP (gloo) |", "|---|---|---|"]
+              "", "| model | mpinn | JAX + mpi4jax | PyTorch DDP (gloo) |", "|---|---|---|---|"]
     for name, _, _ in MODELS:
         one, two = results[(name, 1, 1)], results[(name, 2, 1)]
-        theirs = f"{100 * one[1] / two[1]:.0f}%" if one[1] else "–"
-        lines.append(f"| {name} | {100 * one[0] / two[0]:.0f}% | {theirs} |")
+        eff = {k: f"{100 * one[k] / two[k]:.0f}%" if one[k] and two[k] else "–"
+               for k in ("mpinn", "jax", "torch")}
+        lines.append(f"| {name} | {eff['mpinn']} | {eff['jax']} | {eff['torch']} |")
     return results
 
 

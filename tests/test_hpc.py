@@ -83,6 +83,13 @@ def test_bench_reports_phases_and_rates(bench_runs):
                               "print(' '.join(MPI.Get_library_version().split()[:3]))"],
                              capture_output=True, text=True, timeout=60).stdout.strip()
     assert library and two["mpi_library"] == library  # whichever MPI this machine has
+    import scipy.linalg.cython_blas  # noqa: F401 - the BLAS Numba calls
+    from threadpoolctl import threadpool_info
+    (scipy_blas,) = [p for p in threadpool_info() if "/scipy.libs/" in p["filepath"]]
+    assert two["blas"]["library"] == scipy_blas["internal_api"]
+    assert two["blas"]["architecture"] == scipy_blas["architecture"]
+    assert two["blas"]["sgemm_peak_gflops"] > 1
+    assert two["engine_step_ms"] <= two["step_ms"]
 
 
 def test_report_from_bench_results(bench_runs, tmp_path):
@@ -104,6 +111,7 @@ def test_report_from_bench_results(bench_runs, tmp_path):
     for png in ("speedup", "efficiency", "breakdown", "allreduce", "projection"):
         assert f"]({png}.png)" in md and (tmp_path / "rep" / f"{png}.png").stat().st_size > 10_000
     assert "| 4096 |" in md and "| 8 |" in md  # projection rows
+    assert f"BLAS: {bench_runs[1]['blas']['library']} " in md and "sgemm peak" in md
     # --alpha/--beta override the network: a slow link (1 ms, 1 MB/s) projects far lower
     _, slow, _ = parse(["report", "--results", str(raw), "--out", str(tmp_path / "slow"),
                         "--alpha", "1e-3", "--beta", "1e6"])
@@ -163,3 +171,15 @@ def test_timeline_is_a_chrome_trace_with_a_lane_per_rank(tmp_path):
     r = run_mpinn(2, "train", "--epochs", 1, "--run-dir", tmp_path / "r2", "--timeline",
                   tmp_path / "missing" / "t.json")
     assert r.returncode == 2 and "--timeline" in r.stderr
+
+
+def test_blas_override_warning():
+    from mpinn.hpc.machine import override_warning
+    forced = {"OPENBLAS_CORETYPE": "Haswell"}
+    haswell = {"library": "openblas", "version": "0.3.30", "architecture": "Haswell"}
+    skylake = dict(haswell, architecture="SkylakeX")
+    assert "AVX-512" in override_warning(haswell, True, forced)
+    assert override_warning(haswell, False, forced) is None     # an AVX2 CPU: Haswell is right
+    assert override_warning(skylake, True, forced) is None      # the override did no harm
+    assert override_warning(haswell, True, {}) is None          # nothing forced it
+    assert override_warning(dict(haswell, library="mkl"), True, forced) is None

@@ -189,3 +189,20 @@ def test_softmax_and_cross_entropy_are_stable_for_large_logits():
     assert loss == pytest.approx(-np.log(expect[0, 0]) - np.log(expect[1, 1]), rel=1e-6)
     assert correct == 1
     np.testing.assert_allclose(grad, expect - np.eye(3)[[0, 1]], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_all_finite_matches_numpy(dtype):
+    from mpinn.kernels import all_finite
+    rng = np.random.default_rng(9)
+    big = np.finfo(dtype).max
+    for n in (0, 1, 7, 1000, 4099):
+        a = rng.normal(size=n).astype(dtype)
+        cases = [a, np.full(n, big, dtype), np.full(n, -big, dtype)]  # sums would overflow
+        for bad in (np.nan, np.inf, -np.inf):
+            for where in {0, n // 2, n - 1} if n else ():
+                b = a.copy()
+                b[where] = bad
+                cases.append(b)
+        for c in cases:
+            assert all_finite(c) == bool(np.isfinite(c).all()), (n, c[:3])

@@ -18,6 +18,7 @@ from ..data_parallel import DataParallelEngine
 from ..model import Architecture, init_params
 from ..plan import even_part
 from ..runtime.threads import limit_threads, oversubscription
+from . import machine
 
 PHASES = ("data", "compute", "allreduce", "optimizer")
 POOL = 4  # distinct synthetic batches a rank cycles through
@@ -57,27 +58,65 @@ def run(cfg, explicit, comm):
     limit_threads(cfg.threads)
     node_ranks = comm.node_size()
     warning = oversubscription(node_ranks, cfg.threads)
-    if warning and not cfg.json and comm.is_root:
-        log.warn(warning)
+    machine_info = machine.blas()
+    blas_warning = machine.override_warning(machine_info)
+    for text in (warning, blas_warning):
+        if text and not cfg.json and comm.is_root:
+            log.warn(text)
     sizes = (cfg.features,) + cfg.hidden_sizes() + (cfg.classes,)
     arch = Architecture(sizes, cfg.activation)
     global_batch = cfg.batch_size or cfg.batch_per_rank * size
     if global_batch < size:
         raise UsageError(f"--batch-size {global_batch} is smaller than the {size} ranks")
     rows = even_part(global_batch, size, rank)[1]
-    rng = np.random.default_rng([cfg.seed, rank])
+    # the engine `mpinn train` uses, so the figures are those of training
+    engine = DataParallelEngine(comm, arch, init_params(arch, cfg.seed), rows,
+                                dict(name=cfg.optimizer, lr=1e-3), overlap_mb=cfg.overlap_mb)
+    medians, jit_s = time_steps(cfg, comm, engine, rows, global_batch)
+    mean = comm.allreduce_(medians.copy(), "sum") / size
+    worst = comm.allreduce_(medians.copy(), "max")
+    step_s = float(worst[-2])
+    flops = training_flops(sizes, global_batch)
+    result = {
+        "ranks": size, "ranks_per_node": node_ranks, "nodes": max(size // node_ranks, 1),
+        "threads": cfg.threads, "oversubscribed": warning is not None,
+        "layers": list(sizes), "parameters": arch.n_params, "global_batch": global_batch,
+        "batch_per_rank": global_batch / size, "steps": cfg.steps,
+        "step_ms": step_s * 1e3, "samples_per_s": global_batch / step_s,
+        "engine_step_ms": float(worst[-1]) * 1e3,
+        "phases_ms": {p: {"max": float(worst[j]) * 1e3, "mean": float(mean[j]) * 1e3}
+                      for j, p in enumerate(PHASES)},
+        "load_imbalance": float(worst[1] / mean[1]) if mean[1] > 0 else 1.0,
+        "gflops": flops / step_s / 1e9,
+        "compute_s_per_sample": float(mean[1]) / (global_batch / size),
+        "gradient_bytes": int(engine.net.grads.nbytes), "overlap_mb": cfg.overlap_mb,
+        "jit_s": jit_s,
+        "mpi_library": comm.library_version(),
+        "blas": {**machine_info, "sgemm_peak_gflops": machine.sgemm_peak(),
+                 "warning": blas_warning or ""},
+    }
+    if cfg.allreduce_sweep:
+        result["allreduce_sweep"] = allreduce_sweep(comm, cfg.sweep_max) if size > 1 else []
+    if cfg.json:
+        log.info(json.dumps(result))
+    else:
+        print_result(log, result, arch, warning)
+    return result
+
+
+def time_steps(cfg, comm, engine, rows, global_batch):
+    """Median per-phase seconds over the timed steps on this rank: data, compute, allreduce,
+    optimizer, the whole step, and the engine's step alone (the batch already in place, as the
+    peers in benchmarks/ time theirs); and the kernels' compile or cache-load seconds."""
+    rng = np.random.default_rng([cfg.seed, comm.rank])
     pool_x = rng.normal(size=(POOL * rows, cfg.features)).astype(np.float32)
     pool_y = rng.integers(0, cfg.classes, POOL * rows)
     xb = np.empty((rows, cfg.features), np.float32)
     yb = np.empty(rows, np.int64)
-    # the engine `mpinn train` uses, so the figures are those of training
-    engine = DataParallelEngine(comm, arch, init_params(arch, cfg.seed), rows,
-                                dict(name=cfg.optimizer, lr=1e-3), overlap_mb=cfg.overlap_mb)
     t0 = time.perf_counter()
     comm.first_on_each_node_then_rest(lambda: engine.warmup(pool_x, pool_y))
     jit_s = time.perf_counter() - t0
-
-    times = np.zeros((cfg.steps, len(PHASES) + 1))
+    times = np.zeros((cfg.steps, len(PHASES) + 2))
     scale = 1.0 / global_batch
     for i in range(cfg.warmup + cfg.steps):
         t0 = time.perf_counter()
@@ -88,41 +127,20 @@ def run(cfg, explicit, comm):
         engine.step(xb, yb, rows, scale)
         t2 = time.perf_counter()
         if i >= cfg.warmup:
-            times[i - cfg.warmup] = (t1 - t0, *engine.phase_s, t2 - t0)
-    medians = np.median(times, axis=0)
-    mean = comm.allreduce_(medians.copy(), "sum") / size
-    worst = comm.allreduce_(medians.copy(), "max")
-    step_s = float(worst[-1])
-    flops = training_flops(sizes, global_batch)
-    result = {
-        "ranks": size, "ranks_per_node": node_ranks, "nodes": max(size // node_ranks, 1),
-        "threads": cfg.threads, "oversubscribed": warning is not None,
-        "layers": list(sizes), "parameters": arch.n_params, "global_batch": global_batch,
-        "batch_per_rank": global_batch / size, "steps": cfg.steps,
-        "step_ms": step_s * 1e3, "samples_per_s": global_batch / step_s,
-        "phases_ms": {p: {"max": float(worst[j]) * 1e3, "mean": float(mean[j]) * 1e3}
-                      for j, p in enumerate(PHASES)},
-        "load_imbalance": float(worst[1] / mean[1]) if mean[1] > 0 else 1.0,
-        "gflops": flops / step_s / 1e9,
-        "compute_s_per_sample": float(mean[1]) / (global_batch / size),
-        "gradient_bytes": int(engine.net.grads.nbytes), "overlap_mb": cfg.overlap_mb,
-        "jit_s": jit_s,
-        "mpi_library": comm.library_version(),
-    }
-    if cfg.allreduce_sweep:
-        result["allreduce_sweep"] = allreduce_sweep(comm, cfg.sweep_max) if size > 1 else []
-    if cfg.json:
-        log.info(json.dumps(result))
-    else:
-        ph = result["phases_ms"]
-        log.info(f"mpinn bench: {size} rank(s) x {cfg.threads} thread(s) [{result['mpi_library']}], "
-                 f"network {arch.describe()}, global batch {global_batch}"
-                 + (" (oversubscribed)" if warning else ""))
-        log.info(f"step {result['step_ms']:.2f} ms, {result['samples_per_s']:,.0f} samples/s, "
-                 f"{result['gflops']:.1f} GFLOP/s; phases (max/mean ms): "
-                 + ", ".join(f"{p} {ph[p]['max']:.2f}/{ph[p]['mean']:.2f}" for p in PHASES)
-                 + f"; load imbalance {result['load_imbalance']:.2f}")
-        for point in result.get("allreduce_sweep", []):
-            log.info(f"allreduce {point['bytes']:>10,} B: {point['seconds'] * 1e6:10.1f} us")
-    return result
+            times[i - cfg.warmup] = (t1 - t0, *engine.phase_s, t2 - t0, t2 - t1)
+    return np.median(times, axis=0), jit_s
 
+
+def print_result(log, result, arch, warning):
+    ph, size = result["phases_ms"], result["ranks"]
+    b = result["blas"]
+    log.info(f"mpinn bench: {size} rank(s) x {result['threads']} thread(s) "
+             f"[{result['mpi_library']}; {b['library']} {b['version']} {b['architecture']}, "
+             f"sgemm peak {b['sgemm_peak_gflops']:.0f} GFLOP/s], network {arch.describe()}, "
+             f"global batch {result['global_batch']}" + (" (oversubscribed)" if warning else ""))
+    log.info(f"step {result['step_ms']:.2f} ms, {result['samples_per_s']:,.0f} samples/s, "
+             f"{result['gflops']:.1f} GFLOP/s; phases (max/mean ms): "
+             + ", ".join(f"{p} {ph[p]['max']:.2f}/{ph[p]['mean']:.2f}" for p in PHASES)
+             + f"; load imbalance {result['load_imbalance']:.2f}")
+    for point in result.get("allreduce_sweep", []):
+        log.info(f"allreduce {point['bytes']:>10,} B: {point['seconds'] * 1e6:10.1f} us")

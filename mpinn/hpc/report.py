@@ -257,6 +257,16 @@ class Figures:
         self.save(fig, "projection.png")
 
 
+def blas_lines(run):
+    """What the bench runs said of the BLAS: library, version, kernel, sgemm peak, any warning."""
+    b = run.get("blas")
+    if not b:
+        return []
+    text = (f"BLAS: {b['library']} {b['version']}, kernel {b['architecture']}, measured sgemm "
+            f"peak {b['sgemm_peak_gflops']:.0f} GFLOP/s per rank.")
+    return [text + (f" **Warning:** {b['warning']}." if b.get("warning") else ""), ""]
+
+
 def write_markdown(path, title, runs, rows, mode, model, projections, plots):
     base = runs[0]
     lines = [f"# {title}", "",
@@ -265,7 +275,7 @@ def write_markdown(path, title, runs, rows, mode, model, projections, plots):
              + (f"global batch {base['global_batch']}" if mode == "strong"
                 else f"{base['batch_per_rank']:g} rows per rank")
              + f", {base['threads']} BLAS thread(s) per rank, {base['mpi_library']}. Step times "
-             "are medians over timed steps, phases the slowest rank's.", "",
+             "are medians over timed steps, phases the slowest rank's.", "", *blas_lines(base),
              "| ranks | nodes | step (ms) | samples/s | speedup | efficiency | comm fraction | "
              "load imbalance | model step (ms) | model error |",
              "|---|---|---|---|---|---|---|---|---|---|"]
