@@ -1,5 +1,6 @@
 # Two contracts, both from a fresh clone with nothing installed:
 #   make train   create .venv, install mpinn, train on the bundled digits data on 2 MPI ranks
+#                (into runs/digits, replacing the previous make train's run there)
 #   make test    create .venv, install mpinn with test extras, run the whole suite
 PYTHON ?= python3
 VENV   := .venv
@@ -20,7 +21,7 @@ $(STAMP): $(BIN)/python setup.cfg pyproject.toml
 install: $(STAMP)
 
 train: $(STAMP)
-	$(BIN)/mpiexec -n $(RANKS) $(BIN)/python -m mpinn train --run-dir runs/digits
+	$(BIN)/mpiexec -n $(RANKS) $(BIN)/python -m mpinn train --run-dir runs/digits --overwrite
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -91,7 +91,9 @@ def build_parser():
                             "the command line wins")
         for f in dataclasses.fields(cls):
             flag = "--" + f.name.replace("_", "-")
-            text = f"{f.metadata['help']} (default: {f.default!r})"
+            text = f.metadata["help"]
+            if "(default" not in text:  # the help text may say the default in words already
+                text += f" (default: {f.default!r})"
             if f.metadata.get("positional"):
                 p.add_argument(f.name, choices=f.metadata["choices"], help=f.metadata["help"],
                                metavar=None if f.metadata["choices"] else f.name.upper())

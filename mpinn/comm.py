@@ -60,6 +60,18 @@ class Comm:
             self._comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.MAX)
         return -int(buf[0]), int(buf[1])
 
+    def allgather_ints(self, values):
+        """Every rank's int64 values, concatenated in rank order, on every rank (set-up only)."""
+        values = np.ascontiguousarray(values, np.int64)
+        if self.size == 1:
+            return values.copy()
+        counts = np.zeros(self.size, np.int64)
+        counts[self.rank] = values.size
+        self.allreduce_(counts)
+        out = np.empty(int(counts.sum()), np.int64)
+        self._comm.Allgatherv(values, [out, (counts.tolist(), None)])
+        return out
+
     def bcast_(self, buf, root=0):
         """Broadcast a contiguous numpy buffer from root, in place."""
         if self.size > 1:

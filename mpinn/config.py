@@ -77,6 +77,8 @@ class TrainConfig:
                                     OUTPUT_ACTIVATIONS)
     loss: str = option("cross_entropy", "cross_entropy: integer labels, softmax output; mse: "
                                         "float targets (rows x K)", ("cross_entropy", "mse"))
+    classes: int = option(0, "classes for cross_entropy (0: the class names stored with the "
+                             "labels, else the largest label + 1)")
     optimizer: str = option("adam", "update rule", ("sgd", "momentum", "adam"))
     lr: float = option(1e-3, "learning rate")
     momentum: float = option(0.9, "momentum factor (--optimizer momentum)")
@@ -105,8 +107,13 @@ class TrainConfig:
     schedule: str = option("1f1b", "pipeline schedule: gpipe (all forwards, then all backwards) "
                                    "or 1f1b (keeps at most S micro-batches of activations)",
                            ("gpipe", "1f1b"))
-    run_dir: str = option("runs/latest", "folder for checkpoint.h5 and metrics.jsonl")
-    resume: bool = option(False, "continue from RUN_DIR/checkpoint.h5 where it stopped")
+    run_dir: str = option("runs/latest", "folder for checkpoint.h5 and metrics.jsonl; one run at "
+                                         "a time (it is locked while training)")
+    resume: bool = option(False, "continue the run in RUN_DIR where it stopped, on its own data "
+                                 "and options (epochs, steps, ranks, threads and run-time knobs "
+                                 "may change)")
+    overwrite: bool = option(False, "start a new run in a RUN_DIR that holds one: its checkpoints "
+                                    "and metrics are removed once every input has been checked")
     init: str = option("", "start from this checkpoint's weights (and architecture) with a fresh "
                            "optimizer")
     keep_checkpoints: int = option(0, "also keep the last K checkpoints as "
@@ -121,8 +128,9 @@ class TrainConfig:
     stall_warning: float = option(60.0, "report which ranks have not arrived when a step has "
                                         "taken this many seconds and 10x the recent median "
                                         "(0: off)")
-    stall_timeout: float = option(0.0, "abort the whole job when one step has taken this many "
-                                       "seconds (0: wait forever)")
+    stall_timeout: float = option(600.0, "abort the whole job when one step has taken this many "
+                                         "seconds and 100x the recent median, or an evaluation or "
+                                         "checkpoint write this many seconds (0: wait forever)")
     timeline: str = option("", "write a Chrome-trace JSON of every rank's phases to this file "
                                "(open in ui.perfetto.dev or chrome://tracing)")
     log_every: int = option(10, "print and record metrics every N steps")
@@ -143,6 +151,10 @@ class TrainConfig:
                 raise UsageError(f"--{name} must be in [0, 1), got {getattr(self, name)}")
         if self.resume and self.init:
             raise UsageError("--resume and --init exclude each other")
+        if self.resume and self.overwrite:
+            raise UsageError("--resume continues the run in RUN_DIR and --overwrite replaces it: "
+                             "give one of them")
+        require_non_negative(self, "classes")
         self.hidden_sizes()
 
 
@@ -171,6 +183,7 @@ class PredictConfig:
     out: str = option("predictions.h5", "output file: .h5/.hdf5 (datasets pred, prob or output) "
                                         "or .csv")
     batch_size: int = option(4096, "rows per forward pass")
+    overwrite: bool = option(False, "replace OUT if it exists")
     pipeline_stages: int = option(1, "run the network as S pipeline stages (forward only)")
     partition: str = option("", "layers per pipeline stage (default: balanced by FLOPs)")
     threads: int = option(1, "BLAS threads")
@@ -296,6 +309,7 @@ class ReportConfig:
                                "--network)")
     beta: float = option(0.0, "bandwidth in bytes/s for the projection (with --alpha)")
     title: str = option("mpinn scaling report", "report title")
+    overwrite: bool = option(False, "replace the report in OUT if there is one")
     debug: bool = option(False, "show Python tracebacks on errors")
 
     def validate(self):
@@ -323,13 +337,19 @@ class ScaleConfig:
                                "'mpiexec -n {n}')")
     timeout: int = option(1800, "seconds one run may take")
     title: str = option("mpinn scaling report", "report title")
+    overwrite: bool = option(False, "replace the results and report in OUT if there are some")
     debug: bool = option(False, "show Python tracebacks on errors")
 
     def validate(self):
         require_positive(self, "features", "classes", "batch_size", "batch_per_rank", "steps",
                          "threads", "timeout", "sweep_max")
         parse_hidden(self.hidden)
-        parse_ranks(self.ranks)
+        ranks = parse_ranks(self.ranks)
+        if len(ranks) < 2 or ranks[0] != 1:
+            raise UsageError(f"--ranks {self.ranks}: a scaling series needs 1 (the baseline) and at "
+                             "least one more rank count, e.g. 1,2,4")
+        if self.mode == "strong" and self.batch_size < ranks[-1]:
+            raise UsageError(f"--batch-size {self.batch_size} is smaller than {ranks[-1]} ranks")
 
 
 @dataclass
@@ -345,6 +365,7 @@ class JobsConfig:
     account: str = option("", "account/project to charge (default: the site's)")
     job_name: str = option("", "job name (default: the template's)")
     out: str = option("", "write the job file here (default: print it)")
+    overwrite: bool = option(False, "replace OUT if it exists")
     debug: bool = option(False, "show Python tracebacks on errors")
 
     def validate(self):
@@ -361,6 +382,7 @@ class SynthConfig:
     seed: int = option(0, "seed: the same seed gives the same rows, whatever the chunking")
     chunk_rows: int = option(65_536, "rows per HDF5 chunk and per write")
     compression: str = option("none", "HDF5 compression of the datasets", ("none", "gzip", "lzf"))
+    overwrite: bool = option(False, "replace OUT if it exists")
     debug: bool = option(False, "show Python tracebacks on errors")
 
     def validate(self):
@@ -399,6 +421,7 @@ class ConvertConfig:
     seed: int = option(0, "seed of the split")
     chunk_rows: int = option(65_536, "rows read and written at a time (and HDF5 chunk rows)")
     compression: str = option("none", "HDF5 compression", ("none", "gzip", "lzf"))
+    overwrite: bool = option(False, "replace the output file(s) if they exist")
     debug: bool = option(False, "show Python tracebacks on errors")
 
     def validate(self):
@@ -413,6 +436,7 @@ class ExportConfig:
     format: str = option("onnx", "onnx (ONNX model), torch (state dict for torch.nn.Sequential) "
                                  "or npz (plain arrays)", ("onnx", "torch", "npz"))
     out: str = option("model.onnx", "output file")
+    overwrite: bool = option(False, "replace OUT if it exists")
     debug: bool = option(False, "show Python tracebacks on errors")
 
     def validate(self):

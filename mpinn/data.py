@@ -68,6 +68,20 @@ def inspect(f, path, cols, need_y=True):
     return n, n_features, 1 if y.ndim == 1 else y.shape[1]
 
 
+def stored_classes(path, y_key):
+    """The number of classes stored with the labels (an attribute `classes` with their names, as
+    `mpinn data convert` writes for text labels, or `n_classes`), or None."""
+    with open_h5(path) as f:
+        if y_key not in f:
+            return None
+        attrs = f[y_key].attrs
+        if "classes" in attrs:
+            return len(attrs["classes"])
+        if "n_classes" in attrs:
+            return int(attrs["n_classes"])
+    return None
+
+
 def _read_selection(ds, out, selections):
     """Read (file selection, rows) pieces of ds into consecutive rows of out, converting dtype."""
     row = 0

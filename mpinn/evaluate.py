@@ -2,6 +2,7 @@
 `mpinn predict` (classes and probabilities, or regression outputs, in input order to HDF5 or CSV).
 Both run data parallel or, with --pipeline-stages, as a forward-only pipeline."""
 import json
+import os
 
 import h5py
 import numpy as np
@@ -56,35 +57,54 @@ def run_evaluate(cfg, explicit, comm):
     return result
 
 
-def open_output(path, n, k, classify):
-    """(write(offset, outputs), close) for n rows of predictions: HDF5 datasets or CSV."""
-    check_output_path(path)
-    if path.lower().endswith(".csv"):
-        fh = open(path, "w")
-        cols = (["pred"] + [f"p{j}" for j in range(k)]) if classify else [f"y{j}" for j in range(k)]
-        fh.write(",".join(cols) + "\n")
+class PredictionFile:
+    """Predictions for n rows written under a temporary name beside `path` (HDF5 datasets pred
+    and prob, or output; or CSV by the suffix) and renamed to `path` only when all are written."""
 
-        def write(start, out):
-            if classify:
-                np.savetxt(fh, np.column_stack([out.argmax(1), out]), fmt=["%d"] + ["%.6g"] * k,
-                           delimiter=",")
-            else:
-                np.savetxt(fh, out, fmt="%.6g", delimiter=",")
-        return write, fh.close
-    f = h5py.File(path, "w")
-    if classify:
-        pred = f.create_dataset("pred", (n,), np.int64)
-        prob = f.create_dataset("prob", (n, k), np.float32)
-    else:
-        output = f.create_dataset("output", (n, k), np.float32)
+    def __init__(self, path, n, k, classify):
+        self.path, self.k, self.classify = path, k, classify
+        self.tmp = os.path.join(os.path.dirname(os.path.abspath(path)),
+                                f".{os.path.basename(path)}.tmp-{os.getpid()}")
+        try:
+            self._open(n)
+        except OSError as e:
+            raise UsageError(f"cannot write --out {path}: {e.strerror or e}") from None
 
-    def write(start, out):
-        if classify:
-            pred[start:start + len(out)] = out.argmax(1)
-            prob[start:start + len(out)] = out
+    def _open(self, n):
+        k = self.k
+        if self.path.lower().endswith(".csv"):
+            self.fh = open(self.tmp, "w")
+            cols = (["pred"] + [f"p{j}" for j in range(k)]) if self.classify else [
+                f"y{j}" for j in range(k)]
+            self.fh.write(",".join(cols) + "\n")
+            return
+        self.fh = h5py.File(self.tmp, "w")
+        if self.classify:
+            self.fh.create_dataset("pred", (n,), np.int64)
+            self.fh.create_dataset("prob", (n, k), np.float32)
         else:
-            output[start:start + len(out)] = out
-    return write, f.close
+            self.fh.create_dataset("output", (n, k), np.float32)
+
+    def write(self, start, out):
+        if isinstance(self.fh, h5py.File):
+            if self.classify:
+                self.fh["pred"][start:start + len(out)] = out.argmax(1)
+                self.fh["prob"][start:start + len(out)] = out
+            else:
+                self.fh["output"][start:start + len(out)] = out
+        elif self.classify:
+            np.savetxt(self.fh, np.column_stack([out.argmax(1), out]),
+                       fmt=["%d"] + ["%.6g"] * self.k, delimiter=",")
+        else:
+            np.savetxt(self.fh, out, fmt="%.6g", delimiter=",")
+
+    def close(self, keep):
+        """Close; rename into place when keep (everything written), else remove the temporary."""
+        self.fh.close()
+        if keep:
+            os.replace(self.tmp, self.path)
+        elif os.path.exists(self.tmp):
+            os.unlink(self.tmp)
 
 
 def run_predict(cfg, explicit, comm):
@@ -108,26 +128,27 @@ def run_predict(cfg, explicit, comm):
         if n_features != arch.sizes[0]:
             raise UsageError(f"{path} has {n_features} features; the checkpoint's network takes "
                              f"{arch.sizes[0]}")
-        writer = open_output(cfg.out, n, arch.sizes[-1], classify) if active and grid.is_last \
-            else None
+        check_output_path(cfg.out, overwrite=cfg.overwrite)
+        writer = PredictionFile(cfg.out, n, arch.sizes[-1], classify) \
+            if active and grid.is_last else None
         return n, writer
     n, writer = comm.checked(prepare)
     engine = comm.checked(make_engine, comm, grid, arch, ckpt.params, min(cfg.batch_size, n),
                           partition=cfg.partition)
     if active:
-        write = writer[0] if writer else None
-
         def consume(off, out):
-            write(off, arch.loss_fn.outputs_(out))
+            writer.write(off, arch.loss_fn.outputs_(out))
         f = data.open_h5(path) if grid.is_first else None
+        done = False
         try:
             engine.forward_chunks(
                 n, lambda off, m: data.read_inputs(f, path, cfg.x_key, [(slice(off, off + m), m)]),
                 consume)
+            done = True
         finally:
             if f is not None:
                 f.close()
             if writer:
-                writer[1]()
+                writer.close(keep=done)
     comm.barrier()  # rank 0 reports only once the last stage has closed the file
     log.info(f"wrote {n} predictions to {cfg.out}")

@@ -21,16 +21,17 @@ class Log:
         print(f"mpinn: warning{where}: {message}", file=sys.stderr, flush=True)
 
     def open_metrics(self, path, append):
-        """Start writing JSON lines to path (rank 0 only); append when resuming."""
+        """Start writing JSON lines to path (rank 0 only); append when resuming. Each record is one
+        write(2) of one whole line to an O_APPEND file, so lines are never torn or interleaved."""
         if self.rank == 0:
-            self._metrics = open(path, "a" if append and os.path.exists(path) else "w")
+            flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | (0 if append else os.O_TRUNC)
+            self._metrics = os.open(path, flags, 0o644)
 
     def metrics(self, record):
         if self._metrics is not None:
-            self._metrics.write(json.dumps(record) + "\n")
-            self._metrics.flush()
+            os.write(self._metrics, (json.dumps(record) + "\n").encode())
 
     def close(self):
         if self._metrics is not None:
-            self._metrics.close()
+            os.close(self._metrics)
             self._metrics = None

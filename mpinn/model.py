@@ -57,6 +57,14 @@ class Architecture:
     def describe(self):
         return "-".join(str(s) for s in self.sizes)
 
+    def training_bytes(self, max_rows, n_state, stages=1):
+        """About what training holds per rank, in bytes: parameters, gradients (and the copy the
+        engine starts from), optimizer state, and a workspace of max_rows rows (float32). A
+        pipeline stage holds about 1/stages of the parameters."""
+        params = self.n_params / stages * (3 + n_state)
+        rows = max_rows * (sum(self.sizes) + 2 * max(self.sizes[:-1]))
+        return 4 * (params + rows)
+
 
 def layer_views(arch, flat):
     """[(W_l, b_l)] views into a flat buffer laid out as `arch` says."""

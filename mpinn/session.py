@@ -55,10 +55,14 @@ def load_split(comm, path, cols, selections_of, min_rows=1, want_x=True, want_y=
     return comm.checked(read)
 
 
-def check_labels(y, n_classes, path):
+def check_labels(y, n_classes, path, rows_of=None):
+    """Every label of this rank's rows is a class of the network; rows_of() gives the file rows
+    of the local ones, to name the offending row."""
     if y is not None and y.size and y.max() >= n_classes:
+        at = int(np.argmax(y))
+        row = int(rows_of()[at]) if rows_of else at
         raise UsageError(f"{path}: class label {int(y.max())} is out of range for a network with "
-                         f"{n_classes} classes")
+                         f"{n_classes} classes (row {row})")
 
 
 def make_engine(comm, grid, arch, params, max_rows, opt_settings=None, opt_state=None,

@@ -11,6 +11,8 @@ batch (plan.BatchPlan); its gradient is of (sum of its rows' losses) / (global b
 Allreduce SUM is exactly the gradient of the global mean loss. Every rank runs the same number of
 steps by construction. Rank 0 writes the checkpoint at the end of every epoch and of training.
 """
+import dataclasses
+import glob
 import os
 import textwrap
 import time
@@ -21,13 +23,15 @@ import numpy as np
 from . import checkpoint, data
 from .checkpoint import CHECKPOINT_NAME, Checkpoint
 from .errors import RunError, UsageError
+from .config import parse_hidden
 from .log import Log
 from .model import Architecture, init_params
-from .outputs import check_output_path, prepare_run_dir
+from .outputs import (RunDirLock, check_new_run, check_output_path, clear_run,
+                      prepare_run_dir)
 from .plan import BatchPlan, Grid, even_part
 from .losses import LOSSES
 from .runtime.faults import FaultInjector
-from .runtime.process import peak_rss_mb, seconds_since_process_start
+from .runtime.process import available_memory_bytes, peak_rss_mb, seconds_since_process_start
 from .runtime.signals import NoStopRequest, StopRequest
 from .runtime.threads import limit_threads, oversubscription
 from .runtime.timeline import Timeline
@@ -41,7 +45,7 @@ EVAL_ROWS = 1024  # rows per forward pass when evaluating
 def run(cfg, explicit, comm):
     """`mpinn train`: set up (data, network, engine), train epoch by epoch, then the summary."""
     log = Log(comm.rank, comm.size)
-    trainer = Trainer(cfg, comm, log, set_up(cfg, explicit, comm, log))
+    trainer = Trainer(comm, log, set_up(cfg, explicit, comm, log))
     trainer.announce()
     try:
         trainer.train()
@@ -54,8 +58,10 @@ def run(cfg, explicit, comm):
 @dataclass
 class Setup:
     """Everything the loop needs, decided once before the first step."""
+    cfg: object           # the run's options (on resume: the checkpoint's where they must agree)
     grid: Grid
     faults: FaultInjector
+    lock: object          # rank 0's lock on RUN_DIR (None elsewhere)
     train_path: str
     val_path: str
     arch: Architecture
@@ -80,12 +86,13 @@ def set_up(cfg, explicit, comm, log):
         log.warn(warning)
     faults = FaultInjector.from_env(comm.rank)
     grid = comm.checked(Grid, cfg.pipeline_stages, comm.size, comm.rank)
+    lock = comm.checked(lambda: claim_run_dir(cfg) if comm.is_root else None)
+    ckpt = broadcast_checkpoint(comm, lambda: start_checkpoint(cfg, log))
+    if cfg.resume:
+        cfg = comm.checked(resumed_config, cfg, explicit, ckpt)
     train_path, val_path = comm.checked(data_paths, cfg)
-    comm.checked(lambda: prepare_run_dir(cfg.run_dir) if comm.is_root else None)
-    ckpt = broadcast_checkpoint(comm, lambda: start_checkpoint(cfg))
     comm.checked(check_mode, cfg, grid)
     loss = ckpt.arch.loss if ckpt else cfg.loss
-    integer_labels = LOSSES[loss].integer_labels
     cols = data.Columns(cfg.x_key, cfg.y_key, loss)
 
     def train_selections(n):
@@ -96,13 +103,12 @@ def set_up(cfg, explicit, comm, log):
         comm, train_path, cols, train_selections, grid.replicas, grid.is_first, grid.is_last,
         "ranks" if grid.stages == 1 else "pipeline replicas")
     t_load = time.perf_counter() - t_load
-    n_outputs = n_targets if not integer_labels else (ckpt.arch.sizes[-1] if ckpt else int(
-        comm.allreduce_minmax(int(y.max()) if y is not None and y.size else 0)[1]) + 1)
-    arch = comm.checked(architecture, cfg, explicit, ckpt, n_features, n_outputs)
-    if integer_labels:
-        comm.checked(check_labels, y, n_outputs, train_path)
-    evaluate = validation(cfg, comm, grid, cols, val_path, train_path, n_features, arch)
     plan = BatchPlan(n_rows, cfg.batch_size, grid.replica, grid.replicas)
+    n_outputs = (class_count(comm, cfg, ckpt, y, train_path, plan)
+                 if LOSSES[loss].integer_labels else n_targets)
+    arch = comm.checked(architecture, cfg, explicit, ckpt, n_features, n_outputs)
+    comm.checked(check_memory, cfg, arch, grid, int(plan.local_counts().max()), comm.node_size())
+    evaluate = validation(cfg, comm, grid, cols, val_path, train_path, n_features, arch)
     engine, step = build_engine(cfg, comm, grid, arch, plan, ckpt, log, bool(evaluate))
     del ckpt  # the engine holds what this rank needs (a stage: its slice only)
     t0 = time.perf_counter()
@@ -113,8 +119,96 @@ def set_up(cfg, explicit, comm, log):
         engine.timeline = Timeline()
     run_config = {**{k: getattr(cfg, k) for k in cfg.__dataclass_fields__}, "data": train_path,
                   "val_data": val_path or "", "ranks": comm.size}
-    return Setup(grid, faults, train_path, val_path, arch, n_rows, x, y, plan, evaluate, engine,
-                 step, run_config, t_load, sum(a.nbytes for a in (x, y) if a is not None), jit_s)
+    return Setup(cfg, grid, faults, lock, train_path, val_path, arch, n_rows, x, y, plan,
+                 evaluate, engine, step, run_config, t_load,
+                 sum(a.nbytes for a in (x, y) if a is not None), jit_s)
+
+
+def claim_run_dir(cfg):
+    """Rank 0: create and lock RUN_DIR; a new run may not land on an old one unasked."""
+    prepare_run_dir(cfg.run_dir)
+    lock = RunDirLock(cfg.run_dir)
+    try:
+        check_new_run(cfg.run_dir, cfg.resume, cfg.overwrite)
+    except UsageError:
+        lock.release()
+        raise
+    return lock
+
+
+# What a resumed run takes from its checkpoint (the rest may change on resume: epochs, steps,
+# ranks and pipeline layout, threads, and run-time knobs such as logging and timeouts).
+KEPT_ON_RESUME = ("data", "val_data", "x_key", "y_key", "hidden", "activation",
+                  "output_activation", "loss", "classes", "optimizer", "lr", "momentum",
+                  "nesterov", "beta1", "beta2", "eps", "weight_decay", "batch_size", "seed",
+                  "shuffle")
+
+
+def resumed_config(cfg, explicit, ckpt):
+    """cfg with the run's own data and options from its checkpoint; an explicit option that
+    contradicts them is an error."""
+    saved, updates = ckpt.config, {}
+    for key in KEPT_ON_RESUME:
+        if key not in saved:
+            continue
+        mine, theirs = getattr(cfg, key), saved[key]
+        if key in explicit and not same_setting(key, mine, theirs):
+            flag = "--" + key.replace("_", "-")
+            raise UsageError(f"{flag} {mine!r} differs from the run's {theirs!r}: --resume "
+                             "continues a run on its own data and options. Drop the option, or "
+                             "start a new run (--overwrite, or another --run-dir)")
+        updates[key] = theirs
+    return dataclasses.replace(cfg, **updates)
+
+
+def same_setting(key, mine, theirs):
+    if key in ("data", "val_data"):
+        return bool(mine) == bool(theirs) and (
+            not mine or os.path.realpath(mine) == os.path.realpath(theirs))
+    if key == "hidden":
+        return parse_hidden(mine) == parse_hidden(theirs)
+    return mine == theirs
+
+
+def class_count(comm, cfg, ckpt, y, path, plan):
+    """Classes of a cross-entropy network: the checkpoint's, --classes, the class names stored
+    with the labels, else the largest label + 1 when the labels are not far sparser than that."""
+    if ckpt is not None:
+        n = ckpt.arch.sizes[-1]
+    elif cfg.classes:
+        n = cfg.classes
+    else:
+        n = comm.checked(data.stored_classes, path, cfg.y_key)
+    if n is None:
+        top = comm.allreduce_minmax(int(y.max()) if y is not None and y.size else 0)[1]
+        local = np.unique(y) if y is not None else np.zeros(0, np.int64)
+        distinct = np.unique(comm.allgather_ints(local)).size
+        comm.checked(check_sparse_labels, y, top, distinct, path, cfg.y_key, plan)
+        n = top + 1
+    comm.checked(check_labels, y, n, path, plan.owned_rows)
+    return n
+
+
+def check_sparse_labels(y, top, distinct, path, y_key, plan):
+    if top + 1 > 10 * max(distinct, 1) and y is not None and y.size and y.max() == top:
+        row = int(plan.owned_rows()[int(np.argmax(y))])
+        raise UsageError(f"{path}: label {top} at row {row} of {y_key} would make {top + 1} "
+                         f"classes, but the labels take only {distinct} distinct values; pass "
+                         f"--classes {top + 1} if that many are meant, or fix the labels")
+
+
+def check_memory(cfg, arch, grid, max_rows, ranks_on_node):
+    """Refuse a network that cannot fit before allocating it."""
+    n_state = {"sgd": 0, "momentum": 1, "adam": 2}[cfg.optimizer]
+    need = arch.training_bytes(max(max_rows, EVAL_ROWS), n_state, grid.stages)
+    available = available_memory_bytes()
+    if available and need > available / ranks_on_node:
+        gib = 2**30
+        raise UsageError(f"the network {arch.describe()} needs about {need / gib:,.1f} GiB per "
+                         f"rank (parameters, gradients, optimizer state, activations) but this "
+                         f"node has {available / gib:,.1f} GiB available for its {ranks_on_node} "
+                         "rank(s); use fewer or narrower layers, a smaller --batch-size, or more "
+                         "nodes")
 
 
 def validation(cfg, comm, grid, cols, val_path, train_path, n_features, arch):
@@ -128,7 +222,9 @@ def validation(cfg, comm, grid, cols, val_path, train_path, n_features, arch):
         comm.checked(raise_usage, f"{val_path} has {val_features} features; {train_path} has "
                                   f"{n_features}")
     if arch.loss_fn.integer_labels:
-        comm.checked(check_labels, vy, arch.sizes[-1], val_path)
+        first = even_part(n_val, grid.replicas, grid.replica)[0]
+        comm.checked(check_labels, vy, arch.sizes[-1], val_path,
+                     lambda: first + np.arange(len(vy)))
     return Evaluator(comm, even_part(n_val, grid.replicas, grid.replica)[1], vx, vy, arch)
 
 
@@ -142,7 +238,6 @@ def build_engine(cfg, comm, grid, arch, plan, ckpt, log, evaluates):
                         weight_decay=cfg.weight_decay)
     step, opt_state = 0, None
     if cfg.resume:
-        comm.checked(check_resumable, cfg, ckpt)
         step, opt_state = ckpt.global_step, (ckpt.optimizer_step, ckpt.optimizer_state)
         if ckpt.config.get("ranks") != comm.size and cfg.shuffle == "rank":
             log.info(f"note: resuming on {comm.size} ranks a run checkpointed on "
@@ -157,7 +252,8 @@ def build_engine(cfg, comm, grid, arch, plan, ckpt, log, evaluates):
 class Trainer:
     """The loop's state: the current step, the metrics window, the last checkpoint."""
 
-    def __init__(self, cfg, comm, log, setup):
+    def __init__(self, comm, log, setup):
+        cfg = setup.cfg
         self.cfg, self.comm, self.log, self.s = cfg, comm, log, setup
         self.engine, self.step, self.arch = setup.engine, setup.step, setup.arch
         self.spe = setup.plan.steps_per_epoch
@@ -188,6 +284,8 @@ class Trainer:
                       f"parameters, {self.arch.loss}), {s.n_rows} rows, global batch "
                       f"{cfg.batch_size} -> {self.spe} steps/epoch; kernels ready in "
                       f"{s.jit_s:.2f} s")
+        if cfg.overwrite:  # every input is checked by now: the old run may go
+            self.comm.checked(lambda: clear_run(cfg.run_dir) if self.comm.is_root else None)
         self.log.open_metrics(os.path.join(cfg.run_dir, "metrics.jsonl"), append=cfg.resume)
 
     def train(self):
@@ -276,8 +374,10 @@ class Trainer:
         record = {"kind": "epoch", "epoch": epoch + 1, "step": self.step}
         if self.s.evaluate:
             t0 = time.perf_counter()
+            self.watchdog.begin(self.step, "evaluation")
             self.s.faults.at("evaluate", self.step)
             record["val_loss"], record["val_accuracy"] = self.s.evaluate(self.engine)
+            self.watchdog.end()
             self.engine.timeline.add("evaluate", t0, time.perf_counter())
             self.log.info(f"epoch {epoch + 1}/{self.cfg.epochs} validation loss "
                           f"{record['val_loss']:.4f}"
@@ -291,6 +391,7 @@ class Trainer:
     def save(self, epoch):
         """Rank 0 writes the checkpoint atomically (a pipeline gathers it there first)."""
         t0 = time.perf_counter()
+        self.watchdog.begin(self.step, "checkpoint write")
         params, state = self.engine.full_state()
         opt, step, cfg = self.engine.optimizer, self.step, self.cfg
         self.comm.checked(lambda: checkpoint.save(
@@ -298,6 +399,7 @@ class Trainer:
                                        cfg.seed, self.s.run_config),
             keep=cfg.keep_checkpoints, before_rename=lambda: self.s.faults.at("checkpoint", step))
             if self.comm.is_root else None)
+        self.watchdog.end()
         self.last_saved = step
         self.engine.timeline.add("checkpoint", t0, time.perf_counter())
 
@@ -312,6 +414,8 @@ class Trainer:
     def release(self):
         self.stop.restore()
         self.watchdog.stop()
+        if self.s.lock is not None:
+            self.s.lock.release()
 
     def summarize(self):
         """Final checks and figures: every replica agrees, rates, memory, pipeline stages."""
@@ -359,14 +463,26 @@ def checkpoint_path(cfg):
     return os.path.join(cfg.run_dir, CHECKPOINT_NAME)
 
 
-def start_checkpoint(cfg):
-    """The checkpoint a run starts from (rank 0 only), or None."""
-    if cfg.resume:
-        path = checkpoint_path(cfg)
+def start_checkpoint(cfg, log):
+    """The checkpoint a run starts from (rank 0 only), or None. On --resume a damaged or missing
+    checkpoint.h5 falls back to the newest intact step checkpoint (--keep-checkpoints), saying so."""
+    if not cfg.resume:
+        return checkpoint.load(cfg.init) if cfg.init else None
+    path = checkpoint_path(cfg)
+    try:
         if not os.path.exists(path):
             raise UsageError(f"--resume: no checkpoint at {path}")
         return checkpoint.load(path)
-    return checkpoint.load(cfg.init) if cfg.init else None
+    except UsageError as problem:
+        for older in sorted(glob.glob(os.path.join(cfg.run_dir, "checkpoints", "step-*.h5")),
+                            reverse=True):
+            try:
+                ckpt = checkpoint.load(older)
+            except UsageError:
+                continue
+            log.warn(f"{problem}; resuming from {older} (step {ckpt.global_step}) instead")
+            return ckpt
+        raise
 
 
 def check_mode(cfg, grid):
@@ -401,14 +517,6 @@ def architecture(cfg, explicit, ckpt, n_features, n_outputs):
         raise UsageError(f"the checkpoint's network has {arch.sizes[-1]} outputs; the data's "
                          f"targets have {n_outputs}")
     return arch
-
-
-def check_resumable(cfg, ckpt):
-    saved = ckpt.config
-    for key in ("batch_size", "optimizer"):
-        if key in saved and saved[key] != getattr(cfg, key):
-            raise UsageError(f"--resume needs the same --{key.replace('_', '-')} as the checkpoint "
-                             f"({saved[key]!r}), got {getattr(cfg, key)!r}")
 
 
 def raise_usage(message):

@@ -10,6 +10,8 @@ import pytest
 
 from conftest import ROOT, ok, run_mpinn
 from mpinn import checkpoint
+from mpinn.cli import DRIVERS
+from mpinn.outputs import LOCK_NAME
 
 DIGITS = ROOT / "data" / "digits-train.h5"
 
@@ -57,6 +59,8 @@ def make_files(tmp):
     files["one_row"] = h5(tmp / "one_row.h5", X=x[:1], y=y[:1])
     files["f5"] = h5(tmp / "f5.h5", X=x[:, :5], y=y)
     files["targets3"] = h5(tmp / "targets3.h5", X=x, y=np.zeros((40, 3), np.float32))
+    files["y_sparse"] = h5(tmp / "y_sparse.h5", X=x, y=np.where(np.arange(40) == 5, 1_000_000,
+                                                                  np.arange(40) % 4))
     return files
 
 
@@ -95,7 +99,17 @@ CASES = [
     ("batch < ranks", ["train", "--batch-size", "1"], "--batch-size 1 is smaller than the number of ranks (2)"),
     ("val features", ["train", "--data", str(DIGITS), "--val-data", "{f5}"], "has 5 features; "),
     ("init input size", ["train", "--data", "{f5}", "--init", "{ckpt_good}"], "the checkpoint's network takes 64 input features; the data has 5"),
-    ("resume architecture", ["train", "--resume", "--hidden", "32"], "--hidden (32,) conflicts with the checkpoint's (128, 64)"),
+    ("resume architecture", ["train", "--resume", "--hidden", "32"], "--hidden '32' differs from the run's '128,64': --resume continues a run on its own data and options"),
+    ("resume on other data", ["train", "--resume", "--data", "{f5}"], "--resume continues a run on its own data and options"),
+    ("run dir holds a run", ["train", "--run-dir", "{good_run}"], "holds a run (checkpoint.h5, metrics.jsonl); continue it with --resume, replace it with --overwrite"),
+    ("resume and overwrite", ["train", "--resume", "--overwrite"], "--resume continues the run in RUN_DIR and --overwrite replaces it"),
+    ("sparse labels", ["train", "--data", "{y_sparse}"], "label 1000000 at row 5 of y would make 1000001 classes, but the labels take only 5 distinct values; pass --classes 1000001"),
+    ("labels beyond --classes", ["train", "--data", "{y_12}", "--classes", "5"], "class label 12 is out of range for a network with 5 classes (row"),
+    ("network too big for memory", ["train", "--hidden", "200000,200000"], "GiB per rank (parameters, gradients, optimizer state, activations) but this node has"),
+    ("predict output exists", ["predict", "--checkpoint", "{ckpt_good}", "--out", "{f5}"], "exists; choose another path or pass --overwrite"),
+    ("export output exists", ["export", "--checkpoint", "{ckpt_good}", "--format", "npz", "--out", "{f5}"], "exists; choose another path or pass --overwrite"),
+    ("jobs output exists", ["jobs", "slurm", "--out", "{f5}"], "exists; choose another path or pass --overwrite"),
+    ("scale needs a series", ["scale", "--ranks", "1"], "a scaling series needs 1 (the baseline) and at least one more rank count"),
     ("newer checkpoint", ["train", "--init", "{ckpt_newer}"], "upgrade mpinn"),
     ("corrupt checkpoint", ["evaluate", "--checkpoint", "{ckpt_corrupt}"], "fails its checksum"),
     ("unknown config key", ["train", "--config", "{toml_unknown}"], "unknown key 'learning_rate'"),
@@ -120,6 +134,7 @@ def inputs(tmp_path_factory, good_run):
     (tmp / "x").mkdir()
     files = make_files(tmp)
     files.update({f"ckpt_{k}": v for k, v in make_checkpoints(tmp, good_run).items()})
+    files["good_run"] = good_run
     (tmp / "unknown.toml").write_text("learning_rate = 0.1\n")
     (tmp / "type.toml").write_text('epochs = "10"\n')
     files["toml_unknown"], files["toml_type"] = tmp / "unknown.toml", tmp / "type.toml"
@@ -133,9 +148,10 @@ def inputs(tmp_path_factory, good_run):
 
 
 def snapshot(*folders):
-    """Every file below these folders, with its bytes."""
+    """Every file below these folders, with its bytes; not the run folder's lock, which each run
+    takes (it names the holder) and which holds no data."""
     return {str(p): p.read_bytes() for folder in folders for p in sorted(folder.rglob("*"))
-            if p.is_file()}
+            if p.is_file() and p.name != LOCK_NAME}
 
 
 @pytest.mark.parametrize("name,argv,expected", CASES, ids=[c[0] for c in CASES])
@@ -151,7 +167,10 @@ def test_bad_input_is_one_clear_line_exit_2(tmp_path, good_run, inputs, name, ar
     argv = [a.format(**inputs) for a in argv]
     if argv[0] == "train" and "--run-dir" not in argv:
         argv += ["--run-dir", str(run_dir)]
-    r = run_mpinn(2, *argv, timeout=60, cwd=cwd)
+        if "--resume" not in argv:  # --overwrite removes nothing until every input is checked
+            argv.append("--overwrite")
+    ranks = 1 if argv[0] in DRIVERS else 2  # commands that run as one process, without MPI
+    r = run_mpinn(ranks, *argv, timeout=60, cwd=cwd)
     lines = [l for l in r.stderr.splitlines() if l.startswith("mpinn: error")]
     assert r.returncode == 2, (r.returncode, r.stderr)
     assert len(lines) == 1, r.stderr

@@ -132,7 +132,12 @@ def test_weak_mode_and_bad_results(tmp_path, bench_runs):
     rows, model = build(cfg)
     assert model["mode"] == "weak"
     assert rows[1]["efficiency"] == pytest.approx(bench_runs[1]["step_ms"] / bench_runs[2]["step_ms"])
+    with pytest.raises(UsageError, match="holds a report .report.md.; choose another folder or "
+                                         "pass --overwrite"):
+        build(cfg)  # a second report into the same folder is refused unasked
     (raw / "junk.json").write_text("{}")
+    _, cfg, _ = parse(["report", "--results", str(raw), "--out", str(tmp_path / "w"),
+                       "--overwrite"])
     with pytest.raises(UsageError, match="not an `mpinn bench --json` result"):
         build(cfg)
 

@@ -14,7 +14,7 @@ import sys
 from .. import assets
 from ..errors import UsageError
 from ..log import Log
-from ..outputs import check_output_path
+from ..outputs import check_output_path, written_whole
 
 FILES = {("slurm", "train"): "slurm/train.sbatch", ("slurm", "scaling"): "slurm/scaling.sbatch",
          ("pbs", "train"): "pbs/train.pbs", ("pbs", "scaling"): "pbs/scaling.pbs"}
@@ -71,12 +71,12 @@ def run(cfg, explicit, comm=None):
     if not cfg.out:
         sys.stdout.write(text)
         return text
-    check_output_path(cfg.out)
-    with open(cfg.out, "w") as fh:
-        fh.write(text)
-    os.chmod(cfg.out, os.stat(cfg.out).st_mode | stat.S_IXUSR | stat.S_IXGRP)
+    check_output_path(cfg.out, overwrite=cfg.overwrite)
+    with written_whole(cfg.out) as tmp:
+        with open(tmp, "w") as fh:
+            fh.write(text)
+        os.chmod(tmp, os.stat(tmp).st_mode | stat.S_IXUSR | stat.S_IXGRP)
     submit = "sbatch" if cfg.scheduler == "slurm" else "qsub"
     Log().info(f"wrote {cfg.out}: {cfg.nodes} node(s) x {cfg.ranks_per_node} rank(s) x "
-               f"{cfg.threads} thread(s), {cfg.time}; submit with `{submit} {cfg.out}` from the "
-               "mpinn folder")
+               f"{cfg.threads} thread(s), {cfg.time}; submit with `{submit} {cfg.out}`")
     return text

@@ -102,6 +102,9 @@ def allreduce_points(runs):
 
 
 def build(cfg):
+    if os.path.exists(os.path.join(cfg.out, "report.md")) and not cfg.overwrite:
+        raise UsageError(f"--out {cfg.out} holds a report (report.md); choose another folder or "
+                         "pass --overwrite to replace it")
     runs = load_results(cfg.results)
     mode = cfg.mode if cfg.mode != "auto" else detect_mode(runs)
     rows = table(runs)

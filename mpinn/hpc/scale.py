@@ -7,6 +7,7 @@ timeout; more ranks than cores are allowed and flagged as oversubscribed), keeps
 OUT/raw/bench-k.json, and builds the report from them (report.py). On a cluster, run the bench per
 job instead (jobs/slurm/scaling.sbatch) and call `mpinn report` on the results.
 """
+import glob
 import os
 import shlex
 import subprocess
@@ -38,10 +39,15 @@ def bench_args(cfg, ranks):
 
 def run(cfg, explicit, comm=None):
     log = Log()
-    ranks = parse_ranks(cfg.ranks)
-    if cfg.mode == "strong" and cfg.batch_size < max(ranks):
-        raise UsageError(f"--batch-size {cfg.batch_size} is smaller than {max(ranks)} ranks")
+    ranks = parse_ranks(cfg.ranks)  # validated with the other options before anything runs
     raw = os.path.join(cfg.out, "raw")
+    old = glob.glob(os.path.join(raw, "bench-*.json")) + glob.glob(os.path.join(cfg.out,
+                                                                                "report.md"))
+    if old and not cfg.overwrite:
+        raise UsageError(f"--out {cfg.out} holds a scaling study ({len(old)} file(s)); choose "
+                         "another folder or pass --overwrite to replace it")
+    for path in old:  # results of an earlier series must not mix into this report
+        os.unlink(path)
     os.makedirs(raw, exist_ok=True)
     launcher = cfg.launcher or default_launcher()
     cores = os.cpu_count() or 1
@@ -63,4 +69,4 @@ def run(cfg, explicit, comm=None):
         with open(os.path.join(raw, f"bench-{k:05d}.json"), "w") as fh:
             fh.write(p.stdout.strip().splitlines()[-1] + "\n")
     return report.run(ReportConfig(results=raw, out=cfg.out, mode=cfg.mode, network=cfg.network,
-                                   title=cfg.title), explicit)
+                                   title=cfg.title, overwrite=True), explicit)

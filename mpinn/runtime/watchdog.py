@@ -3,7 +3,10 @@ step. When a step has taken longer than --stall-warning seconds and 10x the rece
 rank that is already waiting in the step's collective tells rank 0 (one small message on its own
 communicator), and rank 0 reports which ranks have arrived and which have not. When a step has
 taken --stall-timeout seconds, the rank that notices aborts the whole job instead of waiting
-forever. Nothing is sent unless a step stalls; with both limits 0 no thread runs.
+forever; by default (600 s) only when the step has also taken 100x the recent median, so slow
+steps of a big network do not count as stalls. Evaluations and checkpoint writes are timed on their
+own against --stall-timeout alone. Nothing is sent unless a step stalls; with both limits 0 no
+thread runs.
 """
 import collections
 import sys
@@ -34,7 +37,7 @@ class Watchdog:
     def __init__(self, comm, warning_s, timeout_s, log):
         self.comm, self.warning, self.timeout, self.log = comm, warning_s, timeout_s, log
         self.side = comm.dup() if comm.size > 1 and comm.threads_supported() else None
-        self.step, self.started, self.in_collective = 0, None, False
+        self.step, self.started, self.in_collective, self.phase = 0, None, False, "step"
         self.recent = collections.deque(maxlen=20)
         self.reported = -1
         self._stop = threading.Event()
@@ -42,14 +45,16 @@ class Watchdog:
         self._thread.start()
 
     # called by the training loop and the engines (cheap attribute writes)
-    def begin(self, step):
-        self.step, self.in_collective, self.started = step, False, time.perf_counter()
+    def begin(self, step, phase="step"):
+        """A step (or another phase: "evaluation", "checkpoint write") starts now."""
+        self.step, self.phase, self.in_collective = step, phase, False
+        self.started = time.perf_counter()
 
     def arrived(self):
         self.in_collective = True
 
     def end(self):
-        if self.started is not None:
+        if self.started is not None and self.phase == "step":
             self.recent.append(time.perf_counter() - self.started)
         self.started = None
 
@@ -58,23 +63,32 @@ class Watchdog:
         self._thread.join(timeout=2)
 
     # the thread
+    def median(self):
+        return float(np.median(self.recent)) if self.recent else 0.0
+
     def threshold(self):
-        median = float(np.median(self.recent)) if self.recent else 0.0
-        return max(self.warning, 10 * median)
+        return max(self.warning, 10 * self.median())
+
+    def timed_out(self, elapsed, phase):
+        """A step: past --stall-timeout and 100x the recent median; other phases: the limit."""
+        return bool(self.timeout) and elapsed > self.timeout and (
+            phase != "step" or elapsed > 100 * self.median())
 
     def _watch(self):
         period = min(x for x in (self.warning, self.timeout, 1.0) if x > 0) / 4
         while not self._stop.wait(period):
-            started, step = self.started, self.step
+            started, step, phase = self.started, self.step, self.phase
             if started is None:
                 continue
             elapsed = time.perf_counter() - started
-            if self.timeout and elapsed > self.timeout:
-                print(f"mpinn: error on rank {self.comm.rank}: step {step} has taken "
-                      f"{elapsed:.0f} s, more than --stall-timeout {self.timeout:g} s; aborting the "
-                      "job", file=sys.stderr, flush=True)
+            if self.timed_out(elapsed, phase):
+                what = f"step {step}" if phase == "step" else f"the {phase} after step {step}"
+                print(f"mpinn: error on rank {self.comm.rank}: {what} has taken {elapsed:.0f} s, "
+                      f"more than --stall-timeout {self.timeout:g} s; aborting the job",
+                      file=sys.stderr, flush=True)
                 self.comm.abort(ABORT_CODE)
-            if self.warning and elapsed > self.threshold() and self.reported != step:
+            if (self.warning and phase == "step" and elapsed > self.threshold()
+                    and self.reported != step):
                 self.reported = step
                 self._report(step, elapsed)
 

@@ -3,6 +3,7 @@ features, y int64 labels or float32 targets), streaming in chunks so a file larg
 converts; chunked output datasets, optional compression, and --split FRACTION for a stratified
 train/test pair (one extra pass over the labels only).
 """
+import contextlib
 import csv
 import gzip
 import os
@@ -14,7 +15,7 @@ from numpy.lib import format as npy_format
 
 from ..errors import UsageError
 from ..log import Log
-from ..outputs import check_output_path
+from ..outputs import check_output_path, written_whole
 
 
 # -- readers: each yields (x chunk float32 rows x features, y chunk) in file order ---------------
@@ -180,7 +181,10 @@ def convert(cfg):
     for p in [cfg.source] + ([cfg.labels] if fmt == "idx" else []):
         if not p or not os.path.isfile(p):
             raise UsageError(f"input file not found: {p or '(give --labels for IDX images)'}")
-    check_output_path(cfg.out)
+    stem = cfg.out[:-3] if cfg.out.endswith(".h5") else cfg.out
+    outs = [cfg.out] if not cfg.split else [f"{stem}-train.h5", f"{stem}-test.h5"]
+    for p in outs:
+        check_output_path(p, overwrite=cfg.overwrite)
 
     def chunks():
         if fmt == "npz":
@@ -196,12 +200,21 @@ def convert(cfg):
     if first is None:
         raise UsageError(f"{cfg.source} holds no rows")
     features = first[0].shape[1]
-    stem = cfg.out[:-3] if cfg.out.endswith(".h5") else cfg.out
-    outs = [cfg.out] if not cfg.split else [f"{stem}-train.h5", f"{stem}-test.h5"]
     mask = None
     if cfg.split:  # first pass: labels only, for an exact stratified split
         mask = stratified_train_mask(np.concatenate([y for _, y in chunks()]), cfg.split, cfg.seed)
-    writers = [H5Writer(p, features, cfg.chunk_rows, cfg.compression) for p in outs]
+    with contextlib.ExitStack() as files:  # each output appears whole, or not at all
+        tmps = [files.enter_context(written_whole(p)) for p in outs]
+        row, counts = write_rows(cfg, chunks, mask, features, tmps)
+    Log().info(f"converted {row:,} rows x {features} features from {cfg.source} ({fmt}) -> "
+               + ", ".join(f"{p} ({n:,} rows)" for p, n in zip(outs, counts)))
+    return outs
+
+
+def write_rows(cfg, chunks, mask, features, paths):
+    """Every row into paths[0], or split by mask into paths[0] (True) and paths[1]; returns (rows
+    read, rows written per file)."""
+    writers = [H5Writer(p, features, cfg.chunk_rows, cfg.compression) for p in paths]
     row = 0
     try:
         for x, y in chunks():
@@ -217,9 +230,7 @@ def convert(cfg):
             row += len(x)
     finally:
         counts = [w.close() for w in writers]
-    Log().info(f"converted {row:,} rows x {features} features from {cfg.source} ({fmt}) -> "
-               + ", ".join(f"{p} ({n:,} rows)" for p, n in zip(outs, counts)))
-    return outs
+    return row, counts
 
 
 def run(cfg, explicit, comm=None):

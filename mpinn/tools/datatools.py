@@ -15,7 +15,7 @@ from ..config import parse_hidden
 from ..data import open_h5
 from ..errors import UsageError
 from ..log import Log
-from ..outputs import check_output_path
+from ..outputs import check_output_path, written_whole
 
 BLOCK = 1 << 16  # rows per generator block: fixed, so rows do not depend on the chunking
 
@@ -43,12 +43,12 @@ def synth_block(b, rows, features, seed, teacher):
 
 def synth(cfg):
     hidden = parse_hidden(cfg.hidden)
-    check_output_path(cfg.out)
+    check_output_path(cfg.out, overwrite=cfg.overwrite)
     teacher = Teacher(cfg.features, hidden, cfg.classes, cfg.seed)
     n, chunk = cfg.rows, min(cfg.chunk_rows, cfg.rows)
     options = {} if cfg.compression == "none" else {"compression": cfg.compression}
     cached = (-1, None, None)
-    with h5py.File(cfg.out, "w") as f:
+    with written_whole(cfg.out) as tmp, h5py.File(tmp, "w") as f:
         X = f.create_dataset("X", (n, cfg.features), np.float32, chunks=(chunk, cfg.features),
                              **options)
         y = f.create_dataset("y", (n,), np.int64, chunks=(chunk,), **options)

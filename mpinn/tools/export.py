@@ -14,7 +14,7 @@ from .. import checkpoint
 from ..errors import UsageError
 from ..log import Log
 from ..model import layer_views
-from ..outputs import check_output_path
+from ..outputs import check_output_path, written_whole
 
 ONNX_ACT = {"relu": "Relu", "tanh": "Tanh", "sigmoid": "Sigmoid"}
 TORCH_ACT = {"relu": "ReLU", "tanh": "Tanh", "sigmoid": "Sigmoid"}
@@ -82,14 +82,16 @@ def to_npz(ckpt, path):
     arrays = {}
     for l, (W, b) in enumerate(layer_views(ckpt.arch, ckpt.params)):
         arrays[f"W{l}"], arrays[f"b{l}"] = W, b
-    np.savez(path, sizes=np.array(ckpt.arch.sizes), activation=ckpt.arch.activation,
-             output_activation=ckpt.arch.output_activation, loss=ckpt.arch.loss, **arrays)
+    with open(path, "wb") as fh:  # a file object: np.savez would add .npz to a name without it
+        np.savez(fh, sizes=np.array(ckpt.arch.sizes), activation=ckpt.arch.activation,
+                 output_activation=ckpt.arch.output_activation, loss=ckpt.arch.loss, **arrays)
 
 
 def run(cfg, explicit, comm=None):
     ckpt = checkpoint.load(cfg.checkpoint)
-    check_output_path(cfg.out)
-    {"onnx": to_onnx, "torch": to_torch, "npz": to_npz}[cfg.format](ckpt, cfg.out)
+    check_output_path(cfg.out, overwrite=cfg.overwrite)
+    with written_whole(cfg.out) as tmp:
+        {"onnx": to_onnx, "torch": to_torch, "npz": to_npz}[cfg.format](ckpt, tmp)
     log = Log()
     log.info(f"wrote {cfg.format} model {ckpt.arch.describe()} to {cfg.out}")
     if cfg.format == "torch":
