@@ -69,8 +69,8 @@ def inspect(f, path, cols, need_y=True):
 
 
 def stored_classes(path, y_key):
-    """The number of classes stored with the labels (an attribute `classes` with their names, as
-    `mpinn data convert` writes for text labels, or `n_classes`), or None."""
+    """The number of classes stored with the labels (an attribute `classes` with their names, or
+    `n_classes`, on the label dataset), or None."""
     with open_h5(path) as f:
         if y_key not in f:
             return None
