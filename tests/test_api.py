@@ -38,15 +38,19 @@ def dataset(tmp_path_factory):
 def test_fit_trains_as_the_command_line_does(dataset, tmp_path, ranks):
     ok(run_mpinn(ranks, "train", "--data", dataset, "--run-dir", tmp_path / "cli",
                  *cli_args(ARGS)))
-    body = (f"import mpinn\nr = mpinn.fit(data={dataset!r}, run_dir={str(tmp_path / 'api')!r}, "
-            f"**{ARGS!r})\nprint(r.rank, r.size, r.steps, r.checkpoint)\n")
+    # each rank writes its own result: lines printed by two ranks may interleave
+    body = (f"import json, mpinn\nr = mpinn.fit(data={dataset!r}, "
+            f"run_dir={str(tmp_path / 'api')!r}, **{ARGS!r})\n"
+            f"json.dump([r.rank, r.size, r.steps, r.checkpoint], "
+            f"open({str(tmp_path)!r} + f'/result-{{r.rank}}.json', 'w'))\n")
     p = subprocess.run([mpiexec(), "-n", str(ranks), sys.executable, script(tmp_path, body)],
                        capture_output=True, text=True, timeout=120, env=mpinn_env(), cwd=ROOT)
     assert p.returncode == 0, p.stderr
-    lines = sorted(l for l in p.stdout.splitlines() if l.split()[0].isdigit())
-    assert [l.split()[:3] for l in lines] == [[str(r), str(ranks), "12"] for r in range(ranks)]
+    results = [json.load(open(tmp_path / f"result-{r}.json")) for r in range(ranks)]
+    assert [x[:3] for x in results] == [[r, ranks, 12] for r in range(ranks)]
+    assert len({x[3] for x in results}) == 1
     cli = checkpoint.load(str(tmp_path / "cli" / "checkpoint.h5"))
-    api = checkpoint.load(lines[0].split()[3])
+    api = checkpoint.load(results[0][3])
     np.testing.assert_array_equal(api.params, cli.params)
 
 
