@@ -4,7 +4,8 @@ Format (HDF5), version FORMAT_VERSION:
     /params/W0, /params/b0, ...          per-layer weights (fan_in, fan_out) and biases, float32
     /optimizer/state0, state1            flat optimizer buffers (layout of the flat parameters)
     attrs on /: format_version, sizes, activation, output_activation, loss, epoch, global_step,
-                seed, config (the resolved run config as JSON), mpinn_version,
+                seed, config (the resolved run config as JSON), state (the training loop's own
+                state as JSON: early stopping's best loss and patience), mpinn_version,
                 sha256 (of the flat parameters, then each optimizer state buffer, as float32)
     attrs on /optimizer: name, step
 Only rank 0 calls save(); load() runs on one rank and the caller broadcasts (train.py). A file
@@ -39,6 +40,7 @@ class Checkpoint:
     global_step: int = 0
     seed: int = 0
     config: dict = field(default_factory=dict)
+    state: dict = field(default_factory=dict)  # the loop's own state (early stopping), as JSON
 
     def meta(self):
         """Everything but the arrays, as JSON-able data (for broadcasting)."""
@@ -46,7 +48,8 @@ class Checkpoint:
                 "output_activation": self.arch.output_activation, "loss": self.arch.loss,
                 "optimizer": self.optimizer, "optimizer_step": self.optimizer_step,
                 "n_state": len(self.optimizer_state), "epoch": self.epoch,
-                "global_step": self.global_step, "seed": self.seed, "config": self.config}
+                "global_step": self.global_step, "seed": self.seed, "config": self.config,
+                "state": self.state}
 
     @classmethod
     def from_meta(cls, meta):
@@ -55,7 +58,8 @@ class Checkpoint:
         return cls(arch, np.zeros(arch.n_params, np.float32), meta["optimizer"],
                    meta["optimizer_step"], [np.zeros(arch.n_params, np.float32)
                                             for _ in range(meta["n_state"])],
-                   meta["epoch"], meta["global_step"], meta["seed"], meta["config"])
+                   meta["epoch"], meta["global_step"], meta["seed"], meta["config"],
+                   meta.get("state", {}))
 
 
 def _fsync_path(path):
@@ -156,6 +160,7 @@ def _write_file(tmp, ckpt):
         a["global_step"] = ckpt.global_step
         a["seed"] = ckpt.seed
         a["config"] = json.dumps(ckpt.config, sort_keys=True)
+        a["state"] = json.dumps(ckpt.state, sort_keys=True)
         a["sha256"] = checksum(ckpt.params, ckpt.optimizer_state)
 
 
@@ -206,4 +211,5 @@ def _read(f, path):
                          "corrupt; it was not loaded")
     return Checkpoint(arch, params, str(o.attrs["name"]) if o is not None else "",
                       int(o.attrs["step"]) if o is not None else 0, state, int(a["epoch"]),
-                      int(a["global_step"]), int(a["seed"]), json.loads(a["config"]))
+                      int(a["global_step"]), int(a["seed"]), json.loads(a["config"]),
+                      json.loads(a["state"]) if "state" in a else {})

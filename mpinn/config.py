@@ -87,6 +87,23 @@ class TrainConfig:
     beta2: float = option(0.999, "Adam beta2")
     eps: float = option(1e-8, "Adam epsilon")
     weight_decay: float = option(0.0, "L2 penalty added to the gradient")
+    lr_schedule: str = option("constant", "learning rate over the run's updates: constant, step "
+                                          "(times --gamma every --step-size updates) or cosine "
+                                          "(down to --min-lr)", ("constant", "step", "cosine"))
+    warmup_steps: int = option(0, "updates of linear warm-up from lr/W to lr before the schedule")
+    min_lr: float = option(0.0, "the cosine schedule's last learning rate")
+    step_size: int = option(1000, "updates between learning-rate drops (--lr-schedule step)")
+    gamma: float = option(0.1, "factor of each drop (--lr-schedule step)")
+    lr_scale: str = option("none", "scale --lr with the global batch B: linear (lr*B/B0) or sqrt "
+                                   "(lr*sqrt(B/B0)), B0 = --lr-ref-batch",
+                           ("none", "linear", "sqrt"))
+    lr_ref_batch: int = option(256, "the batch B0 that --lr was tuned for (--lr-scale)")
+    clip_grad_norm: float = option(0.0, "scale the averaged gradient down to this L2 norm when it "
+                                        "is larger, before weight decay (0: off)")
+    early_stop: int = option(0, "stop when the validation loss has not improved for this many "
+                                "epochs; RUN_DIR/best.h5 keeps the best weights (0: off)")
+    early_stop_delta: float = option(0.0, "an improvement must lower the validation loss by more "
+                                          "than this")
     batch_size: int = option(64, "GLOBAL batch size, split across ranks")
     epochs: int = option(30, "epochs to train (in total, counting resumed ones)")
     steps: int = option(0, "stop after this many optimizer steps in total (0: no cap)")
@@ -154,7 +171,9 @@ class TrainConfig:
         if self.resume and self.overwrite:
             raise UsageError("--resume continues the run in RUN_DIR and --overwrite replaces it: "
                              "give one of them")
-        require_non_negative(self, "classes")
+        require_non_negative(self, "classes", "warmup_steps", "min_lr", "clip_grad_norm",
+                             "early_stop", "early_stop_delta")
+        require_positive(self, "step_size", "gamma", "lr_ref_batch")
         self.hidden_sizes()
 
 

@@ -6,13 +6,14 @@ makes every rank's gradient the global one. Every rank then applies the same upd
 With --overlap-mb the backward pass runs one bucket of layers at a time, last layer first, and each
 bucket's Iallreduce starts as soon as its gradients exist.
 """
+import math
 import time
 import zlib
 
 import numpy as np
 
 from . import kernels
-from .engine import Engine, StepResult, make_optimizer
+from .engine import Engine, StepResult, clip_, make_optimizer
 from .model import Network
 
 
@@ -37,6 +38,9 @@ class DataParallelEngine(Engine):
     def warmup(self, x, y):
         self.net.warmup(x, y)
         kernels.all_finite(self.net.grads)
+        if self.clip_grad_norm:
+            kernels.sum_squares(self.net.grads[:1])
+            kernels.scale_(np.zeros(1, np.float32), np.float32(1))
         if self.optimizer is not None:
             self.optimizer.warmup()
 
@@ -61,13 +65,17 @@ class DataParallelEngine(Engine):
         t1 = time.perf_counter()
         # every rank holds the same reduced buffer, so every rank decides the same
         finite = bool(np.isfinite(self.reduced[n + 1]) and kernels.all_finite(self.net.grads))
+        norm = 0.0
         if finite:
+            if self.clip_grad_norm:
+                norm = math.sqrt(kernels.sum_squares(self.net.grads))
+                clip_(self.net.grads, norm, self.clip_grad_norm)
             self.optimizer.step(self.net.params, self.net.grads)
         t2 = time.perf_counter()
         self.timeline.add("allreduce", t0, t1)
         self.timeline.add("optimizer", t1, t2)
         self.phase_s = [t0 - start, t1 - t0, t2 - t1]
-        return StepResult(loss, correct, rows, bool(self.reduced[n] > 0), finite)
+        return StepResult(loss, correct, rows, bool(self.reduced[n] > 0), finite, norm)
 
     def _backward_overlapped(self, xb, yb, scale, stop):
         """Forward and loss, then backward one bucket of layers at a time, last layer first, each

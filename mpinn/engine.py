@@ -11,6 +11,7 @@ whether the reduced loss and gradients are finite; a non-finite update is never 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
+from . import kernels
 from .optim import Optimizer
 from .runtime.timeline import NullTimeline
 from .runtime.watchdog import NullWatchdog
@@ -23,6 +24,7 @@ class StepResult:
     rows: int        # rows this rank counts for metrics (0 on pipeline stages without targets)
     stop: bool       # some rank was asked to stop (identical on every rank)
     finite: bool     # the step's loss and gradients were finite and the update was applied
+    grad_norm: float = 0.0  # L2 norm of the averaged gradient before clipping (when clipping)
 
 
 class Engine(ABC):
@@ -33,6 +35,7 @@ class Engine(ABC):
     wants_x = wants_y = True
     timeline = NullTimeline()
     watchdog = NullWatchdog()
+    clip_grad_norm = 0.0  # > 0: the averaged gradient is scaled down to this L2 norm
 
     @abstractmethod
     def warmup(self, x, y):
@@ -60,6 +63,13 @@ class Engine(ABC):
     def stats(self):
         """Engine-specific figures for the summary (pipeline stages: compute, wait, bubble)."""
         return {}
+
+
+def clip_(grads, norm, max_norm):
+    """Scale grads in place by min(1, max_norm / (norm + 1e-6)), as torch's clip_grad_norm_."""
+    factor = max_norm / (norm + 1e-6)
+    if factor < 1:
+        kernels.scale_(grads, grads.dtype.type(factor))
 
 
 def make_optimizer(settings, n, state=None):

@@ -235,3 +235,20 @@ def all_finite(a):
     for i in range(a.shape[0]):
         s += a[i] - a[i]
     return s == 0
+
+
+@njit(cache=True, fastmath={"reassoc"})
+def sum_squares(a):
+    """Sum of a[i]**2 over the 1-D array a, accumulated in float64 (vectorised)."""
+    s = 0.0
+    for i in range(a.shape[0]):
+        v = np.float64(a[i])
+        s += v * v
+    return s
+
+
+@njit(cache=True)
+def scale_(a, factor):
+    """a *= factor, in place."""
+    for i in range(a.shape[0]):
+        a[i] *= factor

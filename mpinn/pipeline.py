@@ -8,13 +8,14 @@ Every send has exactly one receive: both sides derive the same micro-batch list 
 plain ints (rows of the batch, M, S). Sends are non-blocking and a slot's pending send is waited
 for before that slot's buffers are written again, so no cycle of blocking sends can form.
 """
+import math
 import time
 import zlib
 
 import numpy as np
 
 from . import kernels
-from .engine import Engine, StepResult, make_optimizer
+from .engine import Engine, StepResult, clip_, make_optimizer
 from .model import Layers
 from .plan import (balanced_partition, even_part, in_flight, layer_flops, parse_partition,
                    schedule, stage_layers)
@@ -64,7 +65,7 @@ class PipelineEngine(Engine):
             opt_settings, self.params.size,
             None if opt_state is None else (opt_state[0], [b[self.p0:self.p1] for b in opt_state[1]]))
         self.compute_s = self.wait_s = 0.0
-        self.control = np.zeros(2)
+        self.control = np.zeros(3)
 
     def param_range(self, stage):
         """[start, end) of a stage's parameters in the flat buffer: contiguous, as layers are."""
@@ -142,6 +143,9 @@ class PipelineEngine(Engine):
                              None if self.grid.is_first else np.zeros_like(h))
         self.micro_grads[:] = 0
         kernels.all_finite(self.grads)
+        if self.clip_grad_norm:
+            kernels.sum_squares(self.grads[:1])
+            kernels.scale_(np.zeros(1, np.float32), np.float32(1))
         if self.optimizer is not None:
             self.optimizer.warmup()
 
@@ -172,18 +176,24 @@ class PipelineEngine(Engine):
         t0 = time.perf_counter()
         self.watchdog.arrived()
         self.dp.allreduce_sum_(self.grads)
-        # stages hold different gradients: agree on stop and finiteness across the whole world
+        # stages hold different gradients: agree on stop and finiteness across the whole world,
+        # and (clipping) sum the stages' squared norms (each replica adds its identical share)
         bad = not (kernels.all_finite(self.grads) and np.isfinite(loss))
-        self.control[:] = (1.0 if stop else 0.0, 1.0 if bad else 0.0)
+        squares = kernels.sum_squares(self.grads) / self.grid.replicas if self.clip_grad_norm \
+            else 0.0
+        self.control[:] = (1.0 if stop else 0.0, 1.0 if bad else 0.0, squares)
         self.comm.allreduce_(self.control)
         t1 = time.perf_counter()
         finite = self.control[1] == 0
+        norm = math.sqrt(self.control[2]) if finite else 0.0
         if finite:
+            if self.clip_grad_norm:
+                clip_(self.grads, norm, self.clip_grad_norm)
             self.optimizer.step(self.params, self.grads)
         self.timeline.add("allreduce", t0, t1)
         self.timeline.add("optimizer", t1, time.perf_counter())
         return StepResult(float(loss), int(correct), rows if self.grid.is_last else 0,
-                          bool(self.control[0] > 0), bool(finite))
+                          bool(self.control[0] > 0), bool(finite), norm)
 
     def forward_chunks(self, n, read_x, consume):
         """Forward only, this replica's n rows chunk by chunk; the last stage calls

@@ -12,7 +12,9 @@ Allreduce SUM is exactly the gradient of the global mean loss. Every rank runs t
 steps by construction. Rank 0 writes the checkpoint at the end of every epoch and of training.
 """
 import dataclasses
+import functools
 import glob
+import math
 import os
 import textwrap
 import time
@@ -20,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import checkpoint, data
+from . import checkpoint, data, lr
 from .checkpoint import CHECKPOINT_NAME, Checkpoint
 from .errors import RunError, UsageError
 from .config import parse_hidden
@@ -76,6 +78,8 @@ class Setup:
     load_s: float         # this rank's shard read time
     shard_bytes: int
     jit_s: float
+    lr_of: object = None  # update number (0 for the first) -> learning rate
+    loop_state: dict = None  # the checkpoint's loop state on resume (early stopping)
 
 
 def set_up(cfg, explicit, comm, log):
@@ -110,6 +114,8 @@ def set_up(cfg, explicit, comm, log):
     comm.checked(check_memory, cfg, arch, grid, int(plan.local_counts().max()), comm.node_size())
     evaluate = validation(cfg, comm, grid, cols, val_path, train_path, n_features, arch)
     engine, step = build_engine(cfg, comm, grid, arch, plan, ckpt, log, bool(evaluate))
+    lr_of = comm.checked(learning_rates, cfg, plan, bool(evaluate))
+    loop_state = dict(ckpt.state) if ckpt is not None and cfg.resume else {}
     del ckpt  # the engine holds what this rank needs (a stage: its slice only)
     t0 = time.perf_counter()
     comm.first_on_each_node_then_rest(lambda: engine.warmup(x, y))
@@ -121,7 +127,26 @@ def set_up(cfg, explicit, comm, log):
                   "val_data": val_path or "", "ranks": comm.size}
     return Setup(cfg, grid, faults, lock, train_path, val_path, arch, n_rows, x, y, plan,
                  evaluate, engine, step, run_config, t_load,
-                 sum(a.nbytes for a in (x, y) if a is not None), jit_s)
+                 sum(a.nbytes for a in (x, y) if a is not None), jit_s, lr_of, loop_state)
+
+
+def total_updates(cfg, plan):
+    spe = plan.steps_per_epoch
+    return cfg.epochs * spe if cfg.steps == 0 else min(cfg.steps, cfg.epochs * spe)
+
+
+def learning_rates(cfg, plan, has_validation):
+    """The run's learning rate of every update (lr.py), after checking the schedule's options."""
+    total = total_updates(cfg, plan)
+    if cfg.warmup_steps and cfg.warmup_steps >= total:
+        raise UsageError(f"--warmup-steps {cfg.warmup_steps} must be fewer than the run's "
+                         f"{total} updates")
+    if cfg.early_stop and not has_validation:
+        raise UsageError("--early-stop needs validation data (--val-data)")
+    base = lr.base_lr(cfg.lr, cfg.lr_scale, cfg.batch_size, cfg.lr_ref_batch)
+    return functools.partial(lr.lr_at, base=base, kind=cfg.lr_schedule, warmup=cfg.warmup_steps,
+                             total=total, min_lr=cfg.min_lr, step_size=cfg.step_size,
+                             gamma=cfg.gamma)
 
 
 def claim_run_dir(cfg):
@@ -141,7 +166,8 @@ def claim_run_dir(cfg):
 KEPT_ON_RESUME = ("data", "val_data", "x_key", "y_key", "hidden", "activation",
                   "output_activation", "loss", "classes", "optimizer", "lr", "momentum",
                   "nesterov", "beta1", "beta2", "eps", "weight_decay", "batch_size", "seed",
-                  "shuffle")
+                  "shuffle", "lr_schedule", "warmup_steps", "min_lr", "step_size", "gamma",
+                  "lr_scale", "lr_ref_batch", "clip_grad_norm")
 
 
 def resumed_config(cfg, explicit, ckpt):
@@ -246,6 +272,7 @@ def build_engine(cfg, comm, grid, arch, plan, ckpt, log, evaluates):
     engine = comm.checked(make_engine, comm, grid, arch, params, int(plan.local_counts().max()),
                           opt_settings, opt_state, cfg.partition, cfg.micro_batches, cfg.schedule,
                           EVAL_ROWS if evaluates else 0, cfg.overlap_mb)
+    engine.clip_grad_norm = cfg.clip_grad_norm
     return engine, step
 
 
@@ -258,8 +285,11 @@ class Trainer:
         self.engine, self.step, self.arch = setup.engine, setup.step, setup.arch
         self.spe = setup.plan.steps_per_epoch
         self.counts = setup.plan.local_counts()
-        self.max_steps = (cfg.epochs * self.spe if cfg.steps == 0
-                          else min(cfg.steps, cfg.epochs * self.spe))
+        self.max_steps = total_updates(cfg, setup.plan)
+        state = setup.loop_state or {}
+        self.best_loss = state.get("best_val_loss", math.inf)  # early stopping
+        self.bad_epochs = state.get("bad_epochs", 0)
+        self.finished_early, self.grad_norm = None, 0.0
         self.ckpt_path = checkpoint_path(cfg)
         self.last_saved = self.step if cfg.resume else None
         self.saved_at, self.skipped, self.stopping = -1, 0, False
@@ -279,6 +309,7 @@ class Trainer:
         mode = (f"{grid.stages} pipeline stages (layers {self.engine.layers_per_stage}) x "
                 f"{grid.replicas} replica(s), {cfg.micro_batches} micro-batches, {cfg.schedule}"
                 if grid.stages > 1 else "data parallel")
+        self.log.info(self.lr_summary())
         self.log.info(f"mpinn train: {self.comm.size} rank(s) [{self.comm.library_version()}], "
                       f"{mode}, network {self.arch.describe()} ({self.arch.n_params:,} "
                       f"parameters, {self.arch.loss}), {s.n_rows} rows, global batch "
@@ -288,13 +319,23 @@ class Trainer:
             self.comm.checked(lambda: clear_run(cfg.run_dir) if self.comm.is_root else None)
         self.log.open_metrics(os.path.join(cfg.run_dir, "metrics.jsonl"), append=cfg.resume)
 
+    def lr_summary(self):
+        cfg, base = self.cfg, self.s.lr_of.keywords["base"]
+        rule = ("" if cfg.lr_scale == "none" else f" = {cfg.lr:g} with {cfg.lr_scale} scaling for "
+                f"global batch {cfg.batch_size} vs {cfg.lr_ref_batch}")
+        warm = f", warm-up {cfg.warmup_steps} updates" if cfg.warmup_steps else ""
+        return (f"mpinn train: learning rate {base:g}{rule}, {cfg.lr_schedule} schedule{warm} "
+                f"over {self.max_steps} updates"
+                + (f"; gradients clipped to norm {cfg.clip_grad_norm:g}"
+                   if cfg.clip_grad_norm else ""))
+
     def train(self):
         """Epochs of steps; after each whole epoch, validation and a checkpoint."""
         self.comm.barrier()  # a shared clock origin for the timeline and the first window
         self.engine.timeline.start()
         self.startup_s = seconds_since_process_start()
         self.t_window = time.perf_counter()
-        while self.step < self.max_steps and not self.stopping:
+        while self.step < self.max_steps and not self.stopping and not self.finished_early:
             epoch, first = divmod(self.step, self.spe)
             batches = self.epoch_batches(epoch)
             for k in range(first, self.spe):
@@ -334,7 +375,9 @@ class Trainer:
         xb = s.faults.batch(self.step + 1, xb)
         engine.timeline.add("data", t0, time.perf_counter())
         scale = self.arch.loss_fn.scale(s.plan.global_batch_rows(k), self.arch.sizes[-1])
+        engine.optimizer.lr = s.lr_of(engine.optimizer.t)
         res = engine.step(xb, yb, int(self.counts[k]), scale, self.stop.requested)
+        self.grad_norm = res.grad_norm
         self.watchdog.end()
         self.step += 1
         if res.finite:
@@ -363,9 +406,12 @@ class Trainer:
         self.log.info(f"epoch {epoch + 1}/{self.cfg.epochs} step {self.step} loss {mean_loss:.4f}"
                       + (f" acc {acc:.4f}" if acc is not None else "")
                       + f" samples/s {rate:,.0f}")
-        self.log.metrics({"kind": "train", "epoch": epoch + 1, "step": self.step,
-                          "loss": mean_loss, "accuracy": acc, "samples": int(total[2]),
-                          "samples_per_s": rate})
+        record = {"kind": "train", "epoch": epoch + 1, "step": self.step, "loss": mean_loss,
+                  "accuracy": acc, "samples": int(total[2]), "samples_per_s": rate,
+                  "lr": self.engine.optimizer.lr}
+        if self.cfg.clip_grad_norm:
+            record["grad_norm"] = self.grad_norm  # of the last step, before clipping
+        self.log.metrics(record)
         self.window[:] = 0
         self.t_window = now
 
@@ -383,10 +429,37 @@ class Trainer:
                           f"{record['val_loss']:.4f}"
                           + (f" accuracy {record['val_accuracy']:.4f}"
                              if record["val_accuracy"] is not None else ""))
+        if self.cfg.early_stop:
+            self.early_stopping(record)
         self.log.metrics(record)
         self.save(epoch + 1)
         self.saved_at = self.step
         self.t_window = time.perf_counter()  # samples/s measures training, not evaluation or I/O
+
+    def early_stopping(self, record):
+        """Keep the best weights in best.h5; stop after --early-stop epochs without improvement.
+        The validation loss is the same on every rank, so every rank decides the same."""
+        if record["val_loss"] < self.best_loss - self.cfg.early_stop_delta:
+            self.best_loss, self.bad_epochs = record["val_loss"], 0
+            self.write(os.path.join(self.cfg.run_dir, "best.h5"), record["epoch"])
+            return
+        self.bad_epochs += 1
+        if self.bad_epochs >= self.cfg.early_stop:
+            self.finished_early = (f"early stopping: the validation loss has not improved on "
+                                   f"{self.best_loss:.4f} for {self.bad_epochs} epochs")
+            record["stopped"] = self.finished_early
+
+    def loop_state(self):
+        return {"best_val_loss": self.best_loss, "bad_epochs": self.bad_epochs}
+
+    def write(self, path, epoch):
+        """Rank 0 writes the current weights to path atomically (collective: a pipeline gathers)."""
+        params, state = self.engine.full_state()
+        opt, step, cfg = self.engine.optimizer, self.step, self.cfg
+        self.comm.checked(lambda: checkpoint.save(
+            path, Checkpoint(self.arch, params, opt.name, opt.t, state, epoch, step, cfg.seed,
+                             self.s.run_config, self.loop_state()))
+            if self.comm.is_root else None)
 
     def save(self, epoch):
         """Rank 0 writes the checkpoint atomically (a pipeline gathers it there first)."""
@@ -396,7 +469,7 @@ class Trainer:
         opt, step, cfg = self.engine.optimizer, self.step, self.cfg
         self.comm.checked(lambda: checkpoint.save(
             self.ckpt_path, Checkpoint(self.arch, params, opt.name, opt.t, state, epoch, step,
-                                       cfg.seed, self.s.run_config),
+                                       cfg.seed, self.s.run_config, self.loop_state()),
             keep=cfg.keep_checkpoints, before_rename=lambda: self.s.faults.at("checkpoint", step))
             if self.comm.is_root else None)
         self.watchdog.end()
@@ -443,6 +516,9 @@ class Trainer:
         log.info(f"mpinn train: ready {self.startup_s:.2f} s after start (kernels "
                  f"{s.jit_s:.2f} s); peak RSS per rank {per_rank[:, 0].max():,.0f} MB max, data "
                  f"shard {per_rank[:, 1].max():,.1f} MB max, read in {per_rank[:, 2].max():.2f} s")
+        if self.finished_early:
+            log.info(f"mpinn train: {self.finished_early}; best weights in "
+                     f"{os.path.join(self.cfg.run_dir, 'best.h5')}")
         log.info(f"mpinn train: done, {self.step} steps, {self.trained_samples:,} samples in "
                  f"{self.train_seconds:.2f} s of training steps ({rate:,.0f} samples/s); "
                  f"checkpoint {self.ckpt_path}")

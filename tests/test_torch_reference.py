@@ -140,8 +140,9 @@ def problem(tmp_path_factory):
     return files
 
 
-def torch_training(data_path, arch, params, opt):
-    """The same 8 steps in float64 PyTorch: global batch k is rows [12k, 12k+12) in file order."""
+def torch_training(data_path, arch, params, opt, clip=0.0, scheduler=None):
+    """The same 8 steps in float64 PyTorch: global batch k is rows [12k, 12k+12) in file order;
+    optionally torch's clip_grad_norm_ after backward and a torch scheduler after each step."""
     with h5py.File(data_path, "r") as f:
         x, y = f["X"][...], f["y"][...]
     layers = torch_layers(params, arch.sizes)
@@ -149,13 +150,18 @@ def torch_training(data_path, arch, params, opt):
     kw = dict(opt)
     name = kw.pop("name")
     optimizer = torch.optim.Adam(tensors, **kw) if name == "adam" else torch.optim.SGD(tensors, **kw)
+    sched = scheduler(optimizer) if scheduler else None
     for step in range(STEPS):
         k = step % -(-N // BATCH)
         rows = slice(k * BATCH, min((k + 1) * BATCH, N))
         optimizer.zero_grad()
         out = torch_forward(layers, x[rows], arch.activation, arch.output_activation)
         torch_loss(out, y[rows], arch.loss).backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(tensors, clip)
         optimizer.step()
+        if sched:
+            sched.step()
     return flat_params(layers)
 
 
@@ -173,3 +179,62 @@ def test_training_matches_torch(problem, tmp_path, net, opt, layout):
     expect = torch_training(data_path, arch, params, OPTIMIZERS[opt][1])
     assert not np.allclose(expect, params, atol=1e-3)  # training moved the weights
     np.testing.assert_allclose(got.params, expect, rtol=2e-5, atol=2e-6)
+
+
+# -- schedules, the scaling rule and clipping, end to end -----------------------------------------
+def warmup_then(optimizer, warmup, after):
+    """torch's own pieces: LinearLR from lr/W to lr over W updates, then `after`."""
+    S = torch.optim.lr_scheduler
+    return S.SequentialLR(optimizer, [S.LinearLR(optimizer, 1 / warmup, 1.0, warmup - 1), after],
+                          [warmup])
+
+
+SCHEDULED = {
+    # mpinn options -> (torch learning rate, torch scheduler factory, clip)
+    "cosine, warm-up, clipping": (
+        ["--lr-schedule", "cosine", "--warmup-steps", 3, "--min-lr", "0.01",
+         "--clip-grad-norm", "0.3"], 0.2,
+        lambda o: warmup_then(o, 3, torch.optim.lr_scheduler.CosineAnnealingLR(o, 5, 0.01)), 0.3),
+    "clipping above the gradient norm": (  # torch leaves such gradients alone; so must mpinn
+        ["--clip-grad-norm", "50"], 0.2, None, 50.0),
+    "step, linear scaling": (
+        ["--lr-schedule", "step", "--step-size", 3, "--gamma", "0.5", "--lr-scale", "linear",
+         "--lr-ref-batch", 24], 0.1,  # 0.2 x 12/24
+        lambda o: torch.optim.lr_scheduler.StepLR(o, 3, 0.5), 0.0),
+}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("case", list(SCHEDULED))
+def test_schedules_and_clipping_match_torch(problem, tmp_path, case, layout):
+    data_path, init, arch, params = problem["ce"]
+    args, torch_lr, scheduler, clip = SCHEDULED[case]
+    ranks, extra = LAYOUTS[layout]
+    ok(run_mpinn(ranks, "train", "--data", data_path, "--init", init, "--run-dir", tmp_path,
+                 "--batch-size", BATCH, "--steps", STEPS, "--epochs", 10, "--no-shuffle",
+                 "--log-every", 100, "--optimizer", "momentum", "--lr", "0.2", "--momentum",
+                 "0.8", *args, *extra))
+    got = checkpoint.load(str(tmp_path / "checkpoint.h5"))
+    expect = torch_training(data_path, arch, params, dict(name="sgd", lr=torch_lr, momentum=0.8),
+                            clip, scheduler)
+    np.testing.assert_allclose(got.params, expect, rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("kind", ["constant", "step", "cosine"])
+@pytest.mark.parametrize("warmup", [0, 4])
+def test_learning_rates_match_torch_schedulers(kind, warmup):
+    from mpinn.lr import lr_at
+    S = torch.optim.lr_scheduler
+    total, base = 30, 0.5
+    o = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=base)
+    after = {"constant": lambda: S.ConstantLR(o, 1.0, 0),
+             "step": lambda: S.StepLR(o, 7, 0.3),
+             "cosine": lambda: S.CosineAnnealingLR(o, total - warmup, 0.05)}[kind]()
+    sched = warmup_then(o, warmup, after) if warmup else after
+    expect = []
+    for _ in range(total):
+        expect.append(o.param_groups[0]["lr"])
+        o.step()
+        sched.step()
+    got = [lr_at(t, base, kind, warmup, total, 0.05, 7, 0.3) for t in range(total)]
+    np.testing.assert_allclose(got, expect, rtol=1e-12, atol=1e-15)

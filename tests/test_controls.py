@@ -1,0 +1,85 @@
+"""Training controls beyond the formulas (which test_torch_reference checks against PyTorch):
+early stopping keeps best.h5 and stops every rank at the same epoch, a resume in the middle of a
+schedule (and of early stopping's patience) continues exactly, and bad values are one clear error."""
+import json
+
+import h5py
+import numpy as np
+import pytest
+
+from conftest import ok, run_mpinn, write_classification
+from mpinn import checkpoint
+
+COMMON = ["--hidden", "32", "--batch-size", 20, "--no-shuffle", "--log-every", 100,
+          "--optimizer", "adam", "--lr", "0.02"]
+
+
+@pytest.fixture(scope="module")
+def rising(tmp_path_factory):
+    """Training data, and validation data with the same inputs but other labels: the better the
+    network fits the training data, the worse the validation loss."""
+    tmp = tmp_path_factory.mktemp("rising")
+    train = write_classification(tmp / "train.h5", 200, 8, 3, seed=2)
+    with h5py.File(train, "r") as f:
+        x, y = f["X"][...], f["y"][...]
+    with h5py.File(tmp / "val.h5", "w") as f:
+        f["X"], f["y"] = x, (y + 1) % 3
+    return train, str(tmp / "val.h5")
+
+
+def epochs(run_dir):
+    return [json.loads(l) for l in open(run_dir / "metrics.jsonl") if '"kind": "epoch"' in l]
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_early_stopping_keeps_the_best_weights(rising, tmp_path, ranks):
+    train, val = rising
+    r = ok(run_mpinn(ranks, "train", "--data", train, "--val-data", val, *COMMON, "--epochs", 30,
+                     "--early-stop", 3, "--run-dir", tmp_path / "stop"))
+    records = epochs(tmp_path / "stop")
+    losses = [e["val_loss"] for e in records]
+    best = int(np.argmin(losses))
+    assert len(records) == best + 1 + 3 < 30  # three epochs without improvement, then stop
+    assert "early stopping" in records[-1]["stopped"]
+    assert "mpinn train: early stopping: the validation loss has not improved" in r.stdout
+    kept = checkpoint.load(str(tmp_path / "stop" / "best.h5"))
+    assert kept.epoch == best + 1
+    ok(run_mpinn(ranks, "train", "--data", train, "--val-data", val, *COMMON, "--epochs",
+                 best + 1, "--run-dir", tmp_path / "short"))
+    np.testing.assert_array_equal(kept.params,
+                                  checkpoint.load(str(tmp_path / "short" / "checkpoint.h5")).params)
+
+
+def test_resume_in_the_middle_of_a_schedule_and_of_patience(rising, tmp_path):
+    train, val = rising
+    args = ["--data", train, "--val-data", val, *COMMON, "--lr-schedule", "cosine",
+            "--warmup-steps", 7, "--clip-grad-norm", "1.0", "--early-stop", 3]
+    ok(run_mpinn(2, "train", *args, "--epochs", 30, "--run-dir", tmp_path / "straight"))
+    # killed in epoch 3 (a --steps cap would change the schedule's length T): resume from epoch 2
+    r = run_mpinn(2, "train", *args, "--epochs", 30, "--run-dir", tmp_path / "res",
+                  env={"MPINN_FAULT": "kill:rank=1:step=23"}, timeout=60)
+    assert r.returncode != 0
+    state = checkpoint.load(str(tmp_path / "res" / "checkpoint.h5")).state
+    assert set(state) == {"best_val_loss", "bad_epochs"}
+    ok(run_mpinn(2, "train", *args, "--epochs", 30, "--resume", "--run-dir", tmp_path / "res"))
+    a = checkpoint.load(str(tmp_path / "straight" / "checkpoint.h5"))
+    b = checkpoint.load(str(tmp_path / "res" / "checkpoint.h5"))
+    assert a.global_step == b.global_step < 30 * 10  # both stopped early, at the same step
+    np.testing.assert_array_equal(a.params, b.params)
+    np.testing.assert_array_equal(
+        checkpoint.load(str(tmp_path / "straight" / "best.h5")).params,
+        checkpoint.load(str(tmp_path / "res" / "best.h5")).params)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--warmup-steps", 999], "--warmup-steps 999 must be fewer than the run's"),
+    (["--early-stop", 2, "--data", "{train}"], "--early-stop needs validation data"),
+    (["--clip-grad-norm", "-1"], "--clip-grad-norm must not be negative"),
+    (["--gamma", "0"], "--gamma must be positive"),
+    (["--lr-schedule", "linear"], "argument --lr-schedule: invalid choice: 'linear'"),
+])
+def test_bad_control_values(rising, tmp_path, args, message):
+    args = [str(a).format(train=rising[0]) for a in args]
+    r = run_mpinn(2, "train", "--run-dir", tmp_path, "--epochs", 2, *args)
+    lines = [l for l in r.stderr.splitlines() if l.startswith("mpinn: error")]
+    assert r.returncode == 2 and len(lines) == 1 and message in lines[0], r.stderr
