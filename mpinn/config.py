@@ -105,6 +105,9 @@ class TrainConfig:
     early_stop_delta: float = option(0.0, "an improvement must lower the validation loss by more "
                                           "than this")
     batch_size: int = option(64, "GLOBAL batch size, split across ranks")
+    accumulate: int = option(1, "data parallel: run each rank's share of a global batch as this "
+                                "many pieces, summing their gradients before the one Allreduce "
+                                "(the same update, less activation memory)")
     epochs: int = option(30, "epochs to train (in total, counting resumed ones)")
     steps: int = option(0, "stop after this many optimizer steps in total (0: no cap)")
     seed: int = option(0, "seed for initialisation and shuffling")
@@ -151,6 +154,10 @@ class TrainConfig:
     timeline: str = option("", "write a Chrome-trace JSON of every rank's phases to this file "
                                "(open in ui.perfetto.dev or chrome://tracing)")
     log_every: int = option(10, "print and record metrics every N steps")
+    progress: str = option("auto", "a live progress bar with ETA on rank 0 (bar), plain lines only "
+                                   "(lines), or the bar when stdout is a terminal (auto; under "
+                                   "mpiexec rank 0 writes to the launcher's pipe: use bar)",
+                           ("auto", "bar", "lines"))
     check_every: int = option(100, "verify every N steps that all ranks hold identical parameters")
     threads: int = option(1, "BLAS threads per rank")
     debug: bool = option(False, "show Python tracebacks on errors")
@@ -160,7 +167,7 @@ class TrainConfig:
 
     def validate(self):
         require_positive(self, "lr", "batch_size", "epochs", "log_every", "check_every", "threads",
-                         "pipeline_stages", "micro_batches")
+                         "pipeline_stages", "micro_batches", "accumulate")
         require_non_negative(self, "steps", "weight_decay", "momentum", "eps", "keep_checkpoints",
                              "signal_grace", "stall_warning", "stall_timeout", "overlap_mb")
         for name in ("beta1", "beta2"):

@@ -15,17 +15,21 @@ import numpy as np
 from . import kernels
 from .engine import Engine, StepResult, clip_, make_optimizer
 from .model import Network
+from .plan import even_part
 
 
 class DataParallelEngine(Engine):
     def __init__(self, comm, arch, params, max_rows, opt_settings=None, opt_state=None,
-                 eval_rows=0, overlap_mb=0.0):
+                 eval_rows=0, overlap_mb=0.0, accumulate=1):
         self.comm, self.arch = comm, arch
         self.data_rank, self.data_size = comm.rank, comm.size
         n = arch.n_params
         # gradients, then a stop flag and the loss sum: one Allreduce carries all three
         self.reduced = np.zeros(n + 2, np.float32)
-        self.net = Network(arch, params, max(max_rows, eval_rows), grads=self.reduced[:n])
+        self.accumulate = int(accumulate)
+        piece = -(-int(max_rows) // self.accumulate)  # the workspace holds one piece of a share
+        self.net = Network(arch, params, max(piece, eval_rows), grads=self.reduced[:n])
+        self.piece_grads = np.zeros(n, np.float32) if self.accumulate > 1 else None
         self.buckets = gradient_buckets(arch, overlap_mb * 2**20) if overlap_mb > 0 else None
         self.phase_s = [0.0, 0.0, 0.0]  # the last step's compute, allreduce (wait), optimizer
         self.optimizer = make_optimizer(opt_settings, n, opt_state)
@@ -53,7 +57,9 @@ class DataParallelEngine(Engine):
             self.watchdog.arrived()
             self.comm.wait_all(requests)
         else:
-            if self.timeline.enabled:
+            if self.accumulate > 1:
+                loss, correct = self._accumulated(xb, yb, scale)
+            elif self.timeline.enabled:
                 loss, correct = self.net.train_step_traced(xb, yb, scale, self.timeline)
             else:
                 loss, correct = self.net.train_step(xb, yb, scale)
@@ -76,6 +82,19 @@ class DataParallelEngine(Engine):
         self.timeline.add("optimizer", t1, t2)
         self.phase_s = [t0 - start, t1 - t0, t2 - t1]
         return StepResult(loss, correct, rows, bool(self.reduced[n] > 0), finite, norm)
+
+    def _accumulated(self, xb, yb, scale):
+        """This rank's share in `accumulate` pieces: the first piece's gradient is written, the
+        others' are added. Returns (loss sum, correct) over the share."""
+        loss, correct = 0.0, 0
+        for i in range(self.accumulate):
+            off, m = even_part(xb.shape[0], self.accumulate, i)
+            target = self.net.grads if i == 0 else self.piece_grads
+            l, c = self.net.train_step(xb[off:off + m], yb[off:off + m], scale, target)
+            if i:
+                self.net.grads += self.piece_grads
+            loss, correct = loss + l, correct + c
+        return loss, correct
 
     def _backward_overlapped(self, xb, yb, scale, stop):
         """Forward and loss, then backward one bucket of layers at a time, last layer first, each

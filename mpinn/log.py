@@ -4,17 +4,38 @@ any rank may raise and which name their rank."""
 import json
 import os
 import sys
+import time
 
 
 class Log:
-    def __init__(self, rank=0, size=1, quiet=False):
+    def __init__(self, rank=0, size=1, quiet=False, progress="lines"):
         self.rank, self.size = rank, size
         self.active = rank == 0 and not quiet
         self._metrics = None
+        # a live progress bar only where a person watches (a terminal), not in job logs
+        self.bar = self.active and (progress == "bar" or (progress == "auto"
+                                                          and sys.stdout.isatty()))
+        self._bar_shown, self._bar_time = False, 0.0
 
     def info(self, message):
         if self.active:
+            if self._bar_shown:  # the message replaces the bar's line; the bar comes back
+                print("\r\033[K", end="")
+                self._bar_shown = False
             print(message, flush=True)
+
+    def progress(self, epoch, epochs, done, steps, rate, eta_s):
+        """The epoch's progress bar, at most 10 times a second (rank 0 on a terminal only)."""
+        if not self.bar or time.monotonic() - self._bar_time < 0.1:
+            return
+        self._bar_time = time.monotonic()
+        width = 30
+        full = int(width * done / max(steps, 1))
+        eta = time.strftime("%H:%M:%S", time.gmtime(max(eta_s, 0)))
+        print(f"\repoch {epoch}/{epochs} [{'#' * full}{'.' * (width - full)}] "
+              f"{100 * done / max(steps, 1):3.0f}%  {rate:,.0f} samples/s  ETA {eta}\033[K",
+              end="", flush=True)
+        self._bar_shown = True
 
     def warn(self, message):
         where = f" (rank {self.rank})" if self.size > 1 else ""

@@ -191,13 +191,13 @@ class Network:
         self.params, self.grads = self.layers.params, self.layers.grads
         self.ws = self.layers.workspace(max_rows)
 
-    def train_step(self, x, y, scale):
-        """Gradient of scale * (sum of losses over the rows of x) into self.grads.
+    def train_step(self, x, y, scale, grads=None):
+        """Gradient of scale * (sum of losses over the rows of x) into self.grads (or grads).
         Returns (loss sum, correct count) over those rows."""
         if x.shape[0] > self.ws.max_rows:
             raise ValueError(f"{x.shape[0]} rows exceed the workspace of {self.ws.max_rows}")
-        loss, correct = self.loss.fused_step(self.grads, self.params, x, y,
-                                             self.params.dtype.type(scale), self.ws)
+        loss, correct = self.loss.fused_step(self.grads if grads is None else grads, self.params,
+                                             x, y, self.params.dtype.type(scale), self.ws)
         return float(loss), int(correct)
 
     def forward_loss_grad(self, x, y, scale):

@@ -46,7 +46,7 @@ EVAL_ROWS = 1024  # rows per forward pass when evaluating
 
 def run(cfg, explicit, comm):
     """`mpinn train`: set up (data, network, engine), train epoch by epoch, then the summary."""
-    log = Log(comm.rank, comm.size)
+    log = Log(comm.rank, comm.size, progress=cfg.progress)
     trainer = Trainer(comm, log, set_up(cfg, explicit, comm, log))
     trainer.announce()
     try:
@@ -111,7 +111,8 @@ def set_up(cfg, explicit, comm, log):
     n_outputs = (class_count(comm, cfg, ckpt, y, train_path, plan)
                  if LOSSES[loss].integer_labels else n_targets)
     arch = comm.checked(architecture, cfg, explicit, ckpt, n_features, n_outputs)
-    comm.checked(check_memory, cfg, arch, grid, int(plan.local_counts().max()), comm.node_size())
+    comm.checked(check_memory, cfg, arch, grid,
+                 -(-int(plan.local_counts().max()) // cfg.accumulate), comm.node_size())
     evaluate = validation(cfg, comm, grid, cols, val_path, train_path, n_features, arch)
     engine, step = build_engine(cfg, comm, grid, arch, plan, ckpt, log, bool(evaluate))
     lr_of = comm.checked(learning_rates, cfg, plan, bool(evaluate))
@@ -271,7 +272,7 @@ def build_engine(cfg, comm, grid, arch, plan, ckpt, log, evaluates):
                      "uninterrupted run")
     engine = comm.checked(make_engine, comm, grid, arch, params, int(plan.local_counts().max()),
                           opt_settings, opt_state, cfg.partition, cfg.micro_batches, cfg.schedule,
-                          EVAL_ROWS if evaluates else 0, cfg.overlap_mb)
+                          EVAL_ROWS if evaluates else 0, cfg.overlap_mb, cfg.accumulate)
     engine.clip_grad_norm = cfg.clip_grad_norm
     return engine, step
 
@@ -289,7 +290,7 @@ class Trainer:
         state = setup.loop_state or {}
         self.best_loss = state.get("best_val_loss", math.inf)  # early stopping
         self.bad_epochs = state.get("bad_epochs", 0)
-        self.finished_early, self.grad_norm = None, 0.0
+        self.finished_early, self.grad_norm, self.last_validation = None, 0.0, {}
         self.ckpt_path = checkpoint_path(cfg)
         self.last_saved = self.step if cfg.resume else None
         self.saved_at, self.skipped, self.stopping = -1, 0, False
@@ -391,9 +392,19 @@ class Trainer:
         if (self.step % self.cfg.log_every == 0 or self.step == self.max_steps
                 or k == self.spe - 1):
             self.log_window(epoch)
+        elif self.log.bar:
+            self.show_progress(epoch, k)
         if self.step % self.cfg.check_every == 0 and not engine.replicas_agree():
             raise RuntimeError(f"ranks hold different parameters after step {self.step}")
         self.stopping = res.stop  # every rank sees the same flag after the same step
+
+    def show_progress(self, epoch, k):
+        """The terminal's progress bar: this epoch's steps, samples/s and time to the end."""
+        elapsed = self.train_seconds + time.perf_counter() - self.t_window
+        steps_done = self.step - self.s.step
+        rate = self.trained_samples / max(self.train_seconds, 1e-9) if self.train_seconds else 0.0
+        eta = elapsed / max(steps_done, 1) * (self.max_steps - self.step)
+        self.log.progress(epoch + 1, self.cfg.epochs, k + 1, self.spe, rate, eta)
 
     def log_window(self, epoch):
         """Loss, accuracy and rate since the last line, summed over ranks (one small Allreduce)."""
@@ -418,6 +429,7 @@ class Trainer:
     def end_epoch(self, epoch):
         """Validation (when there is validation data), the epoch's metrics and checkpoint."""
         record = {"kind": "epoch", "epoch": epoch + 1, "step": self.step}
+        self.last_validation = record
         if self.s.evaluate:
             t0 = time.perf_counter()
             self.watchdog.begin(self.step, "evaluation")
@@ -519,9 +531,13 @@ class Trainer:
         if self.finished_early:
             log.info(f"mpinn train: {self.finished_early}; best weights in "
                      f"{os.path.join(self.cfg.run_dir, 'best.h5')}")
+        val = self.last_validation
+        final = (f"; validation loss {val['val_loss']:.4f}" + (
+            f" accuracy {val['val_accuracy']:.4f}" if val.get("val_accuracy") is not None else "")
+            if "val_loss" in val else "")
         log.info(f"mpinn train: done, {self.step} steps, {self.trained_samples:,} samples in "
-                 f"{self.train_seconds:.2f} s of training steps ({rate:,.0f} samples/s); "
-                 f"checkpoint {self.ckpt_path}")
+                 f"{self.train_seconds:.2f} s of training steps ({rate:,.0f} samples/s)"
+                 f"{final}; checkpoint {self.ckpt_path}")
         log.close()
 
     def summarize_stages(self, summary):
@@ -570,6 +586,16 @@ def check_mode(cfg, grid):
     if cfg.batch_size < grid.replicas:
         raise UsageError(f"--batch-size {cfg.batch_size} is smaller than the number of {who} "
                          f"({grid.replicas}); each needs at least one row of each full batch")
+    if cfg.accumulate > 1:
+        if grid.stages > 1:
+            raise UsageError("--accumulate is for data-parallel mode; a pipeline already splits "
+                             "each batch (--micro-batches)")
+        if cfg.overlap_mb:
+            raise UsageError("--accumulate and --overlap-mb exclude each other")
+        share = cfg.batch_size // grid.replicas
+        if share < cfg.accumulate:
+            raise UsageError(f"--accumulate {cfg.accumulate}: each rank's share of a global batch "
+                             f"is {share} rows, fewer than the pieces asked for")
 
 
 def architecture(cfg, explicit, ckpt, n_features, n_outputs):

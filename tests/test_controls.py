@@ -77,9 +77,49 @@ def test_resume_in_the_middle_of_a_schedule_and_of_patience(rising, tmp_path):
     (["--clip-grad-norm", "-1"], "--clip-grad-norm must not be negative"),
     (["--gamma", "0"], "--gamma must be positive"),
     (["--lr-schedule", "linear"], "argument --lr-schedule: invalid choice: 'linear'"),
+    (["--accumulate", 40], "--accumulate 40: each rank's share of a global batch is 32 rows"),
+    (["--accumulate", 2, "--pipeline-stages", 2], "--accumulate is for data-parallel mode"),
+    (["--accumulate", 0], "--accumulate must be positive"),
 ])
 def test_bad_control_values(rising, tmp_path, args, message):
     args = [str(a).format(train=rising[0]) for a in args]
     r = run_mpinn(2, "train", "--run-dir", tmp_path, "--epochs", 2, *args)
     lines = [l for l in r.stderr.splitlines() if l.startswith("mpinn: error")]
     assert r.returncode == 2 and len(lines) == 1 and message in lines[0], r.stderr
+
+
+def run_on_a_terminal(args, tmp_path):
+    """mpinn train with stdout on a pseudo-terminal (1 process, no launcher); all it printed."""
+    import os
+    import pty
+    import subprocess
+    import sys
+    from conftest import mpinn_env
+    master, slave = pty.openpty()
+    p = subprocess.Popen([sys.executable, "-m", "mpinn", "train", *map(str, args)],
+                         stdout=slave, stderr=subprocess.DEVNULL, env=mpinn_env(), cwd=tmp_path)
+    os.close(slave)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # the terminal closed: the process is gone
+            break
+        if not chunk:
+            break
+        out += chunk
+    assert p.wait(timeout=120) == 0
+    os.close(master)
+    return out.decode(errors="replace")
+
+
+def test_progress_bar_on_a_terminal_lines_in_logs(tmp_path):
+    args = ["--run-dir", tmp_path / "r", "--hidden", "256,256", "--batch-size", 4, "--epochs", 2,
+            "--log-every", 1000]
+    shown = run_on_a_terminal(args, tmp_path)
+    assert "%" in shown and "samples/s  ETA 00:" in shown and "\r" in shown  # a live bar
+    assert "mpinn train: done" in shown and "validation loss" in shown.split("done")[1]
+    plain = ok(run_mpinn(1, "train", *args, "--overwrite"))  # a pipe: lines only
+    assert "ETA" not in plain.stdout and "\r" not in plain.stdout
+    forced = ok(run_mpinn(2, "train", *args, "--overwrite", "--progress", "bar"))
+    assert "ETA" in forced.stdout  # under mpiexec rank 0 writes to a pipe: asked for explicitly

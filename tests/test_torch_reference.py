@@ -238,3 +238,15 @@ def test_learning_rates_match_torch_schedulers(kind, warmup):
         sched.step()
     got = [lr_at(t, base, kind, warmup, total, 0.05, 7, 0.3) for t in range(total)]
     np.testing.assert_allclose(got, expect, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("ranks", [1, 2, 3])
+def test_accumulation_matches_torch_full_batches(problem, tmp_path, ranks):
+    """Each rank's share in 3 pieces, gradients summed: torch's update of the whole batch."""
+    data_path, init, arch, params = problem["ce"]
+    ok(run_mpinn(ranks, "train", "--data", data_path, "--init", init, "--run-dir", tmp_path,
+                 "--batch-size", BATCH, "--steps", STEPS, "--epochs", 10, "--no-shuffle",
+                 "--log-every", 100, "--accumulate", 3, *OPTIMIZERS["nesterov"][0]))
+    got = checkpoint.load(str(tmp_path / "checkpoint.h5"))
+    expect = torch_training(data_path, arch, params, OPTIMIZERS["nesterov"][1])
+    np.testing.assert_allclose(got.params, expect, rtol=2e-5, atol=2e-6)
