@@ -100,6 +100,9 @@ class TrainConfig:
     lr_ref_batch: int = option(256, "the batch B0 that --lr was tuned for (--lr-scale)")
     clip_grad_norm: float = option(0.0, "scale the averaged gradient down to this L2 norm when it "
                                         "is larger, before weight decay (0: off)")
+    dropout: float = option(0.0, "inverted dropout on hidden layers while training, this "
+                                 "probability (masks keyed by seed, update, file row and unit: the "
+                                 "same on any number of ranks)")
     early_stop: int = option(0, "stop when the validation loss has not improved for this many "
                                 "epochs; RUN_DIR/best.h5 keeps the best weights (0: off)")
     early_stop_delta: float = option(0.0, "an improvement must lower the validation loss by more "
@@ -175,6 +178,8 @@ class TrainConfig:
                 raise UsageError(f"--{name} must be in [0, 1), got {getattr(self, name)}")
         if self.resume and self.init:
             raise UsageError("--resume and --init exclude each other")
+        if not 0 <= self.dropout < 1:
+            raise UsageError(f"--dropout must be in [0, 1), got {self.dropout}")
         if self.resume and self.overwrite:
             raise UsageError("--resume continues the run in RUN_DIR and --overwrite replaces it: "
                              "give one of them")

@@ -149,13 +149,24 @@ def read_inputs(f, path, x_key, selections):
     return x
 
 
+def epoch_permutation(n_rows, seed, epoch):
+    """The global shuffle's order of an epoch: position p holds file row perm[p]."""
+    return np.random.default_rng([seed, epoch, 2**31]).permutation(n_rows)
+
+
+def global_shuffle_rows(n_rows, batch, seed, epoch, rank, size):
+    """The file rows this rank holds in an epoch of the global shuffle, in its step order."""
+    owner, _ = position_owners(n_rows, batch, size)
+    return epoch_permutation(n_rows, seed, epoch)[owner == rank]
+
+
 def global_shuffle(comm, x, y, n_rows, batch, seed, epoch):
     """This rank's rows for epoch `epoch` under a seeded permutation of all rows: position p of the
     epoch holds file row perm[p], and every rank owns its usual positions. Rows move with one
     Alltoallv for inputs and one for targets; no rank holds more than its own rows twice over.
     Results are then the same for any number of ranks."""
     rank, size = comm.rank, comm.size
-    perm = np.random.default_rng([seed, epoch, 2**31]).permutation(n_rows)
+    perm = epoch_permutation(n_rows, seed, epoch)
     # the file split loaded at start is the same mapping: file row f lives at (owner[f], local[f])
     pos_owner, file_local = position_owners(n_rows, batch, size)
     file_owner = pos_owner
@@ -189,9 +200,10 @@ class EpochBatches:
     gives views of the local arrays; shuffled order permutes the rows this rank owns, seeded by
     (seed, epoch, rank), and gathers them into preallocated buffers."""
 
-    def __init__(self, x, y, counts, shuffle, seed, epoch, rank):
-        """x or y may be None (a pipeline stage that does not read it): its batches are None."""
-        self.arrays, self.counts = (x, y), counts
+    def __init__(self, x, y, counts, shuffle, seed, epoch, rank, rows=None):
+        """x or y may be None (a pipeline stage that does not read it): its batches are None.
+        rows: the file row of each local row (for dropout's masks); `rows_of(k)` gives batch k's."""
+        self.arrays, self.counts, self.rows = (x, y), counts, rows
         self.starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
         self.perm = None
         if shuffle:
@@ -200,6 +212,13 @@ class EpochBatches:
             m = int(counts.max()) if len(counts) else 0
             self.buffers = tuple(None if a is None else np.empty((m,) + a.shape[1:], a.dtype)
                                  for a in self.arrays)
+
+    def rows_of(self, k):
+        """The file rows of this rank's part of batch k, in the order __call__ gives them."""
+        if self.rows is None:
+            return None
+        s, c = int(self.starts[k]), int(self.counts[k])
+        return self.rows[s:s + c] if self.perm is None else self.rows[self.perm[s:s + c]]
 
     def __call__(self, k):
         s, c = int(self.starts[k]), int(self.counts[k])

@@ -42,27 +42,30 @@ class DataParallelEngine(Engine):
     def warmup(self, x, y):
         self.net.warmup(x, y)
         kernels.all_finite(self.net.grads)
+        if self.dropout is not None:
+            self.dropout.for_update(0)  # compile the mask key outside any timing
         if self.clip_grad_norm:
             kernels.sum_squares(self.net.grads[:1])
             kernels.scale_(np.zeros(1, np.float32), np.float32(1))
         if self.optimizer is not None:
             self.optimizer.warmup()
 
-    def step(self, xb, yb, rows, scale, stop=False):
+    def step(self, xb, yb, rows, scale, stop=False, ids=None):
         n = self.arch.n_params
         start = time.perf_counter()
+        drop = self.dropout_now(ids)
         if self.buckets:
-            loss, correct, requests = self._backward_overlapped(xb, yb, scale, stop)
+            loss, correct, requests = self._backward_overlapped(xb, yb, scale, stop, drop)
             t0 = time.perf_counter()
             self.watchdog.arrived()
             self.comm.wait_all(requests)
         else:
             if self.accumulate > 1:
-                loss, correct = self._accumulated(xb, yb, scale)
+                loss, correct = self._accumulated(xb, yb, scale, drop)
             elif self.timeline.enabled:
-                loss, correct = self.net.train_step_traced(xb, yb, scale, self.timeline)
+                loss, correct = self.net.train_step_traced(xb, yb, scale, self.timeline, *drop)
             else:
-                loss, correct = self.net.train_step(xb, yb, scale)
+                loss, correct = self.net.train_step(xb, yb, scale, None, *drop)
             self.reduced[n] = 1.0 if stop else 0.0
             self.reduced[n + 1] = loss
             t0 = time.perf_counter()
@@ -83,20 +86,22 @@ class DataParallelEngine(Engine):
         self.phase_s = [t0 - start, t1 - t0, t2 - t1]
         return StepResult(loss, correct, rows, bool(self.reduced[n] > 0), finite, norm)
 
-    def _accumulated(self, xb, yb, scale):
+    def _accumulated(self, xb, yb, scale, drop):
         """This rank's share in `accumulate` pieces: the first piece's gradient is written, the
         others' are added. Returns (loss sum, correct) over the share."""
         loss, correct = 0.0, 0
+        mask, ids = drop
         for i in range(self.accumulate):
             off, m = even_part(xb.shape[0], self.accumulate, i)
             target = self.net.grads if i == 0 else self.piece_grads
-            l, c = self.net.train_step(xb[off:off + m], yb[off:off + m], scale, target)
+            l, c = self.net.train_step(xb[off:off + m], yb[off:off + m], scale, target, mask,
+                                       ids[off:off + m] if len(ids) else ids)
             if i:
                 self.net.grads += self.piece_grads
             loss, correct = loss + l, correct + c
         return loss, correct
 
-    def _backward_overlapped(self, xb, yb, scale, stop):
+    def _backward_overlapped(self, xb, yb, scale, stop, drop):
         """Forward and loss, then backward one bucket of layers at a time, last layer first, each
         bucket's Iallreduce started as soon as its gradients exist (the first bucket also carries
         the stop flag and the loss). Returns (loss, correct, requests to wait for)."""
@@ -104,7 +109,7 @@ class DataParallelEngine(Engine):
         rows = xb.shape[0]
         t0 = time.perf_counter()
         if rows:
-            loss, correct = net.forward_loss_grad(xb, yb, scale)
+            loss, correct = net.forward_loss_grad(xb, yb, scale, *drop)
         else:
             loss, correct = 0.0, 0
             net.grads[:] = 0
@@ -115,7 +120,7 @@ class DataParallelEngine(Engine):
         requests = []
         for hi, lo, a, b in self.buckets:
             if rows:
-                net.backward(xb, hi, lo)
+                net.backward(xb, hi, lo, *drop)
             requests.append(self.comm.iallreduce_sum_(self.reduced[a:b]))
         self.timeline.add("backward", t1, time.perf_counter())
         return float(loss), int(correct), requests

@@ -12,6 +12,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 from . import kernels
+from .model import NO_DROPOUT, NO_ROWS, Dropout
 from .optim import Optimizer
 from .runtime.timeline import NullTimeline
 from .runtime.watchdog import NullWatchdog
@@ -36,15 +37,27 @@ class Engine(ABC):
     timeline = NullTimeline()
     watchdog = NullWatchdog()
     clip_grad_norm = 0.0  # > 0: the averaged gradient is scaled down to this L2 norm
+    dropout = None        # a model.Dropout while training with dropout (set_dropout)
+    last_hidden = False   # this rank's last layer is a hidden one (a pipeline stage before the last)
 
     @abstractmethod
     def warmup(self, x, y):
         """Compile (or load from the cache) every kernel this rank will call; no communication."""
 
     @abstractmethod
-    def step(self, xb, yb, rows, scale, stop=False):
-        """One global batch: this rank's rows (xb, yb; `rows` of them) with gradients of
-        scale * (summed loss), reduced, then one update. Returns a StepResult."""
+    def step(self, xb, yb, rows, scale, stop=False, ids=None):
+        """One global batch: this rank's rows (xb, yb; `rows` of them; `ids` their file rows,
+        needed with dropout) with gradients of scale * (summed loss), reduced, then one update.
+        Returns a StepResult."""
+
+    def set_dropout(self, p, seed):
+        self.dropout = Dropout(p, seed, self.last_hidden) if p else None
+
+    def dropout_now(self, ids):
+        """(drop, rows) for the kernels in this update: no dropout unless one is set."""
+        if self.dropout is None or self.dropout.p == 0:
+            return NO_DROPOUT, NO_ROWS
+        return self.dropout.for_update(self.optimizer.t), ids
 
     @abstractmethod
     def forward_chunks(self, n, read_x, consume):

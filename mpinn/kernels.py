@@ -67,10 +67,93 @@ def _view2(buf, off, rows, cols):
     return buf[off:off + rows * cols].reshape((rows, cols))
 
 
+# -- dropout -------------------------------------------------------------------------------------
+# Inverted dropout on hidden outputs, training only. Whether unit u of file row r is kept in update
+# t is a pure function of (seed, t, r, u): a counter-based hash (splitmix64's finaliser), so masks
+# do not depend on how rows are split over ranks, pieces or pipeline stages, and backward recomputes
+# them instead of storing them. `drop` = [threshold, key, last_hidden] (uint64): a unit is dropped
+# when its hash is below threshold = p * 2**64 (0: no dropout); key mixes seed and update;
+# last_hidden: this call's last layer is a hidden one (a pipeline stage before the last).
+# `units[l]` is where layer l's input units start in the network's numbering of hidden units
+# (units[l + 1]: its output units); `rows` holds the file row of each of the N rows.
+M1, M2, GOLDEN = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB), np.uint64(
+    0x9E3779B97F4A7C15)
+S30, S27, S31 = np.uint64(30), np.uint64(27), np.uint64(31)
+
+
 @njit(cache=True)
-def forward(params, x, sizes, w_off, b_off, acts, a_off, act, out_act):
+def _mix(z):
+    z = (z ^ (z >> S30)) * M1
+    z = (z ^ (z >> S27)) * M2
+    return z ^ (z >> S31)
+
+
+@njit(cache=True)
+def dropout_key(seed, update):
+    """The hash key of one optimizer update of one run."""
+    return _mix(_mix(np.uint64(seed)) ^ np.uint64(update))
+
+
+@njit(cache=True)
+def _kept(key, row, unit, threshold):
+    return _mix(key ^ _mix(np.uint64(row) * GOLDEN + np.uint64(unit))) >= threshold
+
+
+@njit(cache=True)
+def dropout_mask(drop, rows, unit0, width):
+    """The keep mask (N, width) of the units [unit0, unit0 + width) (for tests and references)."""
+    out = np.zeros((rows.shape[0], width), np.bool_)
+    for i in range(rows.shape[0]):
+        for j in range(width):
+            out[i, j] = _kept(drop[1], rows[i], unit0 + j, drop[0])
+    return out
+
+
+@njit(cache=True)
+def _keep_scale(threshold):
+    return 1.0 / (1.0 - float(threshold) * 5.421010862427522e-20)  # 1 / (1 - p)
+
+
+@njit(cache=True)
+def _dropout_(h, drop, rows, unit0):
+    """h (N, m) of hidden units [unit0, unit0 + m): dropped units 0, kept ones times 1/(1-p)."""
+    scale = h.dtype.type(_keep_scale(drop[0]))
+    n, m = h.shape
+    for i in range(n):
+        for j in range(m):
+            if _kept(drop[1], rows[i], unit0 + j, drop[0]):
+                h[i, j] *= scale
+            else:
+                h[i, j] = 0
+
+
+@njit(cache=True)
+def _times_dropout_act_grad_(d, h, act, drop, rows, unit0):
+    """d *= mask/(1-p) * act'(z) for a dropped-out hidden output h = act(z) * mask/(1-p)."""
+    scale = h.dtype.type(_keep_scale(drop[0]))
+    n, m = d.shape
+    for i in range(n):
+        for j in range(m):
+            if not _kept(drop[1], rows[i], unit0 + j, drop[0]):
+                d[i, j] = 0
+                continue
+            v = h[i, j] / scale  # act(z) before dropout
+            if act == ACT_RELU:
+                g = scale if v > 0 else 0
+            elif act == ACT_TANH:
+                g = scale * (1 - v * v)
+            elif act == ACT_SIGMOID:
+                g = scale * v * (1 - v)
+            else:
+                g = scale
+            d[i, j] *= g
+
+
+@njit(cache=True)
+def forward(params, x, sizes, w_off, b_off, acts, a_off, act, out_act, drop, rows, units):
     """Forward pass over all layers for the N rows of x. Layer l's output (N, fo) is written to
-    acts at a_off[l]; the last layer's holds out_act(z_L)."""
+    acts at a_off[l]; the last layer's holds out_act(z_L). Hidden outputs go through dropout when
+    drop[0] > 0 (see above)."""
     n = x.shape[0]
     n_layers = sizes.shape[0] - 1
     h = x
@@ -83,23 +166,27 @@ def forward(params, x, sizes, w_off, b_off, acts, a_off, act, out_act):
         for i in range(n):
             for j in range(fo):
                 z[i, j] += b[j]
-        _activate_(z, out_act if l == n_layers - 1 else act)
+        last = l == n_layers - 1
+        _activate_(z, out_act if last else act)
+        if drop[0] > 0 and (not last or drop[2] > 0):
+            _dropout_(z, drop, rows, units[l + 1])
         h = z
 
 
 @njit(cache=True)
-def backward(grads, params, x, sizes, w_off, b_off, acts, a_off, act, d0, d1, dx, want_dx):
+def backward(grads, params, x, sizes, w_off, b_off, acts, a_off, act, d0, d1, dx, want_dx, drop,
+             rows, units):
     """Backpropagate through all layers. On entry the output layer's slot in acts holds
     dLoss/dz_L (N, K); grads (P,) is overwritten with dLoss/dparams. d0/d1 are scratch.
     With want_dx (a pipeline stage after the first), dx (N, F) receives dLoss/dz of the layer that
     produced x: (d @ W0^T) * act'(x), which the previous stage continues from."""
     backward_layers(grads, params, x, sizes, w_off, b_off, acts, a_off, act, d0, d1, dx, want_dx,
-                    sizes.shape[0] - 1, 0)
+                    sizes.shape[0] - 1, 0, drop, rows, units)
 
 
 @njit(cache=True)
 def backward_layers(grads, params, x, sizes, w_off, b_off, acts, a_off, act, d0, d1, dx, want_dx,
-                    hi, lo):
+                    hi, lo, drop, rows, units):
     """Backpropagate through layers hi-1 down to lo only (gradients of those layers written), so
     a caller can reduce finished layers' gradients while earlier layers are still computed. The
     incoming dLoss/dz of layer hi-1 is where the previous call left it: the output slot when hi is
@@ -124,7 +211,10 @@ def backward_layers(grads, params, x, sizes, w_off, b_off, acts, a_off, act, d0,
             W = _view2(params, w_off[l], fi, fo)
             d_prev = dx if l == 0 else _view2(d0 if l % 2 == 0 else d1, 0, n, fi)
             np.dot(d, W.T, d_prev)
-            _times_act_grad_(d_prev, h_in, act)
+            if drop[0] > 0:  # h_in is a hidden output (the first stage's data is not)
+                _times_dropout_act_grad_(d_prev, h_in, act, drop, rows, units[l])
+            else:
+                _times_act_grad_(d_prev, h_in, act)
             d = d_prev
 
 
@@ -194,33 +284,36 @@ def softmax_(logits):
 
 
 @njit(cache=True)
-def train_step_ce(grads, params, x, labels, scale, sizes, w_off, b_off, acts, a_off, act, d0, d1):
+def train_step_ce(grads, params, x, labels, scale, sizes, w_off, b_off, acts, a_off, act, d0, d1,
+                  drop, rows, units):
     """Forward, softmax cross-entropy and backward for N rows; grads (P,) overwritten.
     Returns (loss sum, correct count) over these rows."""
     n_layers = sizes.shape[0] - 1
     if x.shape[0] == 0:
         grads[:] = 0
         return 0.0, 0
-    forward(params, x, sizes, w_off, b_off, acts, a_off, act, ACT_IDENTITY)
+    forward(params, x, sizes, w_off, b_off, acts, a_off, act, ACT_IDENTITY, drop, rows, units)
     z = _view2(acts, a_off[n_layers - 1], x.shape[0], sizes[n_layers])
     loss, correct = cross_entropy_grad_(z, labels, scale)
-    backward(grads, params, x, sizes, w_off, b_off, acts, a_off, act, d0, d1, x, False)
+    backward(grads, params, x, sizes, w_off, b_off, acts, a_off, act, d0, d1, x, False, drop, rows,
+             units)
     return loss, correct
 
 
 @njit(cache=True)
 def train_step_mse(grads, params, x, targets, scale, sizes, w_off, b_off, acts, a_off, act, out_act,
-                   d0, d1):
+                   d0, d1, drop, rows, units):
     """Forward, squared error and backward for N rows; grads (P,) overwritten.
     Returns (sum of squared errors, 0) over these rows."""
     n_layers = sizes.shape[0] - 1
     if x.shape[0] == 0:
         grads[:] = 0
         return 0.0, 0
-    forward(params, x, sizes, w_off, b_off, acts, a_off, act, out_act)
+    forward(params, x, sizes, w_off, b_off, acts, a_off, act, out_act, drop, rows, units)
     out = _view2(acts, a_off[n_layers - 1], x.shape[0], sizes[n_layers])
     loss, _ = mse_grad_(out, targets, out_act, scale)
-    backward(grads, params, x, sizes, w_off, b_off, acts, a_off, act, d0, d1, x, False)
+    backward(grads, params, x, sizes, w_off, b_off, acts, a_off, act, d0, d1, x, False, drop, rows,
+             units)
     return loss, 0
 
 

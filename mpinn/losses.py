@@ -19,10 +19,11 @@ class CrossEntropy:
         return float(loss), int(correct)
 
     @staticmethod
-    def fused_step(grads, params, x, y, scale, ws):
+    def fused_step(grads, params, x, y, scale, ws, drop, rows):
         """Forward, loss and backward in one compiled call (the data-parallel hot path)."""
         return kernels.train_step_ce(grads, params, x, y, scale, ws.sizes, ws.w_off, ws.b_off,
-                                     ws.acts, ws.a_off, ws.act, ws.d0, ws.d1)
+                                     ws.acts, ws.a_off, ws.act, ws.d0, ws.d1, drop, rows,
+                                     ws.units)
 
     @staticmethod
     def scale(global_rows, n_outputs):
@@ -52,9 +53,10 @@ class MeanSquaredError:
         return float(loss), int(correct)
 
     @staticmethod
-    def fused_step(grads, params, x, y, scale, ws):
+    def fused_step(grads, params, x, y, scale, ws, drop, rows):
         return kernels.train_step_mse(grads, params, x, y, scale, ws.sizes, ws.w_off, ws.b_off,
-                                      ws.acts, ws.a_off, ws.act, ws.out_act, ws.d0, ws.d1)
+                                      ws.acts, ws.a_off, ws.act, ws.out_act, ws.d0, ws.d1, drop,
+                                      rows, ws.units)
 
     @staticmethod
     def scale(global_rows, n_outputs):

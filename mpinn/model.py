@@ -107,8 +107,10 @@ class Workspace:
     network's output activation, or the hidden activation when a later stage follows."""
 
     def __init__(self, sizes, activation, out_activation, max_rows, dtype=np.float32,
-                 stage_input=False):
+                 stage_input=False, unit0=0):
         sizes = tuple(int(s) for s in sizes)
+        # where each layer's input units start in the network's unit numbering (kernels: dropout)
+        self.units = unit0 + np.cumsum((0,) + sizes, dtype=np.int64)
         self.max_rows = max(int(max_rows), 1)
         widths = sizes[1:]
         self.a_off = np.cumsum([0] + [self.max_rows * w for w in widths[:-1]]).astype(np.int64)
@@ -144,16 +146,37 @@ class Workspace:
         return self.dx[:n * f].reshape(n, f)
 
 
+NO_DROPOUT = np.zeros(3, np.uint64)
+NO_ROWS = np.zeros(0, np.int64)
+
+
+class Dropout:
+    """Inverted dropout with probability p on hidden outputs (kernels.py says how masks are made):
+    `for_update(t)` is the kernels' `drop` argument for optimizer update t."""
+
+    def __init__(self, p, seed, last_hidden=False):
+        self.p, self.seed, self.last_hidden = float(p), int(seed), bool(last_hidden)
+        self.threshold = np.uint64(min(int(self.p * 2.0**64), 2**64 - 1))
+
+    def for_update(self, t):
+        if self.p == 0:
+            return NO_DROPOUT
+        return np.array([self.threshold, kernels.dropout_key(self.seed, t), self.last_hidden],
+                        np.uint64)
+
+
 class Layers:
     """Consecutive dense layers over one flat parameter buffer (a whole network, or a pipeline
     stage's contiguous slice of it) and the kernel calls that run them on a Workspace. Gradients go
-    to `grads` (its own buffer unless one is given) or to a buffer the caller names."""
+    to `grads` (its own buffer unless one is given) or to a buffer the caller names. unit0: where
+    the input's units start in the whole network's numbering (a stage's first layer's input)."""
 
-    def __init__(self, sizes, activation, out_activation, params, grads=None):
+    def __init__(self, sizes, activation, out_activation, params, grads=None, unit0=0):
         self.sizes = tuple(int(s) for s in sizes)
         self.activation, self.out_activation = activation, out_activation
         self.params = np.ascontiguousarray(params)
         self.grads = np.zeros_like(self.params) if grads is None else grads
+        self.unit0 = int(unit0)
 
     @property
     def n_layers(self):
@@ -161,22 +184,23 @@ class Layers:
 
     def workspace(self, max_rows, stage_input=False):
         return Workspace(self.sizes, self.activation, self.out_activation, max_rows,
-                         self.params.dtype, stage_input)
+                         self.params.dtype, stage_input, self.unit0)
 
-    def forward(self, ws, x):
-        """The last layer's output for the rows of x: a view into ws, valid until ws is reused."""
+    def forward(self, ws, x, drop=NO_DROPOUT, rows=NO_ROWS):
+        """The last layer's output for the rows of x: a view into ws, valid until ws is reused.
+        drop/rows: dropout for training (Dropout.for_update, the rows' file row numbers)."""
         kernels.forward(self.params, x, ws.sizes, ws.w_off, ws.b_off, ws.acts, ws.a_off, ws.act,
-                        ws.out_act)
+                        ws.out_act, drop, rows, ws.units)
         return ws.output(x.shape[0])
 
-    def backward(self, ws, x, grads=None, dx=None, hi=None, lo=0):
+    def backward(self, ws, x, grads=None, dx=None, hi=None, lo=0, drop=NO_DROPOUT, rows=NO_ROWS):
         """Backpropagate the dLoss/dz left in ws's output slot through layers hi-1 .. lo (default:
         all), writing their gradients into grads (default self.grads). With dx (a pipeline stage
         after the first), dx receives dLoss/dz of the layer that produced x."""
         kernels.backward_layers(self.grads if grads is None else grads, self.params, x, ws.sizes,
                                 ws.w_off, ws.b_off, ws.acts, ws.a_off, ws.act, ws.d0, ws.d1,
                                 x if dx is None else dx, dx is not None,
-                                self.n_layers if hi is None else hi, lo)
+                                self.n_layers if hi is None else hi, lo, drop, rows, ws.units)
 
 
 class Network:
@@ -191,35 +215,36 @@ class Network:
         self.params, self.grads = self.layers.params, self.layers.grads
         self.ws = self.layers.workspace(max_rows)
 
-    def train_step(self, x, y, scale, grads=None):
+    def train_step(self, x, y, scale, grads=None, drop=NO_DROPOUT, rows=NO_ROWS):
         """Gradient of scale * (sum of losses over the rows of x) into self.grads (or grads).
         Returns (loss sum, correct count) over those rows."""
         if x.shape[0] > self.ws.max_rows:
             raise ValueError(f"{x.shape[0]} rows exceed the workspace of {self.ws.max_rows}")
         loss, correct = self.loss.fused_step(self.grads if grads is None else grads, self.params,
-                                             x, y, self.params.dtype.type(scale), self.ws)
+                                             x, y, self.params.dtype.type(scale), self.ws, drop,
+                                             rows)
         return float(loss), int(correct)
 
-    def forward_loss_grad(self, x, y, scale):
+    def forward_loss_grad(self, x, y, scale, drop=NO_DROPOUT, rows=NO_ROWS):
         """Forward pass and loss for the rows of x (at least one), leaving scale * dLoss/dz of
         the output layer in the workspace for backward. Returns (loss sum, correct count)."""
-        out = self.layers.forward(self.ws, x)
+        out = self.layers.forward(self.ws, x, drop, rows)
         return self.loss.grad_(out, y, self.ws.out_act, self.params.dtype.type(scale))
 
-    def backward(self, x, hi=None, lo=0):
+    def backward(self, x, hi=None, lo=0, drop=NO_DROPOUT, rows=NO_ROWS):
         """Backpropagate what forward_loss_grad left (layers hi-1 .. lo; default all)."""
-        self.layers.backward(self.ws, x, hi=hi, lo=lo)
+        self.layers.backward(self.ws, x, hi=hi, lo=lo, drop=drop, rows=rows)
 
-    def train_step_traced(self, x, y, scale, timeline):
+    def train_step_traced(self, x, y, scale, timeline, drop=NO_DROPOUT, rows=NO_ROWS):
         """train_step with forward and backward as separate kernel calls (same mathematics),
         recorded on the timeline."""
         if x.shape[0] == 0:
             self.grads[:] = 0
             return 0.0, 0
         t0 = time.perf_counter()
-        loss, correct = self.forward_loss_grad(x, y, scale)
+        loss, correct = self.forward_loss_grad(x, y, scale, drop, rows)
         t1 = time.perf_counter()
-        self.backward(x)
+        self.backward(x, drop=drop, rows=rows)
         timeline.add("forward", t0, t1)
         timeline.add("backward", t1, time.perf_counter())
         return loss, correct

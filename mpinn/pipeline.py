@@ -16,7 +16,7 @@ import numpy as np
 
 from . import kernels
 from .engine import Engine, StepResult, clip_, make_optimizer
-from .model import Layers
+from .model import NO_DROPOUT, NO_ROWS, Layers
 from .plan import (balanced_partition, even_part, in_flight, layer_flops, parse_partition,
                    schedule, stage_layers)
 
@@ -29,6 +29,7 @@ class Slot:
 
     def __init__(self, ws):
         self.ws, self.pending, self.h = ws, None, None
+        self.drop, self.rows = NO_DROPOUT, NO_ROWS  # the forward's dropout, for its backward
 
     def wait(self):
         if self.pending is not None:
@@ -50,7 +51,9 @@ class PipelineEngine(Engine):
         self.p0, self.p1 = self.param_range(grid.stage)
         last_act = arch.output_activation if grid.is_last else arch.activation
         self.layers = Layers(arch.sizes[first:end + 1], arch.activation, last_act,
-                             np.array(params[self.p0:self.p1], np.float32))
+                             np.array(params[self.p0:self.p1], np.float32),
+                             unit0=sum(arch.sizes[:first]))
+        self.last_hidden = not grid.is_last
         self.params, self.grads = self.layers.params, self.layers.grads
         self.micro_grads = np.zeros_like(self.params)
         self.pipe = comm.split(grid.replica, grid.stage)  # this replica's stages, rank = stage
@@ -91,7 +94,7 @@ class PipelineEngine(Engine):
         self.wait_s += t1 - t
         self.timeline.add("wait", t, t1)
 
-    def _forward(self, slot, n, read_x):
+    def _forward(self, slot, n, read_x, drop=NO_DROPOUT, rows=NO_ROWS):
         """Input (read or received) -> this stage's layers -> output sent on (or kept, last stage)."""
         ws, s = slot.ws, self.grid.stage
         self._wait(slot)
@@ -101,11 +104,11 @@ class PipelineEngine(Engine):
             h = ws.input(n)
             self._recv(h, s - 1, TAG_ACTIVATION)
         t = time.perf_counter()
-        out = self.layers.forward(ws, h)
+        out = self.layers.forward(ws, h, drop, rows)
         t1 = time.perf_counter()
         self.compute_s += t1 - t
         self.timeline.add("forward", t, t1)
-        slot.h = h
+        slot.h, slot.drop, slot.rows = h, drop, rows
         if not self.grid.is_last:
             slot.pending = self.pipe.isend_(out, s + 1, TAG_ACTIVATION)
         return out
@@ -121,7 +124,8 @@ class PipelineEngine(Engine):
         first = self.grid.is_first
         dx = None if first else ws.input_grad(n)
         t = time.perf_counter()
-        self.layers.backward(ws, slot.h, self.micro_grads if accumulate else self.grads, dx)
+        self.layers.backward(ws, slot.h, self.micro_grads if accumulate else self.grads, dx,
+                             drop=slot.drop, rows=slot.rows)
         if accumulate:
             self.grads += self.micro_grads
         t1 = time.perf_counter()
@@ -143,13 +147,15 @@ class PipelineEngine(Engine):
                              None if self.grid.is_first else np.zeros_like(h))
         self.micro_grads[:] = 0
         kernels.all_finite(self.grads)
+        if self.dropout is not None:
+            self.dropout.for_update(0)  # compile the mask key outside any timing
         if self.clip_grad_norm:
             kernels.sum_squares(self.grads[:1])
             kernels.scale_(np.zeros(1, np.float32), np.float32(1))
         if self.optimizer is not None:
             self.optimizer.warmup()
 
-    def step(self, xb, yb, rows, scale, stop=False):
+    def step(self, xb, yb, rows, scale, stop=False, ids=None):
         """One global batch: this replica's `rows` rows in M micro-batches, then one update."""
         parts = [p for p in (even_part(rows, self.micro, i) for i in range(self.micro)) if p[1]]
         ops = schedule(self.kind, self.grid.stages, self.grid.stage, len(parts))
@@ -158,11 +164,13 @@ class PipelineEngine(Engine):
         backwards = 0
         loss, correct = 0.0, 0
         scale = np.float32(scale)
+        drop, ids = self.dropout_now(ids)
         for op, j in ops:
             off, n = parts[j]
             slot = self.slots[j % len(self.slots)]
             if op == "F":
-                out = self._forward(slot, n, lambda m: xb[off:off + m])
+                out = self._forward(slot, n, lambda m: xb[off:off + m], drop,
+                                    ids[off:off + n] if len(ids) else ids)
                 if self.grid.is_last:
                     t = time.perf_counter()
                     l, c = self.loss.grad_(out, yb[off:off + n], slot.ws.out_act, scale)

@@ -168,7 +168,7 @@ KEPT_ON_RESUME = ("data", "val_data", "x_key", "y_key", "hidden", "activation",
                   "output_activation", "loss", "classes", "optimizer", "lr", "momentum",
                   "nesterov", "beta1", "beta2", "eps", "weight_decay", "batch_size", "seed",
                   "shuffle", "lr_schedule", "warmup_steps", "min_lr", "step_size", "gamma",
-                  "lr_scale", "lr_ref_batch", "clip_grad_norm")
+                  "lr_scale", "lr_ref_batch", "clip_grad_norm", "dropout")
 
 
 def resumed_config(cfg, explicit, ckpt):
@@ -274,6 +274,7 @@ def build_engine(cfg, comm, grid, arch, plan, ckpt, log, evaluates):
                           opt_settings, opt_state, cfg.partition, cfg.micro_batches, cfg.schedule,
                           EVAL_ROWS if evaluates else 0, cfg.overlap_mb, cfg.accumulate)
     engine.clip_grad_norm = cfg.clip_grad_norm
+    engine.set_dropout(cfg.dropout, cfg.seed)
     return engine, step
 
 
@@ -356,15 +357,19 @@ class Trainer:
 
     def epoch_batches(self, epoch):
         """This rank's batches for one epoch, in the order --shuffle asks for."""
-        s, cfg = self.s, self.cfg
+        s, cfg, grid = self.s, self.cfg, self.s.grid
+        dropout = cfg.dropout > 0  # dropout's masks are keyed by file row: say which rows
         if cfg.shuffle != "global":
             return data.EpochBatches(s.x, s.y, self.counts, cfg.shuffle == "rank", cfg.seed,
-                                     epoch, s.grid.replica)
+                                     epoch, grid.replica,
+                                     s.plan.owned_rows() if dropout else None)
         t0 = time.perf_counter()
         ex, ey = data.global_shuffle(self.comm, s.x, s.y, s.n_rows, cfg.batch_size, cfg.seed,
                                      epoch)
+        rows = data.global_shuffle_rows(s.n_rows, cfg.batch_size, cfg.seed, epoch, grid.replica,
+                                        grid.replicas) if dropout else None
         self.shuffle_seconds += time.perf_counter() - t0
-        return data.EpochBatches(ex, ey, self.counts, False, cfg.seed, epoch, s.grid.replica)
+        return data.EpochBatches(ex, ey, self.counts, False, cfg.seed, epoch, grid.replica, rows)
 
     def train_step(self, batches, k, epoch):
         """Global batch k: this rank's part, one engine step, metrics, checks."""
@@ -377,7 +382,8 @@ class Trainer:
         engine.timeline.add("data", t0, time.perf_counter())
         scale = self.arch.loss_fn.scale(s.plan.global_batch_rows(k), self.arch.sizes[-1])
         engine.optimizer.lr = s.lr_of(engine.optimizer.t)
-        res = engine.step(xb, yb, int(self.counts[k]), scale, self.stop.requested)
+        res = engine.step(xb, yb, int(self.counts[k]), scale, self.stop.requested,
+                          batches.rows_of(k))
         self.grad_norm = res.grad_norm
         self.watchdog.end()
         self.step += 1

@@ -80,6 +80,7 @@ def test_resume_in_the_middle_of_a_schedule_and_of_patience(rising, tmp_path):
     (["--accumulate", 40], "--accumulate 40: each rank's share of a global batch is 32 rows"),
     (["--accumulate", 2, "--pipeline-stages", 2], "--accumulate is for data-parallel mode"),
     (["--accumulate", 0], "--accumulate must be positive"),
+    (["--dropout", "1"], "--dropout must be in [0, 1), got 1.0"),
 ])
 def test_bad_control_values(rising, tmp_path, args, message):
     args = [str(a).format(train=rising[0]) for a in args]
@@ -123,3 +124,15 @@ def test_progress_bar_on_a_terminal_lines_in_logs(tmp_path):
     assert "ETA" not in plain.stdout and "\r" not in plain.stdout
     forced = ok(run_mpinn(2, "train", *args, "--overwrite", "--progress", "bar"))
     assert "ETA" in forced.stdout  # under mpiexec rank 0 writes to a pipe: asked for explicitly
+
+
+def test_evaluation_never_drops(rising, tmp_path):
+    """The validation loss logged while training with dropout is what `mpinn evaluate` (no
+    dropout) finds for the same weights."""
+    train, val = rising
+    ok(run_mpinn(2, "train", "--data", train, "--val-data", val, *COMMON, "--epochs", 2,
+                 "--dropout", "0.5", "--run-dir", tmp_path))
+    logged = epochs(tmp_path)[-1]["val_loss"]
+    result = json.loads(ok(run_mpinn(2, "evaluate", "--checkpoint", tmp_path / "checkpoint.h5",
+                                     "--data", val, "--json")).stdout)
+    assert result["loss"] == pytest.approx(logged, rel=1e-6)

@@ -4,7 +4,7 @@ import itertools
 import numpy as np
 import pytest
 
-from mpinn.model import Architecture, Network, init_params, layer_views
+from mpinn.model import NO_DROPOUT, NO_ROWS, Architecture, Network, init_params, layer_views
 from reference import flatten, forward, init_layers, loss_and_grads, unflatten
 
 ACTS = ("relu", "tanh", "sigmoid")
@@ -152,11 +152,12 @@ def test_backward_in_layer_ranges_equals_the_whole():
     net = network(sizes, "tanh", "cross_entropy", "identity", flat, 9)
     ws = net.ws
     kernels.forward(net.params, x, ws.sizes, ws.w_off, ws.b_off, ws.acts, ws.a_off, ws.act,
-                    ws.out_act)
+                    ws.out_act, NO_DROPOUT, NO_ROWS, ws.units)
     kernels.cross_entropy_grad_(ws.output(9), y, 1 / 9)
     for hi, lo in ((4, 3), (3, 1), (1, 0)):
         kernels.backward_layers(net.grads, net.params, x, ws.sizes, ws.w_off, ws.b_off, ws.acts,
-                                ws.a_off, ws.act, ws.d0, ws.d1, x, False, hi, lo)
+                                ws.a_off, ws.act, ws.d0, ws.d1, x, False, hi, lo, NO_DROPOUT,
+                                NO_ROWS, ws.units)
     np.testing.assert_allclose(net.grads, whole.grads, rtol=1e-12)
 
 

@@ -250,3 +250,72 @@ def test_accumulation_matches_torch_full_batches(problem, tmp_path, ranks):
     got = checkpoint.load(str(tmp_path / "checkpoint.h5"))
     expect = torch_training(data_path, arch, params, OPTIMIZERS["nesterov"][1])
     np.testing.assert_allclose(got.params, expect, rtol=2e-5, atol=2e-6)
+
+
+# -- dropout ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("act,loss_out", list(itertools.product(("relu", "tanh", "sigmoid"),
+                                                               LOSSES[:2])))
+def test_dropout_forward_backward_match_torch(act, loss_out):
+    """mpinn's masks (kernels.dropout_mask) applied in torch as h = act(z) * mask / (1 - p)."""
+    from mpinn import kernels
+    from mpinn.model import Dropout
+    loss, out_act = loss_out
+    rng = np.random.default_rng(12)
+    sizes, n, p = (5, 9, 7, 4), 13, 0.4
+    x = rng.normal(size=(n, sizes[0]))
+    y = rng.integers(0, 4, n) if loss == "cross_entropy" else rng.uniform(0, 1, (n, 4))
+    arch = Architecture(sizes, act, out_act, loss)
+    flat = rng.normal(0, 0.6, arch.n_params)
+    rows = rng.permutation(1000)[:n].astype(np.int64)  # file rows of this batch
+    drop = Dropout(p, seed=3).for_update(17)
+    net = Network(arch, flat.copy(), n)
+    per = n if loss == "cross_entropy" else n * 4
+    loss_sum, _ = net.train_step(x, y, 1.0 / per, None, drop, rows)
+
+    layers = torch_layers(flat, sizes)
+    h, unit = torch.as_tensor(x), sizes[0]
+    for i, (W, b) in enumerate(layers):
+        h = TORCH_ACT[out_act if i == len(layers) - 1 else act](h @ W + b)
+        if i < len(layers) - 1:
+            mask = kernels.dropout_mask(drop, rows, unit, sizes[i + 1])
+            assert 0 < mask.sum() < mask.size
+            h = h * torch.as_tensor(mask, dtype=torch.float64) / (1 - p)
+            unit += sizes[i + 1]
+    value = torch_loss(h, y, loss)
+    value.backward()
+    assert loss_sum / per == pytest.approx(value.item(), rel=1e-10)
+    np.testing.assert_allclose(net.grads, flat_grads(layers), rtol=1e-9, atol=1e-12)
+
+
+def test_dropout_masks_are_keyed_and_fair():
+    from mpinn import kernels
+    from mpinn.model import Dropout
+    rows = np.arange(2000, dtype=np.int64)
+    d = Dropout(0.25, seed=1)
+    a = kernels.dropout_mask(d.for_update(5), rows, 100, 50)
+    assert abs(a.mean() - 0.75) < 0.01                                     # keeps 1 - p
+    np.testing.assert_array_equal(a, kernels.dropout_mask(d.for_update(5), rows, 100, 50))
+    for other in (kernels.dropout_mask(d.for_update(6), rows, 100, 50),    # another update
+                  kernels.dropout_mask(d.for_update(5), rows + 1, 100, 50),  # other rows
+                  kernels.dropout_mask(d.for_update(5), rows, 101, 50),    # other units
+                  kernels.dropout_mask(Dropout(0.25, 2).for_update(5), rows, 100, 50)):
+        assert 0.6 < (a == other).mean() < 0.7  # independent: agree on 0.75^2 + 0.25^2 = 62.5%
+    # a row's mask does not depend on which other rows share its batch
+    np.testing.assert_array_equal(a[7:9], kernels.dropout_mask(d.for_update(5), rows[7:9], 100, 50))
+
+
+@pytest.mark.parametrize("layout", ["1 rank", "2 ranks", "3 ranks", "3 stages", "accumulate"])
+def test_dropout_is_the_same_on_any_layout(problem, tmp_path, layout):
+    data_path, init, arch, params = problem["mse"]
+    ranks, extra = {"1 rank": (1, []), "2 ranks": (2, []), "3 ranks": (3, []),
+                    "3 stages": (3, ["--pipeline-stages", 3, "--micro-batches", 2]),
+                    "accumulate": (2, ["--accumulate", 3])}[layout]
+    args = ["--data", data_path, "--init", init, "--batch-size", BATCH, "--steps", STEPS,
+            "--epochs", 10, "--shuffle", "none" if "--pipeline-stages" in extra else "global",
+            "--log-every", 100, "--dropout", "0.3", *OPTIMIZERS["adam"][0]]
+    ok(run_mpinn(1, "train", *args, "--run-dir", tmp_path / "one"))
+    ok(run_mpinn(ranks, "train", *args, *extra, "--run-dir", tmp_path / "many"))
+    one = checkpoint.load(str(tmp_path / "one" / "checkpoint.h5")).params
+    np.testing.assert_allclose(checkpoint.load(str(tmp_path / "many" / "checkpoint.h5")).params,
+                               one, rtol=1e-4, atol=1e-6)
+    assert not np.allclose(one, params, atol=1e-3)
