@@ -41,13 +41,14 @@ def fit(config=None, **options):
     cfg, explicit = from_options(TrainConfig, config, "mpinn.fit", **options)
     from . import train
     from .comm import Comm  # MPI starts here, once the options are known to be good
+    from .startup import checkpoint_path
     comm = Comm()
     comm.debug = cfg.debug
     try:
         engine = train.run(cfg, explicit, comm)
     except AgreedExit as e:
         raise RunError("training stopped (the reason is printed above)", e.code) from None
-    return FitResult(str(train.checkpoint_path(cfg)), engine.optimizer.t, comm.rank, comm.size)
+    return FitResult(str(checkpoint_path(cfg)), engine.optimizer.t, comm.rank, comm.size)
 
 
 def load(path):

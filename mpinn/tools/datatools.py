@@ -13,7 +13,6 @@ import numpy as np
 
 from ..config import parse_hidden
 from ..data import open_h5
-from ..errors import UsageError
 from ..log import Log
 from ..outputs import check_output_path, written_whole
 

@@ -6,7 +6,6 @@
     --format torch   a state dict for torch.nn.Sequential(Linear, activation, ..., Linear[, Sigmoid])
     --format npz     W0, b0, W1, b1, ... (W is fan_in x fan_out: h = act(h @ W + b)) and the sizes
 """
-import os
 
 import numpy as np
 
