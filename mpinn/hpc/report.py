@@ -161,7 +161,7 @@ def make_plots(out, rows, runs, mode, points, fitted, projections, label):
     figures.efficiency(mode)
     figures.breakdown()
     if fitted:
-        figures.allreduce(points, fitted)
+        figures.allreduce_fit(points, fitted)
     figures.projection(projections, mode, label)
     return figures.files
 
@@ -225,7 +225,7 @@ class Figures:
         ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
         self.save(fig, "breakdown.png")
 
-    def allreduce(self, points, fitted):
+    def allreduce_fit(self, points, fitted):
         fig, ax = self.plt.subplots(figsize=(6, 4))
         for p in sorted({p for _, p, _ in points}):
             pts = sorted((n, t) for n, q, t in points if q == p)
