@@ -10,6 +10,7 @@ import tomllib
 from dataclasses import dataclass, field
 
 from .errors import UsageError
+from .lr import SCALING_RULES, SCHEDULES
 
 
 def option(default, help, choices=None, positional=False):
@@ -89,14 +90,14 @@ class TrainConfig:
     weight_decay: float = option(0.0, "L2 penalty added to the gradient")
     lr_schedule: str = option("constant", "learning rate over the run's updates: constant, step "
                                           "(times --gamma every --step-size updates) or cosine "
-                                          "(down to --min-lr)", ("constant", "step", "cosine"))
+                                          "(down to --min-lr)", SCHEDULES)
     warmup_steps: int = option(0, "updates of linear warm-up from lr/W to lr before the schedule")
     min_lr: float = option(0.0, "the cosine schedule's last learning rate")
     step_size: int = option(1000, "updates between learning-rate drops (--lr-schedule step)")
     gamma: float = option(0.1, "factor of each drop (--lr-schedule step)")
     lr_scale: str = option("none", "scale --lr with the global batch B: linear (lr*B/B0) or sqrt "
                                    "(lr*sqrt(B/B0)), B0 = --lr-ref-batch",
-                           ("none", "linear", "sqrt"))
+                           SCALING_RULES)
     lr_ref_batch: int = option(256, "the batch B0 that --lr was tuned for (--lr-scale)")
     clip_grad_norm: float = option(0.0, "scale the averaged gradient down to this L2 norm when it "
                                         "is larger, before weight decay (0: off)")

@@ -11,6 +11,7 @@ batch (plan.BatchPlan); its gradient is of (sum of its rows' losses) / (global b
 Allreduce SUM is exactly the gradient of the global mean loss. Every rank runs the same number of
 steps by construction. Rank 0 writes the checkpoint at the end of every epoch and of training.
 """
+import functools
 import math
 import os
 import textwrap
@@ -126,7 +127,7 @@ class Trainer:
         if cfg.shuffle != "global":
             return data.EpochBatches(s.x, s.y, self.counts, cfg.shuffle == "rank", cfg.seed,
                                      epoch, grid.replica,
-                                     s.plan.owned_rows() if dropout else None)
+                                     self.owned_rows() if dropout else None)
         t0 = time.perf_counter()
         ex, ey = data.global_shuffle(self.comm, s.x, s.y, s.n_rows, cfg.batch_size, cfg.seed,
                                      epoch)
@@ -134,6 +135,11 @@ class Trainer:
                                         grid.replicas) if dropout else None
         self.shuffle_seconds += time.perf_counter() - t0
         return data.EpochBatches(ex, ey, self.counts, False, cfg.seed, epoch, grid.replica, rows)
+
+    @functools.cache
+    def owned_rows(self):
+        """The file rows this reader owns, in step order (the same every epoch)."""
+        return self.s.plan.owned_rows()
 
     def train_step(self, batches, k, epoch):
         """Global batch k: this rank's part, one engine step, metrics, checks."""
