@@ -45,9 +45,10 @@ def fit(config=None, **options):
     comm = Comm()
     comm.debug = cfg.debug
     try:
-        engine = train.run(cfg, explicit, comm)
+        engine = train.run(cfg, explicit, comm).engine
     except AgreedExit as e:
-        raise RunError("training stopped (the reason is printed above)", e.code) from None
+        raise RunError(e.message or "training stopped (the reason is printed above)",
+                       e.code) from None
     return FitResult(str(checkpoint_path(cfg)), engine.optimizer.t, comm.rank, comm.size)
 
 

@@ -16,8 +16,8 @@ import traceback
 
 from . import __version__
 from .config import (BenchConfig, ConvertConfig, EvaluateConfig, ExportConfig, InspectConfig,
-                     JobsConfig, PredictConfig, ReportConfig, ScaleConfig, SynthConfig, TrainConfig,
-                     build, load_toml)
+                     JobsConfig, PredictConfig, ReportConfig, ScaleConfig, SweepConfig, SynthConfig,
+                     TrainConfig, build, load_toml)
 from .errors import AgreedExit, MpinnError, UsageError
 
 
@@ -32,6 +32,7 @@ RUNNERS = {
     "train": ("train", "run"), "evaluate": ("evaluate", "run_evaluate"),
     "predict": ("evaluate", "run_predict"), "bench": ("hpc.bench", "run"),
     "scale": ("hpc.scale", "run"), "report": ("hpc.report", "run"), "jobs": ("hpc.jobs", "run"),
+    "sweep": ("sweep.run", "run"),
     "data synth": ("tools.datatools", "run_synth"),
     "data inspect": ("tools.datatools", "run_inspect"),
     "data convert": ("tools.convert", "run"), "export": ("tools.export", "run"),
@@ -47,6 +48,8 @@ COMMANDS = {
     "train": (TrainConfig, "train an MLP data-parallel over all MPI ranks"),
     "evaluate": (EvaluateConfig, "loss and accuracy of a checkpoint on a data file"),
     "predict": (PredictConfig, "write a checkpoint's predictions for a data file"),
+    "sweep": (SweepConfig, "train many configurations at once: groups of ranks take trials of a "
+                           "grid one after another (task parallelism)"),
     "bench": (BenchConfig, "time training steps on synthetic data, phase by phase"),
     "scale": (ScaleConfig, "run a strong or weak scaling series with mpiexec, then the report"),
     "report": (ReportConfig, "scaling report (tables, model, plots) from bench JSON results"),

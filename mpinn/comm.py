@@ -100,12 +100,34 @@ class Comm:
 
     def poll_ints(self, n, tag):
         """A waiting message of n int64 from any rank with this tag, or None (never blocks)."""
+        message = self.poll_ints_from(n, tag)
+        return None if message is None else message[1]
+
+    def poll_ints_from(self, n, tag):
+        """(source rank, n int64) of a waiting message with this tag, or None (never blocks)."""
         status = MPI.Status()
         if not self._comm.Iprobe(source=MPI.ANY_SOURCE, tag=tag, status=status):
             return None
         buf = np.empty(n, np.int64)
         self._comm.Recv(buf, source=status.Get_source(), tag=tag)
+        return status.Get_source(), buf
+
+    def recv_ints_idle(self, n, source, tag, poll_s=0.002):
+        """n int64 from source, waiting with short sleeps instead of MPI's busy polling (a rank
+        that waits for long must leave its core to the ranks that work)."""
+        buf = np.empty(n, np.int64)
+        request = self._comm.Irecv(buf, source=source, tag=tag)
+        while not request.Test():
+            time.sleep(poll_s)
         return buf
+
+    def barrier_idle(self, poll_s=0.05):
+        """A barrier that sleeps while it waits (ranks done early wait for the others' work)."""
+        if self.size == 1:
+            return
+        request = self._comm.Ibarrier()
+        while not request.Test():
+            time.sleep(poll_s)
 
     def split(self, color, key):
         """Sub-communicator of the ranks with the same color, ordered by key."""
@@ -196,12 +218,13 @@ class Comm:
         first, last = self.allreduce_minmax(self.rank if error is not None else self.size)
         if first < self.size:
             code = np.array([error.exit_code if self.rank == first else 0], np.int64)
+            where = f" (rank {first} of {self.size})" if last == self.size else ""
             if self.rank == first:
-                where = f" (rank {self.rank} of {self.size})" if last == self.size else ""
                 if self.debug:
                     traceback.print_exception(error, file=sys.stderr)
                 print(f"mpinn: error{where}: {error}", file=sys.stderr, flush=True)
-            raise AgreedExit(int(self.allreduce_(code, "max")[0]))
+            message = self.bcast_json(str(error) if self.rank == first else None, root=first)
+            raise AgreedExit(int(self.allreduce_(code, "max")[0]), message + where)
         return result
 
 

@@ -190,6 +190,52 @@ class TrainConfig:
         self.hidden_sizes()
 
 
+# Options a sweep sets for each trial itself (each trial trains in OUT/trial-NNN).
+SET_BY_SWEEP = ("run_dir", "resume", "overwrite")
+
+
+def _validate_sweep(self):
+    require_positive(self, "ranks_per_trial")
+    require_non_negative(self, "random")
+    if self.resume and self.overwrite:
+        raise UsageError("--resume continues the sweep in OUT and --overwrite replaces it: give "
+                         "one of them")
+    if not self.resume and not self.grid:
+        raise UsageError("--grid GRID.toml is required (a [grid] table of option lists and/or "
+                         "[[trial]] tables); with --resume the sweep in OUT is continued")
+    build(TrainConfig, self.train_values())  # the base of every trial must be a valid run
+
+
+def _train_values(self):
+    """This sweep's values of the train options: the base of every trial."""
+    return {f.name: getattr(self, f.name) for f in dataclasses.fields(TrainConfig)
+            if f.name not in SET_BY_SWEEP}
+
+
+SWEEP_FIELDS = [
+    ("grid", str, option("", "TOML file: a [grid] table mapping train options to lists of values "
+                             "(every combination is a trial) and/or [[trial]] tables (one trial "
+                             "each)")),
+    ("ranks_per_trial", int, option(1, "ranks that train one trial together (G); the world is "
+                                       "split into N/G groups that take trials one by one")),
+    ("out", str, option("sweep", "folder of the sweep: OUT/trial-NNN run folders, "
+                                 "results.csv, results.md, results.png")),
+    ("random", int, option(0, "train K combinations of the grid drawn with --seed instead of all "
+                              "of them (0: all); [[trial]] tables are always trained")),
+    ("resume", bool, option(False, "continue the sweep in OUT: finished trials are skipped, "
+                                   "stopped ones continue from their checkpoints")),
+    ("overwrite", bool, option(False, "start a new sweep in an OUT that holds one: its trial "
+                                      "folders and results are removed first")),
+]
+SweepConfig = dataclasses.make_dataclass(
+    "SweepConfig",
+    SWEEP_FIELDS + [(f.name, f.type, field(default=f.default, metadata=f.metadata))
+                    for f in dataclasses.fields(TrainConfig) if f.name not in SET_BY_SWEEP],
+    namespace={"validate": _validate_sweep, "train_values": _train_values,
+               "__doc__": "`mpinn sweep`: its own options, then every train option as the base "
+                          "of each trial."})
+
+
 @dataclass
 class EvaluateConfig:
     checkpoint: str = option("runs/latest/checkpoint.h5", "checkpoint to evaluate")
@@ -387,8 +433,8 @@ class ScaleConfig:
 @dataclass
 class JobsConfig:
     scheduler: str = option("slurm", "which scheduler's job file", ("slurm", "pbs"), positional=True)
-    kind: str = option("train", "train (mpinn train) or scaling (bench series + report)",
-                       ("train", "scaling"))
+    kind: str = option("train", "train (mpinn train), scaling (bench series + report) or sweep "
+                                "(mpinn sweep over a grid file)", ("train", "scaling", "sweep"))
     nodes: int = option(1, "nodes")
     ranks_per_node: int = option(2, "MPI ranks per node")
     threads: int = option(1, "BLAS threads per rank")

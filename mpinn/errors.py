@@ -20,4 +20,9 @@ class RunError(MpinnError):
 
 
 class AgreedExit(SystemExit):
-    """Raised on every rank after a checked phase failed somewhere; the message is already out."""
+    """Raised on every rank after a checked phase failed somewhere; the message is already out
+    (printed once by the failing rank) and every rank holds it too, for a caller that records it."""
+
+    def __init__(self, code, message=""):
+        super().__init__(code)
+        self.message = message

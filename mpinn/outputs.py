@@ -47,23 +47,23 @@ def written_whole(path, option="--out"):
             os.unlink(tmp)
 
 
-def prepare_run_dir(path):
+def prepare_run_dir(path, option="--run-dir"):
     """Create the run folder (and its parents) or say why it cannot be used."""
     if os.path.exists(path) and not os.path.isdir(path):
-        raise UsageError(f"--run-dir {path} exists and is not a directory")
+        raise UsageError(f"{option} {path} exists and is not a directory")
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as e:
-        raise UsageError(f"cannot create --run-dir {path}: {e.strerror}") from None
+        raise UsageError(f"cannot create {option} {path}: {e.strerror}") from None
     if not os.access(path, os.W_OK):
-        raise UsageError(f"--run-dir {path} is not writable")
+        raise UsageError(f"{option} {path} is not writable")
 
 
 class RunDirLock:
     """An exclusive flock on RUN_DIR/.mpinn-lock for as long as this object lives (rank 0 only).
     The file names the holder (pid and host) for the error a second run sees."""
 
-    def __init__(self, run_dir):
+    def __init__(self, run_dir, option="--run-dir", what="training"):
         path = os.path.join(run_dir, LOCK_NAME)
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -71,8 +71,8 @@ class RunDirLock:
         except OSError:
             holder = os.pread(self.fd, 200, 0).decode(errors="replace").strip() or "unknown"
             os.close(self.fd)
-            raise UsageError(f"--run-dir {run_dir} is in use by another training ({holder}); "
-                             "wait for it to end or choose another --run-dir") from None
+            raise UsageError(f"{option} {run_dir} is in use by another {what} ({holder}); "
+                             f"wait for it to end or choose another {option}") from None
         os.ftruncate(self.fd, 0)
         os.pwrite(self.fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
 

@@ -40,7 +40,7 @@ def run(cfg, explicit, comm):
     finally:  # also when training ends with an error: handlers back, watchdog thread gone
         trainer.release()
     trainer.summarize()
-    return trainer.engine
+    return trainer
 
 
 class Trainer:
@@ -57,6 +57,7 @@ class Trainer:
         self.best_loss = state.get("best_val_loss", math.inf)  # early stopping
         self.bad_epochs = state.get("bad_epochs", 0)
         self.finished_early, self.grad_norm, self.last_validation = None, 0.0, {}
+        self.last_train_loss = None
         self.ckpt_path = checkpoint_path(cfg)
         self.last_saved = self.step if cfg.resume else None
         self.saved_at, self.skipped, self.stopping = -1, 0, False
@@ -187,6 +188,7 @@ class Trainer:
         total = self.comm.allreduce_sum(self.window)
         now = time.perf_counter()
         mean_loss, acc = self.arch.loss_fn.summarize(*total, self.arch.sizes[-1])
+        self.last_train_loss = mean_loss
         rate = total[2] / max(now - self.t_window, 1e-9)
         self.trained_samples += int(total[2])
         self.train_seconds += now - self.t_window
@@ -236,6 +238,13 @@ class Trainer:
             self.finished_early = (f"early stopping: the validation loss has not improved on "
                                    f"{self.best_loss:.4f} for {self.bad_epochs} epochs")
             record["stopped"] = self.finished_early
+
+    def outcome(self):
+        """The run's final figures, the same on every rank (a sweep records them)."""
+        val = self.last_validation
+        return {"val_loss": val.get("val_loss"), "val_accuracy": val.get("val_accuracy"),
+                "train_loss": self.last_train_loss, "epochs": self.step // self.spe,
+                "steps": self.step}
 
     def loop_state(self):
         return {"best_val_loss": self.best_loss, "bad_epochs": self.bad_epochs}

@@ -30,7 +30,7 @@ def rendered(argv):
     return render(cfg)
 
 
-@pytest.mark.parametrize("kind", ["train", "scaling"])
+@pytest.mark.parametrize("kind", ["train", "scaling", "sweep"])
 def test_slurm_rendering_sets_the_directives(kind):
     text = rendered(["slurm", "--kind", kind, "--nodes", "4", "--ranks-per-node", "32", "--threads",
                      "2", "--time", "1-02:00:00", "--partition", "cpu", "--account", "abc123",
@@ -45,7 +45,7 @@ def test_slurm_rendering_sets_the_directives(kind):
     assert text.count("#SBATCH --nodes=") == 1
 
 
-@pytest.mark.parametrize("kind", ["train", "scaling"])
+@pytest.mark.parametrize("kind", ["train", "scaling", "sweep"])
 def test_pbs_templates_and_renderings_parse(kind):
     template = (ROOT / "jobs" / "pbs" / f"{kind}.pbs").read_text()
     text = rendered(["pbs", "--kind", kind, "--nodes", "3", "--ranks-per-node", "8", "--threads",
@@ -103,3 +103,18 @@ def test_pbs_scaling_job_body_runs(tmp_path):
     rows = (out / "results.csv").read_text().splitlines()
     assert len(rows) == 3 and rows[1].startswith("1,") and rows[2].startswith("2,")
     assert json.loads((out / "model.json").read_text())["mode"] == "strong"
+
+
+def test_pbs_sweep_job_body_runs_and_a_resubmitted_job_continues(tmp_path):
+    (tmp_path / "grid.toml").write_text("[grid]\nlr = [0.01, 0.003]\nhidden = ['16', '32']\n")
+    env = {**pbs_env(tmp_path), "GRID": "grid.toml", "ARGS": "--epochs 1"}
+    p = subprocess.run(["bash", str(ROOT / "jobs" / "pbs" / "sweep.pbs")], env=env, cwd="/",
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    out = tmp_path / "runs" / "sweep-4242"  # under PBS_O_WORKDIR, named after the job id
+    rows = (out / "results.csv").read_text().splitlines()
+    assert len(rows) == 5 and all(r.endswith(",ok,") for r in rows[1:]), rows
+    assert p.stdout.count("mpinn sweep: best ") == 1
+    p = subprocess.run(["bash", str(ROOT / "jobs" / "pbs" / "sweep.pbs")], env=env, cwd="/",
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and "4 trials, 0 to train" in p.stdout, p.stderr

@@ -37,7 +37,7 @@ def test_the_readme_has_the_commands_we_run():
     commands = shell_commands(README)
     assert commands[0].startswith("mpirun -n 4 python -m mpinn train")
     for word in ("train", "evaluate", "predict", "data synth", "--resume", "--pipeline-stages",
-                 "bench", "scale", "jobs slurm"):
+                 "sweep --grid", "bench", "scale", "jobs slurm"):
         assert any(word in c for c in commands), word
     assert len(python_examples(README)) == 1
 
@@ -52,6 +52,7 @@ def test_every_readme_command_runs_as_written(tmp_path):
         assert (tmp_path / "runs" / name / "checkpoint.h5").is_file(), name
     assert (tmp_path / "runs" / "digits" / "predictions.h5").is_file()
     assert (tmp_path / "runs" / "scaling" / "report.md").is_file()
+    assert "4 trials: 4 ok" in (tmp_path / "runs" / "sweep" / "results.md").read_text()
     assert "#SBATCH --nodes=2" in (tmp_path / "runs" / "train.sbatch").read_text()
     (script,) = python_examples(README)
     (tmp_path / "example.py").write_text(script + "\nassert probabilities.shape == (1000, 4)\n"

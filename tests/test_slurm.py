@@ -109,3 +109,14 @@ def test_scaling_job_file_under_slurm(cluster, tmp_path):
     assert "| 1 | 1 |" in text and "| 2 | 1 |" in text and "α =" in text
     for png in ("speedup.png", "efficiency.png", "breakdown.png", "projection.png", "allreduce.png"):
         assert (report / png).stat().st_size > 10_000, png
+
+
+def test_sweep_job_file_under_slurm(cluster, tmp_path):
+    (tmp_path / "grid.toml").write_text("[grid]\nlr = [0.01, 0.003, 0.03]\n")
+    job_id, state, exit_code, out = sbatch_wait(
+        ROOT / "jobs" / "slurm" / "sweep.sbatch", tmp_path,
+        job_env(cluster, GRID="grid.toml", ARGS="--epochs 1"))
+    assert (state, exit_code) == ("COMPLETED", "0:0"), out
+    rows = (tmp_path / "runs" / f"sweep-{job_id}" / "results.csv").read_text().splitlines()
+    assert len(rows) == 4 and all(r.endswith(",ok,") for r in rows[1:]), rows
+    assert out.count("mpinn sweep: best ") == 1 and "on 2 rank(s) in 2 group(s) of 1" in out

@@ -17,7 +17,8 @@ from ..log import Log
 from ..outputs import check_output_path, written_whole
 
 FILES = {("slurm", "train"): "slurm/train.sbatch", ("slurm", "scaling"): "slurm/scaling.sbatch",
-         ("pbs", "train"): "pbs/train.pbs", ("pbs", "scaling"): "pbs/scaling.pbs"}
+         ("slurm", "sweep"): "slurm/sweep.sbatch", ("pbs", "train"): "pbs/train.pbs",
+         ("pbs", "scaling"): "pbs/scaling.pbs", ("pbs", "sweep"): "pbs/sweep.pbs"}
 TIME = re.compile(r"^(\d+-)?\d{1,3}:\d{2}:\d{2}$")
 
 
