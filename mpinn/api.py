@@ -12,14 +12,16 @@ the command line checks them, and trains exactly as `mpinn train` does: on one p
 Importing mpinn starts no MPI; fit() does, the first time it runs. load(), predict() and
 evaluate() never use MPI.
 """
+import os
 from dataclasses import dataclass
 
 import numpy as np
 
 from . import checkpoint
 from .config import TrainConfig, from_options
-from .errors import AgreedExit, RunError
+from .errors import AgreedExit, RunError, UsageError
 from .model import Network
+from .runtime.launch import mis_launch
 
 
 @dataclass
@@ -44,6 +46,9 @@ def fit(config=None, **options):
     from .startup import checkpoint_path
     comm = Comm()
     comm.debug = cfg.debug
+    problem = mis_launch(comm.size, os.environ, comm.library_version())
+    if problem:
+        raise UsageError(problem)
     try:
         engine = train.run(cfg, explicit, comm).engine
     except AgreedExit as e:

@@ -11,14 +11,16 @@ import contextlib
 import dataclasses
 import importlib
 import io
+import os
 import sys
 import traceback
 
 from . import __version__
-from .config import (BenchConfig, ConvertConfig, EvaluateConfig, ExportConfig, InspectConfig,
-                     JobsConfig, PredictConfig, ReportConfig, ScaleConfig, SweepConfig, SynthConfig,
-                     TrainConfig, build, load_toml)
+from .config import (BenchConfig, ConvertConfig, DoctorConfig, EvaluateConfig, ExportConfig,
+                     InspectConfig, JobsConfig, PredictConfig, ReportConfig, ScaleConfig,
+                     SweepConfig, SynthConfig, TrainConfig, build, load_toml)
 from .errors import AgreedExit, MpinnError, UsageError
+from .runtime.launch import mis_launch
 
 
 class _Parser(argparse.ArgumentParser):
@@ -32,7 +34,7 @@ RUNNERS = {
     "train": ("train", "run"), "evaluate": ("evaluate", "run_evaluate"),
     "predict": ("evaluate", "run_predict"), "bench": ("hpc.bench", "run"),
     "scale": ("hpc.scale", "run"), "report": ("hpc.report", "run"), "jobs": ("hpc.jobs", "run"),
-    "sweep": ("sweep.run", "run"),
+    "sweep": ("sweep.run", "run"), "doctor": ("hpc.doctor", "run"),
     "data synth": ("tools.datatools", "run_synth"),
     "data inspect": ("tools.datatools", "run_inspect"),
     "data convert": ("tools.convert", "run"), "export": ("tools.export", "run"),
@@ -53,6 +55,8 @@ COMMANDS = {
     "bench": (BenchConfig, "time training steps on synthetic data, phase by phase"),
     "scale": (ScaleConfig, "run a strong or weak scaling series with mpiexec, then the report"),
     "report": (ReportConfig, "scaling report (tables, model, plots) from bench JSON results"),
+    "doctor": (DoctorConfig, "check the launch, MPI, cores and binding, BLAS, memory, disk and "
+                             "the network from inside a job, with warnings to act on"),
     "jobs": (JobsConfig, "write a ready SLURM or PBS job file for training or a scaling study"),
     "data synth": (SynthConfig, "write a classification data set of any size from a random "
                                 "teacher network"),
@@ -65,6 +69,10 @@ COMMANDS = {
 # Commands that run as one process and launch or read MPI runs themselves: they must not
 # initialise MPI (a singleton MPI process that starts mpiexec is fragile).
 DRIVERS = ("scale", "report", "jobs", "data", "export")
+
+
+# `doctor` reports a mis-launch among its findings instead of refusing to run
+NO_LAUNCH_CHECK = ("doctor",)
 
 
 class _OneProcess:
@@ -104,6 +112,13 @@ def build_parser():
                 p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
                                default=argparse.SUPPRESS, help=text)
             else:
+                if f.name == "resume" and f.type is str:  # --resume, --resume auto, --no-resume
+                    p.add_argument(flag, dest=f.name, nargs="?", const="yes",
+                                   choices=f.metadata["choices"], default=argparse.SUPPRESS,
+                                   help=text)
+                    p.add_argument("--no-resume", dest=f.name, action="store_const", const="no",
+                                   default=argparse.SUPPRESS, help="start a new run (the default)")
+                    continue
                 if f.name == "shuffle":  # --no-shuffle: the short way to say --shuffle none
                     p.add_argument("--no-shuffle", dest="shuffle", action="store_const",
                                    const="none", default=argparse.SUPPRESS,
@@ -147,6 +162,11 @@ def main(argv=None):
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else 0
     comm.debug = cfg.debug
+    if command not in NO_LAUNCH_CHECK and command_word not in DRIVERS:
+        problem = mis_launch(comm.size, os.environ, comm.library_version())
+        if problem:  # every process of the failed launch is a rank 0: each says it once
+            print(f"mpinn: error: {problem}", file=sys.stderr, flush=True)
+            return UsageError.exit_code
     try:
         _command_runner(command)(cfg, explicit, comm)
         return 0

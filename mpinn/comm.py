@@ -12,8 +12,12 @@ import sys
 import time
 import traceback
 
+import mpi4py
 import numpy as np
-from mpi4py import MPI
+
+if __name__ == "__main__":  # `python -m mpinn.comm`: name the MPI library without starting MPI
+    mpi4py.rc.initialize = False
+from mpi4py import MPI  # noqa: E402
 
 from .errors import AgreedExit, MpinnError
 
@@ -85,6 +89,32 @@ class Comm:
         buf = data.copy() if data is not None else np.empty(n, np.uint8)
         self.bcast_(buf, root)
         return json.loads(buf.tobytes().decode())
+
+    def gather_json(self, obj, root=0):
+        """Every rank's JSON-serialisable obj, in rank order, on root (None elsewhere; set-up and
+        reports only)."""
+        data = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+        if self.size == 1:
+            return [obj]
+        counts = self.allgather_ints([data.size])
+        out = np.empty(int(counts.sum()) if self.rank == root else 0, np.uint8)
+        self.gatherv_(data, out, counts.tolist(), root)
+        if self.rank != root:
+            return None
+        ends = np.cumsum(counts)
+        return [json.loads(out[e - c:e].tobytes().decode()) for c, e in zip(counts, ends)]
+
+    @staticmethod
+    def build_info():
+        """The MPI library and mpi4py as this process sees them (doctor)."""
+        levels = {MPI.THREAD_SINGLE: "single", MPI.THREAD_FUNNELED: "funneled",
+                  MPI.THREAD_SERIALIZED: "serialized", MPI.THREAD_MULTIPLE: "multiple"}
+        config = mpi4py.get_config()
+        return {"library": " ".join(MPI.Get_library_version().strip().splitlines()[0].split()),
+                "standard": "%d.%d" % MPI.Get_version(), "mpi4py": mpi4py.__version__,
+                "mpi4py_built_with": config.get("mpicc") or config.get("mpild") or "",
+                "thread_level": levels.get(MPI.Query_thread(), "unknown"),
+                "processor": MPI.Get_processor_name()}
 
     def dup(self):
         """A communicator of the same ranks whose messages never mix with this one's."""
@@ -230,3 +260,7 @@ class Comm:
 
 def library_version():
     return " ".join(MPI.Get_library_version().split()[:3])
+
+
+if __name__ == "__main__":
+    print(" ".join(MPI.Get_library_version().strip().splitlines()[0].split()))

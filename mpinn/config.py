@@ -60,6 +60,7 @@ def require_non_negative(cfg, *names):
             raise UsageError(f"--{name.replace('_', '-')} must not be negative, got {value}")
 
 
+RESUME_CHOICES = ("no", "yes", "auto")
 ACTIVATIONS = ("relu", "tanh", "sigmoid")
 OUTPUT_ACTIVATIONS = ("identity", "sigmoid")
 
@@ -133,9 +134,10 @@ class TrainConfig:
                            ("gpipe", "1f1b"))
     run_dir: str = option("runs/latest", "folder for checkpoint.h5 and metrics.jsonl; one run at "
                                          "a time (it is locked while training)")
-    resume: bool = option(False, "continue the run in RUN_DIR where it stopped, on its own data "
-                                 "and options (epochs, steps, ranks, threads and run-time knobs "
-                                 "may change)")
+    resume: str = option("no", "continue the run in RUN_DIR where it stopped, on its own data "
+                               "and options (epochs, steps, ranks, threads and run-time knobs may "
+                               "change); --resume auto: continue when RUN_DIR holds a checkpoint, "
+                               "else start (a requeued job's choice)", RESUME_CHOICES)
     overwrite: bool = option(False, "start a new run in a RUN_DIR that holds one: its checkpoints "
                                     "and metrics are removed once every input has been checked")
     init: str = option("", "start from this checkpoint's weights (and architecture) with a fresh "
@@ -170,6 +172,8 @@ class TrainConfig:
         return parse_hidden(self.hidden)
 
     def validate(self):
+        # --resume: False, True, or "auto" (set_up decides it from RUN_DIR before anything else)
+        self.resume = {"no": False, "yes": True}.get(self.resume, self.resume)
         require_positive(self, "lr", "batch_size", "epochs", "log_every", "check_every", "threads",
                          "pipeline_stages", "micro_batches", "accumulate")
         require_non_negative(self, "steps", "weight_decay", "momentum", "eps", "keep_checkpoints",
@@ -284,6 +288,8 @@ def check_value(cls, name, value, where):
         value, ok = ",".join(str(v) for v in value), True
     if name == "shuffle" and isinstance(value, bool):  # shuffle = true/false in older configs
         value, ok = ("rank" if value else "none"), True
+    if name == "resume" and isinstance(value, bool):  # resume = true/false, resume=True
+        value, ok = ("yes" if value else "no"), True
     if not ok:
         raise UsageError(f"{where}: {name} must be {expected.__name__}, got {value!r}")
     choices = f.metadata.get("choices")
@@ -443,11 +449,29 @@ class JobsConfig:
     account: str = option("", "account/project to charge (default: the site's)")
     job_name: str = option("", "job name (default: the template's)")
     out: str = option("", "write the job file here (default: print it)")
+    launch_command: bool = option(False, "print, instead of a job file, the launcher for this "
+                                         "node's MPI library (what the job files run): srun "
+                                         "with the PMI the library speaks and core binding, else "
+                                         "its mpiexec; the rank count follows it")
     overwrite: bool = option(False, "replace OUT if it exists")
     debug: bool = option(False, "show Python tracebacks on errors")
 
     def validate(self):
         require_positive(self, "nodes", "ranks_per_node", "threads")
+
+
+@dataclass
+class DoctorConfig:
+    run_dir: str = option(".", "the folder runs will write to: checked for writing, HDF5 files "
+                               "and free disk")
+    threads: int = option(1, "BLAS threads per rank the runs will use")
+    sweep_max: int = option(1 << 22, "largest Allreduce message of the latency/bandwidth sweep, "
+                                     "bytes")
+    json: bool = option(False, "print one JSON object instead of text")
+    debug: bool = option(False, "show Python tracebacks on errors")
+
+    def validate(self):
+        require_positive(self, "threads", "sweep_max")
 
 
 @dataclass

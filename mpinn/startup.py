@@ -64,6 +64,8 @@ def set_up(cfg, explicit, comm, log):
         log.warn(warning)
     faults = FaultInjector.from_env(comm.rank)
     grid = comm.checked(Grid, cfg.pipeline_stages, comm.size, comm.rank)
+    if cfg.resume == "auto":
+        cfg = auto_resume(cfg, comm, log)
     lock = comm.checked(lambda: claim_run_dir(cfg) if comm.is_root else None)
     ckpt = broadcast_checkpoint(comm, lambda: start_checkpoint(cfg, log))
     if cfg.resume:
@@ -122,6 +124,22 @@ def learning_rates(cfg, plan, has_validation):
     return functools.partial(lr.lr_at, base=base, kind=cfg.lr_schedule, warmup=cfg.warmup_steps,
                              total=total, min_lr=cfg.min_lr, step_size=cfg.step_size,
                              gamma=cfg.gamma)
+
+
+def auto_resume(cfg, comm, log):
+    """--resume auto: continue when RUN_DIR holds a checkpoint, else start a new run there (what a
+    job that may be requeued asks for; leftovers of an attempt that never checkpointed go)."""
+    found = comm.bcast_(np.array([int(comm.is_root and bool(saved_checkpoints(cfg.run_dir)))],
+                                 np.int64))[0]
+    log.info("mpinn train: --resume auto: " + ("continuing the run in" if found else
+                                                "no checkpoint yet, a new run in") +
+             f" {cfg.run_dir}")
+    return dataclasses.replace(cfg, resume=bool(found), overwrite=not found)
+
+
+def saved_checkpoints(run_dir):
+    return [p for p in [os.path.join(run_dir, CHECKPOINT_NAME)] + glob.glob(
+        os.path.join(run_dir, "checkpoints", "step-*.h5")) if os.path.exists(p)]
 
 
 def claim_run_dir(cfg):

@@ -9,6 +9,7 @@ Only directive lines change; the commented body of the template stays as the gui
 import os
 import re
 import stat
+import subprocess
 import sys
 
 from .. import assets
@@ -67,7 +68,51 @@ def render(cfg):
     return render_slurm(text, cfg) if cfg.scheduler == "slurm" else render_pbs(text, cfg)
 
 
+def launch_command(scheduler, library, srun_plugins, threads, env):
+    """The launcher for this MPI library under this scheduler, ending with its rank-count flag
+    (pure). Under SLURM: srun with the PMI the library speaks (Open MPI >= 5: PMIx only; MPICH
+    and its derivatives: PMI-2) when this Slurm has that plugin, binding each rank to its
+    --cpus-per-task cores; else the library's own mpiexec, bound to cores the same way."""
+    openmpi = re.search(r"Open MPI v?(\d+)", library)
+    if scheduler == "slurm":
+        if openmpi:
+            wanted = ["pmix"] if int(openmpi.group(1)) >= 5 else ["pmix", "pmi2"]
+        else:
+            wanted = (["cray_shasta", "pmi2"] if "CRAY" in library.upper() else ["pmi2", "pmix"])
+        for plugin in wanted:
+            if plugin in srun_plugins:
+                return f"srun --mpi={plugin} --cpu-bind=cores -n"
+    hosts = env.get("PBS_NODEFILE") if scheduler == "pbs" else None
+    if openmpi:
+        return ("mpiexec" + (f" --hostfile {hosts}" if hosts else "") +
+                f" --bind-to core --map-by slot:PE={threads} -n")
+    return "mpiexec" + (f" -f {hosts}" if hosts else "") + f" -bind-to core:{threads} -n"
+
+
+def srun_plugins():
+    """The MPI plugins `srun --mpi=list` names (none when there is no srun)."""
+    try:
+        out = subprocess.run(["srun", "--mpi=list"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return re.findall(r"^\s*(?:srun: )?(\w+)\s*$", out.stdout + out.stderr, flags=re.M)
+
+
+def mpi_library():
+    """The MPI library mpi4py loads, named by a child process that does not start MPI."""
+    out = subprocess.run([sys.executable, "-m", "mpinn.comm"], capture_output=True, text=True,
+                         timeout=60)
+    if out.returncode != 0:
+        raise UsageError(f"cannot load MPI through mpi4py: {out.stderr.strip()[-300:]}")
+    return out.stdout.strip()
+
+
 def run(cfg, explicit, comm=None):
+    if cfg.launch_command:
+        plugins = srun_plugins() if cfg.scheduler == "slurm" else []
+        line = launch_command(cfg.scheduler, mpi_library(), plugins, cfg.threads, os.environ)
+        print(line)
+        return line
     text = render(cfg)
     if not cfg.out:
         sys.stdout.write(text)
