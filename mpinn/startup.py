@@ -167,10 +167,13 @@ def resumed_config(cfg, explicit, ckpt):
     """cfg with the run's own data and options from its checkpoint; an explicit option that
     contradicts them is an error."""
     saved, updates = ckpt.config, {}
+    # the data files as this command line means them: --data '' is the bundled digits (so a job
+    # file's empty DATA resumes a run on the bundled data), its --val-data '' the bundled test set
+    resolved = dict(zip(("data", "val_data"), (p or "" for p in data_paths(cfg))))
     for key in KEPT_ON_RESUME:
         if key not in saved:
             continue
-        mine, theirs = getattr(cfg, key), saved[key]
+        mine, theirs = resolved.get(key, getattr(cfg, key)), saved[key]
         if key in explicit and not same_setting(key, mine, theirs):
             flag = "--" + key.replace("_", "-")
             raise UsageError(f"{flag} {mine!r} differs from the run's {theirs!r}: --resume "

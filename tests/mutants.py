@@ -91,6 +91,20 @@ MUTANTS = [
     ("evaluation not summed over ranks", "mpinn/session.py",
      "loss_sum, correct, n = self.comm.allreduce_sum(sums)", "loss_sum, correct, n = sums",
      ["tests/test_commands.py", "-k", "evaluate_is_the_same"]),
+    ("mis-launch check blind to srun", "mpinn/runtime/launch.py",
+     '    ("SLURM_STEP_NUM_TASKS", "srun"),\n', "", ["tests/test_launch.py"]),
+    ("mis-launch check fires inside an allocation (Hydra's proxies)", "mpinn/runtime/launch.py",
+     "    if world_size != 1:", "    if world_size < 1:", ["tests/test_launch.py"]),
+    ("sweep trial run without its own options", "mpinn/sweep/run.py",
+     "    values.update({k: check_value(TrainConfig, k, v, where) for k, v in trial.items()})",
+     "", ["tests/test_sweep.py", "-k", "as_train_would"]),
+    ("sweep skips a stopped trial on resume", "mpinn/sweep/results.py",
+     'record["status"] in ("ok", "failed")', 'record["status"] in ("ok", "failed", "stopped")',
+     ["tests/test_sweep.py", "-k", "sigterm"]),
+    ("--resume auto ignores the checkpoint", "mpinn/startup.py",
+     "    return dataclasses.replace(cfg, resume=bool(found), overwrite=not found)",
+     "    return dataclasses.replace(cfg, resume=False, overwrite=True)",
+     ["tests/test_launch.py", "-k", "resume_auto"]),
 ]
 TIMEOUT = 900  # seconds for one mutant's tests; a hang counts as caught (the suite's timeouts act)
 

@@ -17,7 +17,7 @@ from mpinn.errors import UsageError
 from mpinn.hpc.jobs import render
 
 PBS_DIRECTIVE = re.compile(
-    r"^#PBS (-N [\w.-]+|-j oe|-q \S+|-A \S+|"
+    r"^#PBS (-N [\w.-]+|-j oe|-r [yn]|-q \S+|-A \S+|"
     r"-l select=\d+:ncpus=\d+:mpiprocs=\d+(:ompthreads=\d+)?|-l walltime=\d{1,3}:\d{2}:\d{2})$")
 
 

@@ -135,3 +135,53 @@ def test_doctor_reports_a_mis_launch_as_broken(tmp_path):
     assert p.returncode == 2
     assert "BROKEN: this process is rank 0 of a 1-rank MPI world, but srun started 2" in p.stdout
     assert "Allreduce   not measured (one rank)" in p.stdout
+
+
+# --- the launcher the job files use ---------------------------------------------------------------
+
+@pytest.mark.parametrize("scheduler,library,plugins,expected", [
+    ("slurm", "Open MPI v5.0.3, package: Open MPI", ["pmix", "pmi2", "none"],
+     "srun --mpi=pmix --cpu-bind=cores -n"),
+    ("slurm", "Open MPI v5.0.3", ["pmi2", "none"],  # PMIx only: never pmi2 for Open MPI 5
+     "mpiexec --bind-to core --map-by slot:PE=2 -n"),
+    ("slurm", "Open MPI v4.1.6", ["pmi2"], "srun --mpi=pmi2 --cpu-bind=cores -n"),
+    ("slurm", "MPICH Version: 5.0.2", ["pmix", "none", "cray_shasta", "pmi2"],
+     "srun --mpi=pmi2 --cpu-bind=cores -n"),
+    ("slurm", "MPI VERSION : CRAY MPICH version 8.1.28", ["cray_shasta", "pmi2"],
+     "srun --mpi=cray_shasta --cpu-bind=cores -n"),
+    ("slurm", "MPICH Version: 4.1", [], "mpiexec -bind-to core:2 -n"),
+    ("pbs", "MPICH Version: 4.1", [], "mpiexec -f /pbs/nodes -bind-to core:2 -n"),
+    ("pbs", "Open MPI v5.0.3", [], "mpiexec --hostfile /pbs/nodes --bind-to core --map-by slot:PE=2 -n"),
+])
+def test_the_launcher_follows_the_mpi_library(scheduler, library, plugins, expected):
+    from mpinn.hpc.jobs import launch_command
+    assert launch_command(scheduler, library, plugins, 2, {"PBS_NODEFILE": "/pbs/nodes"}) == expected
+
+
+def test_launch_command_names_this_machines_library():
+    p = subprocess.run([sys.executable, "-m", "mpinn", "jobs", "pbs", "--launch-command", "--threads",
+                        "3"], capture_output=True, text=True, timeout=60, env=mpinn_env())
+    assert p.returncode == 0 and p.stdout == "mpiexec -bind-to core:3 -n\n", p.stderr  # MPICH here
+
+
+# --- --resume auto ----------------------------------------------------------------------------------
+
+def test_resume_auto_starts_then_continues_and_refuses_another_configuration(tmp_path):
+    run = tmp_path / "r"
+    (run).mkdir()
+    (run / "metrics.jsonl").write_text('{"kind": "train"}\n')  # an attempt that never checkpointed
+    r = ok(run_mpinn(2, "train", "--epochs", 1, "--run-dir", run, "--resume", "auto"))
+    assert "--resume auto: no checkpoint yet, a new run in" in r.stdout
+    assert '{"kind": "train"}' not in (run / "metrics.jsonl").read_text()
+    # a job file passes --data '' for the bundled digits: that is the run's own data
+    r = ok(run_mpinn(2, "train", "--epochs", 2, "--run-dir", run, "--resume", "auto", "--data", ""))
+    assert "--resume auto: continuing the run in" in r.stdout
+    straight = tmp_path / "s"
+    ok(run_mpinn(2, "train", "--epochs", 2, "--run-dir", straight))
+    from mpinn import checkpoint
+    a, b = (checkpoint.load(str(p / "checkpoint.h5")) for p in (run, straight))
+    assert a.global_step == b.global_step and (a.params == b.params).all()
+    r = run_mpinn(2, "train", "--epochs", 3, "--run-dir", run, "--resume", "auto", "--lr", 0.5)
+    assert r.returncode == 2 and "--lr 0.5 differs from the run's 0.001" in r.stderr
+    r = run_mpinn(1, "train", "--run-dir", run, "--resume", "auto", "--overwrite")
+    assert r.returncode == 2 and "give one of them" in r.stderr

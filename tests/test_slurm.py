@@ -4,6 +4,7 @@ up.sh): its config, munge key and socket, spool, logs and pids live in a tempora
 listens on free ports of its own, and tear-down cancels only the jobs this test submitted and stops
 only its own daemons. Skipped with the reason where Slurm is not installed or we are not root
 (.ci/run installs the packages first)."""
+import json
 import os
 import shutil
 import socket
@@ -13,6 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import steps_per_epoch, ROOT
@@ -120,3 +122,95 @@ def test_sweep_job_file_under_slurm(cluster, tmp_path):
     rows = (tmp_path / "runs" / f"sweep-{job_id}" / "results.csv").read_text().splitlines()
     assert len(rows) == 4 and all(r.endswith(",ok,") for r in rows[1:]), rows
     assert out.count("mpinn sweep: best ") == 1 and "on 2 rank(s) in 2 group(s) of 1" in out
+
+
+def submit(job_file, workdir, env, *extra):
+    out = workdir / "job-%j.out"
+    job_id = subprocess.run(["sbatch", "--parsable", f"--chdir={workdir}", f"--output={out}",
+                             *extra, str(job_file)], env=env, capture_output=True, text=True,
+                            check=True, timeout=60).stdout.strip().split(";")[0]
+    with open(os.path.join(env["SLURM_LOCAL_STATE"], "jobs"), "a") as fh:
+        fh.write(job_id + "\n")  # down.sh cancels these and no others
+    return job_id
+
+
+def job_fields(job_id, env):
+    info = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True,
+                          text=True, env=env, timeout=30).stdout
+    return dict(f.split("=", 1) for f in info.split() if "=" in f)
+
+
+def wait_for(what, predicate, timeout=TERMINAL_WAIT):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.3)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def test_train_job_near_its_time_limit_is_requeued_and_ends_as_an_uninterrupted_run(cluster, tmp_path):
+    """The job file asks Slurm for USR1 before its time limit (--signal=B:USR1@120) and to be
+    requeueable. Here the test sends that USR1 itself (`scancel -b -s USR1`, which is what
+    --signal does, without waiting minutes for a real limit), and starts the requeued job at once
+    (Slurm holds requeued jobs ~2 minutes). The run checkpoints on the signal, the job requeues
+    itself, the next start continues with --resume auto, and the weights are those of one
+    uninterrupted run."""
+    epochs = 300
+    env = job_env(cluster, ARGS=f"--epochs {epochs} --log-every 100000")
+    job_id = submit(ROOT / "jobs" / "slurm" / "train.sbatch", tmp_path, env)
+    run_dir = tmp_path / "runs" / job_id
+    wait_for("the first checkpoint", lambda: (run_dir / "checkpoint.h5").exists())
+    subprocess.run(["scancel", "--batch", "--signal=USR1", job_id], env=env, check=True, timeout=30)
+    wait_for("the requeue", lambda: job_fields(job_id, env).get("Restarts") == "1"
+             and job_fields(job_id, env).get("JobState") == "PENDING")
+    stopped_at = checkpoint.load(str(run_dir / "checkpoint.h5")).global_step
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=env,
+                   check=True, timeout=30)
+    fields = wait_for("the end of the job", lambda: (lambda f: f if f.get("JobState") not in (
+        "PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", None) else None)(
+        job_fields(job_id, env)))
+    out = (tmp_path / f"job-{job_id}.out").read_text()
+    assert (fields["JobState"], fields["ExitCode"]) == ("COMPLETED", "0:0"), out
+    assert out.count("--resume auto: no checkpoint yet, a new run") == 1
+    assert out.count("requeueing job") == 1 and out.count("--resume auto: continuing the run") == 1
+    assert "stopped by SIGTERM after step" in out
+    final = checkpoint.load(str(run_dir / "checkpoint.h5"))
+    assert 0 < stopped_at < final.global_step == epochs * steps_per_epoch()
+    straight = tmp_path / "straight"
+    p = subprocess.run([str(Path(sys.executable).parent / "mpiexec"), "-n", "2", sys.executable,
+                        "-m", "mpinn", "train", "--epochs", str(epochs), "--run-dir", str(straight)],
+                       capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    np.testing.assert_array_equal(final.params, checkpoint.load(str(straight / "checkpoint.h5")).params)
+
+
+def test_mis_launch_under_srun_is_refused_and_mpiexec_inside_the_allocation_is_not(cluster, tmp_path):
+    """srun --mpi=none starts 2 processes that MPI does not connect (each a 1-rank world): each
+    exits 2 naming the cause. mpiexec inside the same allocation runs Hydra's proxies in a step
+    of fewer tasks than ranks: a sound launch, which trains on 2 ranks; doctor sees the same."""
+    script = tmp_path / "launches.sh"
+    script.write_text(f"""#!/bin/bash
+#SBATCH --ntasks=2
+. "{sys.prefix}/bin/activate"
+srun --mpi=none -n 2 python -m mpinn train --epochs 1 --run-dir {tmp_path}/bad
+echo "srun-none exit $?"
+mpiexec -n 2 python -m mpinn train --epochs 1 --run-dir {tmp_path}/good
+echo "mpiexec exit $?"
+mpiexec -n 2 python -m mpinn doctor --json --sweep-max 1024 > {tmp_path}/doctor.json
+echo "doctor exit $?"
+""")
+    job_id = submit(script, tmp_path, cluster)
+    fields = wait_for("the job", lambda: (lambda f: f if f.get("JobState") not in (
+        "PENDING", "CONFIGURING", "RUNNING", "COMPLETING", None) else None)(job_fields(job_id, cluster)))
+    out = (tmp_path / f"job-{job_id}.out").read_text()
+    assert fields["JobState"] == "COMPLETED", out
+    assert "srun-none exit 2" in out and "mpiexec exit 0" in out and "doctor exit 0" in out, out
+    refusals = [l for l in out.splitlines() if "srun started 2 processes (SLURM_STEP_NUM_TASKS=2)" in l]
+    assert len(refusals) == 2, out  # one line from each of the two unconnected processes
+    assert not (tmp_path / "bad").exists()
+    assert checkpoint.load(str(tmp_path / "good" / "checkpoint.h5")).config["ranks"] == 2
+    doctor = json.loads((tmp_path / "doctor.json").read_text())
+    assert doctor["world_size"] == 2 and doctor["broken"] == []
+    assert doctor["launcher"]["scheduler"] == "SLURM" and doctor["launcher"]["started"]["PMI_SIZE"] == 2
