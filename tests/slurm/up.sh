@@ -32,7 +32,7 @@ SlurmdPort=$((PORT0 + 1))
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
-AuthInfo=socket=$M/munge.socket
+AuthInfo=socket=$M/munge.socket,cred_expire=10
 CredType=cred/munge
 MpiDefault=pmi2
 ProctrackType=proctrack/linuxproc
