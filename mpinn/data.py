@@ -4,6 +4,13 @@ data checks every reader runs, the global shuffle's row exchange, and the per-ep
 The rows a rank owns are one strided block selection over the full batches (h5py.MultiBlockSlice,
 read as one hyperslab) plus its part of the last, shorter batch.
 """
+import atexit
+import functools
+import glob
+import json
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 
 import h5py
@@ -15,15 +22,114 @@ from .losses import LOSSES
 from .plan import even_part, position_owners
 
 
-def open_h5(path):
-    """Open an HDF5 file read-only with file locking off (locks fail on many shared filesystems and
-    are not needed for readers)."""
+def open_h5(spec):
+    """Open a data file read-only with file locking off (locks fail on many shared filesystems and
+    are not needed for readers). `spec` is one path, or several (comma-separated paths and/or
+    quoted glob patterns): then one virtual file that concatenates their rows (data_files)."""
+    files = data_files(spec)
+    path = files[0] if len(files) == 1 else virtual_file(tuple(files))
     try:
         return h5py.File(path, "r", locking=False)
     except FileNotFoundError:
         raise UsageError(f"data file not found: {path}") from None
     except OSError as e:
         raise UsageError(f"cannot open {path} as HDF5: {e}") from None
+
+
+def data_files(spec):
+    """The files a --data value names, in sorted path order: one path, comma-separated paths,
+    glob patterns ('shards/part-*.h5', quoted so the shell leaves them alone), or a mix."""
+    files = []
+    for part in (p.strip() for p in str(spec).split(",")):
+        if not part:
+            continue
+        if glob.has_magic(part):
+            matches = glob.glob(part)
+            if not matches:
+                raise UsageError(f"data pattern {part!r} matches no file")
+            files += matches
+        else:
+            files.append(part)
+    if not files:
+        raise UsageError(f"no data file in {spec!r}")
+    return sorted(set(files)) if len(files) > 1 else files
+
+
+def canonical_spec(spec):
+    """The expanded, sorted file list of a --data value (what a checkpoint records, so a resumed
+    run reads the same files even when a pattern would now match more)."""
+    return ",".join(data_files(spec))
+
+
+@functools.cache
+def virtual_file(files):
+    """An HDF5 virtual file (in a temporary folder of this process) whose datasets concatenate the
+    rows of every file's dataset of the same name: the rest of mpinn reads it as one file, a
+    rank's rows may span two files, and nothing is copied. The files must agree on each dataset's
+    dtype, row shape and attributes (the class names); the error names the file that does not."""
+    first = describe_rows(files[0])
+    layouts = {}
+    for path in files:
+        here = describe_rows(path)
+        if set(here) != set(first):
+            raise UsageError(f"{path} has datasets {sorted(here)}; {files[0]} has {sorted(first)}: "
+                             "all data files must hold the same datasets")
+        for name, (rows, tail, dtype, attrs) in here.items():
+            if (tail, dtype, attrs) != first[name][1:]:
+                what = ("row shape" if tail != first[name][1] else
+                        "dtype" if dtype != first[name][2] else "attributes (class names)")
+                raise UsageError(f"{path}:{name} differs from {files[0]}:{name} in {what} "
+                                 f"({tail or 'scalar'} {dtype} vs {first[name][1] or 'scalar'} "
+                                 f"{first[name][2]}); all data files must agree")
+            layouts.setdefault(name, []).append((os.path.abspath(path), rows))
+    folder = tempfile.mkdtemp(prefix="mpinn-data-")
+    atexit.register(shutil.rmtree, folder, True)
+    out = os.path.join(folder, "concatenated.h5")
+    with h5py.File(out, "w") as f, h5py.File(files[0], "r", locking=False) as template:
+        for name, sources in layouts.items():
+            _, tail, dtype, _ = first[name]
+            total = sum(rows for _, rows in sources)
+            layout = h5py.VirtualLayout(shape=(total, *tail), dtype=dtype)
+            start = 0
+            for src, rows in sources:
+                layout[start:start + rows] = h5py.VirtualSource(src, name, shape=(rows, *tail))
+                start += rows
+            ds = f.create_virtual_dataset(name, layout)
+            for key, value in template[name].attrs.items():  # the class names, if any
+                ds.attrs[key] = value
+    return out
+
+
+def describe_rows(path):
+    """{dataset: (rows, row shape, dtype, attributes)} of a data file's top-level datasets."""
+    try:
+        f = h5py.File(path, "r", locking=False)
+    except FileNotFoundError:
+        raise UsageError(f"data file not found: {path}") from None
+    except OSError as e:
+        raise UsageError(f"cannot open {path} as HDF5: {e}") from None
+    with f:
+        out = {}
+        for name, ds in f.items():
+            if isinstance(ds, h5py.Dataset) and ds.ndim >= 1:
+                attrs = tuple(sorted((k, json.dumps(_plain(v))) for k, v in ds.attrs.items()))
+                out[name] = (ds.shape[0], tuple(ds.shape[1:]), str(ds.dtype), attrs)
+        rows = {r for r, *_ in out.values()}
+        if len(rows) > 1:
+            raise UsageError(f"{path}: its datasets have different row counts "
+                             f"({', '.join(f'{k} {v[0]}' for k, v in out.items())})")
+        return out
+
+
+def _plain(value):
+    """An attribute value as JSON-able Python (str for bytes), to compare files and copy it."""
+    if isinstance(value, np.ndarray):
+        return [_plain(v) for v in value.tolist()]
+    if isinstance(value, (bytes, np.bytes_)):
+        return value.decode()
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value.item() if isinstance(value, np.generic) else value
 
 
 @dataclass(frozen=True)

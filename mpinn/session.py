@@ -23,8 +23,10 @@ def bundled(name):
 def data_paths(cfg):
     """(training data, validation data or None): the bundled digits when --data is not given."""
     if cfg.data:
-        return cfg.data, cfg.val_data or None
-    return bundled("digits-train.h5"), cfg.val_data or bundled("digits-test.h5")
+        return data.canonical_spec(cfg.data), (data.canonical_spec(cfg.val_data)
+                                               if cfg.val_data else None)
+    return bundled("digits-train.h5"), (data.canonical_spec(cfg.val_data) if cfg.val_data
+                                        else bundled("digits-test.h5"))
 
 
 def broadcast_checkpoint(comm, load):

@@ -185,8 +185,8 @@ def resumed_config(cfg, explicit, ckpt):
 
 def same_setting(key, mine, theirs):
     if key in ("data", "val_data"):
-        return bool(mine) == bool(theirs) and (
-            not mine or os.path.realpath(mine) == os.path.realpath(theirs))
+        files = lambda spec: [os.path.realpath(p) for p in data.data_files(spec)]  # noqa: E731
+        return bool(mine) == bool(theirs) and (not mine or files(mine) == files(theirs))
     if key == "hidden":
         return parse_hidden(mine) == parse_hidden(theirs)
     return mine == theirs
