@@ -514,7 +514,10 @@ class ConvertConfig:
                          ("auto", "npz", "csv", "idx"))
     x_key: str = option("X", "npz: the array of inputs")
     y_key: str = option("y", "npz: the array of labels or targets")
-    label_column: str = option("-1", "csv: the label column, by header name or index (-1: last)")
+    label_column: str = option("-1", "csv: the label column, by header name or index (-1: last); "
+                                     "text class names become integers, the names kept in the "
+                                     "file")
+    delimiter: str = option(",", "csv: the field separator", (",", ";", "tab"))
     labels: str = option("", "idx: the labels file that goes with the images")
     scale: float = option(1.0, "multiply inputs by this (e.g. 0.00392156862745098 = 1/255 for "
                                "MNIST pixels)")

@@ -188,6 +188,15 @@ def stored_classes(path, y_key):
     return None
 
 
+def class_names(spec, y_key):
+    """The class names stored with the labels (the `classes` attribute a CSV conversion writes),
+    as a list of str, or None."""
+    with open_h5(spec) as f:
+        if y_key in f and "classes" in f[y_key].attrs:
+            return [str(_plain(v)) for v in f[y_key].attrs["classes"]]
+    return None
+
+
 def _read_selection(ds, out, selections):
     """Read (file selection, rows) pieces of ds into consecutive rows of out, converting dtype."""
     row = 0

@@ -1,6 +1,7 @@
 """`mpinn evaluate` (loss and accuracy, rows split across data-parallel readers, sums reduced) and
 `mpinn predict` (classes and probabilities, or regression outputs, in input order to HDF5 or CSV).
 Both run data parallel or, with --pipeline-stages, as a forward-only pipeline."""
+import csv
 import json
 import os
 
@@ -61,8 +62,9 @@ class PredictionFile:
     """Predictions for n rows written under a temporary name beside `path` (HDF5 datasets pred
     and prob, or output; or CSV by the suffix) and renamed to `path` only when all are written."""
 
-    def __init__(self, path, n, k, classify):
+    def __init__(self, path, n, k, classify, class_names=None):
         self.path, self.k, self.classify = path, k, classify
+        self.names = np.array(class_names, dtype=object) if class_names else None
         self.tmp = os.path.join(os.path.dirname(os.path.abspath(path)),
                                 f".{os.path.basename(path)}.tmp-{os.getpid()}")
         try:
@@ -73,30 +75,39 @@ class PredictionFile:
     def _open(self, n):
         k = self.k
         if self.path.lower().endswith(".csv"):
-            self.fh = open(self.tmp, "w")
-            cols = (["pred"] + [f"p{j}" for j in range(k)]) if self.classify else [
-                f"y{j}" for j in range(k)]
-            self.fh.write(",".join(cols) + "\n")
+            self.fh = open(self.tmp, "w", newline="")
+            self.csv = csv.writer(self.fh)
+            label = ["label"] if self.names is not None else []
+            self.csv.writerow((["pred"] + label + [f"p{j}" for j in range(k)]) if self.classify
+                              else [f"y{j}" for j in range(k)])
             return
         self.fh = h5py.File(self.tmp, "w")
         if self.classify:
-            self.fh.create_dataset("pred", (n,), np.int64)
+            pred = self.fh.create_dataset("pred", (n,), np.int64)
             self.fh.create_dataset("prob", (n, k), np.float32)
+            if self.names is not None:  # the class names the network was trained with
+                pred.attrs["classes"] = self.names.astype(h5py.string_dtype())
+                self.fh.create_dataset("label", (n,), h5py.string_dtype())
         else:
             self.fh.create_dataset("output", (n, k), np.float32)
 
     def write(self, start, out):
+        rows = slice(start, start + len(out))
+        pred = out.argmax(1) if self.classify else None
         if isinstance(self.fh, h5py.File):
             if self.classify:
-                self.fh["pred"][start:start + len(out)] = out.argmax(1)
-                self.fh["prob"][start:start + len(out)] = out
+                self.fh["pred"][rows] = pred
+                self.fh["prob"][rows] = out
+                if self.names is not None:
+                    self.fh["label"][rows] = self.names[pred].astype(h5py.string_dtype())
             else:
-                self.fh["output"][start:start + len(out)] = out
+                self.fh["output"][rows] = out
         elif self.classify:
-            np.savetxt(self.fh, np.column_stack([out.argmax(1), out]),
-                       fmt=["%d"] + ["%.6g"] * self.k, delimiter=",")
+            label = [[n] for n in self.names[pred]] if self.names is not None else [[]] * len(out)
+            self.csv.writerows([p] + lab + [f"{v:.6g}" for v in o]
+                               for p, lab, o in zip(pred.tolist(), label, out))
         else:
-            np.savetxt(self.fh, out, fmt="%.6g", delimiter=",")
+            self.csv.writerows([f"{v:.6g}" for v in o] for o in out)
 
     def close(self, keep):
         """Close; rename into place when keep (everything written), else remove the temporary."""
@@ -129,8 +140,8 @@ def run_predict(cfg, explicit, comm):
             raise UsageError(f"{path} has {n_features} features; the checkpoint's network takes "
                              f"{arch.sizes[0]}")
         check_output_path(cfg.out, overwrite=cfg.overwrite)
-        writer = PredictionFile(cfg.out, n, arch.sizes[-1], classify) \
-            if active and grid.is_last else None
+        writer = PredictionFile(cfg.out, n, arch.sizes[-1], classify,
+                                ckpt.config.get("class_names")) if active and grid.is_last else None
         return n, writer
     n, writer = comm.checked(prepare)
     engine = comm.checked(make_engine, comm, grid, arch, ckpt.params, min(cfg.batch_size, n),

@@ -93,6 +93,7 @@ def set_up(cfg, explicit, comm, log):
     engine, step = build_engine(cfg, comm, grid, arch, plan, ckpt, log, bool(evaluate))
     lr_of = comm.checked(learning_rates, cfg, plan, bool(evaluate))
     loop_state = dict(ckpt.state) if ckpt is not None and cfg.resume else {}
+    saved_config = ckpt.config if ckpt is not None else None
     del ckpt  # the engine holds what this rank needs (a stage: its slice only)
     t0 = time.perf_counter()
     comm.first_on_each_node_then_rest(lambda: engine.warmup(x, y))
@@ -101,10 +102,22 @@ def set_up(cfg, explicit, comm, log):
         comm.checked(check_output_path, cfg.timeline, "--timeline")
         engine.timeline = Timeline()
     run_config = {**{k: getattr(cfg, k) for k in cfg.__dataclass_fields__}, "data": train_path,
-                  "val_data": val_path or "", "ranks": comm.size}
+                  "val_data": val_path or "", "ranks": comm.size,
+                  "class_names": names_of_classes(comm, cfg, saved_config, train_path, arch)}
     return Setup(cfg, grid, faults, lock, train_path, val_path, arch, n_rows, x, y, plan,
                  evaluate, engine, step, run_config, t_load,
                  sum(a.nbytes for a in (x, y) if a is not None), jit_s, lr_of, loop_state)
+
+
+def names_of_classes(comm, cfg, saved_config, train_path, arch):
+    """The class names a checkpoint carries (predict writes them): the start checkpoint's, else
+    those stored with the training labels; None for regression or unnamed classes."""
+    if not arch.loss_fn.integer_labels:
+        return None
+    names = (saved_config or {}).get("class_names") or comm.checked(
+        lambda: data.class_names(train_path, cfg.y_key) if comm.is_root else None)
+    names = comm.bcast_json(names)
+    return names if names and len(names) == arch.sizes[-1] else None
 
 
 def total_updates(cfg, plan):

@@ -1,5 +1,6 @@
 """`mpinn data convert` (npz, CSV, IDX; streaming; stratified split) and `mpinn export` (ONNX run
 by onnxruntime, a PyTorch state dict, npz), each on real files the test writes."""
+import csv
 import gzip
 
 import h5py
@@ -179,3 +180,67 @@ def test_npz_export_reproduces_predictions_with_numpy(trained, tmp_path):
 def test_export_errors(tmp_path, capsys):
     assert main(["export", "--checkpoint", str(tmp_path / "none.h5")]) == 2
     assert "checkpoint not found" in capsys.readouterr().err
+
+
+def write_table(path, rows, header=None, sep=",", opener=open):
+    with opener(path, "wt", newline="") as fh:
+        w = csv.writer(fh, delimiter=sep)
+        if header:
+            w.writerow(header)
+        w.writerows(rows)
+
+
+def test_csv_text_classes_quotes_and_semicolons_end_in_predictions_by_name(tmp_path):
+    """The README's kind of table: a header, text class names (one with the delimiter quoted in
+    it), ';' separators. The names travel: HDF5 attribute -> checkpoint -> predict's label."""
+    x, y = data(n=300, f=4, k=3, seed=5)
+    names = ["setosa", "versi; color", "virginica"]
+    write_table(tmp_path / "iris.csv", [[f"{v:.6f}" for v in r] + [names[l]] for r, l in zip(x, y)],
+                ["sepal length", "sepal width", "petal length", "petal width", "species"], ";")
+    assert main(["data", "convert", str(tmp_path / "iris.csv"), "--delimiter", ";",
+                 "--label-column", "species", "--out", str(tmp_path / "iris.h5")]) == 0
+    X, Y, _ = read(tmp_path / "iris.h5")
+    np.testing.assert_allclose(X, x, atol=1e-6)
+    np.testing.assert_array_equal(Y, y)  # the names sort as setosa < versi; color < virginica
+    with h5py.File(tmp_path / "iris.h5") as f:
+        assert [v.decode() if isinstance(v, bytes) else v for v in f["y"].attrs["classes"]] == names
+    ok(run_mpinn(2, "train", "--data", tmp_path / "iris.h5", "--epochs", 3, "--run-dir", tmp_path / "r"))
+    from mpinn import checkpoint
+    ckpt = checkpoint.load(str(tmp_path / "r" / "checkpoint.h5"))
+    assert ckpt.config["class_names"] == names and ckpt.arch.sizes[-1] == 3
+    ok(run_mpinn(1, "predict", "--checkpoint", tmp_path / "r" / "checkpoint.h5", "--data",
+                 tmp_path / "iris.h5", "--out", tmp_path / "p.csv"))
+    ok(run_mpinn(1, "predict", "--checkpoint", tmp_path / "r" / "checkpoint.h5", "--data",
+                 tmp_path / "iris.h5", "--out", tmp_path / "p.h5"))
+    rows = list(csv.reader(open(tmp_path / "p.csv", newline="")))
+    assert rows[0] == ["pred", "label", "p0", "p1", "p2"] and len(rows) == 301
+    assert all(r[1] == names[int(r[0])] for r in rows[1:])
+    with h5py.File(tmp_path / "p.h5") as f:
+        labels = [v.decode() for v in f["label"][...]]
+        assert labels == [names[p] for p in f["pred"][...]]
+
+
+def test_csv_tab_gzip_numbers_as_text_and_no_header(tmp_path):
+    x, y = data(n=40, f=3, k=4, seed=2)
+    write_table(tmp_path / "t.csv.gz", [[f"{v:.6f}" for v in r] + [str(l)] for r, l in zip(x, y)],
+                sep="\t", opener=gzip.open)
+    assert main(["data", "convert", str(tmp_path / "t.csv.gz"), "--delimiter", "tab", "--out",
+                 str(tmp_path / "t.h5")]) == 0
+    X, Y, _ = read(tmp_path / "t.h5")
+    assert X.shape == (40, 3) and Y.dtype == np.int64
+    np.testing.assert_array_equal(Y, y)  # whole numbers stay class numbers, no names stored
+    with h5py.File(tmp_path / "t.h5") as f:
+        assert "classes" not in f["y"].attrs
+
+
+@pytest.mark.parametrize("rows,message", [
+    ([["1", "2", "a"], ["3", "", "b"]], "line 3: 'f2' is empty"),
+    ([["1", "2", "a"], ["3", "zz", "b"]], "line 3: 'f2' holds text ('zz') where a number belongs"),
+    ([["1", "2", "a"], ["3", "4", ""]], "line 3: 'label' is empty"),
+])
+def test_csv_bad_cells_are_one_error_naming_line_and_column(tmp_path, rows, message, capsys):
+    write_table(tmp_path / "bad.csv", rows, ["f1", "f2", "label"])
+    assert main(["data", "convert", str(tmp_path / "bad.csv"), "--out", str(tmp_path / "b.h5")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "b.h5").exists()
