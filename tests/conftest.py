@@ -117,6 +117,36 @@ def write_regression(path, n, features, targets, seed=0):
     return str(path)
 
 
+SHM = Path("/dev/shm")
+
+
+def mpich_segments():
+    return set(SHM.glob("mpich_shm_*")) if SHM.is_dir() else set()
+
+
+def mapped_segments():
+    """The /dev/shm files some live process has mapped (a running MPI job's, anyone's)."""
+    mapped = set()
+    for maps in Path("/proc").glob("[0-9]*/maps"):
+        try:
+            mapped |= {Path(line.split(None, 5)[5].strip()) for line in maps.read_text().splitlines()
+                       if "/dev/shm/" in line and len(line.split(None, 5)) == 6}
+        except OSError:
+            continue
+    return mapped
+
+
+@pytest.fixture(scope="session", autouse=True)
+def shared_memory_left_as_found():
+    """MPICH leaves its shared-memory segment (/dev/shm/mpich_shm_*, ~3 MB of RAM) behind when a
+    job ends by MPI_Abort or SIGKILL, which the fault tests do on purpose. At the end of the
+    session the segments that appeared during it and that no process maps are removed."""
+    before = mpich_segments()
+    yield
+    for segment in mpich_segments() - before - mapped_segments():
+        segment.unlink(missing_ok=True)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def numba_cache_warm():
     """Compile the kernels once before any multi-rank run, so ranks never race to write the cache
