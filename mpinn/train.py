@@ -130,12 +130,17 @@ class Trainer:
                                      epoch, grid.replica,
                                      self.owned_rows() if dropout else None)
         t0 = time.perf_counter()
-        ex, ey = data.global_shuffle(self.comm, s.x, s.y, s.n_rows, cfg.batch_size, cfg.seed,
-                                     epoch)
+        ex, ey = self.global_shuffle().epoch(cfg.seed, epoch)
         rows = data.global_shuffle_rows(s.n_rows, cfg.batch_size, cfg.seed, epoch, grid.replica,
                                         grid.replicas) if dropout else None
         self.shuffle_seconds += time.perf_counter() - t0
         return data.EpochBatches(ex, ey, self.counts, False, cfg.seed, epoch, grid.replica, rows)
+
+    @functools.cache
+    def global_shuffle(self):
+        """The exchange of rows between ranks, with its epoch buffers (made at the first epoch)."""
+        return data.GlobalShuffle(self.comm, self.s.x, self.s.y, self.s.n_rows,
+                                  self.cfg.batch_size)
 
     @functools.cache
     def owned_rows(self):

@@ -156,3 +156,59 @@ def test_global_shuffle_is_a_new_permutation_every_epoch_and_seed():
         orders[seed, epoch] = tuple(gy)
     assert len(set(orders.values())) == 4                          # no two alike
     assert orders[0, 0] != tuple(range(100))                       # and not the file order
+
+
+class ThreadRank:
+    """One rank of a world of threads: Alltoallv through shared slots and a barrier, so the
+    global shuffle's exchange runs for real at several ranks in one process."""
+
+    def __init__(self, world, rank):
+        self.world, self.rank, self.size = world, rank, len(world["slots"])
+
+    def alltoallv_(self, send, send_counts, recv, recv_counts):
+        w = self.world
+        w["slots"][self.rank] = (send, np.asarray(send_counts))
+        w["barrier"].wait()
+        off = 0
+        for source in range(self.size):
+            buf, counts = w["slots"][source]
+            start, n = int(counts[:self.rank].sum()), int(counts[self.rank])
+            assert n == recv_counts[source]
+            recv[off:off + n] = buf[start:start + n]
+            off += n
+        w["barrier"].wait()
+
+
+@pytest.mark.parametrize("size", [2, 3, 4])
+@pytest.mark.parametrize("rounds", [1, 3, 16])
+def test_global_shuffle_rounds_deliver_every_rank_the_permuted_rows(size, rounds):
+    import threading
+    n, batch, seed, epochs = 103, 10, 4, 2
+    x_all = np.arange(2 * n, dtype=np.float32).reshape(n, 2)
+    y_all = np.arange(n) * 10
+    owner, _ = plan.position_owners(n, batch, size)
+    world = {"slots": [None] * size, "barrier": threading.Barrier(size)}
+    results, errors = {}, []
+
+    def rank_main(r):
+        try:
+            rows = plan.BatchPlan(n, batch, r, size).owned_rows()
+            shuffle = data.GlobalShuffle(ThreadRank(world, r), x_all[rows], y_all[rows], n, batch,
+                                         rounds=rounds)
+            results[r] = [tuple(a.copy() for a in shuffle.epoch(seed, e)) for e in range(epochs)]
+        except Exception as e:  # noqa: BLE001 - reported by the test below
+            errors.append(e)
+            world["barrier"].abort()
+    threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(size)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not errors, errors
+    for e in range(epochs):
+        perm = data.epoch_permutation(n, seed, e)
+        for r in range(size):
+            mine = perm[owner == r]  # the file rows of my positions, in step order
+            gx, gy = results[r][e]
+            np.testing.assert_array_equal(gy, y_all[mine])
+            np.testing.assert_array_equal(gx, x_all[mine])
