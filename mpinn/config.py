@@ -73,6 +73,10 @@ class TrainConfig:
                                "(default: the bundled digits test set when --data is not given)")
     x_key: str = option("X", "name of the input dataset in the HDF5 files")
     y_key: str = option("y", "name of the target dataset in the HDF5 files")
+    memory_budget: float = option(0.0, "MiB of training inputs a rank may hold: a larger slice is "
+                                       "streamed from the file in chunks read ahead in the "
+                                       "background (0: half the node's available memory shared "
+                                       "by its ranks)")
     hidden: str = option("128,64", "hidden layer widths, comma-separated ('' for none)")
     activation: str = option("relu", "hidden-layer activation", ACTIVATIONS)
     output_activation: str = option("identity", "output activation with --loss mse",
@@ -177,6 +181,7 @@ class TrainConfig:
         require_positive(self, "lr", "batch_size", "epochs", "log_every", "check_every", "threads",
                          "pipeline_stages", "micro_batches", "accumulate")
         require_non_negative(self, "steps", "weight_decay", "momentum", "eps", "keep_checkpoints",
+                             "memory_budget",
                              "signal_grace", "stall_warning", "stall_timeout", "overlap_mb")
         for name in ("beta1", "beta2"):
             if not 0 <= getattr(self, name) < 1:

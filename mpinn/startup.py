@@ -54,6 +54,7 @@ class Setup:
     jit_s: float
     lr_of: object = None  # update number (0 for the first) -> learning rate
     loop_state: dict = None  # the checkpoint's loop state on resume (early stopping)
+    stream: object = None    # data.Stream when the inputs are read from the file as training goes
 
 
 def set_up(cfg, explicit, comm, log):
@@ -79,9 +80,13 @@ def set_up(cfg, explicit, comm, log):
         faults.at("load")
         return data.plan_selections(BatchPlan(n, cfg.batch_size, grid.replica, grid.replicas))
     t_load = time.perf_counter()
+    stream = comm.checked(streaming, cfg, train_path, cols, grid, comm.node_size())
     n_rows, n_features, n_targets, x, y = load_split(
-        comm, train_path, cols, train_selections, grid.replicas, grid.is_first, grid.is_last,
-        "ranks" if grid.stages == 1 else "pipeline replicas")
+        comm, train_path, cols, train_selections, grid.replicas, grid.is_first and not stream,
+        grid.is_last, "ranks" if grid.stages == 1 else "pipeline replicas")
+    if stream:
+        stream.labels = comm.checked(lambda: data.read_rows(
+            train_path, cols, [(slice(0, n_rows), n_rows)], n_targets, want_x=False)[1])
     t_load = time.perf_counter() - t_load
     plan = BatchPlan(n_rows, cfg.batch_size, grid.replica, grid.replicas)
     n_outputs = (class_count(comm, cfg, ckpt, y, train_path, plan)
@@ -96,7 +101,8 @@ def set_up(cfg, explicit, comm, log):
     saved_config = ckpt.config if ckpt is not None else None
     del ckpt  # the engine holds what this rank needs (a stage: its slice only)
     t0 = time.perf_counter()
-    comm.first_on_each_node_then_rest(lambda: engine.warmup(x, y))
+    warm_x = x if not stream else comm.checked(stream.first_rows, plan)
+    comm.first_on_each_node_then_rest(lambda: engine.warmup(warm_x, y))
     jit_s = time.perf_counter() - t0
     if cfg.timeline:
         comm.checked(check_output_path, cfg.timeline, "--timeline")
@@ -106,7 +112,7 @@ def set_up(cfg, explicit, comm, log):
                   "class_names": names_of_classes(comm, cfg, saved_config, train_path, arch)}
     return Setup(cfg, grid, faults, lock, train_path, val_path, arch, n_rows, x, y, plan,
                  evaluate, engine, step, run_config, t_load,
-                 sum(a.nbytes for a in (x, y) if a is not None), jit_s, lr_of, loop_state)
+                 sum(a.nbytes for a in (x, y) if a is not None), jit_s, lr_of, loop_state, stream)
 
 
 def names_of_classes(comm, cfg, saved_config, train_path, arch):
@@ -118,6 +124,24 @@ def names_of_classes(comm, cfg, saved_config, train_path, arch):
         lambda: data.class_names(train_path, cfg.y_key) if comm.is_root else None)
     names = comm.bcast_json(names)
     return names if names and len(names) == arch.sizes[-1] else None
+
+
+def streaming(cfg, path, cols, grid, ranks_on_node):
+    """A data.Stream when this rank's slice of the inputs is larger than --memory-budget (by
+    default half the node's available memory shared by its ranks), else None."""
+    with data.open_h5(path) as f:
+        n_rows, n_features, _ = data.inspect(f, path, cols)
+    rows = int(BatchPlan(n_rows, cfg.batch_size, grid.replica, grid.replicas).local_counts().sum())
+    budget = (cfg.memory_budget * 2**20 if cfg.memory_budget else
+              available_memory_bytes() / 2 / max(ranks_on_node, 1))
+    row_bytes = n_features * 4
+    if not budget or rows * row_bytes <= budget:
+        return None
+    if grid.stages > 1:
+        raise UsageError(f"this rank's {rows * row_bytes / 2**20:,.0f} MiB of inputs exceed "
+                         f"--memory-budget ({budget / 2**20:,.0f} MiB): streaming is data parallel "
+                         "only; raise the budget, or use more replicas")
+    return data.Stream(path, cols.x_key, max(1, int(budget // 3 // row_bytes)))
 
 
 def total_updates(cfg, plan):

@@ -78,6 +78,10 @@ class Trainer:
                 f"{grid.replicas} replica(s), {cfg.micro_batches} micro-batches, {cfg.schedule}"
                 if grid.stages > 1 else "data parallel")
         self.log.info(self.lr_summary())
+        if s.stream:
+            self.log.info(f"mpinn train: inputs streamed from {s.train_path} in chunks of "
+                          f"{s.stream.chunk_rows:,} rows read ahead (this rank's slice is larger "
+                          "than --memory-budget)")
         self.log.info(f"mpinn train: {self.comm.size} rank(s) [{self.comm.library_version()}], "
                       f"{mode}, network {self.arch.describe()} ({self.arch.n_params:,} "
                       f"parameters, {self.arch.loss}), {s.n_rows} rows, global batch "
@@ -106,10 +110,13 @@ class Trainer:
         while self.step < self.max_steps and not self.stopping and not self.finished_early:
             epoch, first = divmod(self.step, self.spe)
             batches = self.epoch_batches(epoch)
-            for k in range(first, self.spe):
-                if self.step >= self.max_steps or self.stopping:
-                    break
-                self.train_step(batches, k, epoch)
+            try:
+                for k in range(first, self.spe):
+                    if self.step >= self.max_steps or self.stopping:
+                        break
+                    self.train_step(batches, k, epoch)
+            finally:
+                batches.close()
             if self.step % self.spe == 0 and not self.stopping:
                 self.end_epoch(epoch)
         if self.saved_at != self.step:
@@ -125,6 +132,8 @@ class Trainer:
         """This rank's batches for one epoch, in the order --shuffle asks for."""
         s, cfg, grid = self.s, self.cfg, self.s.grid
         dropout = cfg.dropout > 0  # dropout's masks are keyed by file row: say which rows
+        if s.stream:
+            return s.stream.batches(self.file_rows(epoch), self.counts, dropout)
         if cfg.shuffle != "global":
             return data.EpochBatches(s.x, s.y, self.counts, cfg.shuffle == "rank", cfg.seed,
                                      epoch, grid.replica,
@@ -135,6 +144,18 @@ class Trainer:
                                         grid.replicas) if dropout else None
         self.shuffle_seconds += time.perf_counter() - t0
         return data.EpochBatches(ex, ey, self.counts, False, cfg.seed, epoch, grid.replica, rows)
+
+    def file_rows(self, epoch):
+        """The file rows of this reader's steps in an epoch, in order: what the in-memory paths
+        gather (EpochBatches' per-rank permutation, the global shuffle's positions)."""
+        cfg, grid, owned = self.cfg, self.s.grid, self.owned_rows()
+        if cfg.shuffle == "global":
+            return data.global_shuffle_rows(self.s.n_rows, cfg.batch_size, cfg.seed, epoch,
+                                            grid.replica, grid.replicas)
+        if cfg.shuffle == "rank":
+            return owned[np.random.default_rng([cfg.seed, epoch, grid.replica]).permutation(
+                len(owned))]
+        return owned
 
     @functools.cache
     def global_shuffle(self):

@@ -109,3 +109,67 @@ def test_training_on_many_files_equals_one_concatenated_file(tmp_path):
     ok(run_mpinn(1, "predict", "--checkpoint", ckpt, "--data", parts, "--out", tmp_path / "p.h5"))
     with h5py.File(tmp_path / "p.h5") as f:
         assert f["pred"].shape == (1333,)  # the pattern matches part-3.h5 too by now
+
+
+# --- streaming: inputs larger than --memory-budget are read as training goes --------------------
+
+def test_read_file_rows_in_any_order(tmp_path):
+    from mpinn.data import read_file_rows
+    x = np.arange(300, dtype=np.float64).reshape(100, 3)
+    with h5py.File(tmp_path / "x.h5", "w") as f:
+        f["X"] = x
+    rng = np.random.default_rng(1)
+    with h5py.File(tmp_path / "x.h5") as f:
+        for rows in (np.arange(10, 60), rng.permutation(100)[:37],
+                     np.concatenate([np.arange(5, 15), np.arange(40, 47), [99, 0]]), np.array([], int)):
+            got = read_file_rows(f["X"], rows)
+            assert got.dtype == np.float32
+            np.testing.assert_array_equal(got, x[rows].astype(np.float32))
+
+
+@pytest.mark.parametrize("ranks,shuffle,extra", [
+    (1, "rank", []), (2, "none", []), (2, "rank", ["--dropout", "0.3"]), (2, "global", []),
+    (3, "global", ["--steps", 40]),  # ends inside an epoch: the read-ahead thread is stopped
+])
+def test_streamed_training_equals_training_from_memory(tmp_path, ranks, shuffle, extra):
+    split_files(tmp_path)
+    common = ["--data", tmp_path / "all.h5", "--epochs", 3, "--shuffle", shuffle, *extra]
+    ok(run_mpinn(ranks, "train", *common, "--run-dir", tmp_path / "memory"))
+    # 8 KiB: smaller than any slice here (334-1000 rows x 32 B); chunks of 87 rows, several an epoch
+    r = ok(run_mpinn(ranks, "train", *common, "--run-dir", tmp_path / "streamed",
+                     "--memory-budget", 0.008))
+    assert "inputs streamed from" in r.stdout and "chunks of 87 rows" in r.stdout
+    a = checkpoint.load(str(tmp_path / "memory" / "checkpoint.h5"))
+    b = checkpoint.load(str(tmp_path / "streamed" / "checkpoint.h5"))
+    assert a.global_step == b.global_step
+    np.testing.assert_array_equal(a.params, b.params)
+
+
+def test_streaming_is_refused_in_pipeline_mode_with_the_reason(tmp_path):
+    split_files(tmp_path)
+    r = run_mpinn(2, "train", "--data", tmp_path / "all.h5", "--pipeline-stages", 2,
+                  "--memory-budget", 0.01, "--run-dir", tmp_path / "r")
+    assert r.returncode == 2 and "streaming is data parallel only" in r.stderr
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "chunked", "chunked-odd", "gzip", "float64"])
+def test_row_source_reads_any_rows_of_any_layout(tmp_path, layout):
+    """Direct reads (pread of runs) where the data are stored plainly; HDF5 for the rest."""
+    from mpinn.data import RowSource
+    x = np.random.default_rng(3).normal(size=(1000, 7))
+    opts = {"contiguous": {}, "chunked": {"chunks": (100, 7)}, "chunked-odd": {"chunks": (64, 7)},
+            "gzip": {"chunks": (100, 7), "compression": "gzip"}, "float64": {}}[layout]
+    with h5py.File(tmp_path / "x.h5", "w") as f:
+        f.create_dataset("X", data=x if layout == "float64" else x.astype(np.float32), **opts)
+    source = RowSource(str(tmp_path / "x.h5"), "X")
+    assert (source.layout is None) == (layout == "gzip")
+    rng = np.random.default_rng(4)
+    try:
+        for rows in (rng.permutation(1000)[:333], np.arange(50, 950), np.array([999, 0, 63, 64, 65]),
+                     np.concatenate([np.arange(90, 130), rng.permutation(1000)[:20] + 0])):
+            rows = np.unique(rows) if len(np.unique(rows)) != len(rows) else rows
+            got = source.read(rows)
+            assert got.dtype == np.float32
+            np.testing.assert_array_equal(got, x[rows].astype(np.float32))
+    finally:
+        source.close()
