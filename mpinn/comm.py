@@ -182,6 +182,24 @@ class Comm:
                              [recvbuf, (list(map(int, recv_counts)), list(map(int, displ(recv_counts))))])
         return recvbuf
 
+    def reduce_scatter_(self, sendbuf, recvbuf, counts):
+        """Sum sendbuf over ranks and leave rank r the r-th block (counts[r] elements, blocks in
+        rank order) in recvbuf."""
+        if self.size == 1:
+            recvbuf[...] = sendbuf[:recvbuf.size]
+            return recvbuf
+        self._comm.Reduce_scatter(sendbuf, recvbuf, list(map(int, counts)), op=MPI.SUM)
+        return recvbuf
+
+    def allgatherv_(self, buf, counts):
+        """In place: rank r's block of buf (counts[r] elements, blocks in rank order) goes to
+        every rank."""
+        if self.size > 1:
+            displ = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+            self._comm.Allgatherv(MPI.IN_PLACE, [buf, (list(map(int, counts)),
+                                                       list(map(int, displ)))])
+        return buf
+
     def gatherv_(self, sendbuf, recvbuf, counts, root=0):
         """Concatenate every rank's sendbuf (counts[r] elements each) into recvbuf on root."""
         if self.size == 1:

@@ -128,6 +128,9 @@ class TrainConfig:
     overlap_mb: float = option(0.0, "data parallel: Allreduce gradients in buckets of this many "
                                     "MiB, last layer first, while earlier layers' backward runs "
                                     "(0: one Allreduce after the backward pass)")
+    shard_optimizer: bool = option(False, "each data-parallel rank updates 1/p of the parameters "
+                                          "and keeps that slice's optimizer state "
+                                          "(Reduce_scatter, update, Allgather; ZeRO stage 1)")
     pipeline_stages: int = option(1, "split the layers into S pipeline stages (ranks = S x "
                                      "replicas); 1 = pure data parallel")
     partition: str = option("", "layers per pipeline stage, e.g. '2,1' (default: balanced by "
@@ -193,6 +196,9 @@ class TrainConfig:
         if self.resume and self.overwrite:
             raise UsageError("--resume continues the run in RUN_DIR and --overwrite replaces it: "
                              "give one of them")
+        if self.shard_optimizer and self.overlap_mb:
+            raise UsageError("--shard-optimizer and --overlap-mb exclude each other (the sharded "
+                             "update reduces the gradient in one Reduce_scatter)")
         require_non_negative(self, "classes", "warmup_steps", "min_lr", "clip_grad_norm",
                              "early_stop", "early_stop_delta")
         require_positive(self, "step_size", "gamma", "lr_ref_batch")
@@ -362,6 +368,8 @@ class BenchConfig:
     threads: int = option(1, "BLAS threads per rank")
     overlap_mb: float = option(0.0, "Allreduce gradients in buckets of this many MiB during the "
                                     "backward pass (0: one Allreduce after it)")
+    shard_optimizer: bool = option(False, "each rank updates 1/p of the parameters "
+                                          "(Reduce_scatter, update, Allgather)")
     allreduce_sweep: bool = option(False, "also time Allreduce over message sizes from 4 B to "
                                           "--sweep-max bytes (for the performance model)")
     sweep_max: int = option(1 << 24, "largest Allreduce message of the sweep, bytes")

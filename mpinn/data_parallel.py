@@ -16,11 +16,12 @@ from . import kernels
 from .engine import Engine, StepResult, clip_, make_optimizer
 from .model import Network
 from .plan import even_part
+from .shard import ShardedUpdate
 
 
 class DataParallelEngine(Engine):
     def __init__(self, comm, arch, params, max_rows, opt_settings=None, opt_state=None,
-                 eval_rows=0, overlap_mb=0.0, accumulate=1):
+                 eval_rows=0, overlap_mb=0.0, accumulate=1, shard=False):
         self.comm, self.arch = comm, arch
         self.data_rank, self.data_size = comm.rank, comm.size
         n = arch.n_params
@@ -32,7 +33,12 @@ class DataParallelEngine(Engine):
         self.piece_grads = np.zeros(n, np.float32) if self.accumulate > 1 else None
         self.buckets = gradient_buckets(arch, overlap_mb * 2**20) if overlap_mb > 0 else None
         self.phase_s = [0.0, 0.0, 0.0]  # the last step's compute, allreduce (wait), optimizer
-        self.optimizer = make_optimizer(opt_settings, n, opt_state)
+        # --shard-optimizer: this rank updates one slice (shard.py); 1 rank has nothing to share
+        self.shard = (ShardedUpdate(comm, n, opt_settings, opt_state)
+                      if shard and comm.size > 1 and opt_settings is not None else None)
+        self.optimizer = (self.shard.optimizer if self.shard else
+                          make_optimizer(opt_settings, n, opt_state))
+        self.control = np.zeros(4, np.float64)  # sharded: stop, loss, non-finite, squares
         self.chunk = self.net.ws.max_rows
 
     @property
@@ -66,6 +72,8 @@ class DataParallelEngine(Engine):
                 loss, correct = self.net.train_step_traced(xb, yb, scale, self.timeline, *drop)
             else:
                 loss, correct = self.net.train_step(xb, yb, scale, None, *drop)
+            if self.shard:
+                return self._sharded_update(loss, correct, rows, stop, start)
             self.reduced[n] = 1.0 if stop else 0.0
             self.reduced[n + 1] = loss
             t0 = time.perf_counter()
@@ -85,6 +93,33 @@ class DataParallelEngine(Engine):
         self.timeline.add("optimizer", t1, t2)
         self.phase_s = [t0 - start, t1 - t0, t2 - t1]
         return StepResult(loss, correct, rows, bool(self.reduced[n] > 0), finite, norm)
+
+    def _sharded_update(self, loss, correct, rows, stop, start):
+        """Reduce_scatter the gradient, agree on stop/finiteness/norm in one small Allreduce,
+        update this rank's slice, Allgather the parameters."""
+        t0 = time.perf_counter()
+        self.watchdog.arrived()
+        self.shard.reduce(self.net.grads)
+        bad, squares = self.shard.slice_checks(bool(self.clip_grad_norm))
+        self.control[:] = (1.0 if stop else 0.0, loss, bad, squares)
+        self.comm.allreduce_(self.control)
+        t1 = time.perf_counter()
+        finite = bool(self.control[2] == 0 and np.isfinite(self.control[1]))
+        norm = 0.0
+        if finite:
+            if self.clip_grad_norm:
+                norm = math.sqrt(self.control[3])
+                clip_(self.shard.grads, norm, self.clip_grad_norm)
+            self.shard.update(self.net.params)
+        t2 = time.perf_counter()
+        if finite:  # every rank decided the same: all take part, or none
+            self.shard.gather(self.net.params)
+        t3 = time.perf_counter()
+        self.timeline.add("allreduce", t0, t1)
+        self.timeline.add("optimizer", t1, t2)
+        self.timeline.add("allreduce", t2, t3)
+        self.phase_s = [t0 - start, (t1 - t0) + (t3 - t2), t2 - t1]
+        return StepResult(loss, correct, rows, bool(self.control[0] > 0), finite, norm)
 
     def _accumulated(self, xb, yb, scale, drop):
         """This rank's share in `accumulate` pieces: the first piece's gradient is written, the
@@ -131,6 +166,8 @@ class DataParallelEngine(Engine):
             consume(off, self.net.raw_outputs(read_x(off, m)))
 
     def full_state(self):
+        if self.shard:  # collective: every rank gathers the slices of the state
+            return self.net.params, self.shard.full_state()
         return self.net.params, (self.optimizer.state if self.optimizer else [])
 
     def replicas_agree(self):

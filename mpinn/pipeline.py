@@ -19,6 +19,7 @@ from .engine import Engine, StepResult, clip_, make_optimizer
 from .model import NO_DROPOUT, NO_ROWS, Layers
 from .plan import (balanced_partition, even_part, in_flight, layer_flops, parse_partition,
                    schedule, stage_layers)
+from .shard import ShardedUpdate
 
 TAG_ACTIVATION, TAG_GRADIENT = 101, 102
 STAT_KEYS = ("compute_s", "wait_s", "bubble", "activation_bytes", "layers")
@@ -39,7 +40,7 @@ class Slot:
 
 class PipelineEngine(Engine):
     def __init__(self, comm, grid, arch, params, max_rows, opt_settings=None, opt_state=None,
-                 partition=None, micro_batches=1, kind="1f1b"):
+                 partition=None, micro_batches=1, kind="1f1b", shard=False):
         self.comm, self.grid, self.arch = comm, grid, arch
         self.kind, self.micro = kind, int(micro_batches)
         self.wants_x, self.wants_y = grid.is_first, grid.is_last
@@ -64,9 +65,13 @@ class PipelineEngine(Engine):
         n_slots = max(in_flight(kind, grid.stages, grid.stage, self.micro), 1)
         self.slots = [Slot(self.layers.workspace(self.chunk, stage_input=not grid.is_first))
                       for _ in range(n_slots)]
-        self.optimizer = make_optimizer(
-            opt_settings, self.params.size,
-            None if opt_state is None else (opt_state[0], [b[self.p0:self.p1] for b in opt_state[1]]))
+        stage_state = (None if opt_state is None else
+                       (opt_state[0], [b[self.p0:self.p1] for b in opt_state[1]]))
+        # --shard-optimizer: this stage's replicas each update one slice of its parameters
+        self.shard = (ShardedUpdate(self.dp, self.params.size, opt_settings, stage_state)
+                      if shard and grid.replicas > 1 and opt_settings is not None else None)
+        self.optimizer = (self.shard.optimizer if self.shard else
+                          make_optimizer(opt_settings, self.params.size, stage_state))
         self.compute_s = self.wait_s = 0.0
         self.control = np.zeros(3)
 
@@ -183,25 +188,40 @@ class PipelineEngine(Engine):
             self._wait(slot)
         t0 = time.perf_counter()
         self.watchdog.arrived()
-        self.dp.allreduce_sum_(self.grads)
-        # stages hold different gradients: agree on stop and finiteness across the whole world,
-        # and (clipping) sum the stages' squared norms (each replica adds its identical share)
-        bad = not (kernels.all_finite(self.grads) and np.isfinite(loss))
-        squares = kernels.sum_squares(self.grads) / self.grid.replicas if self.clip_grad_norm \
-            else 0.0
-        self.control[:] = (1.0 if stop else 0.0, 1.0 if bad else 0.0, squares)
-        self.comm.allreduce_(self.control)
+        grads = self._reduce_gradients(loss, stop)
         t1 = time.perf_counter()
         finite = self.control[1] == 0
         norm = math.sqrt(self.control[2]) if finite else 0.0
         if finite:
             if self.clip_grad_norm:
-                clip_(self.grads, norm, self.clip_grad_norm)
-            self.optimizer.step(self.params, self.grads)
+                clip_(grads, norm, self.clip_grad_norm)
+            if self.shard:
+                self.shard.update(self.params)
+                self.shard.gather(self.params)
+            else:
+                self.optimizer.step(self.params, self.grads)
         self.timeline.add("allreduce", t0, t1)
         self.timeline.add("optimizer", t1, time.perf_counter())
         return StepResult(float(loss), int(correct), rows if self.grid.is_last else 0,
                           bool(self.control[0] > 0), bool(finite), norm)
+
+    def _reduce_gradients(self, loss, stop):
+        """Sum the stage's gradient over its replicas (all of it, or sharded: this replica's
+        slice), then agree on stop and finiteness across the whole world and (clipping) sum the
+        stages' squared norms. Returns the gradient this rank updates with."""
+        if self.shard:
+            grads = self.shard.reduce(self.grads)
+            bad, squares = self.shard.slice_checks(bool(self.clip_grad_norm))  # distinct slices
+            bad = bad or not np.isfinite(loss)
+        else:
+            grads = self.dp.allreduce_sum_(self.grads)
+            bad = not (kernels.all_finite(self.grads) and np.isfinite(loss))
+            # each replica holds the whole stage gradient: each adds its identical share
+            squares = (kernels.sum_squares(self.grads) / self.grid.replicas
+                       if self.clip_grad_norm else 0.0)
+        self.control[:] = (1.0 if stop else 0.0, 1.0 if bad else 0.0, squares)
+        self.comm.allreduce_(self.control)
+        return grads
 
     def forward_chunks(self, n, read_x, consume):
         """Forward only, this replica's n rows chunk by chunk; the last stage calls
@@ -219,7 +239,8 @@ class PipelineEngine(Engine):
 
     def full_state(self):
         """Replica 0's stages gather their slices to world rank 0 (stage 0 of replica 0)."""
-        opt_state = self.optimizer.state if self.optimizer else []
+        opt_state = (self.shard.full_state() if self.shard else  # collective over replicas
+                     self.optimizer.state if self.optimizer else [])
         if self.grid.replica != 0:
             return None, None
         counts = [b - a for a, b in (self.param_range(s) for s in range(self.grid.stages))]

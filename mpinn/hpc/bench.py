@@ -71,7 +71,8 @@ def run(cfg, explicit, comm):
     rows = even_part(global_batch, size, rank)[1]
     # the engine `mpinn train` uses, so the figures are those of training
     engine = DataParallelEngine(comm, arch, init_params(arch, cfg.seed), rows,
-                                dict(name=cfg.optimizer, lr=1e-3), overlap_mb=cfg.overlap_mb)
+                                dict(name=cfg.optimizer, lr=1e-3), overlap_mb=cfg.overlap_mb,
+                                shard=cfg.shard_optimizer)
     medians, jit_s = time_steps(cfg, comm, engine, rows, global_batch)
     mean = comm.allreduce_(medians.copy(), "sum") / size
     worst = comm.allreduce_(medians.copy(), "max")
@@ -90,6 +91,7 @@ def run(cfg, explicit, comm):
         "gflops": flops / step_s / 1e9,
         "compute_s_per_sample": float(mean[1]) / (global_batch / size),
         "gradient_bytes": int(engine.net.grads.nbytes), "overlap_mb": cfg.overlap_mb,
+        "shard_optimizer": bool(engine.shard),
         "jit_s": jit_s,
         "mpi_library": comm.library_version(),
         "blas": {**machine_info, "sgemm_peak_gflops": machine.sgemm_peak(),
