@@ -182,22 +182,21 @@ class Comm:
                              [recvbuf, (list(map(int, recv_counts)), list(map(int, displ(recv_counts))))])
         return recvbuf
 
-    def reduce_scatter_(self, sendbuf, recvbuf, counts):
-        """Sum sendbuf over ranks and leave rank r the r-th block (counts[r] elements, blocks in
-        rank order) in recvbuf."""
+    def reduce_scatter_block_(self, sendbuf, recvbuf):
+        """Sum sendbuf (size x recvbuf.size elements) over ranks; rank r receives block r. The
+        equal-block call, not the counts one: here it runs 0.25 ms where Reduce_scatter with
+        counts runs 0.2 ms but its partner Allgatherv 0.27 ms against Allgather's 0.09 ms
+        (670k floats, 2 ranks)."""
         if self.size == 1:
             recvbuf[...] = sendbuf[:recvbuf.size]
             return recvbuf
-        self._comm.Reduce_scatter(sendbuf, recvbuf, list(map(int, counts)), op=MPI.SUM)
+        self._comm.Reduce_scatter_block(sendbuf, recvbuf, op=MPI.SUM)
         return recvbuf
 
-    def allgatherv_(self, buf, counts):
-        """In place: rank r's block of buf (counts[r] elements, blocks in rank order) goes to
-        every rank."""
+    def allgather_(self, buf):
+        """In place: rank r's block r of buf (size equal blocks) goes to every rank."""
         if self.size > 1:
-            displ = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
-            self._comm.Allgatherv(MPI.IN_PLACE, [buf, (list(map(int, counts)),
-                                                       list(map(int, displ)))])
+            self._comm.Allgather(MPI.IN_PLACE, buf)
         return buf
 
     def gatherv_(self, sendbuf, recvbuf, counts, root=0):

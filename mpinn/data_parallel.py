@@ -25,17 +25,22 @@ class DataParallelEngine(Engine):
         self.comm, self.arch = comm, arch
         self.data_rank, self.data_size = comm.rank, comm.size
         n = arch.n_params
-        # gradients, then a stop flag and the loss sum: one Allreduce carries all three
-        self.reduced = np.zeros(n + 2, np.float32)
+        # --shard-optimizer: this rank updates one block (shard.py); 1 rank has nothing to share
+        self.shard = (ShardedUpdate(comm, n, opt_settings, opt_state)
+                      if shard and comm.size > 1 and opt_settings is not None else None)
+        padded = self.shard.padded if self.shard else n
+        # gradients, then a stop flag and the loss sum: one Allreduce carries all three (sharded:
+        # the gradient padded to equal blocks, control values apart)
+        self.reduced = np.zeros(max(n + 2, padded), np.float32)
+        self.padded_params = np.zeros(padded, np.float32)
+        self.padded_params[:n] = params
         self.accumulate = int(accumulate)
         piece = -(-int(max_rows) // self.accumulate)  # the workspace holds one piece of a share
-        self.net = Network(arch, params, max(piece, eval_rows), grads=self.reduced[:n])
+        self.net = Network(arch, self.padded_params[:n], max(piece, eval_rows),
+                           grads=self.reduced[:n])
         self.piece_grads = np.zeros(n, np.float32) if self.accumulate > 1 else None
         self.buckets = gradient_buckets(arch, overlap_mb * 2**20) if overlap_mb > 0 else None
         self.phase_s = [0.0, 0.0, 0.0]  # the last step's compute, allreduce (wait), optimizer
-        # --shard-optimizer: this rank updates one slice (shard.py); 1 rank has nothing to share
-        self.shard = (ShardedUpdate(comm, n, opt_settings, opt_state)
-                      if shard and comm.size > 1 and opt_settings is not None else None)
         self.optimizer = (self.shard.optimizer if self.shard else
                           make_optimizer(opt_settings, n, opt_state))
         self.control = np.zeros(4, np.float64)  # sharded: stop, loss, non-finite, squares
@@ -99,8 +104,8 @@ class DataParallelEngine(Engine):
         update this rank's slice, Allgather the parameters."""
         t0 = time.perf_counter()
         self.watchdog.arrived()
-        self.shard.reduce(self.net.grads)
-        bad, squares = self.shard.slice_checks(bool(self.clip_grad_norm))
+        self.shard.reduce(self.reduced[:self.shard.padded])
+        bad, squares = self.shard.block_checks(bool(self.clip_grad_norm))
         self.control[:] = (1.0 if stop else 0.0, loss, bad, squares)
         self.comm.allreduce_(self.control)
         t1 = time.perf_counter()
@@ -110,10 +115,10 @@ class DataParallelEngine(Engine):
             if self.clip_grad_norm:
                 norm = math.sqrt(self.control[3])
                 clip_(self.shard.grads, norm, self.clip_grad_norm)
-            self.shard.update(self.net.params)
+            self.shard.update(self.padded_params)
         t2 = time.perf_counter()
         if finite:  # every rank decided the same: all take part, or none
-            self.shard.gather(self.net.params)
+            self.shard.gather(self.padded_params)
         t3 = time.perf_counter()
         self.timeline.add("allreduce", t0, t1)
         self.timeline.add("optimizer", t1, t2)

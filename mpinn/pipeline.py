@@ -50,26 +50,31 @@ class PipelineEngine(Engine):
         self.layers_per_stage = counts
         first, end = stage_layers(counts, grid.stage)
         self.p0, self.p1 = self.param_range(grid.stage)
+        self.dp = comm.split(grid.stage, grid.replica)    # this stage's replicas
+        stage_state = (None if opt_state is None else
+                       (opt_state[0], [b[self.p0:self.p1] for b in opt_state[1]]))
+        # --shard-optimizer: this stage's replicas each update one block of its parameters
+        n = self.p1 - self.p0
+        self.shard = (ShardedUpdate(self.dp, n, opt_settings, stage_state)
+                      if shard and grid.replicas > 1 and opt_settings is not None else None)
+        padded = self.shard.padded if self.shard else n
+        self.padded_params, self.padded_grads = (np.zeros(padded, np.float32),
+                                                 np.zeros(padded, np.float32))
+        self.padded_params[:n] = params[self.p0:self.p1]
         last_act = arch.output_activation if grid.is_last else arch.activation
         self.layers = Layers(arch.sizes[first:end + 1], arch.activation, last_act,
-                             np.array(params[self.p0:self.p1], np.float32),
+                             self.padded_params[:n], self.padded_grads[:n],
                              unit0=sum(arch.sizes[:first]))
         self.last_hidden = not grid.is_last
         self.params, self.grads = self.layers.params, self.layers.grads
         self.micro_grads = np.zeros_like(self.params)
         self.pipe = comm.split(grid.replica, grid.stage)  # this replica's stages, rank = stage
-        self.dp = comm.split(grid.stage, grid.replica)    # this stage's replicas
         self.loss = arch.loss_fn
         # micro-batch rows: the largest part of this replica's share of a batch (max_rows) over M
         self.chunk = max(-(-int(max_rows) // self.micro), 1)
         n_slots = max(in_flight(kind, grid.stages, grid.stage, self.micro), 1)
         self.slots = [Slot(self.layers.workspace(self.chunk, stage_input=not grid.is_first))
                       for _ in range(n_slots)]
-        stage_state = (None if opt_state is None else
-                       (opt_state[0], [b[self.p0:self.p1] for b in opt_state[1]]))
-        # --shard-optimizer: this stage's replicas each update one slice of its parameters
-        self.shard = (ShardedUpdate(self.dp, self.params.size, opt_settings, stage_state)
-                      if shard and grid.replicas > 1 and opt_settings is not None else None)
         self.optimizer = (self.shard.optimizer if self.shard else
                           make_optimizer(opt_settings, self.params.size, stage_state))
         self.compute_s = self.wait_s = 0.0
@@ -196,8 +201,8 @@ class PipelineEngine(Engine):
             if self.clip_grad_norm:
                 clip_(grads, norm, self.clip_grad_norm)
             if self.shard:
-                self.shard.update(self.params)
-                self.shard.gather(self.params)
+                self.shard.update(self.padded_params)
+                self.shard.gather(self.padded_params)
             else:
                 self.optimizer.step(self.params, self.grads)
         self.timeline.add("allreduce", t0, t1)
@@ -210,8 +215,8 @@ class PipelineEngine(Engine):
         slice), then agree on stop and finiteness across the whole world and (clipping) sum the
         stages' squared norms. Returns the gradient this rank updates with."""
         if self.shard:
-            grads = self.shard.reduce(self.grads)
-            bad, squares = self.shard.slice_checks(bool(self.clip_grad_norm))  # distinct slices
+            grads = self.shard.reduce(self.padded_grads)
+            bad, squares = self.shard.block_checks(bool(self.clip_grad_norm))  # distinct blocks
             bad = bad or not np.isfinite(loss)
         else:
             grads = self.dp.allreduce_sum_(self.grads)

@@ -1,52 +1,67 @@
 """The sharded optimizer (ZeRO stage 1, Rajbhandari et al. 2020): a data-parallel rank owns one
-contiguous 1/p slice of the flat parameter buffer and that slice's optimizer state. A step
-Reduce_scatters the gradient (each rank receives the sum of its slice only), updates its slice, and
+contiguous 1/p block of the flat parameter buffer and that block's optimizer state. A step
+Reduce_scatters the gradient (each rank receives the sum of its block only), updates its block, and
 Allgathers the parameters: the same bytes on the wire as one Allreduce, the update's memory traffic
 and optimizer state divided by p. Checkpoints hold the full state, gathered at save time, and any
-world size takes its slices of it on load.
+world size takes its blocks of it on load.
 
-Takes a communicator object and plain buffers; no MPI import of its own.
+The buffers are padded to p equal blocks (zeros past the last parameter: a zero gradient leaves a
+zero parameter and zero state), so the equal-block collectives apply. Takes a communicator object
+and plain buffers; no MPI import of its own.
 """
 import numpy as np
 
 from . import kernels
 from .engine import make_optimizer
-from .plan import even_part
+
+
+def padded_size(n, ranks):
+    """n rounded up to a multiple of the ranks: the length of the sharded buffers."""
+    return -(-int(n) // int(ranks)) * int(ranks)
 
 
 class ShardedUpdate:
-    """The slice this rank of `comm` (a data-parallel group) updates of an n-element buffer."""
+    """The block this rank of `comm` (a data-parallel group) updates of n parameters, held in
+    buffers of padded_size(n, comm.size)."""
 
     def __init__(self, comm, n, opt_settings, opt_state):
         self.comm, self.n = comm, n
-        self.counts = [even_part(n, comm.size, r)[1] for r in range(comm.size)]
-        self.off, self.cnt = even_part(n, comm.size, comm.rank)
-        self.grads = np.zeros(self.cnt, np.float32)
-        state = None if opt_state is None else (
-            opt_state[0], [b[self.off:self.off + self.cnt] for b in opt_state[1]])
-        self.optimizer = make_optimizer(opt_settings, self.cnt, state)
+        self.padded = padded_size(n, comm.size)
+        self.block = self.padded // comm.size
+        self.off = comm.rank * self.block
+        self.grads = np.zeros(self.block, np.float32)
+        state = None
+        if opt_state is not None:
+            state = (opt_state[0], [self._block_of(b) for b in opt_state[1]])
+        self.optimizer = make_optimizer(opt_settings, self.block, state)
 
-    def reduce(self, grads):
-        """The summed gradient of this rank's slice, into self.grads."""
-        return self.comm.reduce_scatter_(grads, self.grads, self.counts)
+    def _block_of(self, full):
+        out = np.zeros(self.block, np.float32)
+        piece = full[self.off:min(self.off + self.block, self.n)]
+        out[:len(piece)] = piece
+        return out
 
-    def slice_checks(self, want_squares):
-        """(1 if this slice holds a NaN/inf else 0, its sum of squares or 0)."""
+    def reduce(self, padded_grads):
+        """The summed gradient of this rank's block, into self.grads."""
+        return self.comm.reduce_scatter_block_(padded_grads, self.grads)
+
+    def block_checks(self, want_squares):
+        """(1 if this block holds a NaN/inf else 0, its sum of squares or 0)."""
         bad = 0.0 if kernels.all_finite(self.grads) else 1.0
         return bad, (kernels.sum_squares(self.grads) if want_squares else 0.0)
 
-    def update(self, params):
-        self.optimizer.step(params[self.off:self.off + self.cnt], self.grads)
+    def update(self, padded_params):
+        self.optimizer.step(padded_params[self.off:self.off + self.block], self.grads)
 
-    def gather(self, params):
-        """Every rank's updated slice to every rank: all hold the same parameters again."""
-        return self.comm.allgatherv_(params, self.counts)
+    def gather(self, padded_params):
+        """Every rank's updated block to every rank: all hold the same parameters again."""
+        return self.comm.allgather_(padded_params)
 
     def full_state(self):
-        """The whole optimizer state (collective over comm; every rank gets it)."""
+        """The whole optimizer state, n elements each (collective over comm)."""
         out = []
         for piece in self.optimizer.state:
-            full = np.zeros(self.n, piece.dtype)
-            full[self.off:self.off + self.cnt] = piece
-            out.append(self.comm.allgatherv_(full, self.counts))
+            full = np.zeros(self.padded, piece.dtype)
+            full[self.off:self.off + self.block] = piece
+            out.append(self.comm.allgather_(full)[:self.n])
         return out
