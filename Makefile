@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 RANKS  ?= 2
 STAMP  := $(VENV)/.installed
 
-.PHONY: train test test-mutants install clean bench bench-pipeline
+.PHONY: train test test-mutants install clean bench bench-pipeline two-nodes
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,11 @@ test-mutants: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -c "import torch, jax" 2>/dev/null || $(BIN)/python -m pip install --quiet -e '.[bench]'
 	env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE $(BIN)/python benchmarks/suite.py
+
+# a command across two "nodes" (network namespaces joined by a link of RATE; root only), e.g.
+# make two-nodes ARGS="--rate 1gbit --ranks 2 --per-node 1 -- python -m mpinn bench --steps 20"
+two-nodes: $(STAMP)
+	$(BIN)/python tests/twonodes/run.py $(ARGS)
 
 bench-pipeline: $(STAMP)
 	$(BIN)/python benchmarks/pipeline_bubble.py

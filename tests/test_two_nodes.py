@@ -1,0 +1,64 @@
+"""Past one box: two "nodes" on this machine (tests/twonodes/cluster.py: network namespaces, a
+veth link, Hydra launching into both, UCX over TCP so the bytes cross the link). Training across
+them gives the one-node weights (data parallel with the global shuffle, 1 and 2 ranks per node;
+pipeline stages on different nodes); per-node facts are per node; the harness leaves nothing
+behind, also when the command fails. Skipped with the reason where namespaces cannot be made."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import ok, run_mpinn
+from mpinn import checkpoint
+
+sys.path.insert(0, str(Path(__file__).parent / "twonodes"))
+from cluster import TwoNodes, unavailable  # noqa: E402
+
+WHY = unavailable()
+pytestmark = pytest.mark.skipif(WHY is not None, reason=f"two nodes: {WHY}")
+TRAIN = [sys.executable, "-m", "mpinn", "train", "--epochs", 2, "--hidden", "32,16"]
+
+
+def namespaces():
+    return subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+
+
+def test_training_across_two_nodes_gives_the_one_node_weights(tmp_path):
+    ok(run_mpinn(2, "train", *TRAIN[4:], "--shuffle", "global", "--run-dir", tmp_path / "one"))
+    ok(run_mpinn(2, "train", *TRAIN[4:], "--no-shuffle", "--pipeline-stages", 2,
+                 "--run-dir", tmp_path / "pipe-one"))
+    with TwoNodes() as nodes:
+        names = list(nodes.ns)
+        for ranks, per_node in ((2, 1), (4, 2)):
+            r = nodes.mpiexec([*TRAIN, "--shuffle", "global", "--run-dir", tmp_path / f"two-{ranks}"],
+                              ranks, per_node, timeout=120)
+            assert r.returncode == 0, r.stderr
+            assert f"{ranks} rank(s)" in r.stdout and "exceed" not in r.stderr  # per node: no oversubscription
+        r = nodes.mpiexec([*TRAIN, "--no-shuffle", "--pipeline-stages", 2, "--run-dir",
+                           tmp_path / "pipe-two"], 2, 1, timeout=120)  # stage 0 on node1, 1 on node2
+        assert r.returncode == 0, r.stderr
+        bad = nodes.mpiexec([*TRAIN, "--data", tmp_path / "missing.h5", "--run-dir", tmp_path / "x"],
+                            2, 1, timeout=120)
+        assert bad.returncode == 2 and "data file not found" in bad.stderr
+    assert not any(n in namespaces() for n in names)  # torn down, after a failed command too
+    one = checkpoint.load(str(tmp_path / "one" / "checkpoint.h5"))
+    for ranks in (2, 4):  # 4 ranks sum in another order than 2: float32 rounding only
+        two = checkpoint.load(str(tmp_path / f"two-{ranks}" / "checkpoint.h5"))
+        np.testing.assert_allclose(two.params, one.params, rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(checkpoint.load(str(tmp_path / "pipe-two" / "checkpoint.h5")).params,
+                                  checkpoint.load(str(tmp_path / "pipe-one" / "checkpoint.h5")).params)
+
+
+def test_doctor_reports_each_node(tmp_path):
+    with TwoNodes() as nodes:
+        r = nodes.mpiexec([sys.executable, "-m", "mpinn", "doctor", "--json", "--sweep-max", 4096,
+                           "--run-dir", tmp_path], 4, 2, timeout=120)
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(r.stdout)
+    hosts = {x["rank"]: x["host"] for x in rep["ranks"]}
+    assert hosts == {0: "node1", 1: "node1", 2: "node2", 3: "node2"}
+    assert {x["node_size"] for x in rep["ranks"]} == {2} and rep["broken"] == []
+    assert sorted(x["node_rank"] for x in rep["ranks"]) == [0, 0, 1, 1]
