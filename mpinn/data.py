@@ -271,6 +271,11 @@ def epoch_permutation(n_rows, seed, epoch):
     return np.random.default_rng([seed, epoch, 2**31]).permutation(n_rows)
 
 
+def rank_permutation(n, seed, epoch, rank):
+    """--shuffle rank: the order of a reader's n rows in an epoch (in memory and streamed)."""
+    return np.random.default_rng([seed, epoch, rank]).permutation(n)
+
+
 def global_shuffle_rows(n_rows, batch, seed, epoch, rank, size):
     """The file rows this rank holds in an epoch of the global shuffle, in its step order."""
     owner, _ = position_owners(n_rows, batch, size)
@@ -346,7 +351,7 @@ class EpochBatches:
         self.perm = None
         if shuffle:
             n = int(np.sum(counts))
-            self.perm = np.random.default_rng([seed, epoch, rank]).permutation(n)
+            self.perm = rank_permutation(n, seed, epoch, rank)
             m = int(counts.max()) if len(counts) else 0
             self.buffers = tuple(None if a is None else np.empty((m,) + a.shape[1:], a.dtype)
                                  for a in self.arrays)

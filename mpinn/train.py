@@ -153,8 +153,7 @@ class Trainer:
             return data.global_shuffle_rows(self.s.n_rows, cfg.batch_size, cfg.seed, epoch,
                                             grid.replica, grid.replicas)
         if cfg.shuffle == "rank":
-            return owned[np.random.default_rng([cfg.seed, epoch, grid.replica]).permutation(
-                len(owned))]
+            return owned[data.rank_permutation(len(owned), cfg.seed, epoch, grid.replica)]
         return owned
 
     @functools.cache
