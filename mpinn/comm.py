@@ -225,15 +225,18 @@ class Comm:
             local.Free()
         return self._node_cached
 
-    def first_on_each_node_then_rest(self, fn):
-        """Run fn on the first rank of every node, then (after a barrier) on the others: ranks
-        that compile into one Numba cache must not race to write it (numba #10128)."""
-        first = self.node_rank() == 0
-        if first:
-            fn()
-        self.barrier()
-        if not first:
-            fn()
+    def in_cache_order(self, fn):
+        """Run fn (which compiles into Numba's cache) in three turns with barriers between: world
+        rank 0; the first rank of every other node; the rest. Ranks that compile into one cache
+        must not race to write it (numba #10128): a cache on a file system all nodes share is
+        written once, by rank 0, and a node-local cache once per node."""
+        node_first = self.node_rank() == 0  # collective the first time: every rank asks
+        turn = 0 if self.rank == 0 else 1 if node_first else 2
+        for t in range(3):
+            if t == turn:
+                fn()
+            if self.size > 1:
+                self.barrier()
 
     @staticmethod
     def library_version():

@@ -44,9 +44,9 @@ def run_evaluate(cfg, explicit, comm):
     engine = comm.checked(make_engine, comm, grid, arch, ckpt.params,
                           min(cfg.batch_size, max(n_local, 1)), partition=cfg.partition)
     if n_local:
-        comm.first_on_each_node_then_rest(lambda: engine.warmup(x, y))
+        comm.in_cache_order(lambda: engine.warmup(x, y))
     else:
-        comm.first_on_each_node_then_rest(lambda: None)
+        comm.in_cache_order(lambda: None)
     loss, accuracy = Evaluator(comm, n_local, x, y, arch)(engine)
     result = {"loss": loss, "accuracy": accuracy, "samples": n_rows, "checkpoint": cfg.checkpoint,
               "data": path, "ranks": comm.size, "pipeline_stages": grid.stages}

@@ -102,7 +102,7 @@ def set_up(cfg, explicit, comm, log):
     del ckpt  # the engine holds what this rank needs (a stage: its slice only)
     t0 = time.perf_counter()
     warm_x = x if not stream else comm.checked(stream.first_rows, plan)
-    comm.first_on_each_node_then_rest(lambda: engine.warmup(warm_x, y))
+    comm.in_cache_order(lambda: engine.warmup(warm_x, y))
     jit_s = time.perf_counter() - t0
     if cfg.timeline:
         comm.checked(check_output_path, cfg.timeline, "--timeline")

@@ -62,3 +62,25 @@ def test_doctor_reports_each_node(tmp_path):
     assert hosts == {0: "node1", 1: "node1", 2: "node2", 3: "node2"}
     assert {x["node_size"] for x in rep["ranks"]} == {2} and rep["broken"] == []
     assert sorted(x["node_rank"] for x in rep["ranks"]) == [0, 0, 1, 1]
+
+
+def test_kernels_compile_in_cache_order_across_nodes(tmp_path):
+    """Numba's cache must not be written by two ranks at once (numba #10128): world rank 0 first
+    (a cache on a file system both nodes share is written once), then node 2's first rank (a
+    node-local cache), then the rest."""
+    order = tmp_path / "order"
+    script = tmp_path / "turns.py"
+    script.write_text(f"""import os
+from mpinn.comm import Comm
+comm = Comm()
+def note():
+    fd = os.open({str(order)!r}, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    os.write(fd, f"{{comm.rank}}\\n".encode())
+    os.close(fd)
+comm.in_cache_order(note)
+""")
+    with TwoNodes() as nodes:
+        r = nodes.mpiexec([sys.executable, script], 4, 2, timeout=120)
+    assert r.returncode == 0, r.stderr
+    turns = order.read_text().split()
+    assert turns[:2] == ["0", "2"] and sorted(turns[2:]) == ["1", "3"], turns

@@ -116,7 +116,7 @@ def time_steps(cfg, comm, engine, rows, global_batch):
     xb = np.empty((rows, cfg.features), np.float32)
     yb = np.empty(rows, np.int64)
     t0 = time.perf_counter()
-    comm.first_on_each_node_then_rest(lambda: engine.warmup(pool_x, pool_y))
+    comm.in_cache_order(lambda: engine.warmup(pool_x, pool_y))
     jit_s = time.perf_counter() - t0
     times = np.zeros((cfg.steps, len(PHASES) + 2))
     scale = 1.0 / global_batch
