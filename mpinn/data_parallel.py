@@ -104,7 +104,7 @@ class DataParallelEngine(Engine):
         update this rank's slice, Allgather the parameters."""
         t0 = time.perf_counter()
         self.watchdog.arrived()
-        self.shard.reduce(self.reduced[:self.shard.padded])
+        self.shard.reduce_scatter_(self.reduced[:self.shard.padded])
         bad, squares = self.shard.block_checks(bool(self.clip_grad_norm))
         self.control[:] = (1.0 if stop else 0.0, loss, bad, squares)
         self.comm.allreduce_(self.control)

@@ -215,7 +215,7 @@ class PipelineEngine(Engine):
         slice), then agree on stop and finiteness across the whole world and (clipping) sum the
         stages' squared norms. Returns the gradient this rank updates with."""
         if self.shard:
-            grads = self.shard.reduce(self.padded_grads)
+            grads = self.shard.reduce_scatter_(self.padded_grads)
             bad, squares = self.shard.block_checks(bool(self.clip_grad_norm))  # distinct blocks
             bad = bad or not np.isfinite(loss)
         else:

@@ -41,7 +41,7 @@ class ShardedUpdate:
         out[:len(piece)] = piece
         return out
 
-    def reduce(self, padded_grads):
+    def reduce_scatter_(self, padded_grads):
         """The summed gradient of this rank's block, into self.grads."""
         return self.comm.reduce_scatter_block_(padded_grads, self.grads)
 
