@@ -53,7 +53,7 @@ COMMANDS = {
     "sweep": (SweepConfig, "train many configurations at once: groups of ranks take trials of a "
                            "grid one after another (task parallelism)"),
     "bench": (BenchConfig, "time training steps on synthetic data, phase by phase"),
-    "scale": (ScaleConfig, "run a strong or weak scaling series with mpiexec, then the report"),
+    "scale": (ScaleConfig, "run a strong or weak scaling series (or a ranks x threads study) with mpiexec, then the report"),
     "report": (ReportConfig, "scaling report (tables, model, plots) from bench JSON results"),
     "doctor": (DoctorConfig, "check the launch, MPI, cores and binding, BLAS, memory, disk and "
                              "the network from inside a job, with warnings to act on"),

@@ -11,6 +11,7 @@ import json
 import sys
 import time
 import traceback
+import zlib
 
 import mpi4py
 import numpy as np
@@ -211,6 +212,19 @@ class Comm:
     def node_size(self):
         """How many ranks of this communicator share this rank's node (shared-memory domain)."""
         return self._node()[1]
+
+    def machine_size(self):
+        """How many ranks of this communicator run on this rank's kernel (same boot id): more than
+        node_size() where "nodes" are containers or network namespaces sharing one machine's
+        cores."""
+        try:
+            with open("/proc/sys/kernel/random/boot_id") as fh:
+                boot = zlib.crc32(fh.read().strip().encode())
+        except OSError:
+            return self.node_size()
+        if self.size == 1:
+            return 1
+        return int(np.count_nonzero(self.allgather_ints([boot]) == boot))
 
     def node_rank(self):
         """This rank's index among the ranks on its node."""

@@ -36,13 +36,26 @@ def parse_hidden(text):
 
 
 def parse_ranks(text):
-    try:
-        ranks = sorted({int(r) for r in str(text).split(",") if r.strip()})
-    except ValueError:
-        raise UsageError(f"--ranks must be comma-separated integers, got {text!r}") from None
-    if not ranks or ranks[0] < 1:
+    """--ranks of a scaling series: items K (K ranks, placed by the launcher) or NxR (N nodes of
+    R ranks) -> sorted [(ranks, ranks per node or None)]."""
+    series = set()
+    for item in (i.strip().lower() for i in str(text).split(",")):
+        if not item:
+            continue
+        try:
+            nodes, sep, per_node = item.partition("x")
+            if sep and not per_node:
+                raise ValueError(item)
+            placed = (int(nodes) * int(per_node), int(per_node)) if per_node else (int(nodes), None)
+        except ValueError:
+            raise UsageError(f"--ranks takes comma-separated rank counts K or placements NxR (N "
+                             f"nodes of R ranks), got {text!r}") from None
+        if min(int(nodes), placed[1] or 1) < 1:
+            raise UsageError(f"--ranks must be positive, got {text!r}")
+        series.add(placed)
+    if not series:
         raise UsageError(f"--ranks must be positive, got {text!r}")
-    return ranks
+    return sorted(series, key=lambda s: (s[0], -(s[1] or s[0])))
 
 
 def require_positive(cfg, *names):
@@ -405,6 +418,8 @@ class ReportConfig:
     alpha: float = option(0.0, "latency in seconds for the projection (with --beta; overrides "
                                "--network)")
     beta: float = option(0.0, "bandwidth in bytes/s for the projection (with --alpha)")
+    ranks_per_node: int = option(1, "ranks per node in the projections (more than 1 adds this "
+                                    "node's measured shared-memory Allreduce inside each node)")
     title: str = option("mpinn scaling report", "report title")
     overwrite: bool = option(False, "replace the report in OUT if there is one")
     debug: bool = option(False, "show Python tracebacks on errors")
@@ -412,13 +427,17 @@ class ReportConfig:
     def validate(self):
         if self.alpha < 0 or self.beta < 0:
             raise UsageError("--alpha and --beta must be positive")
+        require_positive(self, "ranks_per_node")
 
 
 @dataclass
 class ScaleConfig:
     mode: str = option("strong", "strong: fixed global batch; weak: fixed batch per rank",
                        ("strong", "weak"))
-    ranks: str = option("1,2,4", "rank counts of the series, comma-separated")
+    ranks: str = option("1,2,4", "the series, comma-separated: rank counts K, or NxR for N nodes "
+                                 "of R ranks (the --launcher then needs {ppn})")
+    cores: int = option(0, "instead of --ranks and --threads: every ranks x threads split of this "
+                           "many cores (strong scaling), and which trains fastest")
     out: str = option("scaling", "report folder (raw results in OUT/raw)")
     features: int = option(784, "input features of the synthetic data")
     classes: int = option(10, "classes of the synthetic data")
@@ -430,8 +449,8 @@ class ScaleConfig:
     threads: int = option(1, "BLAS threads per rank")
     sweep_max: int = option(1 << 24, "largest Allreduce message of the sweep, bytes")
     network: str = option("measured", NETWORK_HELP)
-    launcher: str = option("", "command that starts n ranks, {n} replaced (default: the venv's "
-                               "'mpiexec -n {n}')")
+    launcher: str = option("", "command that starts {n} ranks, {ppn} per node (default: the "
+                               "venv's 'mpiexec -n {n}')")
     timeout: int = option(1800, "seconds one run may take")
     title: str = option("mpinn scaling report", "report title")
     overwrite: bool = option(False, "replace the results and report in OUT if there are some")
@@ -440,13 +459,30 @@ class ScaleConfig:
     def validate(self):
         require_positive(self, "features", "classes", "batch_size", "batch_per_rank", "steps",
                          "threads", "timeout", "sweep_max")
+        require_non_negative(self, "cores")
         parse_hidden(self.hidden)
-        ranks = parse_ranks(self.ranks)
-        if len(ranks) < 2 or ranks[0] != 1:
+        if self.cores:
+            if self.batch_size < self.cores:
+                raise UsageError(f"--batch-size {self.batch_size} is smaller than --cores "
+                                 f"{self.cores}")
+            return
+        series = parse_ranks(self.ranks)
+        if len(series) < 2 or series[0][0] != 1:
             raise UsageError(f"--ranks {self.ranks}: a scaling series needs 1 (the baseline) and at "
                              "least one more rank count, e.g. 1,2,4")
-        if self.mode == "strong" and self.batch_size < ranks[-1]:
-            raise UsageError(f"--batch-size {self.batch_size} is smaller than {ranks[-1]} ranks")
+        if self.mode == "strong" and self.batch_size < series[-1][0]:
+            raise UsageError(f"--batch-size {self.batch_size} is smaller than {series[-1][0]} ranks")
+        if any(per_node for _, per_node in series) and "{ppn}" not in self.launcher:
+            raise UsageError(f"--ranks {self.ranks} places ranks on nodes (NxR): the --launcher "
+                             "needs {ppn} (ranks per node) besides {n}, e.g. 'mpiexec -n {n} "
+                             "-ppn {ppn} -hosts a,b'")
+
+    def series(self):
+        """[(ranks, threads, ranks per node or None)] of the runs."""
+        if self.cores:
+            return [(k, self.cores // k, None) for k in range(1, self.cores + 1)
+                    if self.cores % k == 0]
+        return [(k, self.threads, per_node) for k, per_node in parse_ranks(self.ranks)]
 
 
 @dataclass

@@ -34,19 +34,49 @@ def test_alpha_beta_fit_recovers_the_model():
 
 
 def test_projection_definitions():
+    Link = perfmodel.Link
     # no communication cost: strong efficiency falls only through the fixed per-step time
-    proj = perfmodel.project("strong", 1e-3, 0.0, 0, 1024, 1e-9, 1e30, [1, 8])
+    free = perfmodel.StepModel(1e-3, 0.0, 0)
+    proj = free.project("strong", 1024, Link(1e-9, 1e30), ranks=[1, 8])
     assert proj[1][2] == pytest.approx(1.0, rel=1e-6)
-    t1 = 1e-3 * 1024
+    t1 = 1e-3 * 1024 + 2e-3
     a, b = 2e-6, 1e9
-    (p, t, e), = perfmodel.project("weak", 1e-3, 0.0, 4e6, 1024, a, b, [8])
+    model = perfmodel.StepModel(1e-3, 2e-3, 4e6)
+    (p, t, e), = model.project("weak", 1024, Link(a, b), ranks=[8])
     assert t == pytest.approx(t1 + 2 * 3 * a + 2 * 7 / 8 * 4e6 / b)
     assert e == pytest.approx(t1 / t)
-    (p, t, e), = perfmodel.project("strong", 1e-3, 0.0, 4e6, 1024, a, b, [8])
+    (p, t, e), = model.project("strong", 1024, Link(a, b), ranks=[8])
     assert e == pytest.approx(t1 / (8 * t))
-    assert perfmodel.network("infiniband-hdr")[1:] == (1.5e-6, 25e9)
+    # sharded: the same bytes, the optimizer divided by the ranks
+    (p, ts, es), = model.project("strong", 1024, Link(a, b), shard=True, ranks=[8])
+    assert ts == pytest.approx(t - 2e-3 + 2e-3 / 8) and es > e
+    # 4 ranks per node: 2 nodes between (inter link) and 4 ranks inside (intra link)
+    model.intra = Link(1e-6, 5e9)
+    (p, t4, _), = model.project("weak", 1024, Link(a, b), per_node=4, ranks=[8])
+    assert t4 == pytest.approx(t1 + 2 * 2 * 1e-6 + 2 * 3 / 4 * 4e6 / 5e9
+                               + 2 * 1 * a + 2 * 1 / 2 * 4e6 / b)
+    assert perfmodel.network("infiniband-hdr")[1] == (1.5e-6, 25e9)
     with pytest.raises(UsageError, match="unknown --network"):
         perfmodel.network("carrier-pigeon")
+    with pytest.raises(UsageError, match="intra-node Allreduce measured"):
+        perfmodel.StepModel(1e-3, 0, 4e6).project("weak", 64, Link(a, b), per_node=2)
+
+
+def test_two_level_fit_recovers_both_links():
+    intra, inter = perfmodel.Link(2e-6, 6e9), perfmodel.Link(40e-6, 1.2e8)
+    sizes = (64, 4096, 1 << 18, 1 << 22)
+    pts = [(n, N, r, perfmodel.two_level_allreduce(n, N, r, intra, inter))
+           for N, r in ((1, 2), (1, 4), (2, 1), (2, 2), (4, 2)) for n in sizes]
+    got_intra, got_inter = perfmodel.fit_two_level(pts)
+    assert got_intra.alpha == pytest.approx(intra.alpha, rel=1e-6)
+    assert got_intra.beta == pytest.approx(intra.beta, rel=1e-6)
+    assert got_inter.alpha == pytest.approx(inter.alpha, rel=1e-6)
+    assert got_inter.beta == pytest.approx(inter.beta, rel=1e-6)
+    # one-node runs only: no inter-node link; multi-node runs with 2 per node need the intra fit
+    assert perfmodel.fit_two_level([p for p in pts if p[1] == 1])[1] is None
+    assert perfmodel.fit_two_level([p for p in pts if p[2] == 2 and p[1] > 1]) == (None, None)
+    only_inter = perfmodel.fit_two_level([p for p in pts if p[2] == 1])
+    assert only_inter[0] is None and only_inter[1].beta == pytest.approx(inter.beta, rel=1e-6)
 
 
 @pytest.fixture(scope="module")
@@ -103,14 +133,18 @@ def test_report_from_bench_results(bench_runs, tmp_path):
     assert model["mode"] == "strong" and model["network"] == "infiniband-hdr"
     t1, t2 = bench_runs[1]["step_ms"], bench_runs[2]["step_ms"]
     assert rows[1]["efficiency"] == pytest.approx(t1 / (2 * t2))  # strong: t1 / (N tN)
-    assert model["fitted_alpha"] > 0 and model["fitted_beta"] > 0
+    assert model["intra"]["alpha"] > 0 and model["intra"]["beta"] > 0 and model["inter"] is None
     assert math.isfinite(rows[1]["model_error"])
+    assert json.loads((tmp_path / "rep" / "model.json").read_text())["projections"].keys() == {
+        "infiniband-hdr", "ethernet-100g", "ethernet-25g"}
     table = list(csv.DictReader(open(tmp_path / "rep" / "results.csv")))
     assert [int(r["ranks"]) for r in table] == [1, 2]
     md = (tmp_path / "rep" / "report.md").read_text()
     for png in ("speedup", "efficiency", "breakdown", "allreduce", "projection"):
         assert f"]({png}.png)" in md and (tmp_path / "rep" / f"{png}.png").stat().st_size > 10_000
     assert "| 4096 |" in md and "| 8 |" in md  # projection rows
+    assert "| ranks | infiniband-hdr | ethernet-100g | ethernet-25g |" in md
+    assert "- between nodes, fitted on multi-node runs: not measured" in md
     assert f"BLAS: {bench_runs[1]['blas']['library']} " in md and "sgemm peak" in md
     # --alpha/--beta override the network: a slow link (1 ms, 1 MB/s) projects far lower
     _, slow, _ = parse(["report", "--results", str(raw), "--out", str(tmp_path / "slow"),
@@ -150,12 +184,48 @@ def test_scale_runs_the_series_and_flags_oversubscription(tmp_path):
                      "--hidden", "32", "--batch-per-rank", 64, "--steps", 5, "--warmup", 1,
                      "--threads", cores, "--sweep-max", 4096, "--out", tmp_path / "s",
                      "--network", "ethernet-25g", timeout=240))
-    assert "2 rank(s) (oversubscribed: more ranks than cores)" in r.stdout
-    assert "1 rank(s) (oversubscribed" not in r.stdout
+    assert f"2 rank(s) x {cores} thread(s) (oversubscribed: more ranks than cores)" in r.stdout
+    assert "1 rank(s) x {cores} thread(s) (oversubscribed" not in r.stdout
     rows = list(csv.DictReader(open(tmp_path / "s" / "results.csv")))
     assert [int(x["ranks"]) for x in rows] == [1, 2]
     assert [x["oversubscribed"] for x in rows] == ["False", "True"]
     assert "oversubscribed" in (tmp_path / "s" / "report.md").read_text()
+
+
+def test_scale_cores_compares_the_ranks_x_threads_splits(tmp_path):
+    r = ok(run_mpinn(1, "scale", "--cores", 2, "--features", 32, "--hidden", "64", "--batch-size",
+                     256, "--steps", 5, "--warmup", 1, "--sweep-max", 4096, "--out",
+                     tmp_path / "m", timeout=240))
+    assert "1 rank(s) x 2 thread(s)" in r.stdout and "2 rank(s) x 1 thread(s)" in r.stdout
+    rows = list(csv.DictReader(open(tmp_path / "m" / "results.csv")))
+    assert [(x["ranks"], x["threads"]) for x in rows] == [("1", "2"), ("2", "1")]
+    best = max(rows, key=lambda x: float(x["samples_per_s"]))
+    model = json.loads((tmp_path / "m" / "model.json").read_text())
+    assert model["mode"] == "mix" and model["best"]["ranks"] == int(best["ranks"])
+    md = (tmp_path / "m" / "report.md").read_text()
+    assert f"**Best: {best['ranks']} rank(s) x {best['threads']} thread(s)**" in md
+    assert f"best: {best['ranks']} rank(s) x {best['threads']} thread(s)" in r.stdout
+
+
+@pytest.mark.parametrize("ranks, series", [
+    ("1,2,4", [(1, None), (2, None), (4, None)]),
+    ("1x1,2x1,1x2,2X2", [(1, 1), (2, 2), (2, 1), (4, 2)]),  # one node of 2 sorts before 2 of 1
+])
+def test_scale_series_placements(ranks, series):
+    from mpinn.config import parse_ranks
+    assert parse_ranks(ranks) == series
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--ranks", "1,2x"], "rank counts K or placements NxR"),
+    (["--ranks", "1,0x2"], "must be positive"),
+    (["--ranks", "1x1,2x1"], "needs {ppn}"),
+    (["--ranks", "2,4"], "needs 1 .the baseline."),
+    (["--cores", "4", "--batch-size", "2"], "smaller than --cores 4"),
+])
+def test_scale_refuses_bad_series(args, message):
+    with pytest.raises(UsageError, match=message):
+        parse(["scale", *args])
 
 
 def test_timeline_is_a_chrome_trace_with_a_lane_per_rank(tmp_path):

@@ -57,7 +57,9 @@ def run(cfg, explicit, comm):
     log = Log(rank, size)
     limit_threads(cfg.threads)
     node_ranks = comm.node_size()
-    warning = oversubscription(node_ranks, cfg.threads)
+    # "nodes" that share one machine's cores (containers, namespaces) count together
+    machine_ranks = max(comm.machine_size(), node_ranks)
+    warning = oversubscription(machine_ranks, cfg.threads)
     machine_info = machine.blas()
     blas_warning = machine.override_warning(machine_info)
     for text in (warning, blas_warning):
@@ -80,6 +82,7 @@ def run(cfg, explicit, comm):
     flops = training_flops(sizes, global_batch)
     result = {
         "ranks": size, "ranks_per_node": node_ranks, "nodes": max(size // node_ranks, 1),
+        "ranks_per_machine": machine_ranks,
         "threads": cfg.threads, "oversubscribed": warning is not None,
         "layers": list(sizes), "parameters": arch.n_params, "global_batch": global_batch,
         "batch_per_rank": global_batch / size, "steps": cfg.steps,
