@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 RANKS  ?= 2
 STAMP  := $(VENV)/.installed
 
-.PHONY: train test test-mutants install clean bench bench-pipeline two-nodes
+.PHONY: train test test-mutants install clean bench bench-pipeline two-nodes two-nodes-check
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,10 @@ bench: $(STAMP)
 # make two-nodes ARGS="--rate 1gbit --ranks 2 --per-node 1 -- python -m mpinn bench --steps 20"
 two-nodes: $(STAMP)
 	$(BIN)/python tests/twonodes/run.py $(ARGS)
+
+# the scaling model against two nodes at 1 and 2 Gbit/s (a few minutes; exit 1 on a miss > 15%)
+two-nodes-check: $(STAMP)
+	env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE $(BIN)/python tests/twonodes/check.py $(ARGS)
 
 bench-pipeline: $(STAMP)
 	$(BIN)/python benchmarks/pipeline_bubble.py

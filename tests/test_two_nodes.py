@@ -3,7 +3,10 @@ veth link, Hydra launching into both, UCX over TCP so the bytes cross the link).
 them gives the one-node weights (data parallel with the global shuffle, 1 and 2 ranks per node;
 pipeline stages on different nodes); per-node facts are per node; the harness leaves nothing
 behind, also when the command fails. Skipped with the reason where namespaces cannot be made."""
+import csv
 import json
+import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -84,3 +87,31 @@ comm.in_cache_order(note)
     assert r.returncode == 0, r.stderr
     turns = order.read_text().split()
     assert turns[:2] == ["0", "2"] and sorted(turns[2:]) == ["1", "3"], turns
+
+
+def test_scale_across_two_nodes_fits_both_levels(tmp_path):
+    """`mpinn scale` with NxR placements through the harness's launcher: the report takes its
+    intra-node terms from the one-node runs and its inter-node terms from the two-node runs, and
+    predicts every step; bench counts the ranks on one machine (the two "nodes" share its cores)."""
+    with TwoNodes(rate="2gbit") as nodes:
+        launcher = shlex.join(nodes.command([], "{n}", "{ppn}"))
+        r = subprocess.run([sys.executable, "-m", "mpinn", "scale", "--mode", "weak", "--ranks",
+                            "1x1,1x2,2x1,2x2", "--features", "64", "--hidden", "64",
+                            "--batch-per-rank", "32", "--steps", "10", "--warmup", "2",
+                            "--sweep-max", str(1 << 20), "--launcher", launcher, "--out",
+                            str(tmp_path / "s")],
+                           capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    model = json.loads((tmp_path / "s" / "model.json").read_text())
+    assert model["intra"]["beta"] > 0 and model["inter"]["beta"] > 0
+    assert model["inter"]["beta"] < 0.3e9  # the 2 Gbit/s link (0.25 GB/s), not shared memory
+    rows = list(csv.DictReader(open(tmp_path / "s" / "results.csv")))
+    assert [(r["nodes"], r["ranks_per_node"]) for r in rows] == [
+        ("1", "1"), ("1", "2"), ("2", "1"), ("2", "2")]
+    # every step predicted (the accuracy on a model that matters: make two-nodes-check)
+    assert all(float(r["model_step_ms"]) > 0 for r in rows)
+    runs = {p.name: json.loads(p.read_text()) for p in (tmp_path / "s" / "raw").glob("*.json")}
+    assert runs["bench-00004-2x2.json"]["ranks_per_machine"] == 4
+    assert runs["bench-00004-2x2.json"]["oversubscribed"] is (4 > os.cpu_count())
+    md = (tmp_path / "s" / "report.md").read_text()
+    assert "| 4 | 2 x 2 |" in md.replace(" * |", " |") and "between nodes, fitted on multi-node" in md

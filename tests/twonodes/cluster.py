@@ -69,7 +69,7 @@ class TwoNodes:
             _ip("-n", ns, "link", "set", "lo", "up")
             if self.rate:
                 subprocess.run(["ip", "netns", "exec", ns, "tc", "qdisc", "replace", "dev", dev,
-                                "root", "tbf", "rate", self.rate, "burst", "1mb", "latency",
+                                "root", "tbf", "rate", self.rate, "burst", "128kb", "latency",
                                 "50ms"], check=True, capture_output=True)
         cases = "\n".join(f"  {a}) ns={ns} hn={hn};;"
                           for a, ns, hn in zip(self.addr, self.ns, self.hosts))
