@@ -239,6 +239,19 @@ class Comm:
             local.Free()
         return self._node_cached
 
+    def node_levels(self):
+        """(node, cross) communicators when the ranks sit on several nodes, the same number (more
+        than one) on each: node = this node's ranks, cross = the ranks with this rank's index on
+        every node; else None. Collective."""
+        if self.size == 1:
+            return None
+        local = Comm(self._comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank))
+        small, large = self.allreduce_minmax(local.size)
+        if not (small == large and 1 < local.size < self.size):  # the same on every rank
+            local._comm.Free()
+            return None
+        return local, self.split(local.rank, self.rank)
+
     def in_cache_order(self, fn):
         """Run fn (which compiles into Numba's cache) in three turns with barriers between: world
         rank 0; the first rank of every other node; the rest. Ranks that compile into one cache

@@ -28,7 +28,15 @@ class ShardedUpdate:
         self.comm, self.n = comm, n
         self.padded = padded_size(n, comm.size)
         self.block = self.padded // comm.size
-        self.off = comm.rank * self.block
+        # several ranks on each of several nodes: two levels (see reduce_scatter_), and the rank
+        # with index j on its node and c among the nodes owns block j * nodes + c
+        self.levels = comm.node_levels()
+        if self.levels:
+            node, cross = self.levels
+            self.node_block = np.zeros(cross.size * self.block, np.float32)
+            self.off = (node.rank * cross.size + cross.rank) * self.block
+        else:
+            self.off = comm.rank * self.block
         self.grads = np.zeros(self.block, np.float32)
         state = None
         if opt_state is not None:
@@ -42,8 +50,16 @@ class ShardedUpdate:
         return out
 
     def reduce_scatter_(self, padded_grads):
-        """The summed gradient of this rank's block, into self.grads."""
-        return self.comm.reduce_scatter_block_(padded_grads, self.grads)
+        """The summed gradient of this rank's block, into self.grads. On several nodes: first
+        inside the node (each rank receives its node's sum of one node-block), then among the ranks
+        with the same index on every node: a node's NIC carries the bytes of one Allreduce, where
+        one flat Reduce_scatter + Allgather of MPICH sends up to twice that (measured: 1.5x the
+        step across a 1 Gbit/s link, 2 nodes x 2 ranks)."""
+        if not self.levels:
+            return self.comm.reduce_scatter_block_(padded_grads, self.grads)
+        node, cross = self.levels
+        node.reduce_scatter_block_(padded_grads, self.node_block)
+        return cross.reduce_scatter_block_(self.node_block, self.grads)
 
     def block_checks(self, want_squares):
         """(1 if this block holds a NaN/inf else 0, its sum of squares or 0)."""
@@ -54,8 +70,14 @@ class ShardedUpdate:
         self.optimizer.step(padded_params[self.off:self.off + self.block], self.grads)
 
     def gather(self, padded_params):
-        """Every rank's updated block to every rank: all hold the same parameters again."""
-        return self.comm.allgather_(padded_params)
+        """Every rank's updated block to every rank: all hold the same parameters again (on
+        several nodes: among the nodes, then inside each)."""
+        if not self.levels:
+            return self.comm.allgather_(padded_params)
+        node, cross = self.levels
+        size = cross.size * self.block
+        cross.allgather_(padded_params[node.rank * size:(node.rank + 1) * size])
+        return node.allgather_(padded_params)
 
     def full_state(self):
         """The whole optimizer state, n elements each (collective over comm)."""
@@ -63,5 +85,5 @@ class ShardedUpdate:
         for piece in self.optimizer.state:
             full = np.zeros(self.padded, piece.dtype)
             full[self.off:self.off + self.block] = piece
-            out.append(self.comm.allgather_(full)[:self.n])
+            out.append(self.comm.allreduce_(full, "sum")[:self.n])  # blocks disjoint: a sum
         return out

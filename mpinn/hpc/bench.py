@@ -59,7 +59,9 @@ def run(cfg, explicit, comm):
     node_ranks = comm.node_size()
     # "nodes" that share one machine's cores (containers, namespaces) count together
     machine_ranks = max(comm.machine_size(), node_ranks)
-    warning = oversubscription(machine_ranks, cfg.threads)
+    warning = oversubscription(machine_ranks, cfg.threads,
+                               where="machine (its nodes share its cores)"
+                               if machine_ranks > node_ranks else "node")
     machine_info = machine.blas()
     blas_warning = machine.override_warning(machine_info)
     for text in (warning, blas_warning):

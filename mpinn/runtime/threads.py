@@ -17,10 +17,10 @@ def limit_threads(n):
     numba.set_num_threads(min(int(n), numba.config.NUMBA_NUM_THREADS))
 
 
-def oversubscription(ranks_on_node, threads, cores=None):
-    """A warning text when ranks x threads exceed the node's cores, else None."""
+def oversubscription(ranks_on_node, threads, cores=None, where="node"):
+    """A warning text when ranks x threads exceed the node's (or machine's) cores, else None."""
     cores = cores or os.cpu_count() or 1
     if ranks_on_node * threads > cores:
-        return (f"{ranks_on_node} ranks x {threads} thread(s) on this node exceed its {cores} cores;"
-                " expect slow steps (fine for testing, not for timing)")
+        return (f"{ranks_on_node} ranks x {threads} thread(s) on this {where} exceed its {cores} "
+                "cores; expect slow steps (fine for testing, not for timing)")
     return None
