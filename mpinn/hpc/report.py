@@ -93,12 +93,13 @@ def table(runs):
 
 def calibrate(runs):
     """The step model: compute + data per sample and optimizer time per step as measured on one
-    node with r ranks (each one-node run r; the smallest run if none is on one node), and the
-    gradient's size."""
+    node with r ranks (each one-node run r that is not oversubscribed, and the smallest run), and
+    the gradient's size."""
     per_sample, optimizer = {}, {}
     for r in runs:
         nodes, per_node = placement(r)
-        if (nodes == 1 and per_node not in per_sample) or r is runs[0]:
+        fair = nodes == 1 and per_node not in per_sample and not r.get("oversubscribed")
+        if fair or r is runs[0]:
             ph = r["phases_ms"]
             rows = r["global_batch"] / r["ranks"]
             per_sample[per_node] = (ph["compute"]["mean"] + ph["data"]["mean"]) / 1e3 / rows
