@@ -20,6 +20,10 @@ def option(default, help, choices=None, positional=False):
                                             "positional": positional})
 
 
+ALLREDUCE_HELP = ("how data-parallel gradients are summed: auto = through each node's shared "
+                  "memory where ranks share a node (MPI between nodes), mpi = MPI's Allreduce")
+
+
 def parse_hidden(text):
     """'128,64' (or [128, 64]) -> (128, 64); '' -> () for a network without hidden layers."""
     if isinstance(text, (list, tuple)):
@@ -144,6 +148,7 @@ class TrainConfig:
     shard_optimizer: bool = option(False, "each data-parallel rank updates 1/p of the parameters "
                                           "and keeps that slice's optimizer state "
                                           "(Reduce_scatter, update, Allgather; ZeRO stage 1)")
+    allreduce: str = option("auto", ALLREDUCE_HELP, ("auto", "mpi"))
     pipeline_stages: int = option(1, "split the layers into S pipeline stages (ranks = S x "
                                      "replicas); 1 = pure data parallel")
     partition: str = option("", "layers per pipeline stage, e.g. '2,1' (default: balanced by "
@@ -383,6 +388,7 @@ class BenchConfig:
                                     "backward pass (0: one Allreduce after it)")
     shard_optimizer: bool = option(False, "each rank updates 1/p of the parameters "
                                           "(Reduce_scatter, update, Allgather)")
+    allreduce: str = option("auto", ALLREDUCE_HELP, ("auto", "mpi"))
     allreduce_sweep: bool = option(False, "also time Allreduce over message sizes from 4 B to "
                                           "--sweep-max bytes (for the performance model)")
     sweep_max: int = option(1 << 24, "largest Allreduce message of the sweep, bytes")

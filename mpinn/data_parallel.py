@@ -21,7 +21,7 @@ from .shard import ShardedUpdate
 
 class DataParallelEngine(Engine):
     def __init__(self, comm, arch, params, max_rows, opt_settings=None, opt_state=None,
-                 eval_rows=0, overlap_mb=0.0, accumulate=1, shard=False):
+                 eval_rows=0, overlap_mb=0.0, accumulate=1, shard=False, allreduce="auto"):
         self.comm, self.arch = comm, arch
         self.data_rank, self.data_size = comm.rank, comm.size
         n = arch.n_params
@@ -29,9 +29,14 @@ class DataParallelEngine(Engine):
         self.shard = (ShardedUpdate(comm, n, opt_settings, opt_state)
                       if shard and comm.size > 1 and opt_settings is not None else None)
         padded = self.shard.padded if self.shard else n
+        # ranks that share a node sum through its shared memory (comm.NodeAllreduce): the backward
+        # pass writes into this rank's slot, every rank reads the sum where it lies
+        self.node_sum = (comm.node_allreduce(n + 2) if allreduce == "auto" and not self.shard
+                         and overlap_mb <= 0 and opt_settings is not None else None)
         # gradients, then a stop flag and the loss sum: one Allreduce carries all three (sharded:
         # the gradient padded to equal blocks, control values apart)
-        self.reduced = np.zeros(max(n + 2, padded), np.float32)
+        self.reduced = (self.node_sum.slot if self.node_sum else
+                        np.zeros(max(n + 2, padded), np.float32))
         self.padded_params = np.zeros(padded, np.float32)
         self.padded_params[:n] = params
         self.accumulate = int(accumulate)
@@ -70,6 +75,7 @@ class DataParallelEngine(Engine):
             t0 = time.perf_counter()
             self.watchdog.arrived()
             self.comm.wait_all(requests)
+            summed = self.reduced
         else:
             if self.accumulate > 1:
                 loss, correct = self._accumulated(xb, yb, scale, drop)
@@ -83,21 +89,38 @@ class DataParallelEngine(Engine):
             self.reduced[n + 1] = loss
             t0 = time.perf_counter()
             self.watchdog.arrived()
-            self.comm.allreduce_sum_(self.reduced)
+            summed = self._sum()
         t1 = time.perf_counter()
-        # every rank holds the same reduced buffer, so every rank decides the same
-        finite = bool(np.isfinite(self.reduced[n + 1]) and kernels.all_finite(self.net.grads))
+        # every rank holds the same reduced values, so every rank decides the same
+        finite = bool(np.isfinite(summed[n + 1]) and kernels.all_finite(summed[:n]))
         norm = 0.0
         if finite:
+            grads = summed[:n]
             if self.clip_grad_norm:
-                norm = math.sqrt(kernels.sum_squares(self.net.grads))
-                clip_(self.net.grads, norm, self.clip_grad_norm)
-            self.optimizer.step(self.net.params, self.net.grads)
+                norm = math.sqrt(kernels.sum_squares(grads))
+                if summed is not self.reduced:  # the shared sum is every rank's: clip a copy
+                    np.copyto(self.net.grads, grads)
+                    grads = self.net.grads
+                clip_(grads, norm, self.clip_grad_norm)
+            self.optimizer.step(self.net.params, grads)
         t2 = time.perf_counter()
         self.timeline.add("allreduce", t0, t1)
         self.timeline.add("optimizer", t1, t2)
         self.phase_s = [t0 - start, t1 - t0, t2 - t1]
-        return StepResult(loss, correct, rows, bool(self.reduced[n] > 0), finite, norm)
+        return StepResult(loss, correct, rows, bool(summed[n] > 0), finite, norm)
+
+    def _sum(self):
+        """The gradient, stop flag and loss summed over all ranks: in the node's shared memory
+        (read where it lies) or in place by MPI's Allreduce."""
+        if self.node_sum:
+            return self.node_sum.sum_()
+        return self.comm.allreduce_sum_(self.reduced)
+
+    def close(self):
+        """Release the shared window (collective; after the last step)."""
+        if self.node_sum:
+            self.node_sum.close()
+            self.node_sum = None
 
     def _sharded_update(self, loss, correct, rows, stop, start):
         """Reduce_scatter the gradient, agree on stop/finiteness/norm in one small Allreduce,

@@ -77,6 +77,9 @@ class Engine(ABC):
         """Engine-specific figures for the summary (pipeline stages: compute, wait, bubble)."""
         return {}
 
+    def close(self):
+        """Release what the engine holds beyond memory (collective; after the last step)."""
+
 
 def clip_(grads, norm, max_norm):
     """Scale grads in place by min(1, max_norm / (norm + 1e-6)), as torch's clip_grad_norm_."""

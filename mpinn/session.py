@@ -69,13 +69,13 @@ def check_labels(y, n_classes, path, rows_of=None):
 
 def make_engine(comm, grid, arch, params, max_rows, opt_settings=None, opt_state=None,
                 partition=None, micro_batches=1, schedule="1f1b", eval_rows=0, overlap_mb=0.0,
-                accumulate=1, shard=False):
+                accumulate=1, shard=False, allreduce="auto"):
     """The engine for this rank: data parallel when the grid has one stage, else a pipeline.
     max_rows: the most rows of one step on this reader; eval_rows: rows per evaluation pass
     (data parallel; a pipeline evaluates in micro-batch sized chunks)."""
     if grid.stages == 1:
         return DataParallelEngine(comm, arch, params, max_rows, opt_settings, opt_state, eval_rows,
-                                  overlap_mb, accumulate, shard)
+                                  overlap_mb, accumulate, shard, allreduce)
     return PipelineEngine(comm, grid, arch, params, max_rows, opt_settings, opt_state, partition,
                           micro_batches, schedule, shard)
 

@@ -305,7 +305,7 @@ def build_engine(cfg, comm, grid, arch, plan, ckpt, log, evaluates):
     engine = comm.checked(make_engine, comm, grid, arch, params, int(plan.local_counts().max()),
                           opt_settings, opt_state, cfg.partition, cfg.micro_batches, cfg.schedule,
                           EVAL_ROWS if evaluates else 0, cfg.overlap_mb, cfg.accumulate,
-                          cfg.shard_optimizer)
+                          cfg.shard_optimizer, cfg.allreduce)
     engine.clip_grad_norm = cfg.clip_grad_norm
     engine.set_dropout(cfg.dropout, cfg.seed)
     return engine, step

@@ -348,6 +348,7 @@ class Trainer:
         log.info(f"mpinn train: done, {self.step} steps, {self.trained_samples:,} samples in "
                  f"{self.train_seconds:.2f} s of training steps ({rate:,.0f} samples/s)"
                  f"{final}; checkpoint {self.ckpt_path}")
+        self.engine.close()
         log.close()
 
     def summarize_stages(self, summary):

@@ -108,7 +108,7 @@ def test_scaling_job_file_under_slurm(cluster, tmp_path):
     report = tmp_path / "runs" / f"scaling-{job_id}"
     assert sorted(os.listdir(report / "raw")) == ["bench-00001.json", "bench-00002.json"]
     text = (report / "report.md").read_text()
-    assert "| 1 | 1 |" in text and "| 2 | 1 |" in text and "α =" in text
+    assert "| 1 | 1 x 1 |" in text and "| 2 | 1 x 2 |" in text and "α =" in text
     for png in ("speedup.png", "efficiency.png", "breakdown.png", "projection.png", "allreduce.png"):
         assert (report / png).stat().st_size > 10_000, png
 

@@ -33,19 +33,23 @@ def training_flops(sizes, rows):
     return total
 
 
-def allreduce_sweep(comm, max_bytes):
-    """[(bytes, median seconds)] of in-place Allreduce SUM over float32 buffers, 4 B to max_bytes."""
+def allreduce_sweep(comm, max_bytes, shared=False):
+    """[(bytes, median seconds)] of a sum over float32 buffers, 4 B to max_bytes: MPI's in-place
+    Allreduce, or (shared) the node shared-memory sum the training steps use."""
     out = []
     n_bytes = 4
     while n_bytes <= max_bytes:
+        node_sum = comm.node_allreduce(n_bytes // 4) if shared else None
         buf = np.ones(n_bytes // 4, np.float32)
         reps = int(max(5, min(200, 4e7 / n_bytes)))
         times = []
         for _ in range(reps):
             comm.barrier()
             t = time.perf_counter()
-            comm.allreduce_(buf)
+            node_sum.sum_() if node_sum else comm.allreduce_(buf)
             times.append(time.perf_counter() - t)
+        if node_sum:
+            node_sum.close()
         worst = comm.allreduce_(np.array([np.median(times)]), "max")[0]
         out.append({"bytes": n_bytes, "seconds": float(worst)})
         n_bytes *= 4
@@ -76,7 +80,7 @@ def run(cfg, explicit, comm):
     # the engine `mpinn train` uses, so the figures are those of training
     engine = DataParallelEngine(comm, arch, init_params(arch, cfg.seed), rows,
                                 dict(name=cfg.optimizer, lr=1e-3), overlap_mb=cfg.overlap_mb,
-                                shard=cfg.shard_optimizer)
+                                shard=cfg.shard_optimizer, allreduce=cfg.allreduce)
     medians, jit_s = time_steps(cfg, comm, engine, rows, global_batch)
     mean = comm.allreduce_(medians.copy(), "sum") / size
     worst = comm.allreduce_(medians.copy(), "max")
@@ -96,14 +100,16 @@ def run(cfg, explicit, comm):
         "gflops": flops / step_s / 1e9,
         "compute_s_per_sample": float(mean[1]) / (global_batch / size),
         "gradient_bytes": int(engine.net.grads.nbytes), "overlap_mb": cfg.overlap_mb,
-        "shard_optimizer": bool(engine.shard),
+        "shard_optimizer": bool(engine.shard), "node_shared_memory": bool(engine.node_sum),
         "jit_s": jit_s,
         "mpi_library": comm.library_version(),
         "blas": {**machine_info, "sgemm_peak_gflops": machine.sgemm_peak(),
                  "warning": blas_warning or ""},
     }
     if cfg.allreduce_sweep:
-        result["allreduce_sweep"] = allreduce_sweep(comm, cfg.sweep_max) if size > 1 else []
+        result["allreduce_sweep"] = (allreduce_sweep(comm, cfg.sweep_max, bool(engine.node_sum))
+                                     if size > 1 else [])
+    engine.close()
     if cfg.json:
         log.info(json.dumps(result))
     else:
