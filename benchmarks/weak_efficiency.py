@@ -6,7 +6,7 @@ wide >= 0.95).
 
 For each model (small 64-128-10 at 32 rows per rank, mnist-like 784-512-512-10 at 128, wide
 1024-2048-2048-10 at 256) it runs `mpinn bench` on 1 rank and on 2 ranks in each setting (the
-gradient summed in the node's shared memory, the default; MPI's Allreduce; each with the sharded
+gradient summed in the node's shared memory, the default; MPI's Allreduce; the MPI-sharded
 optimizer), alternately, REPEATS times, and prints the median step times (ms, whole step: data,
 compute, sum, update) and efficiencies, with the 2-rank phases.
 """
@@ -18,11 +18,10 @@ import sys
 from pathlib import Path
 
 BIN = Path(sys.executable).parent
-MODELS = [("small", "64", "128", 32, 2000), ("mnist-like", "784", "512,512", 128, 300),
+MODELS = [("small", "64", "128", 32, 20000), ("mnist-like", "784", "512,512", 128, 300),
           ("wide", "1024", "2048,2048", 256, 40)]
 SETTINGS = [("shared memory (default)", []), ("MPI Allreduce", ["--allreduce", "mpi"]),
-            ("shared memory + sharded optimizer", ["--shard-optimizer"]),
-            ("MPI + sharded optimizer", ["--allreduce", "mpi", "--shard-optimizer"])]
+            ("--shard-optimizer (MPI Reduce_scatter + Allgather)", ["--shard-optimizer"])]
 
 
 def bench(ranks, features, hidden, rows, steps, extra):

@@ -16,7 +16,11 @@ from . import kernels
 from .engine import Engine, StepResult, clip_, make_optimizer
 from .model import Network
 from .plan import even_part
-from .shard import ShardedUpdate
+from .shard import NodeShardedUpdate, ShardedUpdate
+
+# from this gradient size on, the ranks of a node split the update of one shared copy of the
+# parameters: it saves more update traffic than the extra node barrier (~2 us) costs
+NODE_SHARD_BYTES = 256 * 1024
 
 
 class DataParallelEngine(Engine):
@@ -30,9 +34,14 @@ class DataParallelEngine(Engine):
                       if shard and comm.size > 1 and opt_settings is not None else None)
         padded = self.shard.padded if self.shard else n
         # ranks that share a node sum through its shared memory (comm.NodeAllreduce): the backward
-        # pass writes into this rank's slot, every rank reads the sum where it lies
-        self.node_sum = (comm.node_allreduce(n + 2) if allreduce == "auto" and not self.shard
-                         and overlap_mb <= 0 and opt_settings is not None else None)
+        # pass writes into this rank's slot; a large gradient's sum and update are split among
+        # them, on one shared copy of the parameters
+        on_node = (allreduce == "auto" and not self.shard and overlap_mb <= 0
+                   and opt_settings is not None)
+        share = on_node and 4 * n >= NODE_SHARD_BYTES
+        self.node_sum = comm.node_allreduce(n + 2, shared_params=share) if on_node else None
+        self.node_shard = (NodeShardedUpdate(self.node_sum, n, params, opt_settings, opt_state)
+                           if self.node_sum and share else None)
         # gradients, then a stop flag and the loss sum: one Allreduce carries all three (sharded:
         # the gradient padded to equal blocks, control values apart)
         self.reduced = (self.node_sum.slot if self.node_sum else
@@ -41,13 +50,13 @@ class DataParallelEngine(Engine):
         self.padded_params[:n] = params
         self.accumulate = int(accumulate)
         piece = -(-int(max_rows) // self.accumulate)  # the workspace holds one piece of a share
-        self.net = Network(arch, self.padded_params[:n], max(piece, eval_rows),
-                           grads=self.reduced[:n])
+        self.net = Network(arch, self.node_shard.params if self.node_shard else
+                           self.padded_params[:n], max(piece, eval_rows), grads=self.reduced[:n])
         self.piece_grads = np.zeros(n, np.float32) if self.accumulate > 1 else None
         self.buckets = gradient_buckets(arch, overlap_mb * 2**20) if overlap_mb > 0 else None
         self.phase_s = [0.0, 0.0, 0.0]  # the last step's compute, allreduce (wait), optimizer
-        self.optimizer = (self.shard.optimizer if self.shard else
-                          make_optimizer(opt_settings, n, opt_state))
+        self.optimizer = (self.shard.optimizer if self.shard else self.node_shard.optimizer
+                          if self.node_shard else make_optimizer(opt_settings, n, opt_state))
         self.control = np.zeros(4, np.float64)  # sharded: stop, loss, non-finite, squares
         self.chunk = self.net.ws.max_rows
 
@@ -69,6 +78,9 @@ class DataParallelEngine(Engine):
     def step(self, xb, yb, rows, scale, stop=False, ids=None):
         n = self.arch.n_params
         start = time.perf_counter()
+        if self.node_sum and not self.node_sum.sliced:  # this step's set of the node's slots
+            self.reduced = self.node_sum.slot
+            self.net.use_grads(self.reduced[:n])
         drop = self.dropout_now(ids)
         if self.buckets:
             loss, correct, requests = self._backward_overlapped(xb, yb, scale, stop, drop)
@@ -85,6 +97,8 @@ class DataParallelEngine(Engine):
                 loss, correct = self.net.train_step(xb, yb, scale, None, *drop)
             if self.shard:
                 return self._sharded_update(loss, correct, rows, stop, start)
+            if self.node_shard:
+                return self._node_sharded_update(loss, correct, rows, stop, start)
             self.reduced[n] = 1.0 if stop else 0.0
             self.reduced[n + 1] = loss
             t0 = time.perf_counter()
@@ -95,12 +109,9 @@ class DataParallelEngine(Engine):
         finite = bool(np.isfinite(summed[n + 1]) and kernels.all_finite(summed[:n]))
         norm = 0.0
         if finite:
-            grads = summed[:n]
+            grads = summed[:n]  # this rank's own buffer (the node's sum is summed privately)
             if self.clip_grad_norm:
                 norm = math.sqrt(kernels.sum_squares(grads))
-                if summed is not self.reduced:  # the shared sum is every rank's: clip a copy
-                    np.copyto(self.net.grads, grads)
-                    grads = self.net.grads
                 clip_(grads, norm, self.clip_grad_norm)
             self.optimizer.step(self.net.params, grads)
         t2 = time.perf_counter()
@@ -110,17 +121,20 @@ class DataParallelEngine(Engine):
         return StepResult(loss, correct, rows, bool(summed[n] > 0), finite, norm)
 
     def _sum(self):
-        """The gradient, stop flag and loss summed over all ranks: in the node's shared memory
-        (read where it lies) or in place by MPI's Allreduce."""
+        """The gradient, stop flag and loss summed over all ranks: through the node's shared
+        memory into this rank's own buffer, or in place by MPI's Allreduce."""
         if self.node_sum:
             return self.node_sum.sum_()
         return self.comm.allreduce_sum_(self.reduced)
 
     def close(self):
-        """Release the shared window (collective; after the last step)."""
+        """Release the shared window (collective; after the last step). The parameters are
+        copied out first: the network stays usable for forward passes."""
         if self.node_sum:
+            params = self.net.params.copy()
+            self.net = Network(self.arch, params, self.net.ws.max_rows)
             self.node_sum.close()
-            self.node_sum = None
+            self.node_sum = self.node_shard = None
 
     def _sharded_update(self, loss, correct, rows, stop, start):
         """Reduce_scatter the gradient, agree on stop/finiteness/norm in one small Allreduce,
@@ -148,6 +162,33 @@ class DataParallelEngine(Engine):
         self.timeline.add("allreduce", t2, t3)
         self.phase_s = [t0 - start, (t1 - t0) + (t3 - t2), t2 - t1]
         return StepResult(loss, correct, rows, bool(self.control[0] > 0), finite, norm)
+
+    def _node_sharded_update(self, loss, correct, rows, stop, start):
+        """Sum this rank's slice in the node's shared memory, agree on stop/finiteness/norm
+        through the window's control row, update the slice of the shared parameters, fence."""
+        n, ns = self.arch.n_params, self.node_shard
+        self.reduced[n] = 1.0 if stop else 0.0
+        self.reduced[n + 1] = loss
+        t0 = time.perf_counter()
+        self.watchdog.arrived()
+        self.node_sum.sum_slice_()
+        grads = self.node_sum.result[ns.lo:ns.hi]
+        bad, squares = ns.checks(grads, bool(self.clip_grad_norm))
+        summed = self.node_sum.result  # stop flag and loss complete after the checks' fence
+        t1 = time.perf_counter()
+        finite = not bad and bool(np.isfinite(summed[n + 1]))
+        norm = 0.0
+        if finite:
+            if self.clip_grad_norm:
+                norm = math.sqrt(squares)
+                clip_(grads, norm, self.clip_grad_norm)  # this rank's slice: its own to change
+            ns.update(grads)
+        self.node_sum.fence()  # every slice updated before any rank's next forward pass
+        t2 = time.perf_counter()
+        self.timeline.add("allreduce", t0, t1)
+        self.timeline.add("optimizer", t1, t2)
+        self.phase_s = [t0 - start, t1 - t0, t2 - t1]
+        return StepResult(loss, correct, rows, bool(summed[n] > 0), finite, norm)
 
     def _accumulated(self, xb, yb, scale, drop):
         """This rank's share in `accumulate` pieces: the first piece's gradient is written, the
@@ -196,6 +237,8 @@ class DataParallelEngine(Engine):
     def full_state(self):
         if self.shard:  # collective: every rank gathers the slices of the state
             return self.net.params, self.shard.full_state()
+        if self.node_shard:  # collective over the node; the shared parameters copied out
+            return self.net.params.copy(), self.node_shard.full_state()
         return self.net.params, (self.optimizer.state if self.optimizer else [])
 
     def replicas_agree(self):

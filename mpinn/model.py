@@ -215,6 +215,10 @@ class Network:
         self.params, self.grads = self.layers.params, self.layers.grads
         self.ws = self.layers.workspace(max_rows)
 
+    def use_grads(self, grads):
+        """Write gradients into this buffer from now on (a node's alternating shared slots)."""
+        self.grads = self.layers.grads = grads
+
     def train_step(self, x, y, scale, grads=None, drop=NO_DROPOUT, rows=NO_ROWS):
         """Gradient of scale * (sum of losses over the rows of x) into self.grads (or grads).
         Returns (loss sum, correct count) over those rows."""

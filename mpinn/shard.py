@@ -87,3 +87,46 @@ class ShardedUpdate:
             full[self.off:self.off + self.block] = piece
             out.append(self.comm.allreduce_(full, "sum")[:self.n])  # blocks disjoint: a sum
         return out
+
+
+class NodeShardedUpdate:
+    """The sharded update inside a node's shared memory (`--allreduce auto` with a gradient of at
+    least NODE_SHARD_BYTES): the node's ranks hold ONE copy of the parameters, in the window of
+    their comm.NodeAllreduce, and each rank updates the slice it sums, with that slice's optimizer
+    state only. Nothing is gathered: after a fence every rank reads the updated parameters where
+    they lie. Against every rank updating all of them from the shared sum it costs one more fence
+    (a node barrier, about 2 us here) and saves (1 - 1/r) of the update's memory traffic (0.1 ms
+    a step for mnist-like at 2 ranks, 2 ms for wide). Between nodes each node holds the same
+    slices, summed by the NodeAllreduce's Allreduce among same-index ranks."""
+
+    def __init__(self, node_sum, n, params, opt_settings, opt_state):
+        self.node_sum, self.n = node_sum, n
+        self.lo, self.hi = min(node_sum.lo, n), min(node_sum.hi, n)
+        self.params = node_sum.params[:n]
+        self.params[self.lo:self.hi] = params[self.lo:self.hi]
+        state = None
+        if opt_state is not None:
+            state = (opt_state[0], [b[self.lo:self.hi].copy() for b in opt_state[1]])
+        self.optimizer = make_optimizer(opt_settings, self.hi - self.lo, state)
+        node_sum.fence()  # every slice in place before any rank's first forward pass
+
+    def checks(self, grads, want_squares):
+        """Publish this slice's non-finite flag and sum of squares; after the fence every rank
+        reads the totals: (any non-finite, sum of squares)."""
+        bad = 0.0 if kernels.all_finite(grads) else 1.0
+        self.node_sum.publish(bad, kernels.sum_squares(grads) if want_squares else 0.0)
+        self.node_sum.fence()
+        bad, squares = self.node_sum.totals()[:2]
+        return bad > 0, float(squares)
+
+    def update(self, grads):
+        self.optimizer.step(self.params[self.lo:self.hi], grads)
+
+    def full_state(self):
+        """The whole optimizer state, n elements each (collective over the node)."""
+        out = []
+        for piece in self.optimizer.state:
+            full = np.zeros(self.n, piece.dtype)
+            full[self.lo:self.hi] = piece
+            out.append(self.node_sum.node.allreduce_(full, "sum"))  # slices disjoint: a sum
+        return out

@@ -12,21 +12,25 @@ import pytest
 
 from conftest import mpiexec, mpinn_env, ok, run_mpinn
 from mpinn import checkpoint
+from mpinn.data_parallel import NODE_SHARD_BYTES
 
 PROGRAM = textwrap.dedent("""
     import sys
     import numpy as np
     from mpinn.comm import Comm
     comm = Comm()
-    n = int(sys.argv[1])
-    node_sum = comm.node_allreduce(n)
-    assert node_sum is not None
-    for step in range(5):
-        rng = np.random.default_rng([step, comm.rank])
-        mine = rng.normal(size=n).astype(np.float32)
-        node_sum.slot[:] = mine
-        got = node_sum.sum_().copy()
-        want = comm.allreduce_(mine.copy())
+    n, sliced = int(sys.argv[1]), sys.argv[2] == "sliced"
+    node_sum = comm.node_allreduce(n, shared_params=sliced)
+    assert node_sum is not None and node_sum.sliced is sliced
+    def mine(step):
+        return np.random.default_rng([step, comm.rank]).normal(size=n).astype(np.float32)
+
+    sums = []
+    for step in range(8):  # nothing between the sums but the node's own fences
+        node_sum.slot[:] = mine(step)  # right after the last sum: a rank ahead must not spoil it
+        sums.append(node_sum.sum_().copy())
+    for step, got in enumerate(sums):
+        want = comm.allreduce_(mine(step))
         # the same float32 additions in another order: equal to rounding
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
         everyone = np.zeros((comm.size, n), np.float32)
@@ -40,25 +44,44 @@ PROGRAM = textwrap.dedent("""
 """)
 
 
+@pytest.mark.parametrize("layout", ["whole", "sliced"])
 @pytest.mark.parametrize("ranks", [2, 3, 4], ids=lambda k: f"{k}ranks")
 @pytest.mark.parametrize("n", [1, 17, 1000, 100_003], ids=lambda n: f"n{n}")
-def test_node_sum_equals_mpi_allreduce(tmp_path, ranks, n):
+def test_node_sum_equals_mpi_allreduce(tmp_path, ranks, n, layout):
     (tmp_path / "prog.py").write_text(PROGRAM)
     r = subprocess.run([mpiexec(), "-n", str(ranks), sys.executable, str(tmp_path / "prog.py"),
-                        str(n)], capture_output=True, text=True, timeout=120, env=mpinn_env())
+                        str(n), layout], capture_output=True, text=True, timeout=120,
+                       env=mpinn_env())
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == f"ok {ranks}"
 
 
 @pytest.mark.parametrize("extra", [[], ["--clip-grad-norm", "0.05", "--optimizer", "adam"]],
                          ids=["momentum", "clipped_adam"])
-def test_training_through_shared_memory_equals_mpi_allreduce(tmp_path, extra):
-    args = ["--hidden", "33,17", "--epochs", 2, "--shuffle", "global", "--steps", 20, *extra]
-    ok(run_mpinn(3, "train", *args, "--allreduce", "mpi", "--run-dir", tmp_path / "mpi"))
-    ok(run_mpinn(3, "train", *args, "--run-dir", tmp_path / "shm"))
+@pytest.mark.parametrize("hidden, shared_params", [("33,17", False), ("512,128", True)],
+                         ids=["replicated_update", "node_sharded_update"])
+def test_training_through_shared_memory_equals_mpi_allreduce(tmp_path, extra, hidden,
+                                                             shared_params):
+    """2,903 parameters: every rank updates all of them from the shared sum; 100,234 (over
+    NODE_SHARD_BYTES): the node's ranks share one copy and each updates its slice. Both train
+    what MPI's Allreduce and a replicated update train, and checkpoint the full state."""
+    args = ["--hidden", hidden, "--epochs", 2, "--shuffle", "global", *extra]
+    ok(run_mpinn(3, "train", *args, "--steps", 20, "--allreduce", "mpi", "--run-dir",
+                 tmp_path / "mpi"))
+    ok(run_mpinn(3, "train", *args, "--steps", 20, "--run-dir", tmp_path / "shm"))
     a = checkpoint.load(str(tmp_path / "mpi" / "checkpoint.h5"))
     b = checkpoint.load(str(tmp_path / "shm" / "checkpoint.h5"))
     assert a.global_step == b.global_step == 20
+    assert (b.arch.n_params * 4 >= NODE_SHARD_BYTES) is shared_params
+    np.testing.assert_allclose(b.params, a.params, rtol=0, atol=1e-6)
+    for x, y in zip(b.optimizer_state, a.optimizer_state):
+        np.testing.assert_allclose(x, y, rtol=0, atol=1e-6)
+    # the full state: resumed on 2 ranks either way, the same run continues
+    ok(run_mpinn(2, "train", *args, "--steps", 30, "--resume", "--run-dir", tmp_path / "shm"))
+    ok(run_mpinn(2, "train", *args, "--steps", 30, "--allreduce", "mpi", "--resume", "--run-dir",
+                 tmp_path / "mpi"))
+    a = checkpoint.load(str(tmp_path / "mpi" / "checkpoint.h5"))
+    b = checkpoint.load(str(tmp_path / "shm" / "checkpoint.h5"))
     np.testing.assert_allclose(b.params, a.params, rtol=0, atol=1e-6)
 
 

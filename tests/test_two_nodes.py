@@ -137,3 +137,19 @@ def test_sharded_optimizer_across_two_nodes_reduces_in_two_levels(tmp_path):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
     ok(run_mpinn(3, "train", *args[:-1], 30, "--shard-optimizer", "--resume", "--run-dir",
                  tmp_path / "two"))
+
+
+def test_node_shared_memory_across_two_nodes(tmp_path):
+    """2 nodes x 2 ranks, the default --allreduce auto with a gradient large enough for the
+    node-sharded update: each node sums and updates in its shared memory, each slice Allreduced
+    between the nodes; the weights are those of MPI's Allreduce on one node."""
+    args = ["--hidden", "512,128", "--epochs", 2, "--shuffle", "global", "--steps", 12]
+    ok(run_mpinn(4, "train", *args, "--allreduce", "mpi", "--run-dir", tmp_path / "one"))
+    with TwoNodes() as nodes:
+        r = nodes.mpiexec([*TRAIN[:4], *args, "--run-dir", tmp_path / "two"], 4, 2, timeout=120)
+    assert r.returncode == 0, r.stderr
+    one = checkpoint.load(str(tmp_path / "one" / "checkpoint.h5"))
+    two = checkpoint.load(str(tmp_path / "two" / "checkpoint.h5"))
+    np.testing.assert_allclose(two.params, one.params, rtol=0, atol=1e-6)
+    for a, b in zip(two.optimizer_state, one.optimizer_state):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)

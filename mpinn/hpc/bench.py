@@ -14,7 +14,7 @@ import numpy as np
 
 from ..errors import UsageError
 from ..log import Log
-from ..data_parallel import DataParallelEngine
+from ..data_parallel import NODE_SHARD_BYTES, DataParallelEngine
 from ..model import Architecture, init_params
 from ..plan import even_part
 from ..runtime.threads import limit_threads, oversubscription
@@ -39,7 +39,8 @@ def allreduce_sweep(comm, max_bytes, shared=False):
     out = []
     n_bytes = 4
     while n_bytes <= max_bytes:
-        node_sum = comm.node_allreduce(n_bytes // 4) if shared else None
+        node_sum = (comm.node_allreduce(n_bytes // 4, n_bytes >= NODE_SHARD_BYTES) if shared
+                    else None)
         buf = np.ones(n_bytes // 4, np.float32)
         reps = int(max(5, min(200, 4e7 / n_bytes)))
         times = []
