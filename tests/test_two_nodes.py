@@ -1,8 +1,10 @@
 """Past one box: two "nodes" on this machine (tests/twonodes/cluster.py: network namespaces, a
 veth link, Hydra launching into both, UCX over TCP so the bytes cross the link). Training across
 them gives the one-node weights (data parallel with the global shuffle, 1 and 2 ranks per node;
-pipeline stages on different nodes); per-node facts are per node; the harness leaves nothing
-behind, also when the command fails. Skipped with the reason where namespaces cannot be made."""
+pipeline stages on different nodes; the sharded optimizer and the node shared-memory sum in two
+levels); per-node facts are per node; a scaling series spans them; a Slurm cluster across them
+runs the train job file on both; the harness leaves nothing behind, also when the command fails.
+Skipped with the reason where namespaces cannot be made."""
 import csv
 import json
 import os
@@ -14,11 +16,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import ok, run_mpinn
+from conftest import ROOT, ok, run_mpinn
 from mpinn import checkpoint
 
 sys.path.insert(0, str(Path(__file__).parent / "twonodes"))
 from cluster import TwoNodes, unavailable  # noqa: E402
+from slurm import TwoNodeSlurm, slurm_missing  # noqa: E402
 
 WHY = unavailable()
 pytestmark = pytest.mark.skipif(WHY is not None, reason=f"two nodes: {WHY}")
@@ -153,3 +156,27 @@ def test_node_shared_memory_across_two_nodes(tmp_path):
     np.testing.assert_allclose(two.params, one.params, rtol=0, atol=1e-6)
     for a, b in zip(two.optimizer_state, one.optimizer_state):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+
+
+def test_slurm_train_job_across_two_nodes(tmp_path):
+    """jobs/slurm/train.sbatch with --nodes=2 on a Slurm cluster whose two slurmd run in the two
+    "nodes" (tests/twonodes/slurm.py): srun starts one rank on each, the bytes cross the link, and
+    the run ends with the weights of the same training on one node."""
+    why = slurm_missing()
+    if why:
+        pytest.skip(why)
+    ok(run_mpinn(2, "train", "--epochs", 2, "--hidden", "32,16", "--run-dir", tmp_path / "one"))
+    with TwoNodeSlurm() as cluster:
+        job = cluster.sbatch(["--nodes=2", "--ntasks-per-node=1", f"--output={tmp_path}/job-%j.out",
+                              ROOT / "jobs" / "slurm" / "train.sbatch"], cwd=tmp_path,
+                             env={"VENV": sys.prefix, "ARGS": "--epochs 2 --hidden 32,16",
+                                  "UCX_TLS": "tcp", "UCX_NET_DEVICES": ",".join(cluster.dev)})
+        state, exit_code, fields = cluster.wait(job, 180)
+    out = (tmp_path / f"job-{job}.out").read_text()
+    assert (state, exit_code) == ("COMPLETED", "0:0"), out
+    assert fields["NumNodes"] == "2" and fields["NodeList"] == "node[1-2]"
+    assert "2 rank(s)" in out and out.count("mpinn train: done") == 1
+    two = checkpoint.load(str(tmp_path / "runs" / job / "checkpoint.h5"))
+    one = checkpoint.load(str(tmp_path / "one" / "checkpoint.h5"))
+    assert two.config["ranks"] == 2
+    np.testing.assert_allclose(two.params, one.params, rtol=0, atol=1e-6)
