@@ -127,6 +127,14 @@ class DataParallelEngine(Engine):
             return self.node_sum.sum_()
         return self.comm.allreduce_sum_(self.reduced)
 
+    def reduction(self):
+        if self.node_sum is None:
+            return ""
+        where = "each node's shared memory" + (", then MPI between nodes"
+                                               if self.node_sum.cross is not None else "")
+        split = ", the update split among a node's ranks" if self.node_shard else ""
+        return f" (gradients summed in {where}{split})"
+
     def close(self):
         """Release the shared window (collective; after the last step). The parameters are
         copied out first: the network stays usable for forward passes."""

@@ -77,6 +77,10 @@ class Engine(ABC):
         """Engine-specific figures for the summary (pipeline stages: compute, wait, bubble)."""
         return {}
 
+    def reduction(self):
+        """How gradients are summed, for the start-up line ('' when nothing to say)."""
+        return ""
+
     def close(self):
         """Release what the engine holds beyond memory (collective; after the last step)."""
 

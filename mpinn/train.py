@@ -76,7 +76,7 @@ class Trainer:
             " ".join(f"{k}={v!r}" for k, v in s.run_config.items()), 100, subsequent_indent="  "))
         mode = (f"{grid.stages} pipeline stages (layers {self.engine.layers_per_stage}) x "
                 f"{grid.replicas} replica(s), {cfg.micro_batches} micro-batches, {cfg.schedule}"
-                if grid.stages > 1 else "data parallel")
+                if grid.stages > 1 else "data parallel" + self.engine.reduction())
         self.log.info(self.lr_summary())
         if s.stream:
             self.log.info(f"mpinn train: inputs streamed from {s.train_path} in chunks of "

@@ -66,9 +66,12 @@ def test_training_through_shared_memory_equals_mpi_allreduce(tmp_path, extra, hi
     NODE_SHARD_BYTES): the node's ranks share one copy and each updates its slice. Both train
     what MPI's Allreduce and a replicated update train, and checkpoint the full state."""
     args = ["--hidden", hidden, "--epochs", 2, "--shuffle", "global", *extra]
-    ok(run_mpinn(3, "train", *args, "--steps", 20, "--allreduce", "mpi", "--run-dir",
-                 tmp_path / "mpi"))
-    ok(run_mpinn(3, "train", *args, "--steps", 20, "--run-dir", tmp_path / "shm"))
+    mpi = ok(run_mpinn(3, "train", *args, "--steps", 20, "--allreduce", "mpi", "--run-dir",
+                       tmp_path / "mpi"))
+    shm = ok(run_mpinn(3, "train", *args, "--steps", 20, "--run-dir", tmp_path / "shm"))
+    said = "data parallel (gradients summed in each node's shared memory" + (
+        ", the update split among a node's ranks)" if shared_params else ")")
+    assert said in shm.stdout and "data parallel, network" in mpi.stdout
     a = checkpoint.load(str(tmp_path / "mpi" / "checkpoint.h5"))
     b = checkpoint.load(str(tmp_path / "shm" / "checkpoint.h5"))
     assert a.global_step == b.global_step == 20
