@@ -265,8 +265,8 @@ class Comm:
         if self.size == 1:
             return None
         local, even = self._node_split()
-        need = 2 * 2 * local.size * (n + NodeAllreduce.ALIGN) * 4
-        room = int(shm_free_bytes() >= need)
+        rows = local.size + 2 if shared_params else 2 * local.size
+        room = int(shm_free_bytes() >= 2 * rows * (n + NodeAllreduce.ALIGN) * 4)  # half free
         if not even or self.allreduce_minmax(room)[0] == 0:
             local._comm.Free()
             return None

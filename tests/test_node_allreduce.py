@@ -96,3 +96,25 @@ def test_bench_says_which_sum_ran():
         result = json.loads(r.stdout)
         assert result["node_shared_memory"] is shared
         assert [p["bytes"] for p in result["allreduce_sweep"]] == [4, 16, 64, 256, 1024, 4096]
+
+
+def test_no_room_in_dev_shm_falls_back_to_mpi(tmp_path):
+    """Where /dev/shm lacks room for the window (a container's 64 MB) on any rank, every rank
+    takes MPI's Allreduce: the ranks agree, none waits in a window the others never made."""
+    (tmp_path / "prog.py").write_text(textwrap.dedent("""
+        import mpinn.comm
+        from mpinn.comm import Comm
+        comm = Comm()
+        if comm.rank == 1:
+            mpinn.comm.shm_free_bytes = lambda: 0  # one rank short of room is enough
+        assert comm.node_allreduce(1000) is None
+        mpinn.comm.shm_free_bytes = lambda: 1 << 40
+        node_sum = comm.node_allreduce(1000)
+        assert node_sum is not None
+        node_sum.close()
+        if comm.rank == 0:
+            print("ok")
+    """))
+    r = subprocess.run([mpiexec(), "-n", "2", sys.executable, str(tmp_path / "prog.py")],
+                       capture_output=True, text=True, timeout=120, env=mpinn_env())
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
