@@ -29,22 +29,8 @@ ClusterName=mpinntest$$
 SlurmctldHost=localhost
 SlurmctldPort=$PORT0
 SlurmdPort=$((PORT0 + 1))
-SlurmUser=root
-SlurmdUser=root
-AuthType=auth/munge
+Include $(cd "$(dirname "$0")" && pwd)/common.conf
 AuthInfo=socket=$M/munge.socket,cred_expire=10
-CredType=cred/munge
-MpiDefault=pmi2
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-JobAcctGatherType=jobacct_gather/none
-AccountingStorageType=accounting_storage/none
-JobCompType=jobcomp/none
-MailProg=/bin/true
-SchedulerType=sched/backfill
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core
-ReturnToService=2
 StateSaveLocation=$STATE/ctld
 SlurmdSpoolDir=$STATE/d
 SlurmctldPidFile=$STATE/slurmctld.pidfile

@@ -20,6 +20,7 @@ from pathlib import Path
 from cluster import TwoNodes
 
 DAEMONS = ("slurmctld", "slurmd", "sbatch", "munged")
+COMMON = Path(__file__).resolve().parent.parent / "slurm" / "common.conf"
 
 
 def slurm_missing():
@@ -92,22 +93,8 @@ exec "$@"
 SlurmctldHost={self.hosts[0]}({self.addr[0]})
 SlurmctldPort={self.port}
 SlurmdPort={self.port + 1}
-SlurmUser=root
-SlurmdUser=root
-AuthType=auth/munge
+Include {COMMON}
 AuthInfo=socket={munge}/munge.socket,cred_expire=10
-CredType=cred/munge
-MpiDefault=pmi2
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-JobAcctGatherType=jobacct_gather/none
-AccountingStorageType=accounting_storage/none
-JobCompType=jobcomp/none
-MailProg=/bin/true
-SchedulerType=sched/backfill
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core
-ReturnToService=2
 StateSaveLocation={s}/ctld
 SlurmdSpoolDir={s}/d/%n
 SlurmctldPidFile={s}/slurmctld.pid
