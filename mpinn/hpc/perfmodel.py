@@ -114,11 +114,6 @@ def fit_two_level(points):
     return intra, inter
 
 
-def relative_errors(points, alpha, beta):
-    """(model - measured) / measured for each (bytes, ranks, seconds)."""
-    return [(allreduce_time(n, p, alpha, beta) - t) / t for n, p, t in points]
-
-
 def network(name=None, alpha=None, beta=None, fitted=None):
     """(label, Link) from explicit values, a preset name, or 'measured' (the fitted Link)."""
     if alpha is not None or beta is not None:
