@@ -46,8 +46,10 @@ class DataParallelEngine(Engine):
         # the gradient padded to equal blocks, control values apart)
         self.reduced = (self.node_sum.slot if self.node_sum else
                         np.zeros(max(n + 2, padded), np.float32))
-        self.padded_params = np.zeros(padded, np.float32)
-        self.padded_params[:n] = params
+        # this rank's parameters, unless the node shares one copy of them in its window
+        self.padded_params = None if self.node_shard else np.zeros(padded, np.float32)
+        if self.padded_params is not None:
+            self.padded_params[:n] = params
         self.accumulate = int(accumulate)
         piece = -(-int(max_rows) // self.accumulate)  # the workspace holds one piece of a share
         self.net = Network(arch, self.node_shard.params if self.node_shard else
