@@ -23,6 +23,8 @@ per-rank gradients is exactly the gradient of the global mean loss, however the 
 import numpy as np
 from numba import njit
 
+from .gemm import gemm_
+
 ACT_IDENTITY, ACT_RELU, ACT_TANH, ACT_SIGMOID = 0, 1, 2, 3
 ACTIVATIONS = {"identity": ACT_IDENTITY, "relu": ACT_RELU, "tanh": ACT_TANH, "sigmoid": ACT_SIGMOID}
 
@@ -150,72 +152,156 @@ def _times_dropout_act_grad_(d, h, act, drop, rows, unit0):
 
 
 @njit(cache=True)
+def _add_bias_rows_(z, b):
+    """z (N, fo) += b (fo,) on every row."""
+    for i in range(z.shape[0]):
+        for j in range(z.shape[1]):
+            z[i, j] += b[j]
+
+
+@njit(cache=True)
+def _bias_activate_fm_(zT, b, act):
+    """zT (fo, N), feature-major: zT[j] = act(zT[j] + b[j]), one pass (the activation's test is
+    outside the loops so each loop vectorises)."""
+    fo, n = zT.shape
+    for j in range(fo):
+        bj = b[j]
+        if act == ACT_RELU:
+            for i in range(n):
+                v = zT[j, i] + bj
+                zT[j, i] = v if v > 0 else 0
+        elif act == ACT_IDENTITY:
+            for i in range(n):
+                zT[j, i] += bj
+        else:
+            for i in range(n):
+                zT[j, i] += bj
+            _activate_(zT[j:j + 1], act)
+
+
+@njit(cache=True)
+def _sum_columns_(gb, d):
+    """gb (fo,) = the sum of d (N, fo) over its rows."""
+    gb[:] = 0
+    for i in range(d.shape[0]):
+        for j in range(d.shape[1]):
+            gb[j] += d[i, j]
+
+
+@njit(cache=True, fastmath={"reassoc"})
+def _sum_rows_(gb, dT):
+    """gb (fo,) = the sum of dT (fo, N) over its columns (feature-major: one per row). Only
+    reassociation is allowed, so each row's sum vectorises; NaN and inf keep their meaning."""
+    for j in range(dT.shape[0]):
+        s = dT.dtype.type(0)
+        for i in range(dT.shape[1]):
+            s += dT[j, i]
+        gb[j] = s
+
+
+# Layout in the workspace: a layer's output is feature-major, (fo, N), the orientation in which the
+# BLAS runs the forward and input-gradient GEMMs fastest (gemm.py), except the last layer of a
+# call, which is row-major (N, fo): the loss, the predictions and a pipeline stage's output read it
+# as rows. The same holds for dLoss/dz in d0/d1. x and dx are row-major (N, F).
+
+
+@njit(cache=True)
 def forward(params, x, sizes, w_off, b_off, acts, a_off, act, out_act, drop, rows, units):
-    """Forward pass over all layers for the N rows of x. Layer l's output (N, fo) is written to
-    acts at a_off[l]; the last layer's holds out_act(z_L). Hidden outputs go through dropout when
-    drop[0] > 0 (see above)."""
+    """Forward pass over all layers for the N rows of x. Layer l's output is written to acts at
+    a_off[l] (feature-major, the last layer row-major (N, K) holding out_act(z_L)). Hidden
+    outputs go through dropout when drop[0] > 0 (see above)."""
     n = x.shape[0]
     n_layers = sizes.shape[0] - 1
-    h = x
+    hT = _view2(acts, 0, 0, n)  # the previous layer's output, feature-major
     for l in range(n_layers):
         fi, fo = sizes[l], sizes[l + 1]
         W = _view2(params, w_off[l], fi, fo)
         b = params[b_off[l]:b_off[l] + fo]
-        z = _view2(acts, a_off[l], n, fo)
-        np.dot(h, W, z)
-        for i in range(n):
-            for j in range(fo):
-                z[i, j] += b[j]
-        last = l == n_layers - 1
-        _activate_(z, out_act if last else act)
-        if drop[0] > 0 and (not last or drop[2] > 0):
-            _dropout_(z, drop, rows, units[l + 1])
-        h = z
+        if l == n_layers - 1:
+            z = _view2(acts, a_off[l], n, fo)
+            if l == 0:
+                gemm_(False, x, False, W, z)
+            else:
+                gemm_(True, hT, False, W, z)
+            _add_bias_rows_(z, b)
+            _activate_(z, out_act)
+            if drop[0] > 0 and drop[2] > 0:
+                _dropout_(z, drop, rows, units[l + 1])
+        else:
+            zT = _view2(acts, a_off[l], fo, n)
+            if l == 0:
+                gemm_(True, W, True, x, zT)
+            else:
+                gemm_(True, W, False, hT, zT)
+            _bias_activate_fm_(zT, b, act)
+            if drop[0] > 0:
+                _dropout_(zT.T, drop, rows, units[l + 1])
+            hT = zT
 
 
 @njit(cache=True)
 def backward(grads, params, x, sizes, w_off, b_off, acts, a_off, act, d0, d1, dx, want_dx, drop,
-             rows, units):
+             rows, units, bound):
     """Backpropagate through all layers. On entry the output layer's slot in acts holds
     dLoss/dz_L (N, K); grads (P,) is overwritten with dLoss/dparams. d0/d1 are scratch.
     With want_dx (a pipeline stage after the first), dx (N, F) receives dLoss/dz of the layer that
-    produced x: (d @ W0^T) * act'(x), which the previous stage continues from."""
+    produced x: (d @ W0^T) * act'(x), which the previous stage continues from. bound[0] receives
+    a bound on |dLoss/dparams| (see backward_layers)."""
     backward_layers(grads, params, x, sizes, w_off, b_off, acts, a_off, act, d0, d1, dx, want_dx,
-                    sizes.shape[0] - 1, 0, drop, rows, units)
+                    sizes.shape[0] - 1, 0, drop, rows, units, bound)
 
 
 @njit(cache=True)
 def backward_layers(grads, params, x, sizes, w_off, b_off, acts, a_off, act, d0, d1, dx, want_dx,
-                    hi, lo, drop, rows, units):
+                    hi, lo, drop, rows, units, bound):
     """Backpropagate through layers hi-1 down to lo only (gradients of those layers written), so
     a caller can reduce finished layers' gradients while earlier layers are still computed. The
-    incoming dLoss/dz of layer hi-1 is where the previous call left it: the output slot when hi is
-    the last layer, else d0 or d1 (layer m's in d0 when m+1 is even)."""
+    incoming dLoss/dz of layer hi-1 is where the previous call left it: the output slot (N, K)
+    when hi is the last layer, else d0 or d1 (layer m's in d0 when m+1 is even; feature-major).
+
+    bound[0] (reset when hi is the last layer, raised by every call after) becomes a number no
+    gradient element of these layers can exceed in magnitude: each is a sum over the N rows of
+    products h_in * dLoss/dz (or of dLoss/dz alone for a bias), so N * max|h_in| * max|dLoss/dz|
+    bounds it and every partial sum the BLAS forms, whatever its order; inf when an input to them
+    is not finite. Below CERTAIN_FINITE, the gradient is finite without reading it. An empty
+    `bound` skips it (its passes over activations cost more than reading a small gradient)."""
     n = x.shape[0]
     n_layers = sizes.shape[0] - 1
+    if hi == n_layers and bound.shape[0]:
+        bound[0] = 0.0
     if hi == n_layers:
         d = _view2(acts, a_off[n_layers - 1], n, sizes[n_layers])
     else:
-        d = _view2(d0 if hi % 2 == 0 else d1, 0, n, sizes[hi])
+        d = _view2(d0 if hi % 2 == 0 else d1, 0, sizes[hi], n)
     for l in range(hi - 1, lo - 1, -1):
         fi, fo = sizes[l], sizes[l + 1]
-        h_in = x if l == 0 else _view2(acts, a_off[l - 1], n, fi)
+        rows_d = l == n_layers - 1  # d is (N, fo); else (fo, N)
+        hT = _view2(acts, a_off[l - 1], fi, n) if l > 0 else x
         gW = _view2(grads, w_off[l], fi, fo)
-        np.dot(h_in.T, d, gW)
+        gemm_(l == 0, hT, not rows_d, d, gW)  # h_in^T @ dLoss/dz
+        if bound.shape[0]:
+            _raise_bound_(bound, n, _max_abs(hT), _max_abs(d))
         gb = grads[b_off[l]:b_off[l] + fo]
-        gb[:] = 0
-        for i in range(n):
-            for j in range(fo):
-                gb[j] += d[i, j]
-        if l > 0 or want_dx:
+        if rows_d:
+            _sum_columns_(gb, d)
+        else:
+            _sum_rows_(gb, d)
+        if l > 0:
             W = _view2(params, w_off[l], fi, fo)
-            d_prev = dx if l == 0 else _view2(d0 if l % 2 == 0 else d1, 0, n, fi)
-            np.dot(d, W.T, d_prev)
-            if drop[0] > 0:  # h_in is a hidden output (the first stage's data is not)
-                _times_dropout_act_grad_(d_prev, h_in, act, drop, rows, units[l])
+            dT = _view2(d0 if l % 2 == 0 else d1, 0, fi, n)
+            gemm_(False, W, rows_d, d, dT)  # W @ dLoss/dz^T
+            if drop[0] > 0:  # hT is a hidden output (the first stage's data is not)
+                _times_dropout_act_grad_(dT.T, hT.T, act, drop, rows, units[l])
             else:
-                _times_act_grad_(d_prev, h_in, act)
-            d = d_prev
+                _times_act_grad_(dT, hT, act)
+            d = dT
+        elif want_dx:
+            W = _view2(params, w_off[l], fi, fo)
+            gemm_(not rows_d, d, True, W, dx)  # dLoss/dz @ W^T, row-major like x
+            if drop[0] > 0:
+                _times_dropout_act_grad_(dx, x, act, drop, rows, units[l])
+            else:
+                _times_act_grad_(dx, x, act)
 
 
 @njit(cache=True)
@@ -285,36 +371,80 @@ def softmax_(logits):
 
 @njit(cache=True)
 def train_step_ce(grads, params, x, labels, scale, sizes, w_off, b_off, acts, a_off, act, d0, d1,
-                  drop, rows, units):
+                  drop, rows, units, bound):
     """Forward, softmax cross-entropy and backward for N rows; grads (P,) overwritten.
     Returns (loss sum, correct count) over these rows."""
     n_layers = sizes.shape[0] - 1
     if x.shape[0] == 0:
         grads[:] = 0
+        bound[:] = 0.0
         return 0.0, 0
     forward(params, x, sizes, w_off, b_off, acts, a_off, act, ACT_IDENTITY, drop, rows, units)
     z = _view2(acts, a_off[n_layers - 1], x.shape[0], sizes[n_layers])
     loss, correct = cross_entropy_grad_(z, labels, scale)
     backward(grads, params, x, sizes, w_off, b_off, acts, a_off, act, d0, d1, x, False, drop, rows,
-             units)
+             units, bound)
     return loss, correct
 
 
 @njit(cache=True)
 def train_step_mse(grads, params, x, targets, scale, sizes, w_off, b_off, acts, a_off, act, out_act,
-                   d0, d1, drop, rows, units):
+                   d0, d1, drop, rows, units, bound):
     """Forward, squared error and backward for N rows; grads (P,) overwritten.
     Returns (sum of squared errors, 0) over these rows."""
     n_layers = sizes.shape[0] - 1
     if x.shape[0] == 0:
         grads[:] = 0
+        bound[:] = 0.0
         return 0.0, 0
     forward(params, x, sizes, w_off, b_off, acts, a_off, act, out_act, drop, rows, units)
     out = _view2(acts, a_off[n_layers - 1], x.shape[0], sizes[n_layers])
     loss, _ = mse_grad_(out, targets, out_act, scale)
     backward(grads, params, x, sizes, w_off, b_off, acts, a_off, act, d0, d1, x, False, drop, rows,
-             units)
+             units, bound)
     return loss, 0
+
+
+# A gradient bound below this is certainly finite: ranks sum their bounds in float32 (whose largest
+# value is 3.4e38), and the BLAS's rounding can raise a partial sum over the bound by a factor
+# (1 + 2**-24)**N, under 2 for any batch this tool runs.
+CERTAIN_FINITE = 1e37
+
+
+@njit(cache=True)
+def _max_abs(a):
+    """max |a| over the contiguous array a, or inf when any element is not finite, in one
+    vectorised pass: with the sign bit cleared, a float's bits order like its magnitude as
+    unsigned integers, and NaN and inf sort above every finite value."""
+    flat = a.ravel()
+    if flat.itemsize == 4:
+        m = _max_bits(flat.view(np.uint32), np.uint32(0x7FFFFFFF))
+        if m >= np.uint32(0x7F800000):
+            return np.inf
+        return float(np.array([m]).view(np.float32)[0])
+    m = _max_bits(flat.view(np.uint64), np.uint64(0x7FFFFFFFFFFFFFFF))
+    if m >= np.uint64(0x7FF0000000000000):
+        return np.inf
+    return float(np.array([m]).view(np.float64)[0])
+
+
+@njit(cache=True)
+def _max_bits(bits, mask):
+    m = bits.dtype.type(0)
+    for i in range(bits.shape[0]):
+        v = bits[i] & mask
+        m = v if v > m else m
+    return m
+
+
+@njit(cache=True)
+def _raise_bound_(bound, n, max_h, max_d):
+    """bound[0] = max(bound[0], n * max(max_h, 1) * max_d), inf when that is not finite."""
+    b = n * max(max_h, 1.0) * max_d
+    if not b < np.inf:  # inf, or NaN from inf * 0
+        b = np.inf
+    if b > bound[0]:
+        bound[0] = b
 
 
 @njit(cache=True, fastmath={"reassoc"})

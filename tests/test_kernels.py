@@ -148,6 +148,7 @@ def test_backward_in_layer_ranges_equals_the_whole():
     x, y = problem(sizes, "cross_entropy", 9, rng, np.float64)
     flat = flatten(init_layers(sizes, rng))
     whole = network(sizes, "tanh", "cross_entropy", "identity", flat, 9)
+    whole.bound_rows = 9
     whole.train_step(x, y, 1 / 9)
     net = network(sizes, "tanh", "cross_entropy", "identity", flat, 9)
     ws = net.ws
@@ -157,8 +158,9 @@ def test_backward_in_layer_ranges_equals_the_whole():
     for hi, lo in ((4, 3), (3, 1), (1, 0)):
         kernels.backward_layers(net.grads, net.params, x, ws.sizes, ws.w_off, ws.b_off, ws.acts,
                                 ws.a_off, ws.act, ws.d0, ws.d1, x, False, hi, lo, NO_DROPOUT,
-                                NO_ROWS, ws.units)
+                                NO_ROWS, ws.units, ws.bound)
     np.testing.assert_allclose(net.grads, whole.grads, rtol=1e-12)
+    assert net.grad_bound == whole.grad_bound > np.abs(whole.grads).max()
 
 
 def test_gradient_buckets_cover_the_buffer_last_layer_first():
@@ -167,7 +169,7 @@ def test_gradient_buckets_cover_the_buffer_last_layer_first():
     for bucket_bytes in (1, 100_000, 300_000, 10**9):
         buckets = gradient_buckets(arch, bucket_bytes)
         assert buckets[0][0] == arch.n_layers and buckets[-1][1] == 0
-        assert buckets[0][3] == arch.n_params + 2  # the first also carries stop flag and loss
+        assert buckets[0][3] == arch.n_params + 3  # the first also carries the control values
         for (hi, lo, a, b), (hi2, lo2, a2, b2) in zip(buckets, buckets[1:]):
             assert hi2 == lo and b2 == a  # contiguous, layer after layer, backwards
         assert buckets[-1][2] == 0
