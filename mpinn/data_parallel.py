@@ -1,7 +1,8 @@
 """The data-parallel engine: every rank holds the whole network, computes the gradient of its part
 of the global batch in one fused kernel call, and one in-place Allreduce over the flat gradient
-buffer (plus a stop flag and the loss, so signals and non-finite checks cost no extra collective)
-makes every rank's gradient the global one. Every rank then applies the same update.
+buffer (plus a stop flag, the loss and a gradient bound, so signals and non-finite checks cost no
+extra collective) makes every rank's gradient the global one. Every rank then applies the same
+update.
 
 With --overlap-mb the backward pass runs one bucket of layers at a time, last layer first, and each
 bucket's Iallreduce starts as soon as its gradients exist.
@@ -22,6 +23,11 @@ from .shard import NodeShardedUpdate, ShardedUpdate
 # parameters: it saves more update traffic than the extra node barrier (~2 us) costs
 NODE_SHARD_BYTES = 256 * 1024
 
+# values reduced after the gradient in the same buffer: a stop flag, the loss sum, and the ranks'
+# gradient bounds (their sum bounds the summed gradient: below kernels.CERTAIN_FINITE it is finite
+# without a pass over it)
+CONTROL_VALUES = 3
+
 
 class DataParallelEngine(Engine):
     def __init__(self, comm, arch, params, max_rows, opt_settings=None, opt_state=None,
@@ -39,13 +45,13 @@ class DataParallelEngine(Engine):
         on_node = (allreduce == "auto" and not self.shard and overlap_mb <= 0
                    and opt_settings is not None)
         share = on_node and 4 * n >= NODE_SHARD_BYTES
-        self.node_sum = comm.node_allreduce(n + 2, shared_params=share) if on_node else None
+        self.node_sum = comm.node_allreduce(n + CONTROL_VALUES, shared_params=share) if on_node else None
         self.node_shard = (NodeShardedUpdate(self.node_sum, n, params, opt_settings, opt_state)
                            if self.node_sum and share else None)
-        # gradients, then a stop flag and the loss sum: one Allreduce carries all three (sharded:
-        # the gradient padded to equal blocks, control values apart)
+        # gradients, then the control values: one Allreduce carries them all (sharded: the
+        # gradient padded to equal blocks, control values apart)
         self.reduced = (self.node_sum.slot if self.node_sum else
-                        np.zeros(max(n + 2, padded), np.float32))
+                        np.zeros(max(n + CONTROL_VALUES, padded), np.float32))
         # this rank's parameters, unless the node shares one copy of them in its window
         self.padded_params = None if self.node_shard else np.zeros(padded, np.float32)
         if self.padded_params is not None:
@@ -92,23 +98,25 @@ class DataParallelEngine(Engine):
             summed = self.reduced
         else:
             if self.accumulate > 1:
-                loss, correct = self._accumulated(xb, yb, scale, drop)
-            elif self.timeline.enabled:
-                loss, correct = self.net.train_step_traced(xb, yb, scale, self.timeline, *drop)
+                loss, correct, bound = self._accumulated(xb, yb, scale, drop)
             else:
-                loss, correct = self.net.train_step(xb, yb, scale, None, *drop)
+                if self.timeline.enabled:
+                    loss, correct = self.net.train_step_traced(xb, yb, scale, self.timeline, *drop)
+                else:
+                    loss, correct = self.net.train_step(xb, yb, scale, None, *drop)
+                bound = self.net.grad_bound
             if self.shard:
                 return self._sharded_update(loss, correct, rows, stop, start)
             if self.node_shard:
                 return self._node_sharded_update(loss, correct, rows, stop, start)
-            self.reduced[n] = 1.0 if stop else 0.0
-            self.reduced[n + 1] = loss
+            self.reduced[n:n + CONTROL_VALUES] = (1.0 if stop else 0.0, loss, bound)
             t0 = time.perf_counter()
             self.watchdog.arrived()
             summed = self._sum()
         t1 = time.perf_counter()
         # every rank holds the same reduced values, so every rank decides the same
-        finite = bool(np.isfinite(summed[n + 1]) and kernels.all_finite(summed[:n]))
+        finite = bool(np.isfinite(summed[n + 1]) and (summed[n + 2] < kernels.CERTAIN_FINITE
+                                                      or kernels.all_finite(summed[:n])))
         norm = 0.0
         if finite:
             grads = summed[:n]  # this rank's own buffer (the node's sum is summed privately)
@@ -123,7 +131,7 @@ class DataParallelEngine(Engine):
         return StepResult(loss, correct, rows, bool(summed[n] > 0), finite, norm)
 
     def _sum(self):
-        """The gradient, stop flag and loss summed over all ranks: through the node's shared
+        """The gradient and control values summed over all ranks: through the node's shared
         memory into this rank's own buffer, or in place by MPI's Allreduce."""
         if self.node_sum:
             return self.node_sum.sum_()
@@ -202,8 +210,8 @@ class DataParallelEngine(Engine):
 
     def _accumulated(self, xb, yb, scale, drop):
         """This rank's share in `accumulate` pieces: the first piece's gradient is written, the
-        others' are added. Returns (loss sum, correct) over the share."""
-        loss, correct = 0.0, 0
+        others' are added. Returns (loss sum, correct, gradient bound) over the share."""
+        loss, correct, bound = 0.0, 0, 0.0
         mask, ids = drop
         for i in range(self.accumulate):
             off, m = even_part(xb.shape[0], self.accumulate, i)
@@ -212,13 +220,13 @@ class DataParallelEngine(Engine):
                                        ids[off:off + m] if len(ids) else ids)
             if i:
                 self.net.grads += self.piece_grads
-            loss, correct = loss + l, correct + c
-        return loss, correct
+            loss, correct, bound = loss + l, correct + c, bound + self.net.grad_bound
+        return loss, correct, bound
 
     def _backward_overlapped(self, xb, yb, scale, stop, drop):
         """Forward and loss, then backward one bucket of layers at a time, last layer first, each
         bucket's Iallreduce started as soon as its gradients exist (the first bucket also carries
-        the stop flag and the loss). Returns (loss, correct, requests to wait for)."""
+        the control values). Returns (loss, correct, requests to wait for)."""
         net, n = self.net, self.arch.n_params
         rows = xb.shape[0]
         t0 = time.perf_counter()
@@ -229,8 +237,8 @@ class DataParallelEngine(Engine):
             net.grads[:] = 0
         t1 = time.perf_counter()
         self.timeline.add("forward", t0, t1)
-        self.reduced[n] = 1.0 if stop else 0.0
-        self.reduced[n + 1] = loss
+        # no bound: the first bucket's sum starts before the earlier layers' gradients exist
+        self.reduced[n:n + CONTROL_VALUES] = (1.0 if stop else 0.0, loss, np.inf)
         requests = []
         for hi, lo, a, b in self.buckets:
             if rows:
@@ -259,7 +267,7 @@ class DataParallelEngine(Engine):
 def gradient_buckets(arch, bucket_bytes):
     """[(hi, lo, start, end)]: groups of whole layers, last layer first, each about bucket_bytes
     of gradients, with its contiguous slice [start, end) of the reduced buffer (the first bucket
-    runs to the buffer's end, taking the stop flag and loss along)."""
+    runs to the buffer's end, taking the control values along)."""
     w_off, _ = arch.offsets()
     ends = list(w_off[1:]) + [arch.n_params]
     buckets, hi = [], arch.n_layers
@@ -267,7 +275,7 @@ def gradient_buckets(arch, bucket_bytes):
         lo = hi - 1
         while lo > 0 and (ends[hi - 1] - w_off[lo - 1]) * 4 <= bucket_bytes:
             lo -= 1
-        end = arch.n_params + 2 if hi == arch.n_layers else int(ends[hi - 1])
+        end = arch.n_params + CONTROL_VALUES if hi == arch.n_layers else int(ends[hi - 1])
         buckets.append((hi, lo, int(w_off[lo]), end))
         hi = lo
     return buckets

@@ -19,11 +19,12 @@ class CrossEntropy:
         return float(loss), int(correct)
 
     @staticmethod
-    def fused_step(grads, params, x, y, scale, ws, drop, rows):
-        """Forward, loss and backward in one compiled call (the data-parallel hot path)."""
+    def fused_step(grads, params, x, y, scale, ws, drop, rows, bound):
+        """Forward, loss and backward in one compiled call (the data-parallel hot path); bound:
+        ws.bound to have the kernel bound the gradient, or model.NO_BOUND."""
         return kernels.train_step_ce(grads, params, x, y, scale, ws.sizes, ws.w_off, ws.b_off,
                                      ws.acts, ws.a_off, ws.act, ws.d0, ws.d1, drop, rows,
-                                     ws.units)
+                                     ws.units, bound)
 
     @staticmethod
     def scale(global_rows, n_outputs):
@@ -53,10 +54,10 @@ class MeanSquaredError:
         return float(loss), int(correct)
 
     @staticmethod
-    def fused_step(grads, params, x, y, scale, ws, drop, rows):
+    def fused_step(grads, params, x, y, scale, ws, drop, rows, bound):
         return kernels.train_step_mse(grads, params, x, y, scale, ws.sizes, ws.w_off, ws.b_off,
                                       ws.acts, ws.a_off, ws.act, ws.out_act, ws.d0, ws.d1, drop,
-                                      rows, ws.units)
+                                      rows, ws.units, bound)
 
     @staticmethod
     def scale(global_rows, n_outputs):

@@ -124,6 +124,8 @@ class Workspace:
         self.out_act = kernels.ACTIVATIONS[out_activation]
         self.x_in = np.zeros(self.max_rows * sizes[0], dtype) if stage_input else None
         self.dx = np.zeros(self.max_rows * sizes[0], dtype) if stage_input else None
+        # the last backward pass's bound on |gradient| (kernels.backward_layers)
+        self.bound = np.zeros(1, np.float64)
 
     @property
     def nbytes(self):
@@ -148,6 +150,7 @@ class Workspace:
 
 NO_DROPOUT = np.zeros(3, np.uint64)
 NO_ROWS = np.zeros(0, np.int64)
+NO_BOUND = np.zeros(0, np.float64)  # the kernels skip the gradient bound
 
 
 class Dropout:
@@ -200,7 +203,8 @@ class Layers:
         kernels.backward_layers(self.grads if grads is None else grads, self.params, x, ws.sizes,
                                 ws.w_off, ws.b_off, ws.acts, ws.a_off, ws.act, ws.d0, ws.d1,
                                 x if dx is None else dx, dx is not None,
-                                self.n_layers if hi is None else hi, lo, drop, rows, ws.units)
+                                self.n_layers if hi is None else hi, lo, drop, rows, ws.units,
+                                NO_BOUND)
 
 
 class Network:
@@ -214,6 +218,15 @@ class Network:
         self.layers = Layers(arch.sizes, arch.activation, arch.output_activation, params, grads)
         self.params, self.grads = self.layers.params, self.layers.grads
         self.ws = self.layers.workspace(max_rows)
+        # the gradient bound reads each layer's input and dLoss/dz: 2 * rows * sum(sizes) values,
+        # in cache; up to this many rows that is fewer than the gradient it spares reading
+        self.bound_rows = arch.n_params // (2 * sum(arch.sizes))
+
+    @property
+    def grad_bound(self):
+        """No element of the last gradient train_step computed exceeds this in magnitude (inf:
+        unknown); below kernels.CERTAIN_FINITE the gradient is finite."""
+        return float(self.ws.bound[0])
 
     def use_grads(self, grads):
         """Write gradients into this buffer from now on (a node's alternating shared slots)."""
@@ -224,9 +237,14 @@ class Network:
         Returns (loss sum, correct count) over those rows."""
         if x.shape[0] > self.ws.max_rows:
             raise ValueError(f"{x.shape[0]} rows exceed the workspace of {self.ws.max_rows}")
+        if x.shape[0] <= self.bound_rows:
+            bound = self.ws.bound
+        else:
+            bound = NO_BOUND
+            self.ws.bound[0] = np.inf  # unknown
         loss, correct = self.loss.fused_step(self.grads if grads is None else grads, self.params,
                                              x, y, self.params.dtype.type(scale), self.ws, drop,
-                                             rows)
+                                             rows, bound)
         return float(loss), int(correct)
 
     def forward_loss_grad(self, x, y, scale, drop=NO_DROPOUT, rows=NO_ROWS):
@@ -242,6 +260,7 @@ class Network:
     def train_step_traced(self, x, y, scale, timeline, drop=NO_DROPOUT, rows=NO_ROWS):
         """train_step with forward and backward as separate kernel calls (same mathematics),
         recorded on the timeline."""
+        self.ws.bound[0] = np.inf  # not computed on this path
         if x.shape[0] == 0:
             self.grads[:] = 0
             return 0.0, 0

@@ -40,9 +40,11 @@ def forward(layers, x, activation, output_activation="identity"):
     return zs, hs, h
 
 
-def loss_and_grads(layers, x, y, activation, loss, output_activation="identity", denom=None):
+def loss_and_grads(layers, x, y, activation, loss, output_activation="identity", denom=None,
+                   deltas=None):
     """Mean loss (PyTorch's definition) and its gradients [(dW, db)]. `denom` overrides the number
-    of rows the mean divides by (a rank's part of a bigger global batch)."""
+    of rows the mean divides by (a rank's part of a bigger global batch). `deltas`, a list, gets
+    each layer's (input h, dLoss/dz), last layer first."""
     n = x.shape[0] if denom is None else denom
     zs, hs, out = forward(layers, x, activation, output_activation)
     if loss == "cross_entropy":
@@ -61,6 +63,8 @@ def loss_and_grads(layers, x, y, activation, loss, output_activation="identity",
     for i in range(len(layers) - 1, -1, -1):
         W, _ = layers[i]
         grads[i] = (hs[i].T @ delta, delta.sum(axis=0))
+        if deltas is not None:
+            deltas.append((hs[i], delta))
         if i > 0:
             delta = (delta @ W.T) * act_grad(activation, zs[i - 1])
     return value, grads
