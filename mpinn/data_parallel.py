@@ -109,14 +109,16 @@ class DataParallelEngine(Engine):
                 return self._sharded_update(loss, correct, rows, stop, start)
             if self.node_shard:
                 return self._node_sharded_update(loss, correct, rows, stop, start)
-            self.reduced[n:n + CONTROL_VALUES] = (1.0 if stop else 0.0, loss, bound)
+            reduced = self.reduced
+            reduced[n], reduced[n + 1], reduced[n + 2] = (1.0 if stop else 0.0), loss, bound
             t0 = time.perf_counter()
             self.watchdog.arrived()
             summed = self._sum()
         t1 = time.perf_counter()
+        stops, loss_sum, bound_sum = summed[n:n + CONTROL_VALUES].tolist()
         # every rank holds the same reduced values, so every rank decides the same
-        finite = bool(np.isfinite(summed[n + 1]) and (summed[n + 2] < kernels.CERTAIN_FINITE
-                                                      or kernels.all_finite(summed[:n])))
+        finite = math.isfinite(loss_sum) and (bound_sum < kernels.CERTAIN_FINITE
+                                              or kernels.all_finite(summed[:n]))
         norm = 0.0
         if finite:
             grads = summed[:n]  # this rank's own buffer (the node's sum is summed privately)
@@ -128,7 +130,7 @@ class DataParallelEngine(Engine):
         self.timeline.add("allreduce", t0, t1)
         self.timeline.add("optimizer", t1, t2)
         self.phase_s = [t0 - start, t1 - t0, t2 - t1]
-        return StepResult(loss, correct, rows, bool(summed[n] > 0), finite, norm)
+        return StepResult(loss, correct, rows, stops > 0, finite, norm)
 
     def _sum(self):
         """The gradient and control values summed over all ranks: through the node's shared

@@ -4,6 +4,7 @@ seeded initialisation, and the preallocated workspace the kernels write into.
 Layout (shared with kernels.py and the checkpoint format): W0, b0, W1, b1, ... with W of shape
 (fan_in, fan_out), so a pipeline stage's parameters are one contiguous slice of the flat buffer.
 """
+import functools
 import time
 from dataclasses import dataclass
 
@@ -46,7 +47,7 @@ class Architecture:
     def n_layers(self):
         return len(self.sizes) - 1
 
-    @property
+    @functools.cached_property  # read on every step
     def n_params(self):
         return sum(fi * fo + fo for fi, fo in zip(self.sizes[:-1], self.sizes[1:]))
 

@@ -77,6 +77,7 @@ class Optimizer:
         self.t = 0
         n_state = {"sgd": 0, "momentum": 1, "adam": 2}[name]
         self.state = [np.zeros(n, dtype) for _ in range(n_state)]
+        self._scalars_for, self._scalars = None, ()
 
     def warmup(self, dtype=np.float32):
         """Compile (or load from cache) this update rule on scratch buffers; state is untouched."""
@@ -87,13 +88,18 @@ class Optimizer:
     def step(self, params, grads):
         self.t += 1
         f = params.dtype.type
+        key = (f, self.lr)  # the learning rate may change between steps (schedules)
+        if key != self._scalars_for:  # converting costs more than a small network's update
+            self._scalars_for = key
+            self._scalars = tuple(f(v) for v in (self.lr, self.momentum, self.weight_decay,
+                                                 self.beta1, self.beta2, self.eps))
+        lr, mu, wd, beta1, beta2, eps = self._scalars
         if self.name == "sgd":
-            sgd_(params, grads, f(self.lr), f(self.weight_decay))
+            sgd_(params, grads, lr, wd)
         elif self.name == "momentum":
-            momentum_(params, grads, self.state[0], f(self.lr), f(self.momentum),
-                      f(self.weight_decay), self.nesterov)
+            momentum_(params, grads, self.state[0], lr, mu, wd, self.nesterov)
         else:
             bias1 = 1 - self.beta1 ** self.t
             bias2_sqrt = math.sqrt(1 - self.beta2 ** self.t)
-            adam_(params, grads, self.state[0], self.state[1], f(self.lr), f(self.beta1),
-                  f(self.beta2), f(self.eps), f(self.weight_decay), f(bias1), f(bias2_sqrt))
+            adam_(params, grads, self.state[0], self.state[1], lr, beta1, beta2, eps, wd,
+                  f(bias1), f(bias2_sqrt))
