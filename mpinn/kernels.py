@@ -205,7 +205,7 @@ def _sum_rows_(gb, dT):
 # as rows. The same holds for dLoss/dz in d0/d1. x and dx are row-major (N, F).
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def forward(params, x, sizes, w_off, b_off, acts, a_off, act, out_act, drop, rows, units):
     """Forward pass over all layers for the N rows of x. Layer l's output is written to acts at
     a_off[l] (feature-major, the last layer row-major (N, K) holding out_act(z_L)). Hidden
@@ -239,7 +239,7 @@ def forward(params, x, sizes, w_off, b_off, acts, a_off, act, out_act, drop, row
             hT = zT
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def backward(grads, params, x, sizes, w_off, b_off, acts, a_off, act, d0, d1, dx, want_dx, drop,
              rows, units, bound):
     """Backpropagate through all layers. On entry the output layer's slot in acts holds
@@ -251,7 +251,7 @@ def backward(grads, params, x, sizes, w_off, b_off, acts, a_off, act, d0, d1, dx
                     sizes.shape[0] - 1, 0, drop, rows, units, bound)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def backward_layers(grads, params, x, sizes, w_off, b_off, acts, a_off, act, d0, d1, dx, want_dx,
                     hi, lo, drop, rows, units, bound):
     """Backpropagate through layers hi-1 down to lo only (gradients of those layers written), so
@@ -304,7 +304,7 @@ def backward_layers(grads, params, x, sizes, w_off, b_off, acts, a_off, act, d0,
                 _times_act_grad_(dx, x, act)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def cross_entropy_grad_(logits, labels, scale):
     """Turn logits (N, K) in place into scale * dLoss/dz of softmax cross-entropy.
     Returns (sum of per-sample losses, number of correct argmax predictions), both unscaled."""
@@ -331,7 +331,7 @@ def cross_entropy_grad_(logits, labels, scale):
     return loss, correct
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def mse_grad_(out, targets, out_act, scale):
     """Turn outputs (N, K) = out_act(z) in place into scale * dLoss/dz of squared error.
     Returns (sum of squared errors over all elements, 0)."""
@@ -369,7 +369,7 @@ def softmax_(logits):
             logits[i, j] /= s
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def train_step_ce(grads, params, x, labels, scale, sizes, w_off, b_off, acts, a_off, act, d0, d1,
                   drop, rows, units, bound):
     """Forward, softmax cross-entropy and backward for N rows; grads (P,) overwritten.
@@ -387,7 +387,7 @@ def train_step_ce(grads, params, x, labels, scale, sizes, w_off, b_off, acts, a_
     return loss, correct
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def train_step_mse(grads, params, x, targets, scale, sizes, w_off, b_off, acts, a_off, act, out_act,
                    d0, d1, drop, rows, units, bound):
     """Forward, squared error and backward for N rows; grads (P,) overwritten.
