@@ -128,7 +128,7 @@ def ratio(a, b):
     return f"{a / b:.2f}x" if a and b else "–"
 
 
-def compare(steps, lines):
+def compare(steps, lines, rounds=2):
     peers = peers_available()
     torch_ok = peers["torch"]
     measured = {(t, lib): sgemm_peak(t, lib) for t in (1, 2) for lib in ("numpy", "scipy")}
@@ -147,7 +147,7 @@ def compare(steps, lines):
     for name, sizes, batch in MODELS:
         for layout, ranks, threads in LAYOUTS:
             t = {"mpinn": [], "jax": [], "torch": [], "floor": []}
-            for _ in range(2):  # alternately, so all see the same machine
+            for _ in range(rounds):  # alternately, so all see the same machine
                 t["mpinn"].append(mpinn_step(sizes, batch, ranks, threads, steps))
                 if peers["jax"] and (ranks == 1 or peers["jax2"]):
                     t["jax"].append(jax_step(sizes, batch, ranks, threads, steps))
@@ -247,14 +247,16 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--out", default=str(HERE / "RESULTS.md"))
+    p.add_argument("--rounds", type=int, default=2,
+                   help="alternated runs per tool in the comparison; each keeps its best")
     p.add_argument("--skip", default="", help="comma-separated: compare,overlap,memory,startup")
     args = p.parse_args()
     skip = set(args.skip.split(","))
     lines = ["# mpinn benchmark results", "",
-             f"`python benchmarks/suite.py --steps {args.steps}` on {os.cpu_count()} cores, "
+             f"`python benchmarks/suite.py {' '.join(sys.argv[1:])}` on {os.cpu_count()} cores, "
              f"{time.strftime('%Y-%m-%d')}. Median step time over {args.steps} timed steps, the "
-             "better of two alternated runs per tool.", ""]
-    for name, fn in (("compare", lambda: compare(args.steps, lines)),
+             f"best of {args.rounds} alternated runs per tool.", ""]
+    for name, fn in (("compare", lambda: compare(args.steps, lines, args.rounds)),
                      ("overlap", lambda: overlap(args.steps, lines)),
                      ("memory", lambda: memory(lines)), ("startup", lambda: startup(lines))):
         if name not in skip:
