@@ -253,7 +253,8 @@ def main():
     args = p.parse_args()
     skip = set(args.skip.split(","))
     lines = ["# mpinn benchmark results", "",
-             f"`python benchmarks/suite.py {' '.join(sys.argv[1:])}` on {os.cpu_count()} cores, "
+             f"`python benchmarks/suite.py --steps {args.steps} --rounds {args.rounds}"
+             + (f" --skip {args.skip}" if args.skip else "") + f"` on {os.cpu_count()} cores, "
              f"{time.strftime('%Y-%m-%d')}. Median step time over {args.steps} timed steps, the "
              f"best of {args.rounds} alternated runs per tool.", ""]
     for name, fn in (("compare", lambda: compare(args.steps, lines, args.rounds)),
