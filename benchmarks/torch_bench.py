@@ -9,6 +9,7 @@ import argparse
 import json
 import os
 import socket
+import tempfile
 import time
 
 import numpy as np
@@ -76,17 +77,17 @@ def main():
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--warmup", type=int, default=20)
     args = p.parse_args()
-    out = f"/tmp/torch-bench-{os.getpid()}.json"
-    if args.ranks > 1:
-        with socket.socket() as sock:  # a port the OS says is free
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        mp.spawn(run, args=(args, port, out), nprocs=args.ranks, join=True)
-    else:
-        run(0, args, 0, out)
-    with open(out) as fh:
-        print(fh.read())
-    os.unlink(out)
+    with tempfile.TemporaryDirectory() as tmp:  # gone also when a rank fails after writing
+        out = os.path.join(tmp, "result.json")
+        if args.ranks > 1:
+            with socket.socket() as sock:  # a port the OS says is free
+                sock.bind(("127.0.0.1", 0))
+                port = sock.getsockname()[1]
+            mp.spawn(run, args=(args, port, out), nprocs=args.ranks, join=True)
+        else:
+            run(0, args, 0, out)
+        with open(out) as fh:
+            print(fh.read())
 
 
 if __name__ == "__main__":

@@ -147,6 +147,36 @@ def shared_memory_left_as_found():
         segment.unlink(missing_ok=True)
 
 
+def hydra_topology_files():
+    return set(Path("/tmp").glob("hydra_hwloc_xmlfile_*"))
+
+
+def hydra_running():
+    for comm in Path("/proc").glob("[0-9]*/comm"):
+        try:
+            if comm.read_text().startswith(("mpiexec", "hydra")):
+                return True
+        except OSError:
+            continue
+    return False
+
+
+@pytest.fixture(scope="session", autouse=True)
+def hydra_files_left_as_found():
+    """MPICH's launcher writes its topology to /tmp/hydra_hwloc_xmlfile_* and removes it on a
+    clean exit, not when a test kills it (the fault and signal tests, about ten a session). At
+    the end of the session the files that appeared during it are removed, unless some launcher
+    (perhaps another user's) is still running and might read one."""
+    before = hydra_topology_files()
+    yield
+    deadline = time.time() + 5  # a killed job's launcher may still be exiting
+    while hydra_running() and time.time() < deadline:
+        time.sleep(0.1)
+    if not hydra_running():
+        for leftover in hydra_topology_files() - before:
+            leftover.unlink(missing_ok=True)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def numba_cache_warm():
     """Compile the kernels once before any multi-rank run, so ranks never race to write the cache
