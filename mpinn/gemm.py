@@ -1,7 +1,7 @@
-"""One BLAS call for the kernels: C = alpha * op(A) @ op(B) + beta * C on row-major (C-contiguous)
-float32/float64 matrices, op being the identity or the transpose, chosen by flag.
+"""One BLAS call for the kernels: C = op(A) @ op(B) on row-major (C-contiguous) float32/float64
+matrices, op being the identity or the transpose, chosen by flag.
 
-Numba's np.dot has no transpose flags, alpha or beta, and copies any operand whose layout it cannot
+Numba's np.dot has no transpose flags, and copies any operand whose layout it cannot
 prove at compile time; the kernels store hidden activations feature-major (features x rows), where
 the BLAS runs its faster kernel (Zen 5, OpenBLAS 0.3.30, the 2048x2048 layer at 256 rows: forward
 221 vs 193 GFLOP/s, input gradient 234 vs 217), and need both layouts in one loop. This calls the
@@ -57,8 +57,8 @@ def _xxgemm(typingctx, transa, transb, m, n, k, alpha, a, lda, b, ldb, beta, c, 
 
 
 @njit(cache=True)
-def gemm_(trans_a, A, trans_b, B, C, alpha=1.0, beta=0.0):
-    """C = alpha * op(A) @ op(B) + beta * C for C-contiguous 2-D A, B, C of one dtype, where
+def gemm_(trans_a, A, trans_b, B, C):
+    """C = op(A) @ op(B) for C-contiguous 2-D A, B, C of one dtype, where
     op(X) is X.T when its flag is set. op(A) is (M, K), op(B) is (K, N), C is (M, N)."""
     M, N = C.shape
     K = A.shape[0] if trans_a else A.shape[1]
@@ -70,5 +70,5 @@ def gemm_(trans_a, A, trans_b, B, C, alpha=1.0, beta=0.0):
     if M == 0 or N == 0:
         return
     # row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: B first, flags kept
-    _xxgemm(trans_b, trans_a, N, M, K, alpha, B, max(B.shape[1], 1), A, max(A.shape[1], 1),
-            beta, C, N)
+    _xxgemm(trans_b, trans_a, N, M, K, 1.0, B, max(B.shape[1], 1), A, max(A.shape[1], 1),
+            0.0, C, N)

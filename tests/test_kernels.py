@@ -209,3 +209,24 @@ def test_all_finite_matches_numpy(dtype):
                 cases.append(b)
         for c in cases:
             assert all_finite(c) == bool(np.isfinite(c).all()), (n, c[:3])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_gemm_matches_numpy_for_every_transpose_and_refuses_strided_operands(dtype):
+    from mpinn.gemm import gemm_
+    rng = np.random.default_rng(11)
+    for ta, tb in itertools.product([False, True], repeat=2):
+        for m, n, k in ((3, 5, 7), (1, 4, 2), (6, 1, 3), (64, 33, 17), (0, 3, 2), (2, 0, 3),
+                        (2, 3, 0)):
+            A = rng.normal(size=(k, m) if ta else (m, k)).astype(dtype)
+            B = rng.normal(size=(n, k) if tb else (k, n)).astype(dtype)
+            C = np.full((m, n), np.nan, dtype)  # every element must be written (k = 0: zeros)
+            gemm_(ta, A, tb, B, C)
+            want = (A.T if ta else A) @ (B.T if tb else B)
+            np.testing.assert_allclose(C, want, rtol=1e-5 if dtype == np.float32 else 1e-12,
+                                       atol=1e-5)
+    A, C = np.ones((4, 6), dtype), np.zeros((4, 4), dtype)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        gemm_(False, A[:, ::2], False, np.ones((3, 4), dtype), C)
+    with pytest.raises(ValueError, match="shapes"):
+        gemm_(False, A, False, np.ones((5, 4), dtype), C)
