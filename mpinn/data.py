@@ -399,6 +399,19 @@ def read_file_rows(X, rows):
     return out
 
 
+def pread_fully(fd, out, offset, name):
+    """Fill the array `out` from the file at byte `offset`. One preadv returns at most about 2 GiB
+    on Linux (and may return less at any size), so read on until every byte is in; end of file
+    before that is an error naming the file."""
+    view = memoryview(out).cast("B")
+    done = 0
+    while done < len(view):
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if got <= 0:
+            raise UsageError(f"{name}: short read (the file changed while training?)")
+        done += got
+
+
 class RowSource:
     """Reads rows (any order) of a file's 2-D input dataset for streaming. Uncompressed data
     stored contiguously or in chunks of whole rows is read with plain positioned reads (pread) of
@@ -444,12 +457,11 @@ class RowSource:
         ordered = rows[order]
         got = np.empty((len(rows), self.X.shape[1]), self.X.dtype)
         # a run: consecutive rows within one stored range, read with one pread
-        starts = np.flatnonzero(np.diff(ordered, prepend=-2) != 1
+        starts = np.flatnonzero((np.diff(ordered, prepend=-2) != 1)
                                 | (ordered % per_range == 0))
         for a, b in zip(starts.tolist(), np.append(starts[1:], len(rows)).tolist()):
             r, k = divmod(int(ordered[a]), per_range)
-            if os.preadv(self.fd, [got[a:b]], offsets[r] + k * row_bytes) != (b - a) * row_bytes:
-                raise UsageError(f"{self.f.filename}: short read (the file changed while training?)")
+            pread_fully(self.fd, got[a:b], offsets[r] + k * row_bytes, self.f.filename)
         out = np.empty((len(rows), self.X.shape[1]), np.float32)
         out[order] = got
         return out

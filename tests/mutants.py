@@ -141,6 +141,10 @@ MUTANTS = [
      "    return dataclasses.replace(cfg, resume=bool(found), overwrite=not found)",
      "    return dataclasses.replace(cfg, resume=False, overwrite=True)",
      ["tests/test_launch.py", "-k", "resume_auto"]),
+    ("streaming: runs of rows not cut where a stored chunk ends", "mpinn/data.py",
+     "                                | (ordered % per_range == 0))",
+     "                                & (ordered % per_range == 0))",
+     ["tests/test_review_fixes.py", "-k", "many_chunks"]),
 ]
 TIMEOUT = 900  # seconds for one mutant's tests; a hang counts as caught (the suite's timeouts act)
 
