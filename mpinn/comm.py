@@ -7,6 +7,8 @@ size are plain ints; `Comm()` outside mpiexec is a 1-rank world, so all code run
 checkpoint on rank 0) ends: every rank learns whether any rank failed, the lowest failing rank prints
 its message once, and all ranks exit together instead of leaving the others waiting in a collective.
 """
+import ctypes
+import errno
 import json
 import os
 import sys
@@ -33,6 +35,7 @@ class Comm:
         self.size = self._comm.Get_size()
         self.is_root = self.rank == 0
         self.debug = False  # cli sets it: --debug adds tracebacks to checked errors
+        self.shm_sharers = 1  # groups of ranks that each make a shared window on a node (sweep)
 
     def allreduce_sum_(self, buf):
         """In-place sum of a contiguous numpy buffer over all ranks."""
@@ -247,6 +250,22 @@ class Comm:
         small, large = self.allreduce_minmax(local.size)
         return local, small == large and local.size > 1
 
+    def groups_on_node(self, color):
+        """How many distinct colors (groups of a split by color) the ranks on this rank's node
+        hold. Collective."""
+        if self.size == 1:
+            return 1
+        local = Comm(self._comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank))
+        try:
+            return len(set(local.allgather_ints([color]).tolist()))
+        finally:
+            local.free()
+
+    def free(self):
+        """Free the MPI communicator (not COMM_WORLD). Collective over it."""
+        if self._comm != MPI.COMM_WORLD and self._comm != MPI.COMM_NULL:
+            self._comm.Free()
+
     def node_levels(self):
         """(node, cross) communicators when the ranks sit on several nodes, the same number (more
         than one) on each: node = this node's ranks, cross = the ranks with this rank's index on
@@ -261,17 +280,27 @@ class Comm:
 
     def node_allreduce(self, n, shared_params=False):
         """A NodeAllreduce of n float32 over this communicator when its ranks share nodes, the
-        same number on each, and /dev/shm has room for it (where it exists); else None. Collective."""
+        same number on each, and /dev/shm has room for it on every node; else None. Collective.
+
+        Room: /dev/shm must have twice the window free for every group of ranks that will make
+        one on this node (`shm_sharers`, set by a sweep), and then the window's pages are
+        allocated at once (NodeAllreduce.populated): a node whose /dev/shm filled up meanwhile
+        (another job) makes every rank fall back to MPI's Allreduce, where touching a page that
+        tmpfs cannot back would have killed the job with SIGBUS."""
         if self.size == 1:
             return None
         local, even = self._node_split()
         rows = local.size + 2 if shared_params else 2 * local.size
-        room = int(shm_free_bytes() >= 2 * rows * (n + NodeAllreduce.ALIGN) * 4)  # half free
-        if not even or self.allreduce_minmax(room)[0] == 0:
+        need = 2 * rows * (n + NodeAllreduce.ALIGN) * 4 * self.shm_sharers  # half free
+        if not even or self.allreduce_minmax(int(shm_free_bytes() >= need))[0] == 0:
             local._comm.Free()
             return None
         cross = self.split(local.rank, self.rank) if local.size < self.size else None
-        return NodeAllreduce(local, cross, n, shared_params)
+        node_sum = NodeAllreduce(local, cross, n, shared_params)
+        if self.allreduce_minmax(int(node_sum.populated))[0] == 0:
+            node_sum.close()
+            return None
+        return node_sum
 
     def in_cache_order(self, fn):
         """Run fn (which compiles into Numba's cache) in three turns with barriers between: world
@@ -335,6 +364,26 @@ def shm_free_bytes():
     return st.f_bavail * st.f_frsize
 
 
+MADV_POPULATE_WRITE = 23  # Linux 5.14+: allocate pages now; fails instead of a later SIGBUS
+
+
+def populate(address, size):
+    """Allocate the pages of a shared window now. MPICH maps the window from /dev/shm and the
+    kernel allocates a page when it is first touched: with /dev/shm full, that touch is a SIGBUS
+    that kills the rank with no word. madvise(MADV_POPULATE_WRITE) allocates them up front and
+    returns an error instead. False when they cannot all be had; True too on a kernel without
+    the call (EINVAL: older than 5.14), where the free-space check is all there is."""
+    if size == 0:
+        return True
+    page = os.sysconf("SC_PAGE_SIZE")
+    start = address - address % page
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    if libc.madvise(start, address + size - start, MADV_POPULATE_WRITE) == 0:
+        return True
+    return ctypes.get_errno() == errno.EINVAL
+
+
 class NodeAllreduce:
     """An in-place sum over all ranks through the shared memory of each node: every rank writes
     its values into its own slot of one shared window (the backward pass writes its gradient
@@ -375,6 +424,8 @@ class NodeAllreduce:
         else:
             self.sets, self.total = [table[:p, :n], table[p:, :n]], np.zeros(n, np.float32)
         self._win.Lock_all(MPI.MODE_NOCHECK)
+        # the node's first rank allocates every page now (the others map the same pages)
+        self.populated = populate(MPI.memory(memory).address, size) if r == 0 else True
 
     @property
     def slot(self):
@@ -427,9 +478,16 @@ class NodeAllreduce:
         return self.control.sum(axis=0)
 
     def close(self):
-        """Free the window (collective over the node)."""
+        """Free the window and the communicators made for it (collective over the node and
+        the cross-node group); a second call does nothing."""
+        if self._win is None:
+            return
         self._win.Unlock_all()
         self._win.Free()
+        self._win = None
+        self.node._comm.Free()
+        if self.cross is not None:
+            self.cross._comm.Free()
 
 
 def library_version():

@@ -155,6 +155,8 @@ class DataParallelEngine(Engine):
             self.net = Network(self.arch, params, self.net.ws.max_rows)
             self.node_sum.close()
             self.node_sum = self.node_shard = None
+        if self.shard:
+            self.shard.close()
 
     def _sharded_update(self, loss, correct, rows, stop, start):
         """Reduce_scatter the gradient, agree on stop/finiteness/norm in one small Allreduce,

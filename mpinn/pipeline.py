@@ -278,3 +278,11 @@ class PipelineEngine(Engine):
         return [{"stage": s, **{k: (int(v) if k in ("activation_bytes", "layers") else float(v))
                                 for k, v in zip(STAT_KEYS, table[s])}}
                 for s in range(grid.stages)]
+
+    def close(self):
+        """Free this engine's communicators (collective; after the last step; once)."""
+        if self.shard:
+            self.shard.close()
+        for comm in (self.dp, self.pipe):
+            comm.free()
+        self.shard = self.dp = self.pipe = None

@@ -43,6 +43,13 @@ class ShardedUpdate:
             state = (opt_state[0], [self._block_of(b) for b in opt_state[1]])
         self.optimizer = make_optimizer(opt_settings, self.block, state)
 
+    def close(self):
+        """Free the two-level communicators (collective; a second call does nothing)."""
+        if self.levels:
+            for level in self.levels:
+                level.free()
+            self.levels = None
+
     def _block_of(self, full):
         out = np.zeros(self.block, np.float32)
         piece = full[self.off:min(self.off + self.block, self.n)]

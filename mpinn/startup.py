@@ -15,7 +15,7 @@ import numpy as np
 from . import checkpoint, data, lr
 from .checkpoint import CHECKPOINT_NAME
 from .config import parse_hidden
-from .errors import UsageError
+from .errors import AgreedExit, UsageError
 from .losses import LOSSES
 from .model import Architecture, init_params
 from .outputs import RunDirLock, check_new_run, check_output_path, prepare_run_dir
@@ -58,7 +58,20 @@ class Setup:
 
 
 def set_up(cfg, explicit, comm, log):
-    """Threads, rank grid, run folder, start checkpoint, this rank's data, network and engine."""
+    """Threads, rank grid, run folder, start checkpoint, this rank's data, network and engine.
+    When set-up fails on every rank's agreement (bad input), what it already holds beyond memory
+    (the run folder's lock, the engine's shared window and communicators) is released: a sweep
+    goes on to its next trial in the same processes."""
+    held = []
+    try:
+        return _set_up(cfg, explicit, comm, log, held)
+    except AgreedExit:
+        for release in reversed(held):
+            release()
+        raise
+
+
+def _set_up(cfg, explicit, comm, log, held):
     limit_threads(cfg.threads)
     warning = oversubscription(comm.node_size(), cfg.threads)
     if warning and comm.is_root:
@@ -68,6 +81,8 @@ def set_up(cfg, explicit, comm, log):
     if cfg.resume == "auto":
         cfg = auto_resume(cfg, comm, log)
     lock = comm.checked(lambda: claim_run_dir(cfg) if comm.is_root else None)
+    if lock is not None:
+        held.append(lock.release)
     ckpt = broadcast_checkpoint(comm, lambda: start_checkpoint(cfg, log))
     if cfg.resume:
         cfg = comm.checked(resumed_config, cfg, explicit, ckpt)
@@ -96,6 +111,7 @@ def set_up(cfg, explicit, comm, log):
                  -(-int(plan.local_counts().max()) // cfg.accumulate), comm.node_size())
     evaluate = validation(cfg, comm, grid, cols, val_path, train_path, n_features, arch)
     engine, step = build_engine(cfg, comm, grid, arch, plan, ckpt, log, bool(evaluate))
+    held.append(engine.close)
     lr_of = comm.checked(learning_rates, cfg, plan, bool(evaluate))
     loop_state = dict(ckpt.state) if ckpt is not None and cfg.resume else {}
     saved_config = ckpt.config if ckpt is not None else None

@@ -11,6 +11,7 @@ batch (plan.BatchPlan); its gradient is of (sum of its rows' losses) / (global b
 Allreduce SUM is exactly the gradient of the global mean loss. Every rank runs the same number of
 steps by construction. Rank 0 writes the checkpoint at the end of every epoch and of training.
 """
+import contextlib
 import functools
 import math
 import os
@@ -21,7 +22,7 @@ import numpy as np
 
 from . import checkpoint, data
 from .checkpoint import Checkpoint
-from .errors import RunError
+from .errors import AgreedExit, RunError
 from .log import Log
 from .outputs import clear_run
 from .runtime.process import peak_rss_mb, seconds_since_process_start
@@ -34,13 +35,27 @@ def run(cfg, explicit, comm):
     """`mpinn train`: set up (data, network, engine), train epoch by epoch, then the summary."""
     log = Log(comm.rank, comm.size, progress=cfg.progress)
     trainer = Trainer(comm, log, set_up(cfg, explicit, comm, log))
-    trainer.announce()
-    try:
-        trainer.train()
-    finally:  # also when training ends with an error: handlers back, watchdog thread gone
-        trainer.release()
-    trainer.summarize()
+    with closed_on_agreed_exit(trainer.engine):
+        try:
+            trainer.announce()
+            trainer.train()
+        finally:  # also when training ends with an error: handlers back, watchdog thread gone
+            trainer.release()
+        trainer.summarize()
     return trainer
+
+
+@contextlib.contextmanager
+def closed_on_agreed_exit(engine):
+    """Release the engine's shared window and communicators when the run ends by an error every
+    rank agreed on (divergence, a signal, a failed checkpoint): a sweep's next trial runs in the
+    same processes, which would otherwise keep each failed trial's /dev/shm and communicators.
+    Any other exception ends the job (MPI Abort), where a collective release could hang."""
+    try:
+        yield
+    except AgreedExit:
+        engine.close()
+        raise
 
 
 class Trainer:

@@ -59,8 +59,13 @@ class Watchdog:
         self.started = None
 
     def stop(self):
+        """End the thread, then free its communicator (a sweep runs many trials in one process:
+        each trial's would stay allocated, and MPICH runs out after about 2,000)."""
         self._stop.set()
         self._thread.join(timeout=2)
+        if self.side is not None and not self._thread.is_alive():
+            self.side.free()
+            self.side = None
 
     # the thread
     def median(self):

@@ -138,6 +138,8 @@ def sweep(cfg, world, log, plan, size):
     log.info(f"mpinn sweep: {n} trials, {len(plan['pending'])} to train, on {world.size} rank(s) "
              f"in {groups} group(s) of {size}; run folders {cfg.out}/trial-NNN")
     group = world.split(world.rank // size, world.rank)
+    # every group on a node may make its own shared window there: check /dev/shm for all of them
+    group.shm_sharers = world.groups_on_node(world.rank // size)
     side = world.dup()
     stop = StopRequest(cfg.signal_grace, world.rank) if cfg.checkpoint_on_signal \
         else NoStopRequest()
