@@ -1,9 +1,9 @@
 """`mpinn evaluate` (loss and accuracy, rows split across data-parallel readers, sums reduced) and
 `mpinn predict` (classes and probabilities, or regression outputs, in input order to HDF5 or CSV).
 Both run data parallel or, with --pipeline-stages, as a forward-only pipeline."""
+import contextlib
 import csv
 import json
-import os
 
 import h5py
 import numpy as np
@@ -11,7 +11,7 @@ import numpy as np
 from . import checkpoint, data
 from .errors import UsageError
 from .log import Log
-from .outputs import check_output_path
+from .outputs import check_output_path, h5_written_whole, text_written_whole
 from .plan import Grid, even_part
 from .runtime.threads import limit_threads
 from .session import (Evaluator, broadcast_checkpoint, bundled, check_labels, load_split,
@@ -60,28 +60,30 @@ def run_evaluate(cfg, explicit, comm):
 
 class PredictionFile:
     """Predictions for n rows written under a temporary name beside `path` (HDF5 datasets pred
-    and prob, or output; or CSV by the suffix) and renamed to `path` only when all are written."""
+    and prob, or output; or CSV by the suffix) and renamed to `path` only when all are written
+    and flushed (outputs.written_whole: a full disk is one error naming the path, nothing is
+    installed)."""
 
     def __init__(self, path, n, k, classify, class_names=None):
         self.path, self.k, self.classify = path, k, classify
         self.names = np.array(class_names, dtype=object) if class_names else None
-        self.tmp = os.path.join(os.path.dirname(os.path.abspath(path)),
-                                f".{os.path.basename(path)}.tmp-{os.getpid()}")
+        self.files = contextlib.ExitStack()
         try:
             self._open(n)
-        except OSError as e:
-            raise UsageError(f"cannot write --out {path}: {e.strerror or e}") from None
+        except BaseException:
+            self.files.close()
+            raise
 
     def _open(self, n):
         k = self.k
         if self.path.lower().endswith(".csv"):
-            self.fh = open(self.tmp, "w", newline="")
+            self.fh = self.files.enter_context(text_written_whole(self.path, newline=""))
             self.csv = csv.writer(self.fh)
             label = ["label"] if self.names is not None else []
             self.csv.writerow((["pred"] + label + [f"p{j}" for j in range(k)]) if self.classify
                               else [f"y{j}" for j in range(k)])
             return
-        self.fh = h5py.File(self.tmp, "w")
+        self.fh = self.files.enter_context(h5_written_whole(self.path))
         if self.classify:
             pred = self.fh.create_dataset("pred", (n,), np.int64)
             self.fh.create_dataset("prob", (n, k), np.float32)
@@ -111,11 +113,14 @@ class PredictionFile:
 
     def close(self, keep):
         """Close; rename into place when keep (everything written), else remove the temporary."""
-        self.fh.close()
         if keep:
-            os.replace(self.tmp, self.path)
-        elif os.path.exists(self.tmp):
-            os.unlink(self.tmp)
+            self.files.close()
+        else:
+            self.files.__exit__(NotWritten, NotWritten(), None)
+
+
+class NotWritten(Exception):
+    """Closes a PredictionFile's temporary without installing it (prediction failed)."""
 
 
 def run_predict(cfg, explicit, comm):
@@ -159,7 +164,8 @@ def run_predict(cfg, explicit, comm):
         finally:
             if f is not None:
                 f.close()
-            if writer:
-                writer.close(keep=done)
-    comm.barrier()  # rank 0 reports only once the last stage has closed the file
+            if writer and not done:
+                writer.close(keep=False)
+    # a full disk shows when the file is flushed: every rank hears it, rank 0 reports only after
+    comm.checked(lambda: writer.close(keep=True) if writer else None)
     log.info(f"wrote {n} predictions to {cfg.out}")

@@ -5,9 +5,12 @@ belongs to one run at a time (an OS lock held by rank 0 for the whole run; a cra
 stale lock, since the lock dies with its process)."""
 import contextlib
 import fcntl
+import io
 import os
 import shutil
 import socket
+
+import h5py
 
 from .errors import UsageError
 
@@ -30,21 +33,161 @@ def check_output_path(path, option="--out", overwrite=True):
         raise UsageError(f"{option} {path}: directory {folder} is not writable")
 
 
+def temporary_path(path):
+    """The hidden name beside `path` that written_whole writes first (.NAME.tmp-PID)."""
+    return os.path.join(os.path.dirname(os.path.abspath(path)),
+                        f".{os.path.basename(path)}.tmp-{os.getpid()}")
+
+
 @contextlib.contextmanager
 def written_whole(path, option="--out"):
-    """Yields a temporary path beside `path` to write; when the block succeeds it is renamed to
+    """Yields a temporary path beside `path` to write; when the block succeeds the file is
+    flushed to disk (a write the kernel still held fails here: ENOSPC on NFS, EIO) and renamed to
     `path`, so a reader never sees half a file and a failure leaves the old file (if any) as it
-    was. A failed write is one clear error."""
-    tmp = os.path.join(os.path.dirname(os.path.abspath(path)),
-                       f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    was. A failed write is one clear error naming the path. Temporaries of writers that died
+    (SIGKILL) beside `path` are removed first."""
+    remove_stale_temporaries(path)
+    tmp = temporary_path(path)
     try:
         yield tmp
+        fsync_file(tmp)
         os.replace(tmp, path)
     except OSError as e:
-        raise UsageError(f"cannot write {option} {path}: {e.strerror or e}") from None
+        raise UsageError(f"cannot write {option} {path}: {e.strerror or e}; nothing was written "
+                         "there") from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def fsync_file(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_stale_temporaries(path):
+    """Remove .NAME.tmp-PID files beside `path` whose process is gone (a writer killed by
+    SIGKILL, or on a node that went down: the PID is then not alive here either)."""
+    folder, name = os.path.split(os.path.abspath(path))
+    prefix = f".{name}.tmp-"
+    try:
+        entries = os.listdir(folder)
+    except OSError:
+        return
+    for entry in entries:
+        pid = entry[len(prefix):]
+        if entry.startswith(prefix) and pid.isdigit() and not pid_alive(int(pid)):
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(folder, entry))
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def text_written_whole(path, option="--out", newline=None):
+    """A text file to write `path` with, appearing whole or not at all; a failed write (a full
+    disk) is raised when the block ends, as one error naming the path (see h5_written_whole)."""
+    with written_whole(path, option) as tmp:
+        sink = SafeSink(tmp)
+        try:
+            with io.TextIOWrapper(io.BufferedWriter(sink), newline=newline) as fh:
+                yield fh
+        except BaseException:
+            if sink.error is None:
+                raise
+        finally:
+            sink.close()
+        if sink.error is not None:
+            raise sink.error
+
+
+@contextlib.contextmanager
+def h5_written_whole(path, option="--out"):
+    """An h5py.File to write `path` with, appearing whole or not at all (written_whole). HDF5
+    holds writes in its buffers, and when the disk fills it reports the failure at close, where
+    h5py cannot raise it (the file was renamed into place torn, then the process segfaulted at
+    exit). So HDF5 writes through a SafeSink: the first failed write is kept, HDF5 sees success
+    and closes cleanly, and the kept error is raised before anything is renamed."""
+    with written_whole(path, option) as tmp:
+        sink = SafeSink(tmp)
+        try:
+            with h5py.File(sink, "w") as f:
+                yield f
+        except BaseException:
+            if sink.error is None:
+                raise
+        finally:
+            sink.close()
+        if sink.error is not None:  # written_whole turns it into one message naming the path
+            raise sink.error
+
+
+class SafeSink(io.RawIOBase):
+    """A binary file that never reports a failed write to its caller: the first OSError is kept
+    in `error` (later writes only move the position) for the owner to raise once the caller has
+    let go of the file."""
+
+    def __init__(self, path):
+        super().__init__()
+        self.fh = open(path, "w+b", buffering=0)
+        self.error = None
+
+    def readable(self):
+        return True
+
+    def writable(self):
+        return True
+
+    def seekable(self):
+        return True
+
+    def seek(self, pos, whence=0):
+        return self.fh.seek(pos, whence)
+
+    def tell(self):
+        return self.fh.tell()
+
+    def readinto(self, buffer):
+        return self.fh.readinto(buffer)
+
+    def write(self, data):
+        view = memoryview(data).cast("B")
+        if self.error is None:
+            try:
+                done = 0
+                while done < len(view):
+                    done += self.fh.write(view[done:])
+                return len(view)
+            except OSError as e:
+                self.error = e
+        self.fh.seek(len(view), os.SEEK_CUR)
+        return len(view)
+
+    def truncate(self, size=None):
+        try:
+            return self.fh.truncate(size)
+        except OSError as e:
+            self.error = self.error or e
+            return size
+
+    def flush(self):
+        pass
+
+    def close(self):
+        if not self.closed:
+            self.fh.close()
+        super().close()
 
 
 def prepare_run_dir(path, option="--run-dir"):

@@ -83,24 +83,33 @@ def test_row_source_says_short_read_at_end_of_file(tmp_path, monkeypatch):
 
 # --- 3. /dev/shm: a window's pages are allocated when it is made ----------------------------------
 
-def in_private_shm(tmp_path, mib, command, timeout=180):
-    """Run `command` (an argument list) in a private mount namespace whose /dev/shm is a fresh
-    tmpfs of `mib` MiB (a container's small /dev/shm); it vanishes with the command. Skips where
-    no such namespace can be made."""
+def in_private_tmpfs(mount, size, command, timeout=180):
+    """Run `command` (an argument list) in a private mount namespace with a fresh tmpfs of `size`
+    (tmpfs syntax: 64m, 24k) mounted on the folder `mount` (/dev/shm: a container's small one);
+    it vanishes with the command. Returns (the process, the names left in `mount` afterwards).
+    Skips where no such namespace can be made."""
     import shlex
     import shutil
     import subprocess
     from conftest import mpinn_env, ROOT
     if shutil.which("unshare") is None:
         pytest.skip("no unshare(1) to make a private mount namespace")
-    script = (f"mount -t tmpfs -o size={mib}m tmpfs /dev/shm || exit 99\n"
-              f"exec {' '.join(shlex.quote(str(a)) for a in command)}\n")
+    where = shlex.quote(str(mount))
+    script = (f"mount -t tmpfs -o size={size} tmpfs {where} || exit 99\n"
+              f"{' '.join(shlex.quote(str(a)) for a in command)}\nrc=$?\n"
+              f"echo '--- left:'; ls -A {where}\nexit $rc\n")
     p = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
                        capture_output=True, text=True, timeout=timeout, env=mpinn_env(), cwd=ROOT,
                        start_new_session=True)
     if p.returncode == 99 or "unshare failed" in p.stderr:
         pytest.skip(f"no private tmpfs here (needs root): {p.stderr.strip()[-200:]}")
-    return p
+    out, _, left = p.stdout.partition("--- left:\n")
+    p.stdout = out
+    return p, left.split()
+
+
+def in_private_shm(tmp_path, mib, command, timeout=180):
+    return in_private_tmpfs("/dev/shm", f"{mib}m", command, timeout)[0]
 
 
 THREE_WINDOWS = """
@@ -249,3 +258,48 @@ def test_failed_trials_leave_no_window_and_no_communicator(tmp_path):
     contexts = {int(c) for _, c, _ in seen}
     assert contexts == {int(seen[0][1])}, seen
     assert {int(used) for _, _, used in seen[1:]} == {int(seen[1][2])}, seen
+
+
+# --- 5. a full disk while writing an output --------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    from conftest import ok, run_mpinn
+    run_dir = tmp_path_factory.mktemp("trained")
+    ok(run_mpinn(1, "train", "--run-dir", run_dir, "--epochs", 1))
+    return run_dir / "checkpoint.h5"
+
+
+def full_disk_command(kind, out, trained, tmp_path):
+    from conftest import mpinn_command
+    if kind == "predict":
+        return mpinn_command(2, "predict", "--checkpoint", trained, "--out", out)
+    if kind == "predict csv":
+        return mpinn_command(1, "predict", "--checkpoint", trained, "--out", out)
+    if kind == "synth":
+        return mpinn_command(1, "data", "synth", "--rows", 5000, "--features", 16, "--out", out)
+    src = tmp_path / "src.csv"
+    rng = np.random.default_rng(0)
+    src.write_text("a,b,c,label\n" + "".join(f"{a:.6f},{b:.6f},{c:.6f},{int(a > 0)}\n"
+                                             for a, b, c in rng.normal(size=(3000, 3))))
+    return mpinn_command(1, "data", "convert", src, "--out", out, "--label-column", "label")
+
+
+@pytest.mark.parametrize("kind,name", [("predict", "p.h5"), ("predict csv", "p.csv"),
+                                       ("synth", "s.h5"), ("convert", "c.h5")])
+def test_full_disk_while_writing_an_output_is_one_error_and_nothing_installed(
+        tmp_path, trained, kind, name):
+    """A 16 KiB file system: the output does not fit. Before, h5py swallowed the failed final
+    flush, the torn file was renamed into place, "wrote 360 predictions" was printed and the
+    process segfaulted at exit (139). Now: one error naming the path, exit 2, no file and no
+    temporary left."""
+    mount = tmp_path / "full"
+    mount.mkdir()
+    out = mount / name
+    p, left = in_private_tmpfs(mount, "16k", full_disk_command(kind, out, trained, tmp_path))
+    assert p.returncode == 2, (p.returncode, p.stdout[-2000:], p.stderr[-3000:])
+    errors = [line for line in p.stderr.splitlines() if line.startswith("mpinn: error")]
+    assert len(errors) == 1, p.stderr
+    assert f"cannot write --out {out}: No space left on device" in errors[0]
+    assert "Traceback" not in p.stderr and "wrote" not in p.stdout
+    assert left == [], left

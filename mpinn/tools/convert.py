@@ -15,7 +15,7 @@ from numpy.lib import format as npy_format
 
 from ..errors import UsageError
 from ..log import Log
-from ..outputs import check_output_path, written_whole
+from ..outputs import check_output_path, h5_written_whole
 
 
 # -- readers: each yields (x chunk float32 rows x features, y chunk) in file order ---------------
@@ -189,8 +189,8 @@ class H5Writer:
     """X grown chunk by chunk; y kept (it is small) and written at the end as int64 labels when all
     values are whole numbers, else float32 targets."""
 
-    def __init__(self, path, features, chunk, compression):
-        self.f = h5py.File(path, "w")
+    def __init__(self, f, features, chunk, compression):
+        self.f = f
         opts = {} if compression == "none" else {"compression": compression}
         self.X = self.f.create_dataset("X", (0, features), np.float32, maxshape=(None, features),
                                        chunks=(chunk, features), **opts)
@@ -219,7 +219,6 @@ class H5Writer:
                                    + y.shape[1:], **self.opts)
         if class_names is not None:
             ds.attrs["classes"] = np.array(class_names, dtype=h5py.string_dtype())
-        self.f.close()
         return self.n
 
 
@@ -298,8 +297,8 @@ def convert(cfg):
     if cfg.split:  # first pass: labels only, for an exact stratified split
         mask = stratified_train_mask(np.concatenate([y for _, y in chunks()]), cfg.split, cfg.seed)
     with contextlib.ExitStack() as files:  # each output appears whole, or not at all
-        tmps = [files.enter_context(written_whole(p)) for p in outs]
-        row, counts, names = write_rows(cfg, chunks, mask, features, tmps)
+        h5s = [files.enter_context(h5_written_whole(p)) for p in outs]
+        row, counts, names = write_rows(cfg, chunks, mask, features, h5s)
     Log().info(f"converted {row:,} rows x {features} features from {cfg.source} ({fmt}) -> "
                + ", ".join(f"{p} ({n:,} rows)" for p, n in zip(outs, counts))
                + (f"; {len(names)} classes: {', '.join(names[:10])}"
@@ -307,28 +306,24 @@ def convert(cfg):
     return outs
 
 
-def write_rows(cfg, chunks, mask, features, paths):
-    """Every row into paths[0], or split by mask into paths[0] (True) and paths[1]; returns (rows
-    read, rows written per file)."""
-    writers = [H5Writer(p, features, cfg.chunk_rows, cfg.compression) for p in paths]
+def write_rows(cfg, chunks, mask, features, files):
+    """Every row into files[0], or split by mask into files[0] (True) and files[1] (open h5py
+    Files); returns (rows read, rows written per file)."""
+    writers = [H5Writer(f, features, cfg.chunk_rows, cfg.compression) for f in files]
     row = 0
-    names, ok = None, False
-    try:
-        for x, y in chunks():
-            x = x * np.float32(cfg.scale) if cfg.scale != 1 else x
-            if not np.isfinite(x).all():
-                raise UsageError(f"{cfg.source}: rows {row}..{row + len(x) - 1} contain NaN or inf")
-            if mask is None:
-                writers[0].write(x, y)
-            else:
-                m = mask[row:row + len(x)]
-                writers[0].write(x[m], y[m])
-                writers[1].write(x[~m], y[~m])
-            row += len(x)
-        names, ok = text_classes(writers, cfg.source), True
-    finally:
-        counts = [w.close(names) if ok else w.f.close() for w in writers]
-    return row, counts, names
+    for x, y in chunks():
+        x = x * np.float32(cfg.scale) if cfg.scale != 1 else x
+        if not np.isfinite(x).all():
+            raise UsageError(f"{cfg.source}: rows {row}..{row + len(x) - 1} contain NaN or inf")
+        if mask is None:
+            writers[0].write(x, y)
+        else:
+            m = mask[row:row + len(x)]
+            writers[0].write(x[m], y[m])
+            writers[1].write(x[~m], y[~m])
+        row += len(x)
+    names = text_classes(writers, cfg.source)
+    return row, [w.close(names) for w in writers], names
 
 
 def run(cfg, explicit, comm=None):

@@ -14,7 +14,7 @@ import numpy as np
 from ..config import parse_hidden
 from ..data import open_h5
 from ..log import Log
-from ..outputs import check_output_path, written_whole
+from ..outputs import check_output_path, h5_written_whole
 
 BLOCK = 1 << 16  # rows per generator block: fixed, so rows do not depend on the chunking
 
@@ -47,7 +47,7 @@ def synth(cfg):
     n, chunk = cfg.rows, min(cfg.chunk_rows, cfg.rows)
     options = {} if cfg.compression == "none" else {"compression": cfg.compression}
     cached = (-1, None, None)
-    with written_whole(cfg.out) as tmp, h5py.File(tmp, "w") as f:
+    with h5_written_whole(cfg.out) as f:
         X = f.create_dataset("X", (n, cfg.features), np.float32, chunks=(chunk, cfg.features),
                              **options)
         y = f.create_dataset("y", (n,), np.int64, chunks=(chunk,), **options)
