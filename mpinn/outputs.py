@@ -190,6 +190,24 @@ class SafeSink(io.RawIOBase):
         super().close()
 
 
+def check_side_output(path, option, overwrite, inputs, run_dir, replaceable=lambda p: False):
+    """An output written beside a run (train's --timeline): the usual checks, never one of the
+    run's inputs or its run folder's files (not even with --overwrite), and an existing file is
+    replaced only with --overwrite or when replaceable(path) says it is this output's own kind
+    (a resumed run's earlier trace)."""
+    check_output_path(path, option)
+    if not os.path.exists(path):
+        return
+    ours = [os.path.join(run_dir, name) for name in (*RUN_FILES, LOCK_NAME)]
+    for other in (*inputs, *ours):
+        if os.path.exists(other) and os.path.samefile(other, path):
+            what = "an input of this run" if other in inputs else "a file of the run folder"
+            raise UsageError(f"{option} {path} is {what} ({other}); choose another path")
+    if not overwrite and not replaceable(path):
+        raise UsageError(f"{option} {path} exists; choose another path or pass --overwrite to "
+                         "replace it")
+
+
 def prepare_run_dir(path, option="--run-dir"):
     """Create the run folder (and its parents) or say why it cannot be used."""
     if os.path.exists(path) and not os.path.isdir(path):

@@ -18,12 +18,12 @@ from .config import parse_hidden
 from .errors import AgreedExit, UsageError
 from .losses import LOSSES
 from .model import Architecture, init_params
-from .outputs import RunDirLock, check_new_run, check_output_path, prepare_run_dir
+from .outputs import RunDirLock, check_new_run, check_side_output, prepare_run_dir
 from .plan import BatchPlan, Grid, even_part
 from .runtime.faults import FaultInjector
 from .runtime.process import available_memory_bytes
 from .runtime.threads import limit_threads, oversubscription
-from .runtime.timeline import Timeline
+from .runtime.timeline import Timeline, is_trace
 from .session import (Evaluator, broadcast_checkpoint, check_labels, data_paths, load_split,
                       make_engine)
 
@@ -121,7 +121,9 @@ def _set_up(cfg, explicit, comm, log, held):
     comm.in_cache_order(lambda: engine.warmup(warm_x, y))
     jit_s = time.perf_counter() - t0
     if cfg.timeline:
-        comm.checked(check_output_path, cfg.timeline, "--timeline")
+        inputs = [*data.data_files(train_path), *(data.data_files(val_path) if val_path else [])]
+        comm.checked(check_side_output, cfg.timeline, "--timeline", cfg.overwrite, inputs,
+                     cfg.run_dir, is_trace if cfg.resume else lambda path: False)
         engine.timeline = Timeline()
     run_config = {**{k: getattr(cfg, k) for k in cfg.__dataclass_fields__}, "data": train_path,
                   "val_data": val_path or "", "ranks": comm.size,

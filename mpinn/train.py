@@ -347,7 +347,7 @@ class Trainer:
         log.metrics(summary)
         timeline = self.engine.timeline
         if timeline.enabled:
-            timeline.write(comm, self.cfg.timeline)
+            comm.checked(timeline.write, comm, self.cfg.timeline)
             log.info(f"mpinn train: timeline of {comm.size} rank(s) written to "
                      f"{self.cfg.timeline} (open it in ui.perfetto.dev or chrome://tracing)")
         log.info(f"mpinn train: ready {self.startup_s:.2f} s after start (kernels "

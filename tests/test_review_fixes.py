@@ -303,3 +303,51 @@ def test_full_disk_while_writing_an_output_is_one_error_and_nothing_installed(
     assert f"cannot write --out {out}: No space left on device" in errors[0]
     assert "Traceback" not in p.stderr and "wrote" not in p.stdout
     assert left == [], left
+
+
+# --- 6. --timeline follows the rules of every output -----------------------------------------------
+
+def test_timeline_never_replaces_an_input_or_a_file_without_overwrite(tmp_path):
+    """Before, --timeline opened its path with open(path, "w"): the data file or the run's own
+    checkpoint.h5 was replaced by a trace and the run exited 0."""
+    import shutil
+    from conftest import DIGITS_TRAIN, ok, run_mpinn
+    from mpinn import checkpoint
+    data = tmp_path / "train.h5"
+    shutil.copy(DIGITS_TRAIN, data)
+    before = data.read_bytes()
+    r = run_mpinn(1, "train", "--data", data, "--epochs", 1, "--run-dir", tmp_path / "a",
+                  "--timeline", data)
+    assert r.returncode == 2 and f"--timeline {data} is an input of this run" in r.stderr
+    assert data.read_bytes() == before
+    # the run's own checkpoint, on resume, even with --overwrite on a new run in that folder
+    ok(run_mpinn(1, "train", "--data", data, "--epochs", 1, "--run-dir", tmp_path / "b"))
+    ckpt = tmp_path / "b" / "checkpoint.h5"
+    for extra in (["--resume", "--epochs", 2], ["--overwrite", "--epochs", 1]):
+        r = run_mpinn(1, "train", "--data", data, "--run-dir", tmp_path / "b", "--timeline", ckpt,
+                      *extra)
+        assert r.returncode == 2 and "is a file of the run folder" in r.stderr, r.stderr
+        assert checkpoint.load(str(ckpt)).global_step > 0
+    # any other existing file: only with --overwrite
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    r = run_mpinn(1, "train", "--data", data, "--epochs", 1, "--run-dir", tmp_path / "c",
+                  "--timeline", notes)
+    assert r.returncode == 2 and f"--timeline {notes} exists; choose another path or pass " \
+                                 "--overwrite" in r.stderr
+    assert notes.read_text() == "mine"
+
+
+def test_a_resumed_run_replaces_its_own_trace(tmp_path):
+    """A requeued job gives the same --timeline again: its earlier trace (and only a trace) may
+    be replaced without --overwrite."""
+    import json
+    from conftest import ok, run_mpinn
+    trace = tmp_path / "trace.json"
+    ok(run_mpinn(2, "train", "--epochs", 1, "--run-dir", tmp_path / "r", "--timeline", trace))
+    first = json.loads(trace.read_text())
+    ok(run_mpinn(2, "train", "--epochs", 2, "--run-dir", tmp_path / "r", "--timeline", trace,
+                 "--resume"))
+    second = json.loads(trace.read_text())
+    assert second["otherData"]["tool"] == "mpinn" and second != first
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]

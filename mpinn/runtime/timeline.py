@@ -7,9 +7,12 @@ barrier; at the end one Gatherv brings every rank's events to rank 0, which writ
 the timeline off, `NullTimeline.add` does nothing.
 """
 import json
+import os
 import time
 
 import numpy as np
+
+from ..outputs import text_written_whole
 
 EVENTS = ("data", "forward", "backward", "wait", "allreduce", "optimizer", "evaluate", "checkpoint")
 CODE = {name: i for i, name in enumerate(EVENTS)}
@@ -45,7 +48,8 @@ class Timeline:
             self.dropped += 1
 
     def write(self, comm, path):
-        """Collective: gather all ranks' events to rank 0, which writes the trace to path."""
+        """Collective: gather all ranks' events to rank 0, which writes the trace to path (whole
+        or not at all: a failed write is rank 0's error, agreed by the caller)."""
         mine = np.array(self.events, np.float64).reshape(-1, 3)
         counts = np.zeros(comm.size, np.int64)
         counts[comm.rank] = mine.size
@@ -62,7 +66,19 @@ class Timeline:
                 trace.append({"name": EVENTS[int(code)], "cat": "mpinn", "ph": "X", "pid": 0,
                               "tid": r, "ts": t0 * 1e6, "dur": dur * 1e6})
             start += n
-        with open(path, "w") as fh:
+        with text_written_whole(path, "--timeline") as fh:
             json.dump({"traceEvents": trace, "displayTimeUnit": "ms",
                        "otherData": {"tool": "mpinn", "ranks": comm.size,
                                      "events_dropped_on_rank_0": self.dropped}}, fh)
+
+
+def is_trace(path):
+    """True when path holds a trace this module wrote (its closing otherData names mpinn): a
+    resumed run may replace its own earlier trace without --overwrite."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(max(0, os.path.getsize(path) - 300))
+            tail = fh.read()
+    except OSError:
+        return False
+    return b'"otherData": {"tool": "mpinn"' in tail
