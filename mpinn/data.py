@@ -13,6 +13,7 @@ import queue
 import shutil
 import tempfile
 import threading
+import zlib
 from dataclasses import dataclass
 
 import h5py
@@ -58,9 +59,35 @@ def data_files(spec):
 
 
 def canonical_spec(spec):
-    """The expanded, sorted file list of a --data value (what a checkpoint records, so a resumed
-    run reads the same files even when a pattern would now match more)."""
-    return ",".join(data_files(spec))
+    """The expanded, sorted list of absolute file paths of a --data value (what a checkpoint
+    records, so a resumed run reads the same files even when a pattern would now match more, or
+    when it starts in another working directory: a job script, a requeue)."""
+    return ",".join(os.path.abspath(p) for p in data_files(spec))
+
+
+IDENTITY_BYTES = 65536
+
+
+def file_identity(path):
+    """[size, fingerprint] of a data file: its size and a CRC-32 of its first and last 64 KiB
+    (HDF5's superblock, root group and dataset headers, and the end of the data), so a resumed
+    run can tell its file from another one of the same name."""
+    try:
+        with open(path, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            head = fh.read(IDENTITY_BYTES)
+            fh.seek(max(0, size - IDENTITY_BYTES))
+            tail = fh.read(IDENTITY_BYTES)
+    except FileNotFoundError:
+        raise UsageError(f"data file not found: {path}") from None
+    except OSError as e:
+        raise UsageError(f"cannot read {path}: {e.strerror or e}") from None
+    return [size, f"{zlib.crc32(tail, zlib.crc32(head)):08x}"]
+
+
+def spec_identity(spec):
+    """{file: [size, fingerprint]} of every file a --data value names (see file_identity)."""
+    return {p: file_identity(p) for p in data_files(spec)} if spec else {}
 
 
 @functools.cache

@@ -18,7 +18,8 @@ from .config import parse_hidden
 from .errors import AgreedExit, UsageError
 from .losses import LOSSES
 from .model import Architecture, init_params
-from .outputs import RunDirLock, check_new_run, check_side_output, prepare_run_dir
+from .outputs import (RunDirLock, check_new_run, check_side_output, prepare_run_dir,
+                      recover_set_aside)
 from .plan import BatchPlan, Grid, even_part
 from .runtime.faults import FaultInjector
 from .runtime.process import available_memory_bytes
@@ -83,6 +84,8 @@ def _set_up(cfg, explicit, comm, log, held):
     lock = comm.checked(lambda: claim_run_dir(cfg) if comm.is_root else None)
     if lock is not None:
         held.append(lock.release)
+        if lock.note:
+            log.warn(lock.note)
     ckpt = broadcast_checkpoint(comm, lambda: start_checkpoint(cfg, log))
     if cfg.resume:
         cfg = comm.checked(resumed_config, cfg, explicit, ckpt)
@@ -127,6 +130,9 @@ def _set_up(cfg, explicit, comm, log, held):
         engine.timeline = Timeline()
     run_config = {**{k: getattr(cfg, k) for k in cfg.__dataclass_fields__}, "data": train_path,
                   "val_data": val_path or "", "ranks": comm.size,
+                  "data_identity": comm.checked(lambda: {**data.spec_identity(train_path),
+                                                         **data.spec_identity(val_path)}
+                                                if comm.is_root else {}),
                   "class_names": names_of_classes(comm, cfg, saved_config, train_path, arch)}
     return Setup(cfg, grid, faults, lock, train_path, val_path, arch, n_rows, x, y, plan,
                  evaluate, engine, step, run_config, t_load,
@@ -202,6 +208,7 @@ def claim_run_dir(cfg):
     prepare_run_dir(cfg.run_dir)
     lock = RunDirLock(cfg.run_dir)
     try:
+        lock.note = recover_set_aside(cfg.run_dir)
         check_new_run(cfg.run_dir, cfg.resume, cfg.overwrite)
     except UsageError:
         lock.release()
@@ -235,7 +242,21 @@ def resumed_config(cfg, explicit, ckpt):
                              "continues a run on its own data and options. Drop the option, or "
                              "start a new run (--overwrite, or another --run-dir)")
         updates[key] = theirs
+    check_data_identity(saved)
     return dataclasses.replace(cfg, **updates)
+
+
+def check_data_identity(saved):
+    """The run's data files must be the ones it started on (same size and fingerprint): a file
+    replaced under the same name is refused, as a different --data is."""
+    for path, identity in saved.get("data_identity", {}).items():
+        now = data.file_identity(path)
+        if now != identity:
+            raise UsageError(f"the run's data file {path} has changed since the run started "
+                             f"({identity[0]:,} bytes, fingerprint {identity[1]}; now {now[0]:,} "
+                             f"bytes, {now[1]}): --resume continues a run on its own data. "
+                             "Restore the file, or start a new run (--overwrite, or another "
+                             "--run-dir)")
 
 
 def same_setting(key, mine, theirs):

@@ -24,7 +24,7 @@ from . import checkpoint, data
 from .checkpoint import Checkpoint
 from .errors import AgreedExit, RunError
 from .log import Log
-from .outputs import clear_run
+from .outputs import SET_ASIDE, drop_set_aside, restore_set_aside, set_aside_run
 from .runtime.process import peak_rss_mb, seconds_since_process_start
 from .runtime.signals import NoStopRequest, StopRequest
 from .runtime.watchdog import NullWatchdog, Watchdog
@@ -39,6 +39,9 @@ def run(cfg, explicit, comm):
         try:
             trainer.announce()
             trainer.train()
+        except AgreedExit:
+            trainer.restore_replaced_run()
+            raise
         finally:  # also when training ends with an error: handlers back, watchdog thread gone
             trainer.release()
         trainer.summarize()
@@ -76,6 +79,7 @@ class Trainer:
         self.ckpt_path = checkpoint_path(cfg)
         self.last_saved = self.step if cfg.resume else None
         self.saved_at, self.skipped, self.stopping = -1, 0, False
+        self.set_aside = False  # --overwrite: the previous run's files wait aside (outputs.py)
         self.window = np.zeros(3)  # loss sum, correct, rows since the last log line (this rank)
         self.trained_samples, self.train_seconds, self.shuffle_seconds = 0, 0.0, 0.0
         self.stop = (StopRequest(cfg.signal_grace, comm.rank) if cfg.checkpoint_on_signal
@@ -88,7 +92,8 @@ class Trainer:
         """The resolved configuration and the run's shape, once, from rank 0."""
         s, cfg, grid = self.s, self.cfg, self.s.grid
         self.log.info("mpinn train: config " + textwrap.fill(
-            " ".join(f"{k}={v!r}" for k, v in s.run_config.items()), 100, subsequent_indent="  "))
+            " ".join(f"{k}={v!r}" for k, v in s.run_config.items() if k != "data_identity"), 100,
+            subsequent_indent="  "))
         mode = (f"{grid.stages} pipeline stages (layers {self.engine.layers_per_stage}) x "
                 f"{grid.replicas} replica(s), {cfg.micro_batches} micro-batches, {cfg.schedule}"
                 if grid.stages > 1 else "data parallel" + self.engine.reduction())
@@ -102,8 +107,10 @@ class Trainer:
                       f"parameters, {self.arch.loss}), {s.n_rows} rows, global batch "
                       f"{cfg.batch_size} -> {self.spe} steps/epoch; kernels ready in "
                       f"{s.jit_s:.2f} s")
-        if cfg.overwrite:  # every input is checked by now: the old run may go
-            self.comm.checked(lambda: clear_run(cfg.run_dir) if self.comm.is_root else None)
+        if cfg.overwrite:  # every input is checked by now: the old run goes aside
+            moved = self.comm.checked(
+                lambda: set_aside_run(cfg.run_dir) if self.comm.is_root else False)
+            self.set_aside = bool(self.comm.allreduce_minmax(int(moved))[1])  # the same everywhere
         self.log.open_metrics(os.path.join(cfg.run_dir, "metrics.jsonl"), append=cfg.resume)
 
     def lr_summary(self):
@@ -311,7 +318,24 @@ class Trainer:
             if self.comm.is_root else None)
         self.watchdog.end()
         self.last_saved = step
+        if self.set_aside:  # the new run has a checkpoint: the one it replaces may go
+            self.comm.checked(lambda: drop_set_aside(self.cfg.run_dir) if self.comm.is_root
+                              else None)
+            self.set_aside = False
         self.engine.timeline.add("checkpoint", t0, time.perf_counter())
+
+    def restore_replaced_run(self):
+        """A run started with --overwrite ended before its first checkpoint: the run it was
+        replacing goes back in place (rank 0; said once)."""
+        if self.set_aside and self.comm.is_root:
+            try:
+                restore_set_aside(self.cfg.run_dir)
+                self.log.info(f"mpinn train: no checkpoint of this run was written; the run it "
+                              f"replaced (--overwrite) is back in {self.cfg.run_dir}")
+            except OSError as e:
+                self.log.warn(f"the run this one replaced (--overwrite) could not be put back: "
+                              f"{e}; its files are in {self.cfg.run_dir}/{SET_ASIDE}")
+        self.set_aside = False
 
     def diverged(self, epoch):
         kept = (f"the last good checkpoint {self.ckpt_path} (step {self.last_saved}) is kept"

@@ -351,3 +351,66 @@ def test_a_resumed_run_replaces_its_own_trace(tmp_path):
     second = json.loads(trace.read_text())
     assert second["otherData"]["tool"] == "mpinn" and second != first
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+
+
+# --- 7. resume reads the run's own data files --------------------------------------------------------
+
+def test_resume_from_another_folder_reads_the_files_the_run_started_on(tmp_path):
+    """--data given relative: the checkpoint holds the absolute path, so a resume started in
+    another folder (a job script, a requeue) that holds a different file of the same relative
+    name still trains on the run's file; a file replaced under the run's own name is refused."""
+    import shutil
+    from conftest import DIGITS_TRAIN, ok, run_mpinn, write_classification
+    from mpinn import checkpoint
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    shutil.copy(DIGITS_TRAIN, a / "train.h5")
+    write_classification(b / "train.h5", 500, 64, 10, seed=3)  # same name, other rows
+    run = tmp_path / "run"
+    ok(run_mpinn(2, "train", "--data", "train.h5", "--epochs", 1, "--run-dir", run, cwd=a))
+    saved = checkpoint.load(str(run / "checkpoint.h5")).config
+    assert saved["data"] == str(a / "train.h5")
+    r = ok(run_mpinn(2, "train", "--epochs", 2, "--run-dir", run, "--resume", cwd=b))
+    assert "1437 rows" in r.stdout  # the digits, not b's 500 rows
+    # the run's file replaced by another of the same name: refused, as another --data is
+    shutil.copy(b / "train.h5", a / "train.h5")
+    r = run_mpinn(2, "train", "--epochs", 3, "--run-dir", run, "--resume", cwd=b)
+    assert r.returncode == 2, r.stderr
+    assert f"the run's data file {a / 'train.h5'} has changed since the run started" in r.stderr
+    assert "--resume continues a run on its own data" in r.stderr
+
+
+# --- 8. --overwrite keeps the old run until the new one has a checkpoint ----------------------------
+
+def test_overwrite_that_fails_before_its_first_checkpoint_leaves_the_old_run(tmp_path):
+    """Before, --overwrite removed the old run's files as the new run started: a new run that
+    diverged at step 2 left neither run."""
+    import json
+    from conftest import ok, run_mpinn
+    from mpinn import checkpoint
+    run = tmp_path / "run"
+    ok(run_mpinn(2, "train", "--run-dir", run, "--epochs", 2, "--seed", 1))
+    old = checkpoint.load(str(run / "checkpoint.h5"))
+    old_metrics = (run / "metrics.jsonl").read_text()
+    r = run_mpinn(2, "train", "--run-dir", run, "--epochs", 2, "--overwrite",
+                  env={"MPINN_FAULT": "nan:rank=1:step=2"})
+    assert r.returncode == 3, r.stderr  # diverged
+    assert "the run it replaced (--overwrite) is back in" in r.stdout
+    kept = checkpoint.load(str(run / "checkpoint.h5"))
+    np.testing.assert_array_equal(kept.params, old.params)
+    assert (run / "metrics.jsonl").read_text() == old_metrics
+    assert sorted(p.name for p in run.iterdir()) == [".mpinn-lock", "checkpoint.h5",
+                                                      "metrics.jsonl"]
+    # killed before its first checkpoint: the next start in the folder puts the old run back
+    r = run_mpinn(2, "train", "--run-dir", run, "--epochs", 2, "--overwrite",
+                  env={"MPINN_FAULT": "kill:rank=0:step=2"})
+    assert r.returncode != 0 and (run / ".mpinn-replaced" / "checkpoint.h5").exists()
+    r = ok(run_mpinn(2, "train", "--run-dir", run, "--epochs", 3, "--resume"))
+    assert "a run started with --overwrite ended before its first checkpoint; the run it was " \
+           "replacing is back in place" in r.stderr
+    assert checkpoint.load(str(run / "checkpoint.h5")).global_step > old.global_step
+    # an --overwrite that checkpoints replaces the old run for good
+    ok(run_mpinn(2, "train", "--run-dir", run, "--epochs", 1, "--overwrite", "--seed", 2))
+    assert not (run / ".mpinn-replaced").exists()
+    assert [json.loads(l)["kind"] for l in (run / "metrics.jsonl").read_text().splitlines()
+            ][-1] == "summary"
