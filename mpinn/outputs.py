@@ -4,6 +4,7 @@ work is done (its folder exists, it is not a folder, an existing file is replace
 belongs to one run at a time (an OS lock held by rank 0 for the whole run; a crashed run leaves no
 stale lock, since the lock dies with its process)."""
 import contextlib
+import errno
 import fcntl
 import io
 import os
@@ -230,18 +231,49 @@ class RunDirLock:
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except OSError as e:
             holder = os.pread(self.fd, 200, 0).decode(errors="replace").strip() or "unknown"
             os.close(self.fd)
-            raise UsageError(f"{option} {run_dir} is in use by another {what} ({holder}); "
-                             f"wait for it to end or choose another {option}") from None
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise UsageError(f"{option} {run_dir} is in use by another {what} ({holder}); "
+                                 f"wait for it to end or choose another {option}") from None
+            raise UsageError(lock_unsupported(run_dir, option, e)) from None
         os.ftruncate(self.fd, 0)
         os.pwrite(self.fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+
+    note = None  # what claiming the folder found to say (a recovered --overwrite)
 
     def release(self):
         if self.fd is not None:
             os.close(self.fd)  # closing the descriptor releases the lock
             self.fd = None
+
+
+def lock_unsupported(run_dir, option, error):
+    """The message for a file system that cannot lock (any flock failure but "held by another")."""
+    name = errno.errorcode.get(error.errno, str(error.errno))
+    return (f"cannot lock {option} {run_dir}: flock failed with {name} ({error.strerror}): this "
+            "file system does not support file locks (Lustre mounted without -o flock, NFS "
+            "without lockd?). mpinn locks the run folder so that two runs never write one "
+            "folder; it needs flock that holds across nodes. Use a run folder on a file system "
+            "that has it (`mpinn doctor --run-dir DIR` tests one)")
+
+
+def try_lock(run_dir):
+    """doctor: 'ok' when a run-folder lock can be taken in run_dir, else why not."""
+    path = os.path.join(run_dir, f".mpinn-lock-probe-{os.getpid()}")
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        return f"failed: {e.strerror}"
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return "ok"
+    except OSError as e:
+        return f"failed: {errno.errorcode.get(e.errno, e.errno)} ({e.strerror})"
+    finally:
+        os.close(fd)
+        os.unlink(path)
 
 
 def run_files(run_dir):

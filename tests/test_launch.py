@@ -65,7 +65,8 @@ def report(ranks, threads=1, world=None, env=None, **changes):
          "mpi": {"library": LIB, "thread_level": "multiple"},
          "launcher": {"mis_launch_env": env or {}},
          "software": {"blas_override": None, "numba_cache_writable": True, "numba_cache": "/c"},
-         "run_dir": {"path": "/runs", "writable": True, "hdf5_write": "ok", "disk_free": 1 << 40}}
+         "run_dir": {"path": "/runs", "writable": True, "hdf5_write": "ok", "lock": "ok",
+                     "disk_free": 1 << 40}}
     for key, value in changes.items():
         r[key] = {**r[key], **value}
     return r

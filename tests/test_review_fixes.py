@@ -414,3 +414,52 @@ def test_overwrite_that_fails_before_its_first_checkpoint_leaves_the_old_run(tmp
     assert not (run / ".mpinn-replaced").exists()
     assert [json.loads(l)["kind"] for l in (run / "metrics.jsonl").read_text().splitlines()
             ][-1] == "summary"
+
+
+# --- 9. a file system without locks is named as such --------------------------------------------------
+
+@pytest.mark.parametrize("code", ["ENOSYS", "ENOLCK"])
+def test_a_run_folder_that_cannot_be_locked_says_what_the_file_system_lacks(tmp_path, monkeypatch,
+                                                                            code):
+    """Only EWOULDBLOCK/EAGAIN mean "in use"; Lustre without -o flock answers ENOSYS, NFS without
+    lockd ENOLCK (before, both were "in use by another training (unknown)")."""
+    import errno
+    import fcntl
+    from mpinn.errors import UsageError
+    from mpinn.outputs import RunDirLock
+
+    def refuse(fd, op):
+        raise OSError(getattr(errno, code), os.strerror(getattr(errno, code)))
+    monkeypatch.setattr(fcntl, "flock", refuse)
+    with pytest.raises(UsageError) as e:
+        RunDirLock(str(tmp_path))
+    assert f"cannot lock --run-dir {tmp_path}: flock failed with {code}" in str(e.value)
+    assert "does not support file locks" in str(e.value) and "in use" not in str(e.value)
+
+
+def test_a_run_folder_in_use_is_still_in_use(tmp_path):
+    from mpinn.errors import UsageError
+    from mpinn.outputs import RunDirLock
+    held = RunDirLock(str(tmp_path))
+    try:
+        with pytest.raises(UsageError, match="is in use by another training \\(pid"):
+            RunDirLock(str(tmp_path))
+    finally:
+        held.release()
+
+
+def test_doctor_tests_the_lock_in_the_run_folder(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+    from mpinn.hpc.doctor import findings, run_dir_facts
+    assert run_dir_facts(str(tmp_path))["lock"] == "ok"
+    assert os.listdir(tmp_path) == []  # the probe is gone
+
+    def refuse(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+    monkeypatch.setattr(fcntl, "flock", refuse)
+    facts = run_dir_facts(str(tmp_path))
+    assert facts["lock"] == "failed: ENOLCK (No locks available)"
+    from test_launch import facts as rank_facts, report
+    _, broken = findings(report([rank_facts(0)], run_dir=facts))
+    assert len(broken) == 1 and "cannot be locked (flock failed: ENOLCK" in broken[0]

@@ -19,6 +19,7 @@ import numpy as np
 
 from ..errors import AgreedExit
 from ..log import Log
+from ..outputs import try_lock
 from ..runtime.launch import launcher_sizes, mis_launch
 from ..runtime.process import available_memory_bytes
 from ..runtime.threads import limit_threads
@@ -100,7 +101,7 @@ def run_dir_facts(path):
     probe = folder if os.path.isdir(folder) else os.path.dirname(folder)
     facts = {"path": folder, "exists": os.path.isdir(folder), "writable": writable_dir(folder),
              "disk_free": shutil.disk_usage(probe).free if os.path.isdir(probe) else 0,
-             "hdf5_write": "not tried"}
+             "hdf5_write": "not tried", "lock": "not tried"}
     if facts["writable"] and os.path.isdir(probe):
         import h5py
         try:
@@ -110,6 +111,7 @@ def run_dir_facts(path):
             facts["hdf5_write"] = "ok"
         except OSError as e:
             facts["hdf5_write"] = f"failed: {e}"
+        facts["lock"] = try_lock(probe)
     return facts
 
 
@@ -126,6 +128,10 @@ def findings(report):
     elif rd["hdf5_write"].startswith("failed"):
         broken.append(f"HDF5 cannot write in {rd['path']} ({rd['hdf5_write']}); on file systems "
                       "without locking set HDF5_USE_FILE_LOCKING=FALSE")
+    elif rd["lock"].startswith("failed"):
+        broken.append(f"the run folder {rd['path']} cannot be locked (flock {rd['lock']}): "
+                      "train refuses it; this file system needs flock that holds across nodes "
+                      "(Lustre: mount with -o flock; NFS: lockd)")
     elif rd["disk_free"] < GiB:
         warnings.append(f"only {rd['disk_free'] / GiB:.2f} GiB free at {rd['path']}")
     warnings += node_warnings(report["ranks"], report["threads"])
@@ -213,7 +219,7 @@ def text(report):
               f"  HDF5        {sw['hdf5']} (h5py {sw['h5py']}), file locking "
               f"{sw['hdf5_file_locking']}; a test file in the run folder: {rd['hdf5_write']}",
               f"  run folder  {rd['path']}: {'writable' if rd['writable'] else 'NOT writable'}, "
-              f"{rd['disk_free'] / GiB:.1f} GiB free"]
+              f"{rd['disk_free'] / GiB:.1f} GiB free, run-folder lock {rd['lock']}"]
     lines += allreduce_lines(report["allreduce"], report["world_size"])
     for kind, items in (("warning", report["warnings"]), ("BROKEN", report["broken"])):
         lines += [f"  {kind}: {item}" for item in items]
