@@ -277,14 +277,27 @@ def class_count(comm, cfg, ckpt, y, path, plan):
         n = cfg.classes
     else:
         n = comm.checked(data.stored_classes, path, cfg.y_key)
+    local = np.unique(y) if y is not None else np.zeros(0, np.int64)
+    values = np.unique(comm.allgather_ints(local))
+    comm.checked(check_two_classes, values, n, path, cfg.y_key)
     if n is None:
-        top = comm.allreduce_minmax(int(y.max()) if y is not None and y.size else 0)[1]
-        local = np.unique(y) if y is not None else np.zeros(0, np.int64)
-        distinct = np.unique(comm.allgather_ints(local)).size
-        comm.checked(check_sparse_labels, y, top, distinct, path, cfg.y_key, plan)
+        top = int(values.max())
+        comm.checked(check_sparse_labels, y, top, values.size, path, cfg.y_key, plan)
         n = top + 1
     comm.checked(check_labels, y, n, path, plan.owned_rows)
     return n
+
+
+def check_two_classes(values, n, path, y_key):
+    """A classifier needs two classes at least: one class trains to loss 0 and accuracy 1 and
+    learns nothing."""
+    if n is not None and n < 2:
+        raise UsageError(f"{n} class: cross_entropy needs at least 2 classes (for one target "
+                         "value use --loss mse)")
+    if values.size == 1:
+        raise UsageError(f"{path}:{y_key} holds one class only (every label is {values[0]}): a "
+                         "classifier learns nothing from it; check --data and --y-key, or use "
+                         "--loss mse for a regression target")
 
 
 def check_sparse_labels(y, top, distinct, path, y_key, plan):

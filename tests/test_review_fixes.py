@@ -463,3 +463,23 @@ def test_doctor_tests_the_lock_in_the_run_folder(tmp_path, monkeypatch):
     from test_launch import facts as rank_facts, report
     _, broken = findings(report([rank_facts(0)], run_dir=facts))
     assert len(broken) == 1 and "cannot be locked (flock failed: ENOLCK" in broken[0]
+
+
+# --- 10. one-class labels are refused -----------------------------------------------------------------
+
+@pytest.mark.parametrize("label,extra,message", [
+    (0, [], "holds one class only (every label is 0)"),
+    (3, [], "holds one class only (every label is 3)"),
+    (0, ["--classes", 1], "1 class: cross_entropy needs at least 2 classes"),
+])
+def test_one_class_labels_are_refused(tmp_path, label, extra, message):
+    """Before, labels that were all 0 trained a 1-output softmax to loss 0 and accuracy 1."""
+    from conftest import run_mpinn
+    path = tmp_path / "one.h5"
+    with h5py.File(path, "w") as f:
+        f["X"] = np.random.default_rng(0).normal(size=(200, 5)).astype(np.float32)
+        f["y"] = np.full(200, label, np.int64)
+    r = run_mpinn(2, "train", "--data", path, "--val-data", path, "--epochs", 1,
+                  "--run-dir", tmp_path / "r", *extra)
+    assert r.returncode == 2 and message in r.stderr, r.stderr
+    assert r.stderr.count("mpinn: error") == 1
