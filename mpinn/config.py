@@ -537,7 +537,8 @@ class SynthConfig:
     classes: int = option(10, "classes")
     hidden: str = option("64", "hidden widths of the random teacher network")
     seed: int = option(0, "seed: the same seed gives the same rows, whatever the chunking")
-    chunk_rows: int = option(65_536, "rows per HDF5 chunk and per write")
+    chunk_rows: int = option(65_536, "rows per HDF5 chunk and per write (chunks hold 4 MiB at "
+                                     "most)")
     compression: str = option("none", "HDF5 compression of the datasets", ("none", "gzip", "lzf"))
     overwrite: bool = option(False, "replace OUT if it exists")
     debug: bool = option(False, "show Python tracebacks on errors")
@@ -579,7 +580,8 @@ class ConvertConfig:
     split: float = option(0.0, "write a stratified train/test pair with this fraction for "
                                "training (0: one file)")
     seed: int = option(0, "seed of the split")
-    chunk_rows: int = option(65_536, "rows read and written at a time (and HDF5 chunk rows)")
+    chunk_rows: int = option(65_536, "rows read and written at a time (and HDF5 chunk rows, "
+                                     "4 MiB of features at most)")
     compression: str = option("none", "HDF5 compression", ("none", "gzip", "lzf"))
     overwrite: bool = option(False, "replace the output file(s) if they exist")
     debug: bool = option(False, "show Python tracebacks on errors")

@@ -483,3 +483,46 @@ def test_one_class_labels_are_refused(tmp_path, label, extra, message):
                   "--run-dir", tmp_path / "r", *extra)
     assert r.returncode == 2 and message in r.stderr, r.stderr
     assert r.stderr.count("mpinn: error") == 1
+
+
+# --- 11. a CSV that starts with a UTF-8 byte-order mark ------------------------------------------------
+
+@pytest.mark.parametrize("header", [False, True])
+def test_csv_with_a_byte_order_mark_keeps_its_first_row_and_names(tmp_path, header):
+    """Excel's "CSV UTF-8" starts with a BOM. Before: without a header the first row was taken
+    for one and lost; with a header the first name kept the BOM ('\\ufeffkind' is not 'kind')."""
+    from conftest import ok, run_mpinn
+    rows = [(1, 0.5, 2.0), (0, 1.5, -1.0), (1, 2.5, 0.0), (0, 3.5, 1.0)]
+    text = ("kind,a,b\n" if header else "") + "".join(f"{k},{a},{b}\n" for k, a, b in rows)
+    src = tmp_path / "bom.csv"
+    src.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    out = tmp_path / "bom.h5"
+    ok(run_mpinn(1, "data", "convert", src, "--out", out, "--label-column",
+                 "kind" if header else "0"))
+    with h5py.File(out) as f:
+        np.testing.assert_array_equal(f["X"][:], np.array([r[1:] for r in rows], np.float32))
+        np.testing.assert_array_equal(f["y"][:], [r[0] for r in rows])
+
+
+# --- 12. HDF5 chunks are capped by bytes ----------------------------------------------------------------
+
+def test_a_wide_csv_converts_to_a_file_of_its_own_size(tmp_path):
+    """Before, data convert always chunked 65,536 rows: HDF5 stores whole chunks, so 50 rows of
+    2,000 features made a 524 MB file. Chunks now hold at most 4 MiB."""
+    from conftest import ok, run_mpinn
+    x = np.random.default_rng(0).normal(size=(50, 2000)).astype(np.float32)
+    src = tmp_path / "wide.csv"
+    src.write_text("".join(",".join(f"{v:.4f}" for v in row) + f",{i % 2}\n"
+                           for i, row in enumerate(x)))
+    out = tmp_path / "wide.h5"
+    ok(run_mpinn(1, "data", "convert", src, "--out", out))
+    assert out.stat().st_size < 6 << 20, out.stat().st_size
+    with h5py.File(out) as f:
+        rows, width = f["X"].chunks
+        assert rows * width * 4 <= 4 << 20 and width == 2000
+        np.testing.assert_allclose(f["X"][:], x, atol=1e-4)
+    # data synth caps its chunks the same way
+    ok(run_mpinn(1, "data", "synth", "--rows", 300, "--features", 4000, "--out", tmp_path / "s.h5"))
+    with h5py.File(tmp_path / "s.h5") as f:
+        rows, width = f["X"].chunks
+        assert rows * width * 4 <= 4 << 20

@@ -53,7 +53,9 @@ def read_npz(path, x_key, y_key, chunk):
 
 
 def _open_text(path):
-    return gzip.open(path, "rt", newline="") if path.endswith(".gz") else open(path, newline="")
+    """The file as text; a UTF-8 byte-order mark (Excel writes one) is not part of the first cell."""
+    return (gzip.open(path, "rt", newline="", encoding="utf-8-sig") if path.endswith(".gz")
+            else open(path, newline="", encoding="utf-8-sig"))
 
 
 DELIMITERS = {",": ",", ";": ";", "tab": "\t", "\\t": "\t", "\t": "\t"}
@@ -185,12 +187,23 @@ def read_idx(images, labels, chunk):
 
 
 # -- writing ------------------------------------------------------------------------------------
+CHUNK_BYTES = 4 << 20  # at most this much of X in one HDF5 chunk
+
+
+def stored_chunk_rows(rows, features, itemsize=4):
+    """Rows per stored HDF5 chunk: at most `rows`, and at most CHUNK_BYTES of a row's features.
+    HDF5 stores whole chunks, so 65,536-row chunks of 10,000 features made a 50-row file 2.6 GB;
+    4 MiB chunks still read at full speed when streaming."""
+    return max(1, min(int(rows), CHUNK_BYTES // max(1, features * itemsize)))
+
+
 class H5Writer:
     """X grown chunk by chunk; y kept (it is small) and written at the end as int64 labels when all
     values are whole numbers, else float32 targets."""
 
     def __init__(self, f, features, chunk, compression):
         self.f = f
+        chunk = stored_chunk_rows(chunk, features)
         opts = {} if compression == "none" else {"compression": compression}
         self.X = self.f.create_dataset("X", (0, features), np.float32, maxshape=(None, features),
                                        chunks=(chunk, features), **opts)

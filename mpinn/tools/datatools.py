@@ -15,6 +15,7 @@ from ..config import parse_hidden
 from ..data import open_h5
 from ..log import Log
 from ..outputs import check_output_path, h5_written_whole
+from .convert import stored_chunk_rows
 
 BLOCK = 1 << 16  # rows per generator block: fixed, so rows do not depend on the chunking
 
@@ -44,7 +45,7 @@ def synth(cfg):
     hidden = parse_hidden(cfg.hidden)
     check_output_path(cfg.out, overwrite=cfg.overwrite)
     teacher = Teacher(cfg.features, hidden, cfg.classes, cfg.seed)
-    n, chunk = cfg.rows, min(cfg.chunk_rows, cfg.rows)
+    n, chunk = cfg.rows, min(stored_chunk_rows(cfg.chunk_rows, cfg.features), cfg.rows)
     options = {} if cfg.compression == "none" else {"compression": cfg.compression}
     cached = (-1, None, None)
     with h5_written_whole(cfg.out) as f:
