@@ -77,6 +77,28 @@ def checksum(params, state):
     return h.hexdigest()
 
 
+# the attributes that say what the arrays mean: covered by their own checksum (attrs_sha256), so
+# an edited `sizes` is refused as corrupt instead of allocating whatever it says
+COVERED_ATTRS = ("sizes", "activation", "output_activation", "loss", "epoch", "global_step",
+                 "seed", "config", "state")
+
+
+def attrs_checksum(attrs, optimizer_attrs):
+    """SHA-256 of the covered attributes (and the optimizer's name and step) as read back."""
+    plain = {k: _plain_attr(attrs[k]) for k in COVERED_ATTRS if k in attrs}
+    if optimizer_attrs is not None:
+        plain["optimizer"] = [_plain_attr(optimizer_attrs.get(k)) for k in ("name", "step")]
+    return hashlib.sha256(json.dumps(plain, sort_keys=True).encode()).hexdigest()
+
+
+def _plain_attr(value):
+    if isinstance(value, np.ndarray):
+        return [int(v) for v in value.tolist()]
+    if isinstance(value, (bytes, np.bytes_)):
+        return value.decode()
+    return value.item() if isinstance(value, np.generic) else value
+
+
 def save(path, ckpt, keep=0, before_rename=None):
     """Write ckpt to path atomically: a reader sees the old file or the new one, never a torn one.
     keep > 0 also keeps it as checkpoints/step-NNNNNNN.h5 beside path (a hard link), pruning all
@@ -162,6 +184,7 @@ def _write_file(tmp, ckpt):
         a["config"] = json.dumps(ckpt.config, sort_keys=True)
         a["state"] = json.dumps(ckpt.state, sort_keys=True)
         a["sha256"] = checksum(ckpt.params, ckpt.optimizer_state)
+        a["attrs_sha256"] = attrs_checksum(a, o.attrs)
 
 
 def load(path):
@@ -190,8 +213,19 @@ def _read(f, path):
     if version > FORMAT_VERSION:
         raise UsageError(f"{path} has checkpoint format {version}; this mpinn reads up to "
                          f"{FORMAT_VERSION} (upgrade mpinn)")
+    o = f.get("optimizer")
+    if "attrs_sha256" in a and attrs_checksum(a, o.attrs if o is not None else None) != str(
+            a["attrs_sha256"]):
+        raise UsageError(f"{path} fails its checksum: its attributes (network sizes, options, "
+                         "steps) were changed or are corrupt; it was not loaded")
     arch = Architecture(tuple(int(s) for s in a["sizes"]), str(a["activation"]),
                         str(a["output_activation"]), str(a["loss"]))
+    for l, (fan_in, fan_out) in enumerate(zip(arch.sizes[:-1], arch.sizes[1:])):
+        for name, shape in ((f"W{l}", (fan_in, fan_out)), (f"b{l}", (fan_out,))):
+            ds = f["params"].get(name)  # before allocating what `sizes` says
+            if ds is None or ds.shape != shape:
+                raise UsageError(f"{path}: params/{name} is missing or has the wrong shape "
+                                 f"for its network {'-'.join(map(str, arch.sizes))}")
     params = np.empty(arch.n_params, np.float32)
     for l, (W, b) in enumerate(layer_views(arch, params)):
         for name, view in ((f"W{l}", W), (f"b{l}", b)):
@@ -199,7 +233,6 @@ def _read(f, path):
             if ds is None or ds.shape != view.shape:
                 raise UsageError(f"{path}: params/{name} is missing or has the wrong shape")
             view[...] = ds[...]
-    o = f.get("optimizer")
     state = []
     if o is not None:
         i = 0

@@ -200,8 +200,8 @@ class TrainConfig:
         # --resume: False, True, or "auto" (set_up decides it from RUN_DIR before anything else)
         self.resume = {"no": False, "yes": True}.get(self.resume, self.resume)
         require_positive(self, "lr", "batch_size", "epochs", "log_every", "check_every", "threads",
-                         "pipeline_stages", "micro_batches", "accumulate")
-        require_non_negative(self, "steps", "weight_decay", "momentum", "eps", "keep_checkpoints",
+                         "pipeline_stages", "micro_batches", "accumulate", "eps")
+        require_non_negative(self, "steps", "weight_decay", "momentum", "keep_checkpoints",
                              "memory_budget",
                              "signal_grace", "stall_warning", "stall_timeout", "overlap_mb")
         for name in ("beta1", "beta2"):
@@ -358,6 +358,10 @@ def load_toml(cls, path):
             raw = tomllib.load(fh)
     except FileNotFoundError:
         raise UsageError(f"config file not found: {path}") from None
+    except IsADirectoryError:
+        raise UsageError(f"--config {path} is a folder; give a TOML file") from None
+    except OSError as e:
+        raise UsageError(f"cannot read config file {path}: {e.strerror or e}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise UsageError(f"{path} is not valid TOML: {e}") from None
     names = {f.name for f in dataclasses.fields(cls)}

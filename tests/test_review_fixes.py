@@ -526,3 +526,65 @@ def test_a_wide_csv_converts_to_a_file_of_its_own_size(tmp_path):
     with h5py.File(tmp_path / "s.h5") as f:
         rows, width = f["X"].chunks
         assert rows * width * 4 <= 4 << 20
+
+
+# --- 13. bad values that ended in a traceback, or too late ---------------------------------------------
+
+def test_eps_zero_and_a_config_folder_are_one_clear_error(tmp_path):
+    """--eps 0 ended in ZeroDivisionError; --config FOLDER in a traceback from every rank."""
+    from conftest import run_mpinn
+    r = run_mpinn(2, "train", "--eps", 0, "--run-dir", tmp_path / "r")
+    assert r.returncode == 2 and r.stderr.strip() == "mpinn: error: --eps must be positive, got 0.0"
+    r = run_mpinn(2, "train", "--config", tmp_path, "--run-dir", tmp_path / "r")
+    assert r.returncode == 2
+    assert r.stderr.strip() == f"mpinn: error: --config {tmp_path} is a folder; give a TOML file"
+
+
+def test_a_sweep_with_an_invalid_trial_trains_nothing(tmp_path):
+    """Before, lr = -1 in a grid was a failed row after the other trials had trained, and the
+    sweep exited 0. Every trial's options are checked before the first starts."""
+    from conftest import run_mpinn
+    grid = tmp_path / "grid.toml"
+    grid.write_text("[grid]\nlr = [0.01, -1.0]\n\n[[trial]]\nbatch_size = 0\n")
+    r = run_mpinn(2, "sweep", "--grid", grid, "--out", tmp_path / "s", "--epochs", 1)
+    assert r.returncode == 2, r.stderr
+    assert (f"{grid}: 2 of 3 trials have invalid options, nothing was trained: trial 001 "
+            "(lr=-1.0): --lr must be positive, got -1.0; trial 002 (batch_size=0): --batch-size "
+            "must be positive, got 0") in r.stderr
+    assert not (tmp_path / "s" / "trial-000").exists()
+
+
+def test_split_of_a_tiny_file_is_refused(tmp_path):
+    """--split 0.8 of 2 rows rounds the test file to no rows: it was a ValueError from h5py."""
+    from conftest import run_mpinn
+    src = tmp_path / "tiny.csv"
+    src.write_text("1,2,0\n3,4,1\n")
+    r = run_mpinn(1, "data", "convert", src, "--out", tmp_path / "t.h5", "--split", 0.8)
+    assert r.returncode == 2 and "leaves " + str(tmp_path / "t-test.h5") + " with no rows" \
+        in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and not list(tmp_path.glob("t-*.h5"))
+
+
+def test_edited_checkpoint_attributes_are_refused(tmp_path, trained):
+    """The checksum covered the arrays only: an edited `sizes` allocated what it said (a
+    MemoryError for a large one) or silently changed the network's meaning."""
+    import shutil
+    from mpinn import checkpoint
+    from mpinn.errors import UsageError
+    for key, value in (("sizes", np.array([64, 10**6, 10**6, 10], np.int64)),
+                       ("activation", "tanh"), ("global_step", 99999)):
+        path = tmp_path / f"{key}.h5"
+        shutil.copy(trained, path)
+        with h5py.File(path, "r+") as f:
+            f.attrs[key] = value
+        with pytest.raises(UsageError, match="fails its checksum: its attributes"):
+            checkpoint.load(str(path))
+    # a file without the attribute checksum (older mpinn): sizes are checked against the arrays
+    # before anything is allocated
+    path = tmp_path / "old.h5"
+    shutil.copy(trained, path)
+    with h5py.File(path, "r+") as f:
+        del f.attrs["attrs_sha256"]
+        f.attrs["sizes"] = np.array([64, 10**6, 10**6, 10], np.int64)
+    with pytest.raises(UsageError, match="params/W0 is missing or has the wrong shape"):
+        checkpoint.load(str(path))

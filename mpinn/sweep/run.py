@@ -80,6 +80,7 @@ def prepare(cfg, explicit):
         base = cfg.train_values()
         plan = {"varied": varied, "trials": trials, "base": base,
                 "explicit": sorted(k for k in explicit if k in base)}
+        check_trials(cfg, plan)
         check_new_sweep(cfg)
         if cfg.overwrite:
             clear_sweep(cfg.out)
@@ -92,6 +93,23 @@ def prepare(cfg, explicit):
     records = [read_result(cfg.out, i) for i in range(len(plan["trials"]))]
     plan["pending"] = [i for i, r in enumerate(records) if not finished(r)]
     return plan
+
+
+def check_trials(cfg, plan):
+    """Every trial's options are checked as train checks them before the first trial starts: a
+    bad value in the grid (lr = -1) is an error now, not a failed row after the others trained.
+    What only training can tell (a missing data file, divergence) still fails that trial alone."""
+    bad = []
+    for index, trial in enumerate(plan["trials"]):
+        try:
+            trial_config(plan, trial, trial_dir(cfg.out, index), resume=False)
+        except UsageError as e:
+            bad.append(f"trial {index:03d} ({', '.join(f'{k}={v!r}' for k, v in trial.items())})"
+                       f": {e}")
+    if bad:
+        more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
+        raise UsageError(f"{cfg.grid}: {len(bad)} of {len(plan['trials'])} trials have invalid "
+                         f"options, nothing was trained: " + "; ".join(bad[:3]) + more)
 
 
 def stored_plan(cfg, explicit):

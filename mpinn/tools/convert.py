@@ -276,6 +276,17 @@ def stratified_train_mask(labels, fraction, seed):
     return mask
 
 
+def check_split(mask, fraction, source, outs):
+    """Both files of a split must get rows: a tiny file (or a fraction near 0 or 1) can round a
+    side to none."""
+    counts = (int(mask.sum()), int((~mask).sum()))
+    for out, n in zip(outs, counts):
+        if n == 0:
+            raise UsageError(f"--split {fraction:g} of the {len(mask)} rows of {source} (per "
+                             f"class, rounded) leaves {out} with no rows; use more rows or "
+                             "another fraction")
+
+
 def convert(cfg):
     fmt = cfg.format
     if fmt == "auto":
@@ -309,6 +320,7 @@ def convert(cfg):
     mask = None
     if cfg.split:  # first pass: labels only, for an exact stratified split
         mask = stratified_train_mask(np.concatenate([y for _, y in chunks()]), cfg.split, cfg.seed)
+        check_split(mask, cfg.split, cfg.source, outs)
     with contextlib.ExitStack() as files:  # each output appears whole, or not at all
         h5s = [files.enter_context(h5_written_whole(p)) for p in outs]
         row, counts, names = write_rows(cfg, chunks, mask, features, h5s)
