@@ -256,6 +256,27 @@ def block_selections(n_rows, rank, size):
     return [(slice(off, off + cnt), cnt)]
 
 
+def nonfinite_error(path, key, native):
+    """The error for values that are not finite as float32. `native` holds the same values as the
+    file stores them: all finite there means they overflow float32 (1e300 is finite in float64
+    and inf in float32), which is not "NaN or inf" and wants another fix."""
+    native = np.asarray(native)
+    if native.dtype.kind == "f" and native.dtype.itemsize > 4 and np.isfinite(native).all():
+        big = float(np.abs(native).max())
+        return UsageError(f"{path}:{key} holds values beyond float32's range (largest |value| "
+                          f"{big:.3g}, float32 ends at 3.4e+38); mpinn trains in float32: "
+                          "rescale the data")
+    return UsageError(f"{path}:{key} contains NaN or inf values")
+
+
+def _check_finite(path, ds, key, x, read_native):
+    """x (float32) must be finite; when not, read_native() gives the same rows as stored, to say
+    why (only on this error path)."""
+    if not all_finite(x.reshape(-1)):
+        wide = ds.dtype.kind == "f" and ds.dtype.itemsize > 4
+        raise nonfinite_error(path, key, read_native() if wide else x)
+
+
 def read_rows(path, cols, selections, n_targets, want_x=True, want_y=True):
     """Read the rows named by `selections` (see plan_selections) as float32 inputs and int64 labels
     or float32 (rows, n_targets) targets. Only those rows are read; an input or target not wanted
@@ -266,8 +287,8 @@ def read_rows(path, cols, selections, n_targets, want_x=True, want_y=True):
         if want_x:
             X = f[cols.x_key]
             x = _read_selection(X, np.empty((n, X.shape[1]), np.float32), selections)
-            if not all_finite(x.reshape(-1)):
-                raise UsageError(f"{path}:{cols.x_key} contains NaN or inf values")
+            _check_finite(path, X, cols.x_key, x, lambda: _read_selection(
+                X, np.empty((n, X.shape[1]), X.dtype), selections))
         if not want_y:
             return x, y
         y_ds = f[cols.y_key]
@@ -276,10 +297,10 @@ def read_rows(path, cols, selections, n_targets, want_x=True, want_y=True):
             if n and y.min() < 0:
                 raise UsageError(f"{path}:{cols.y_key} has negative class labels (min {y.min()})")
         else:
-            y = _read_selection(y_ds, np.empty((n,) if y_ds.ndim == 1 else (n, n_targets), np.float32),
-                                selections).reshape(n, n_targets)
-            if not all_finite(y.reshape(-1)):
-                raise UsageError(f"{path}:{cols.y_key} contains NaN or inf values")
+            shape = (n,) if y_ds.ndim == 1 else (n, n_targets)
+            y = _read_selection(y_ds, np.empty(shape, np.float32), selections).reshape(n, n_targets)
+            _check_finite(path, y_ds, cols.y_key, y, lambda: _read_selection(
+                y_ds, np.empty(shape, y_ds.dtype), selections))
     return x, y
 
 
@@ -288,8 +309,8 @@ def read_inputs(f, path, x_key, selections):
     n = sum(rows for _, rows in selections)
     X = f[x_key]
     x = _read_selection(X, np.empty((n, X.shape[1]), np.float32), selections)
-    if not all_finite(x.reshape(-1)):
-        raise UsageError(f"{path}:{x_key} contains NaN or inf values")
+    _check_finite(path, X, x_key, x, lambda: _read_selection(
+        X, np.empty((n, X.shape[1]), X.dtype), selections))
     return x
 
 
@@ -554,9 +575,10 @@ class StreamedBatches:
                 if self.stopped:
                     return
                 _, a, b = self.chunks[j]
-                x = source.read(self.file_rows[a:b])
-                if not all_finite(x.reshape(-1)):
-                    raise UsageError(f"{self.path}:{self.x_key} contains NaN or inf values")
+                rows = self.file_rows[a:b]
+                x = source.read(rows)
+                _check_finite(self.path, source.X, self.x_key, x,
+                              lambda: source.X[np.sort(rows)])
                 self.queue.put((j, x, None))
         except Exception as e:  # noqa: BLE001 - handed to the training thread, which raises it
             self.queue.put((None, None, e))

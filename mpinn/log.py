@@ -6,6 +6,8 @@ import os
 import sys
 import time
 
+from .errors import RunError
+
 
 class Log:
     def __init__(self, rank=0, size=1, quiet=False, progress="lines"):
@@ -46,11 +48,19 @@ class Log:
         write(2) of one whole line to an O_APPEND file, so lines are never torn or interleaved."""
         if self.rank == 0:
             flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | (0 if append else os.O_TRUNC)
-            self._metrics = os.open(path, flags, 0o644)
+            self._metrics_path = path
+            try:
+                self._metrics = os.open(path, flags, 0o644)
+            except OSError as e:
+                raise RunError(f"cannot write metrics {path}: {e.strerror or e}") from None
 
     def metrics(self, record):
         if self._metrics is not None:
-            os.write(self._metrics, (json.dumps(record) + "\n").encode())
+            try:
+                os.write(self._metrics, (json.dumps(record) + "\n").encode())
+            except OSError as e:  # a full disk: say which file, not just errno 28
+                raise RunError(f"cannot write metrics {self._metrics_path}: "
+                               f"{e.strerror or e}") from None
 
     def close(self):
         if self._metrics is not None:

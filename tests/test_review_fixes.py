@@ -588,3 +588,67 @@ def test_edited_checkpoint_attributes_are_refused(tmp_path, trained):
         f.attrs["sizes"] = np.array([64, 10**6, 10**6, 10], np.int64)
     with pytest.raises(UsageError, match="params/W0 is missing or has the wrong shape"):
         checkpoint.load(str(path))
+
+
+# --- 14. messages that name the file and the real cause ------------------------------------------------
+
+def test_a_full_disk_under_the_metrics_names_the_file():
+    """errno 28 came out as "OSError: [Errno 28] No space left on device", naming no file."""
+    from mpinn.errors import RunError
+    from mpinn.log import Log
+    log = Log(0, 1)
+    log.open_metrics("/dev/full", append=True)  # every write: ENOSPC
+    try:
+        with pytest.raises(RunError, match="cannot write metrics /dev/full: No space left on "
+                                           "device"):
+            log.metrics({"kind": "step", "step": 1})
+    finally:
+        log.close()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_values_beyond_float32_are_not_called_nan_or_inf(tmp_path, stream):
+    """1e300 is finite in a float64 file and inf in float32: it was called "NaN or inf"."""
+    from conftest import run_mpinn
+    x = np.random.default_rng(0).normal(size=(400, 3))
+    x[123, 1] = -1e300
+    path = tmp_path / "wide.h5"
+    with h5py.File(path, "w") as f:
+        f["X"], f["y"] = x, np.arange(400) % 2
+    clean = tmp_path / "clean.h5"
+    with h5py.File(clean, "w") as f:
+        f["X"], f["y"] = x[:100], np.arange(100) % 2
+    extra = ["--memory-budget", 0.001] if stream else []  # 1 KiB: the 9.6 KB of inputs stream
+    r = run_mpinn(1, "train", "--data", path, "--val-data", clean, "--run-dir", tmp_path / "r",
+                  *extra)
+    assert r.returncode == 2, r.stderr
+    assert ("inputs streamed from" in r.stdout) is stream
+    assert (f"{path}:X holds values beyond float32's range (largest |value| 1e+300, float32 ends "
+            "at 3.4e+38)") in r.stderr
+    x[123, 1] = np.nan  # a real NaN is still called one
+    with h5py.File(path, "w") as f:
+        f["X"], f["y"] = x, np.arange(400) % 2
+    r = run_mpinn(1, "train", "--data", path, "--val-data", clean, "--run-dir", tmp_path / "r2",
+                  *extra)
+    assert r.returncode == 2 and f"{path}:X contains NaN or inf values" in r.stderr
+
+
+def test_csv_missing_value_markers_and_long_lines(tmp_path):
+    """pyarrow reads NA/null/NaN as missing: such a cell was called "empty". A line longer than
+    the reader's 1 MiB block was "Empty CSV file or block"; wide files now convert."""
+    from conftest import ok, run_mpinn
+    src = tmp_path / "na.csv"
+    src.write_text("a,b,label\n1,2,0\n3,NA,1\n4,,0\n")
+    r = run_mpinn(1, "data", "convert", src, "--out", tmp_path / "na.h5")
+    assert r.returncode == 2 and f"{src}: line 3: 'b' holds 'NA', a missing-value marker; " \
+                                 "fill or drop the rows" in r.stderr, r.stderr
+    src.write_text("a,b,label\n1,2,0\n4,,0\n")
+    r = run_mpinn(1, "data", "convert", src, "--out", tmp_path / "na.h5")
+    assert r.returncode == 2 and f"{src}: line 3: 'b' is empty" in r.stderr
+    x = np.random.default_rng(0).normal(size=(4, 150_000)).astype(np.float32)  # ~1.3 MB a line
+    wide = tmp_path / "wide.csv"
+    wide.write_text("".join(",".join(f"{v:.5f}" for v in row) + f",{i % 2}\n"
+                            for i, row in enumerate(x)))
+    ok(run_mpinn(1, "data", "convert", wide, "--out", tmp_path / "wide.h5", timeout=300))
+    with h5py.File(tmp_path / "wide.h5") as f:
+        np.testing.assert_allclose(f["X"][:], x, atol=1e-5)

@@ -62,11 +62,14 @@ DELIMITERS = {",": ",", ";": ";", "tab": "\t", "\\t": "\t", "\t": "\t"}
 
 
 def csv_layout(path, label_column, sep):
-    """(has header, column names or None, label column index, number of columns). A header is a
-    first row with fewer numeric fields than the second (or none at all)."""
+    """(has header, column names or None, label column index, number of columns, the longer of
+    the first two lines in bytes). A header is a first row with fewer numeric fields than the
+    second (or none at all)."""
     with _open_text(path) as fh:
         reader = csv.reader(fh, delimiter=sep)
         first, second = next(reader, None), next(reader, None)
+    # the longer of the first two lines, in characters (bytes, for numbers) with separators
+    line_bytes = max(sum(map(len, row)) + len(row) for row in (first or [], second or []))
     if not first:
         raise UsageError(f"{path} is empty")
     header = _numeric_fields(first) == 0 or (
@@ -86,7 +89,7 @@ def csv_layout(path, label_column, sep):
     else:
         raise UsageError(f"--label-column {label_column!r}: no such column in {path}"
                          + (f" (columns: {', '.join(names)})" if names else " (no header)"))
-    return header, names, idx, ncols
+    return header, names, idx, ncols, line_bytes
 
 
 def _numeric_fields(row):
@@ -108,21 +111,37 @@ def read_csv(path, label_column, delimiter):
     import pyarrow as pa
     import pyarrow.csv as pacsv
     sep = DELIMITERS.get(delimiter, delimiter)
-    header, names, idx, ncols = csv_layout(path, label_column, sep)
+    header, names, idx, ncols, line_bytes = csv_layout(path, label_column, sep)
     label_name = names[idx] if names else f"column {idx}"
     types = {f"f{c}": (pa.string() if c == idx else pa.float32()) for c in range(ncols)}
-    try:  # 1 MiB blocks (pyarrow's default) convert in parallel; 16 MiB blocks ran at half speed
+    # 1 MiB blocks (pyarrow's default) convert in parallel (16 MiB blocks ran at half speed); a
+    # block must hold whole lines, so wide files get blocks of a few of their lines
+    block = max(1 << 20, 4 * line_bytes)
+    try:
         reader = pacsv.open_csv(
             path, read_options=pacsv.ReadOptions(autogenerate_column_names=True,
-                                                 skip_rows=int(header), block_size=1 << 20),
+                                                 skip_rows=int(header), block_size=block),
             parse_options=pacsv.ParseOptions(delimiter=sep),
             convert_options=pacsv.ConvertOptions(column_types=types, strings_can_be_null=True))
         row = 1 + int(header)  # the file line of the batch's first row
         for batch in reader:
-            yield _csv_batch(batch, idx, ncols, names, label_name, path, row)
+            yield _csv_batch(batch, idx, ncols, names, label_name, path, row, sep)
             row += batch.num_rows
     except pa.ArrowInvalid as e:
+        if "straddl" in str(e) or "Empty CSV file or block" in str(e):
+            raise UsageError(f"{path}: a line is longer than {block:,} bytes, the most the CSV "
+                             f"reader takes at a time (4 x its first line); such a file is "
+                             "better converted from .npz") from None
         raise UsageError(text_cell(path, sep, header, names, idx, str(e))) from None
+
+
+def cell_text(path, sep, line, column):
+    """The text of one cell (file line `line`, from 1), read again on an error path only."""
+    with _open_text(path) as fh:
+        for number, row in enumerate(csv.reader(fh, delimiter=sep), start=1):
+            if number == line:
+                return row[column] if column < len(row) else ""
+    return ""
 
 
 def text_cell(path, sep, header, names, label, error):
@@ -145,17 +164,20 @@ def text_cell(path, sep, header, names, label, error):
     return f"{path}: {error.splitlines()[0]}"
 
 
-def _csv_batch(batch, idx, ncols, names, label_name, path, first_line):
+def _csv_batch(batch, idx, ncols, names, label_name, path, first_line, sep):
     import pyarrow.compute as pc
     if batch.num_columns != ncols:
         raise UsageError(f"{path}: rows have {batch.num_columns} columns, the first has {ncols}")
     for c in range(ncols):
         column = batch.column(c)
         if column.null_count:
-            at = pc.index(pc.is_null(column), True).as_py()
+            line = first_line + pc.index(pc.is_null(column), True).as_py()
             name = names[c] if names else f"column {c}"
-            raise UsageError(f"{path}: line {first_line + at}: {name!r} is empty; fill or drop "
-                             "the rows with missing values first")
+            value = cell_text(path, sep, line, c)
+            what = "is empty" if not value.strip() else \
+                f"holds {value.strip()!r}, a missing-value marker"
+            raise UsageError(f"{path}: line {line}: {name!r} {what}; fill or drop the rows with "
+                             "missing values first")
     x = np.column_stack([batch.column(c).to_numpy() for c in range(ncols) if c != idx])
     labels = batch.column(idx).to_numpy(zero_copy_only=False)  # object array of str
     return x.astype(np.float32, copy=False), labels
