@@ -12,6 +12,7 @@ import dataclasses
 import importlib
 import io
 import os
+import signal
 import sys
 import traceback
 
@@ -21,6 +22,7 @@ from .config import (BenchConfig, ConvertConfig, DoctorConfig, EvaluateConfig, E
                      SweepConfig, SynthConfig, TrainConfig, build, load_toml)
 from .errors import AgreedExit, MpinnError, UsageError
 from .runtime.launch import mis_launch
+from .runtime.signals import Terminated, raise_on_sigterm
 
 
 class _Parser(argparse.ArgumentParser):
@@ -167,6 +169,7 @@ def main(argv=None):
         if problem:  # every process of the failed launch is a rank 0: each says it once
             print(f"mpinn: error: {problem}", file=sys.stderr, flush=True)
             return UsageError.exit_code
+    raise_on_sigterm()
     try:
         _command_runner(command)(cfg, explicit, comm)
         return 0
@@ -175,11 +178,12 @@ def main(argv=None):
     except BaseException as e:  # noqa: B036 - any fault must end every rank, not leave them waiting
         code = e.exit_code if isinstance(e, MpinnError) else 1
         if isinstance(e, KeyboardInterrupt):
-            code = 130
+            code = 128 + getattr(e, "signum", signal.SIGINT)
         if cfg.debug:
             traceback.print_exc()
         where = f" on rank {comm.rank} of {comm.size}" if comm.size > 1 else ""
-        cause = str(e) if isinstance(e, MpinnError) else f"{type(e).__name__}: {e}"
+        cause = (str(e) if isinstance(e, MpinnError) else f"stopped by {e}" if
+                 isinstance(e, Terminated) else f"{type(e).__name__}: {e}")
         print(f"mpinn: error{where}: {cause}", file=sys.stderr, flush=True)
         if comm.size > 1:
             comm.abort(code)

@@ -652,3 +652,56 @@ def test_csv_missing_value_markers_and_long_lines(tmp_path):
     ok(run_mpinn(1, "data", "convert", wide, "--out", tmp_path / "wide.h5", timeout=300))
     with h5py.File(tmp_path / "wide.h5") as f:
         np.testing.assert_allclose(f["X"][:], x, atol=1e-5)
+
+
+# --- 15. a signal while writing an output leaves no hidden temporary --------------------------------------
+
+def _wait_for_temporary(folder, name, proc, seconds=60):
+    import time
+    deadline = time.time() + seconds
+    while time.time() < deadline and proc.poll() is None:
+        if [p for p in os.listdir(folder) if p.startswith(f".{name}.tmp-")]:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _temporaries(folder):
+    return [p for p in os.listdir(folder) if ".tmp-" in p]
+
+
+def test_sigterm_and_sigkill_while_writing_leave_no_temporary(tmp_path):
+    """SIGTERM ended predict, data convert and data synth at once (Python's default), leaving
+    .OUT.tmp-PID; it now ends them as Ctrl-C does: the temporary is removed, exit 143. A SIGKILL
+    cannot be caught: the next write of that output removes the dead writer's temporary."""
+    import signal
+    import subprocess
+    import sys
+    from conftest import ROOT, finish, mpinn_env, ok, run_mpinn, start_mpinn
+    synth = [sys.executable, "-m", "mpinn", "data", "synth", "--rows", 3_000_000, "--features",
+             64, "--out", tmp_path / "s.h5"]
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        proc = subprocess.Popen(list(map(str, synth)), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=mpinn_env(), cwd=ROOT)
+        assert _wait_for_temporary(tmp_path, "s.h5", proc), proc.communicate()
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+        if sig == signal.SIGTERM:
+            assert proc.returncode == 143 and "mpinn: error: stopped by SIGTERM" in err, err
+            assert _temporaries(tmp_path) == []
+        else:
+            assert len(_temporaries(tmp_path)) == 1  # the dead writer's
+    ok(run_mpinn(1, "data", "synth", "--rows", 100, "--features", 4, "--out", tmp_path / "s.h5"))
+    assert _temporaries(tmp_path) == [] and (tmp_path / "s.h5").exists()
+    # predict on 2 ranks, SIGTERM to the launcher
+    ok(run_mpinn(1, "data", "synth", "--rows", 400_000, "--features", 64, "--out",
+                 tmp_path / "d.h5"))
+    ok(run_mpinn(1, "train", "--data", tmp_path / "d.h5", "--steps", 1, "--hidden", "2048,2048",
+                 "--run-dir", tmp_path / "r"))
+    proc = start_mpinn(2, "predict", "--checkpoint", tmp_path / "r" / "checkpoint.h5", "--data",
+                       tmp_path / "d.h5", "--out", tmp_path / "p.h5")
+    assert _wait_for_temporary(tmp_path, "p.h5", proc), proc.communicate()
+    proc.send_signal(signal.SIGTERM)
+    r = finish(proc)
+    assert r.returncode == 143 and "stopped by SIGTERM" in r.stderr, r.stderr
+    assert _temporaries(tmp_path) == [] and not (tmp_path / "p.h5").exists()

@@ -52,3 +52,21 @@ class NoStopRequest:
 
     def restore(self):
         pass
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM as an exception, as Python makes SIGINT one: what a command was writing is removed
+    on the way out (its `finally` blocks run), where the default SIGTERM ended the process and
+    left the hidden temporary file."""
+
+    def __init__(self, signum):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def raise_on_sigterm():
+    """Commands that do not handle signals themselves end on SIGTERM as on Ctrl-C (train and
+    sweep install their own StopRequest, and put this back after)."""
+    def handler(signum, frame):
+        raise Terminated(signum)
+    signal.signal(signal.SIGTERM, handler)
