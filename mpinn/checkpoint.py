@@ -128,10 +128,19 @@ def _keep(path, step, keep):
             os.link(path, target)  # checkpoint.h5 is replaced by rename later: the link stays
         except OSError:
             shutil.copy2(path, target)
-        for old in sorted(glob.glob(os.path.join(folder, "step-*.h5")))[:-keep]:
+        for old in step_checkpoints(folder)[:-keep]:
             os.unlink(old)
     except OSError as e:
         raise RunError(f"cannot keep checkpoint copy {target}: {e.strerror or e}") from None
+
+
+def step_checkpoints(folder):
+    """The step-N.h5 files of a folder, oldest step first: by the number, since names sort as
+    text wrongly past 7 digits (step-10000000.h5 before step-9999996.h5)."""
+    def step(path):
+        digits = os.path.basename(path)[len("step-"):-len(".h5")]
+        return int(digits) if digits.isdigit() else -1
+    return sorted(glob.glob(os.path.join(folder, "step-*.h5")), key=step)
 
 
 def _write(path, ckpt, before_rename):

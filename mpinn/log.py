@@ -6,7 +6,8 @@ import os
 import sys
 import time
 
-from .errors import RunError
+from .errors import RunError, UsageError
+from .outputs import written_whole
 
 
 class Log:
@@ -43,10 +44,14 @@ class Log:
         where = f" (rank {self.rank})" if self.size > 1 else ""
         print(f"mpinn: warning{where}: {message}", file=sys.stderr, flush=True)
 
-    def open_metrics(self, path, append):
+    def open_metrics(self, path, append, from_step=None):
         """Start writing JSON lines to path (rank 0 only); append when resuming. Each record is one
-        write(2) of one whole line to an O_APPEND file, so lines are never torn or interleaved."""
+        write(2) of one whole line to an O_APPEND file, so lines are never torn or interleaved.
+        from_step: the step a resumed run restarts at; the records of later steps (written after
+        its checkpoint by the run that was stopped, and redone now) are dropped first."""
         if self.rank == 0:
+            if append and from_step is not None:
+                drop_records_after(path, from_step)
             flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | (0 if append else os.O_TRUNC)
             self._metrics_path = path
             try:
@@ -66,3 +71,29 @@ class Log:
         if self._metrics is not None:
             os.close(self._metrics)
             self._metrics = None
+
+
+def drop_records_after(path, step):
+    """Rewrite the metrics file at `path` (whole, then renamed) without the records of steps past
+    `step`, and without a torn last line; nothing to do when there is none."""
+    try:
+        with open(path, "rb") as fh:
+            lines = fh.read().splitlines(keepends=True)
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise RunError(f"cannot read metrics {path}: {e.strerror or e}") from None
+
+    def kept(line):
+        try:
+            return json.loads(line).get("step", 0) <= step
+        except ValueError:  # a line torn by a crash
+            return False
+    keep = [line for line in lines if kept(line)]
+    if len(keep) == len(lines):
+        return
+    try:
+        with written_whole(path, "metrics") as tmp, open(tmp, "wb") as fh:
+            fh.writelines(line if line.endswith(b"\n") else line + b"\n" for line in keep)
+    except UsageError as e:
+        raise RunError(str(e)) from None

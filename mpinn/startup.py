@@ -378,8 +378,8 @@ def start_checkpoint(cfg, log):
             raise UsageError(f"--resume: no checkpoint at {path}")
         return checkpoint.load(path)
     except UsageError as problem:
-        for older in sorted(glob.glob(os.path.join(cfg.run_dir, "checkpoints", "step-*.h5")),
-                            reverse=True):
+        for older in reversed(checkpoint.step_checkpoints(os.path.join(cfg.run_dir,
+                                                                       "checkpoints"))):
             try:
                 ckpt = checkpoint.load(older)
             except UsageError:

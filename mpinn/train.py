@@ -111,7 +111,8 @@ class Trainer:
             moved = self.comm.checked(
                 lambda: set_aside_run(cfg.run_dir) if self.comm.is_root else False)
             self.set_aside = bool(self.comm.allreduce_minmax(int(moved))[1])  # the same everywhere
-        self.log.open_metrics(os.path.join(cfg.run_dir, "metrics.jsonl"), append=cfg.resume)
+        self.log.open_metrics(os.path.join(cfg.run_dir, "metrics.jsonl"), append=cfg.resume,
+                              from_step=self.step if cfg.resume else None)
 
     def lr_summary(self):
         cfg, base = self.cfg, self.s.lr_of.keywords["base"]

@@ -705,3 +705,36 @@ def test_sigterm_and_sigkill_while_writing_leave_no_temporary(tmp_path):
     r = finish(proc)
     assert r.returncode == 143 and "stopped by SIGTERM" in r.stderr, r.stderr
     assert _temporaries(tmp_path) == [] and not (tmp_path / "p.h5").exists()
+
+
+# --- 16. metrics after a resume; step checkpoints past 7 digits ------------------------------------------
+
+def test_metrics_hold_each_step_once_after_a_resume(tmp_path):
+    """A run killed between checkpoints had written the records of steps it redoes on resume:
+    they appeared twice in metrics.jsonl. The resume drops the records past its checkpoint."""
+    import json
+    from conftest import ok, run_mpinn, steps_per_epoch
+    spe = steps_per_epoch()
+    kill_at = 2 * spe - 3  # epoch 2, after its step records, before its checkpoint
+    r = run_mpinn(2, "train", "--run-dir", tmp_path, "--epochs", 3, "--log-every", 5,
+                  env={"MPINN_FAULT": f"kill:rank=0:step={kill_at}"})
+    assert r.returncode != 0
+    before = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert max(rec["step"] for rec in before) > spe  # records past the epoch-1 checkpoint
+    ok(run_mpinn(2, "train", "--run-dir", tmp_path, "--epochs", 3, "--log-every", 5,
+                 "--resume"))
+    records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train = [(rec["kind"], rec["step"]) for rec in records if rec["kind"] != "summary"]
+    assert len(train) == len(set(train)), train
+    steps = [step for _, step in train]
+    assert steps == sorted(steps) and steps[-1] == 3 * spe
+
+
+def test_step_checkpoints_are_kept_by_step_number_not_name(tmp_path):
+    """step-10000000.h5 sorted as text before step-9999996.h5: keeping the last K removed the
+    newest, and resume fell back to an older one."""
+    from mpinn.checkpoint import step_checkpoints
+    for step in (9_999_996, 10_000_000, 9_999_998, 10_000_002):
+        (tmp_path / f"step-{step:07d}.h5").write_bytes(b"")
+    assert [os.path.basename(p) for p in step_checkpoints(str(tmp_path))] == [
+        "step-9999996.h5", "step-9999998.h5", "step-10000000.h5", "step-10000002.h5"]
