@@ -364,6 +364,18 @@ def shm_free_bytes():
     return st.f_bavail * st.f_frsize
 
 
+def slow_rank_pause(node_rank):
+    """Test-only (MPINN_TEST_SLOW_RANK="R:SECONDS"): seconds that rank R of a node sleeps at
+    NodeAllreduce.pause(), the points where a rank that ran ahead without waiting for the others
+    would read or overwrite what they still use. Makes a missing fence show in every run, not
+    only when the scheduler happens to delay a rank there."""
+    spec = os.environ.get("MPINN_TEST_SLOW_RANK", "")
+    if not spec:
+        return 0.0
+    rank, seconds = spec.split(":")
+    return float(seconds) if int(rank) == node_rank else 0.0
+
+
 MADV_POPULATE_WRITE = 23  # Linux 5.14+: allocate pages now; fails instead of a later SIGBUS
 
 
@@ -426,6 +438,12 @@ class NodeAllreduce:
         self._win.Lock_all(MPI.MODE_NOCHECK)
         # the node's first rank allocates every page now (the others map the same pages)
         self.populated = populate(MPI.memory(memory).address, size) if r == 0 else True
+        self._pause_s = slow_rank_pause(r)
+
+    def pause(self):
+        """Nothing, except under MPINN_TEST_SLOW_RANK (see slow_rank_pause)."""
+        if self._pause_s:
+            time.sleep(self._pause_s)
 
     @property
     def slot(self):
@@ -442,6 +460,7 @@ class NodeAllreduce:
         """Sliced: after a fence, this rank's slice of the sum over all ranks, in
         self.result[lo:hi] (returned); the other slices are not yet complete."""
         self.fence()
+        self.pause()
         lo, hi, slots = self.lo, self.hi, self.sets[0]
         out = self.result[lo:hi]
         np.add(slots[0, lo:hi], slots[1, lo:hi], out=out)
@@ -459,6 +478,7 @@ class NodeAllreduce:
             self.fence()
             return self.result
         self.fence()
+        self.pause()
         slots = self.sets[self.parity]
         np.add(slots[0], slots[1], out=self.total)
         for k in range(2, self.node.size):

@@ -121,12 +121,14 @@ class NodeShardedUpdate:
         """Publish this slice's non-finite flag and sum of squares; after the fence every rank
         reads the totals: (any non-finite, sum of squares)."""
         bad = 0.0 if kernels.all_finite(grads) else 1.0
+        self.node_sum.pause()
         self.node_sum.publish(bad, kernels.sum_squares(grads) if want_squares else 0.0)
         self.node_sum.fence()
         bad, squares = self.node_sum.totals()[:2]
         return bad > 0, float(squares)
 
     def update(self, grads):
+        self.node_sum.pause()
         self.optimizer.step(self.params[self.lo:self.hi], grads)
 
     def full_state(self):

@@ -19,6 +19,8 @@ PROGRAM = textwrap.dedent("""
     import numpy as np
     from mpinn.comm import Comm
     comm = Comm()
+    # a failed check on one rank ends the job at once (the others would wait in a collective)
+    sys.excepthook = lambda *error: (sys.__excepthook__(*error), comm.abort(1))
     n, sliced = int(sys.argv[1]), sys.argv[2] == "sliced"
     node_sum = comm.node_allreduce(n, shared_params=sliced)
     assert node_sum is not None and node_sum.sliced is sliced
@@ -54,6 +56,36 @@ def test_node_sum_equals_mpi_allreduce(tmp_path, ranks, n, layout):
                        env=mpinn_env())
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == f"ok {ranks}"
+
+
+@pytest.mark.parametrize("layout", ["whole", "sliced"])
+@pytest.mark.parametrize("ranks", [2, 3], ids=lambda k: f"{k}ranks")
+def test_node_sum_with_a_slow_reader_equals_mpi_allreduce(tmp_path, ranks, layout):
+    """Rank 1 sleeps after every fence before it reads the slots (MPINN_TEST_SLOW_RANK): a rank
+    that runs ahead writes its next values meanwhile, which only the second set of slots keeps
+    from what rank 1 still reads. Without the pause that overwrite happened only when the
+    scheduler delayed a reader there (the one-set mutant survived twice at 2 ranks)."""
+    (tmp_path / "prog.py").write_text(PROGRAM)
+    r = subprocess.run([mpiexec(), "-n", str(ranks), sys.executable, str(tmp_path / "prog.py"),
+                        "100003", layout], capture_output=True, text=True, timeout=120,
+                       env=mpinn_env({"MPINN_TEST_SLOW_RANK": "1:0.02"}))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == f"ok {ranks}"
+
+
+def test_node_sharded_training_with_a_slow_rank_equals_mpi_allreduce(tmp_path):
+    """The node-sharded update's fences (after publishing the slice's checks, after updating the
+    slice) keep a rank that runs ahead from reading stale totals or parameters: rank 1 pauses
+    before each, and the run still trains what MPI's Allreduce trains."""
+    args = ["--hidden", "512,128", "--epochs", 2, "--steps", 12, "--clip-grad-norm", "0.05",
+            "--optimizer", "adam"]
+    ok(run_mpinn(3, "train", *args, "--allreduce", "mpi", "--run-dir", tmp_path / "mpi"))
+    shm = ok(run_mpinn(3, "train", *args, "--run-dir", tmp_path / "shm",
+                       env={"MPINN_TEST_SLOW_RANK": "1:0.02"}))
+    assert "the update split among a node's ranks" in shm.stdout
+    a = checkpoint.load(str(tmp_path / "mpi" / "checkpoint.h5"))
+    b = checkpoint.load(str(tmp_path / "shm" / "checkpoint.h5"))
+    np.testing.assert_allclose(b.params, a.params, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("extra", [[], ["--clip-grad-norm", "0.05", "--optimizer", "adam"]],
