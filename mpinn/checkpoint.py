@@ -24,6 +24,7 @@ import numpy as np
 
 from .errors import RunError, UsageError
 from .model import Architecture, layer_views
+from .outputs import fsync_path
 
 FORMAT_VERSION = 1
 CHECKPOINT_NAME = "checkpoint.h5"
@@ -60,14 +61,6 @@ class Checkpoint:
                                             for _ in range(meta["n_state"])],
                    meta["epoch"], meta["global_step"], meta["seed"], meta["config"],
                    meta.get("state", {}))
-
-
-def _fsync_path(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def checksum(params, state):
@@ -148,7 +141,7 @@ def _write(path, ckpt, before_rename):
     try:
         try:
             _write_file(tmp, ckpt)
-            _fsync_path(tmp)
+            fsync_path(tmp)
         except (OSError, RuntimeError) as e:  # HDF5 reports a failed final flush as RuntimeError
             raise RunError(f"cannot write checkpoint {path}: {_reason(e)}; the previous "
                            "checkpoint is intact") from None
@@ -156,7 +149,7 @@ def _write(path, ckpt, before_rename):
             before_rename()
         try:
             os.replace(tmp, path)
-            _fsync_path(os.path.dirname(os.path.abspath(path)))
+            fsync_path(os.path.dirname(os.path.abspath(path)))
         except OSError as e:
             raise RunError(f"cannot write checkpoint {path}: {_reason(e)}; the previous "
                            "checkpoint is intact") from None

@@ -22,7 +22,7 @@ from .config import (BenchConfig, ConvertConfig, DoctorConfig, EvaluateConfig, E
                      SweepConfig, SynthConfig, TrainConfig, build, load_toml)
 from .errors import AgreedExit, MpinnError, UsageError
 from .runtime.launch import mis_launch
-from .runtime.signals import Terminated, raise_on_sigterm
+from .runtime.signals import Terminated, raise_on_signals
 
 
 class _Parser(argparse.ArgumentParser):
@@ -169,7 +169,7 @@ def main(argv=None):
         if problem:  # every process of the failed launch is a rank 0: each says it once
             print(f"mpinn: error: {problem}", file=sys.stderr, flush=True)
             return UsageError.exit_code
-    raise_on_sigterm()
+    raise_on_signals()
     try:
         _command_runner(command)(cfg, explicit, comm)
         return 0
@@ -185,8 +185,8 @@ def main(argv=None):
         cause = (str(e) if isinstance(e, MpinnError) else f"stopped by {e}" if
                  isinstance(e, Terminated) else f"{type(e).__name__}: {e}")
         print(f"mpinn: error{where}: {cause}", file=sys.stderr, flush=True)
-        if comm.size > 1:
-            comm.abort(code)
+        if comm.size > 1:  # a signal reached every rank: let the others clean up first
+            comm.abort(code, grace_s=2.0 if isinstance(e, Terminated) else None)
         return code
 
 

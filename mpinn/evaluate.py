@@ -13,6 +13,7 @@ from .errors import UsageError
 from .log import Log
 from .outputs import check_output_path, h5_written_whole, text_written_whole
 from .plan import Grid, even_part
+from .runtime.signals import signals_held
 from .runtime.threads import limit_threads
 from .session import (Evaluator, broadcast_checkpoint, bundled, check_labels, load_split,
                       make_engine)
@@ -84,6 +85,10 @@ class PredictionFile:
                               else [f"y{j}" for j in range(k)])
             return
         self.fh = self.files.enter_context(h5_written_whole(self.path))
+        with signals_held():
+            self._create_datasets(n, k)
+
+    def _create_datasets(self, n, k):
         if self.classify:
             pred = self.fh.create_dataset("pred", (n,), np.int64)
             self.fh.create_dataset("prob", (n, k), np.float32)
@@ -97,19 +102,23 @@ class PredictionFile:
         rows = slice(start, start + len(out))
         pred = out.argmax(1) if self.classify else None
         if isinstance(self.fh, h5py.File):
-            if self.classify:
-                self.fh["pred"][rows] = pred
-                self.fh["prob"][rows] = out
-                if self.names is not None:
-                    self.fh["label"][rows] = self.names[pred].astype(h5py.string_dtype())
-            else:
-                self.fh["output"][rows] = out
+            with signals_held():
+                self._write_h5(rows, pred, out)
         elif self.classify:
             label = [[n] for n in self.names[pred]] if self.names is not None else [[]] * len(out)
             self.csv.writerows([p] + lab + [f"{v:.6g}" for v in o]
                                for p, lab, o in zip(pred.tolist(), label, out))
         else:
             self.csv.writerows([f"{v:.6g}" for v in o] for o in out)
+
+    def _write_h5(self, rows, pred, out):
+        if self.classify:
+            self.fh["pred"][rows] = pred
+            self.fh["prob"][rows] = out
+            if self.names is not None:
+                self.fh["label"][rows] = self.names[pred].astype(h5py.string_dtype())
+        else:
+            self.fh["output"][rows] = out
 
     def close(self, keep):
         """Close; rename into place when keep (everything written), else remove the temporary."""
@@ -121,6 +130,19 @@ class PredictionFile:
 
 class NotWritten(Exception):
     """Closes a PredictionFile's temporary without installing it (prediction failed)."""
+
+
+def predict_into(engine, writer, arch, path, x_key, n, reads):
+    """Replica 0's pass: its first stage reads the rows (reads), its last stage writes them."""
+    def consume(off, out):
+        writer.write(off, arch.loss_fn.outputs_(out))
+    f = data.open_h5(path) if reads else None
+    try:
+        engine.forward_chunks(
+            n, lambda off, m: data.read_inputs(f, path, x_key, [(slice(off, off + m), m)]), consume)
+    finally:
+        if f is not None:
+            f.close()
 
 
 def run_predict(cfg, explicit, comm):
@@ -145,27 +167,19 @@ def run_predict(cfg, explicit, comm):
             raise UsageError(f"{path} has {n_features} features; the checkpoint's network takes "
                              f"{arch.sizes[0]}")
         check_output_path(cfg.out, overwrite=cfg.overwrite)
-        writer = PredictionFile(cfg.out, n, arch.sizes[-1], classify,
-                                ckpt.config.get("class_names")) if active and grid.is_last else None
-        return n, writer
-    n, writer = comm.checked(prepare)
-    engine = comm.checked(make_engine, comm, grid, arch, ckpt.params, min(cfg.batch_size, n),
-                          partition=cfg.partition)
-    if active:
-        def consume(off, out):
-            writer.write(off, arch.loss_fn.outputs_(out))
-        f = data.open_h5(path) if grid.is_first else None
-        done = False
-        try:
-            engine.forward_chunks(
-                n, lambda off, m: data.read_inputs(f, path, cfg.x_key, [(slice(off, off + m), m)]),
-                consume)
-            done = True
-        finally:
-            if f is not None:
-                f.close()
-            if writer and not done:
-                writer.close(keep=False)
+        return n
+    n = comm.checked(prepare)
+    writer = comm.checked(lambda: PredictionFile(cfg.out, n, arch.sizes[-1], classify, ckpt.config.get(
+        "class_names")) if active and grid.is_last else None)
+    try:
+        engine = comm.checked(make_engine, comm, grid, arch, ckpt.params, min(cfg.batch_size, n),
+                              partition=cfg.partition)
+        if active:
+            predict_into(engine, writer, arch, path, cfg.x_key, n, grid.is_first)
+    except BaseException:  # a failure or a signal anywhere: the temporary goes, nothing installed
+        if writer:
+            writer.close(keep=False)
+        raise
     # a full disk shows when the file is flushed: every rank hears it, rank 0 reports only after
     comm.checked(lambda: writer.close(keep=True) if writer else None)
     log.info(f"wrote {n} predictions to {cfg.out}")

@@ -14,6 +14,7 @@ import socket
 import h5py
 
 from .errors import UsageError
+from .runtime.signals import signals_held
 
 RUN_FILES = ("checkpoint.h5", "metrics.jsonl", "best.h5", "checkpoints")
 LOCK_NAME = ".mpinn-lock"
@@ -52,7 +53,7 @@ def written_whole(path, option="--out"):
     tmp = temporary_path(path)
     try:
         yield tmp
-        fsync_file(tmp)
+        fsync_path(tmp)
         os.replace(tmp, path)
     except OSError as e:
         raise UsageError(f"cannot write {option} {path}: {e.strerror or e}; nothing was written "
@@ -62,7 +63,8 @@ def written_whole(path, option="--out"):
             os.unlink(tmp)
 
 
-def fsync_file(path):
+def fsync_path(path):
+    """Flush a file (or a folder's entries) to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -124,8 +126,13 @@ def h5_written_whole(path, option="--out"):
     with written_whole(path, option) as tmp:
         sink = SafeSink(tmp)
         try:
-            with h5py.File(sink, "w") as f:
-                yield f
+            with signals_held():
+                f = h5py.File(sink, "w")
+            try:
+                yield f  # the caller holds signals around its own writes (signals_held)
+            finally:
+                with signals_held():
+                    f.close()
         except BaseException:
             if sink.error is None:
                 raise

@@ -677,6 +677,7 @@ def test_sigterm_and_sigkill_while_writing_leave_no_temporary(tmp_path):
     import signal
     import subprocess
     import sys
+    import time
     from conftest import ROOT, finish, mpinn_env, ok, run_mpinn, start_mpinn
     synth = [sys.executable, "-m", "mpinn", "data", "synth", "--rows", 3_000_000, "--features",
              64, "--out", tmp_path / "s.h5"]
@@ -701,6 +702,7 @@ def test_sigterm_and_sigkill_while_writing_leave_no_temporary(tmp_path):
     proc = start_mpinn(2, "predict", "--checkpoint", tmp_path / "r" / "checkpoint.h5", "--data",
                        tmp_path / "d.h5", "--out", tmp_path / "p.h5")
     assert _wait_for_temporary(tmp_path, "p.h5", proc), proc.communicate()
+    time.sleep(1)  # into the writing: the rows take ~30 s here
     proc.send_signal(signal.SIGTERM)
     r = finish(proc)
     assert r.returncode == 143 and "stopped by SIGTERM" in r.stderr, r.stderr

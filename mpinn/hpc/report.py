@@ -23,6 +23,7 @@ import numpy as np
 from . import perfmodel
 from ..errors import UsageError
 from ..log import Log
+from ..outputs import text_written_whole, written_whole
 
 PHASES = ("data", "compute", "allreduce", "optimizer")
 COLORS = {"data": "#8c8c8c", "compute": "#1f77b4", "allreduce": "#d62728", "optimizer": "#2ca02c",
@@ -195,7 +196,7 @@ def build(cfg):
                        label)
     write_markdown(os.path.join(cfg.out, "report.md"), cfg.title, runs, rows, info, projections,
                    plots)
-    with open(os.path.join(cfg.out, "model.json"), "w") as fh:
+    with text_written_whole(os.path.join(cfg.out, "model.json")) as fh:
         json.dump({**info, "projections": projections}, fh, indent=1)
     return rows, info
 
@@ -227,11 +228,11 @@ def build_mix(cfg, runs, rows):
               f"{best['samples_per_s']:,.0f} samples/s; the slowest mix reaches "
               f"{100 * min(r['relative'] for r in rows):.1f}% of it.", "",
               f"![breakdown]({figures.files['breakdown']})"]
-    with open(os.path.join(cfg.out, "report.md"), "w") as fh:
+    with text_written_whole(os.path.join(cfg.out, "report.md")) as fh:
         fh.write("\n".join(lines) + "\n")
     info = {"mode": "mix", "best": {"ranks": best["ranks"], "threads": best["threads"],
                                     "samples_per_s": best["samples_per_s"]}}
-    with open(os.path.join(cfg.out, "model.json"), "w") as fh:
+    with text_written_whole(os.path.join(cfg.out, "model.json")) as fh:
         json.dump(info, fh, indent=1)
     return rows, info
 
@@ -240,7 +241,7 @@ def write_csv(path, rows):
     keys = list(rows[0])
     for row in rows:
         keys += [k for k in row if k not in keys]
-    with open(path, "w", newline="") as fh:
+    with text_written_whole(path, newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=keys)
         w.writeheader()
         w.writerows(rows)
@@ -277,7 +278,8 @@ class Figures:
 
     def save(self, fig, name):
         fig.tight_layout()
-        fig.savefig(os.path.join(self.out, name), dpi=110)
+        with written_whole(os.path.join(self.out, name)) as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
         self.plt.close(fig)
         self.files[name.split(".")[0]] = name
 
@@ -449,7 +451,7 @@ def write_markdown(path, title, runs, rows, info, projections, plots):
              *projection_lines(info, projections), "## Plots", ""]
     for name, file in plots.items():
         lines.append(f"![{name}]({file})")
-    with open(path, "w") as fh:
+    with text_written_whole(path) as fh:
         fh.write("\n".join(lines) + "\n")
 
 

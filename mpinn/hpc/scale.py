@@ -21,6 +21,7 @@ from . import report
 from ..config import ReportConfig
 from ..errors import UsageError
 from ..log import Log
+from ..outputs import text_written_whole
 
 
 def default_launcher():
@@ -79,7 +80,7 @@ def run(cfg, explicit, comm=None):
         if p.returncode != 0:
             raise UsageError(f"the {where} run failed (exit {p.returncode}): "
                              f"{p.stderr.strip().splitlines()[-1] if p.stderr.strip() else ''}")
-        with open(os.path.join(raw, run_name(k, threads, per_node, cfg)), "w") as fh:
+        with text_written_whole(os.path.join(raw, run_name(k, threads, per_node, cfg))) as fh:
             fh.write(p.stdout.strip().splitlines()[-1] + "\n")
     return report.run(ReportConfig(results=raw, out=cfg.out, mode="auto" if cfg.cores else cfg.mode,
                                    network=cfg.network, title=cfg.title, overwrite=True), explicit)

@@ -2,6 +2,7 @@
 the training loop to stop after the current step, write a final checkpoint and exit; if that has
 not happened within the grace period, or a second signal comes, the process exits at once (the
 previous checkpoint stays whole: checkpoints are written atomically)."""
+import contextlib
 import os
 import signal
 import sys
@@ -55,18 +56,43 @@ class NoStopRequest:
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM as an exception, as Python makes SIGINT one: what a command was writing is removed
-    on the way out (its `finally` blocks run), where the default SIGTERM ended the process and
-    left the hidden temporary file."""
+    """SIGTERM (or SIGINT) as an exception: what a command was writing is removed on the way out
+    (its `finally` blocks run), where the default SIGTERM ended the process and left the hidden
+    temporary file."""
 
     def __init__(self, signum):
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
 
 
-def raise_on_sigterm():
+class _Held:
+    depth = 0        # > 0 inside signals_held()
+    signum = None    # a signal that came meanwhile
+
+
+def raise_on_signals():
     """Commands that do not handle signals themselves end on SIGTERM as on Ctrl-C (train and
     sweep install their own StopRequest, and put this back after)."""
     def handler(signum, frame):
+        if _Held.depth:
+            _Held.signum = signum
+        else:
+            raise Terminated(signum)
+    for s in HANDLED:
+        signal.signal(s, handler)
+
+
+@contextlib.contextmanager
+def signals_held():
+    """Around calls into HDF5 that may call back into Python (h5py writing through a file
+    object): an exception raised inside such a callback is swallowed by h5py, and the command
+    went on to rename a half-written file into place. A signal that comes meanwhile is raised
+    when the block ends. Hold nothing that may block on another rank: that rank may be gone."""
+    _Held.depth += 1
+    try:
+        yield
+    finally:
+        _Held.depth -= 1
+    if not _Held.depth and _Held.signum is not None:
+        signum, _Held.signum = _Held.signum, None
         raise Terminated(signum)
-    signal.signal(signal.SIGTERM, handler)

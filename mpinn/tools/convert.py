@@ -16,6 +16,7 @@ from numpy.lib import format as npy_format
 from ..errors import UsageError
 from ..log import Log
 from ..outputs import check_output_path, h5_written_whole
+from ..runtime.signals import signals_held
 
 
 # -- readers: each yields (x chunk float32 rows x features, y chunk) in file order ---------------
@@ -227,13 +228,16 @@ class H5Writer:
         self.f = f
         chunk = stored_chunk_rows(chunk, features)
         opts = {} if compression == "none" else {"compression": compression}
-        self.X = self.f.create_dataset("X", (0, features), np.float32, maxshape=(None, features),
-                                       chunks=(chunk, features), **opts)
+        with signals_held():  # not inside h5py's write callbacks (runtime/signals.py)
+            self.X = self.f.create_dataset("X", (0, features), np.float32,
+                                           maxshape=(None, features), chunks=(chunk, features),
+                                           **opts)
         self.y, self.opts, self.chunk, self.n = [], opts, chunk, 0
 
     def write(self, x, y):
-        self.X.resize(self.n + len(x), axis=0)
-        self.X[self.n:self.n + len(x)] = x
+        with signals_held():
+            self.X.resize(self.n + len(x), axis=0)
+            self.X[self.n:self.n + len(x)] = x
         self.y.append(np.asarray(y))
         self.n += len(x)
 
@@ -250,10 +254,11 @@ class H5Writer:
             y = y.astype(np.int64)
         else:
             y = y.astype(np.float32)
-        ds = self.f.create_dataset("y", data=y, chunks=(min(self.chunk, max(len(y), 1)),)
-                                   + y.shape[1:], **self.opts)
-        if class_names is not None:
-            ds.attrs["classes"] = np.array(class_names, dtype=h5py.string_dtype())
+        with signals_held():
+            ds = self.f.create_dataset("y", data=y, chunks=(min(self.chunk, max(len(y), 1)),)
+                                       + y.shape[1:], **self.opts)
+            if class_names is not None:
+                ds.attrs["classes"] = np.array(class_names, dtype=h5py.string_dtype())
         return self.n
 
 

@@ -15,6 +15,7 @@ from ..config import parse_hidden
 from ..data import open_h5
 from ..log import Log
 from ..outputs import check_output_path, h5_written_whole
+from ..runtime.signals import signals_held
 from .convert import stored_chunk_rows
 
 BLOCK = 1 << 16  # rows per generator block: fixed, so rows do not depend on the chunking
@@ -49,11 +50,12 @@ def synth(cfg):
     options = {} if cfg.compression == "none" else {"compression": cfg.compression}
     cached = (-1, None, None)
     with h5_written_whole(cfg.out) as f:
-        X = f.create_dataset("X", (n, cfg.features), np.float32, chunks=(chunk, cfg.features),
-                             **options)
-        y = f.create_dataset("y", (n,), np.int64, chunks=(chunk,), **options)
-        f.attrs.update({"source": "mpinn data synth", "seed": cfg.seed, "teacher_hidden": cfg.hidden,
-                        "classes": cfg.classes})
+        with signals_held():  # not inside h5py's write callbacks (runtime/signals.py)
+            X = f.create_dataset("X", (n, cfg.features), np.float32,
+                                 chunks=(chunk, cfg.features), **options)
+            y = f.create_dataset("y", (n,), np.int64, chunks=(chunk,), **options)
+            f.attrs.update({"source": "mpinn data synth", "seed": cfg.seed,
+                            "teacher_hidden": cfg.hidden, "classes": cfg.classes})
         for start in range(0, n, chunk):
             stop = min(start + chunk, n)
             xs, ys, row = [], [], start
@@ -66,8 +68,9 @@ def synth(cfg):
                 xs.append(cached[1][row - b * BLOCK: row - b * BLOCK + take])
                 ys.append(cached[2][row - b * BLOCK: row - b * BLOCK + take])
                 row += take
-            X[start:stop] = np.concatenate(xs)
-            y[start:stop] = np.concatenate(ys)
+            with signals_held():
+                X[start:stop] = np.concatenate(xs)
+                y[start:stop] = np.concatenate(ys)
     Log().info(f"wrote {n:,} rows x {cfg.features} features, {cfg.classes} classes to {cfg.out} "
                f"({os.path.getsize(cfg.out) / 2**20:,.1f} MiB)")
 
