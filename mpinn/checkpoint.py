@@ -24,7 +24,7 @@ import numpy as np
 
 from .errors import RunError, UsageError
 from .model import Architecture, layer_views
-from .outputs import fsync_path
+from .outputs import fsync_path as _fsync_path  # tests patch it here
 
 FORMAT_VERSION = 1
 CHECKPOINT_NAME = "checkpoint.h5"
@@ -141,7 +141,7 @@ def _write(path, ckpt, before_rename):
     try:
         try:
             _write_file(tmp, ckpt)
-            fsync_path(tmp)
+            _fsync_path(tmp)
         except (OSError, RuntimeError) as e:  # HDF5 reports a failed final flush as RuntimeError
             raise RunError(f"cannot write checkpoint {path}: {_reason(e)}; the previous "
                            "checkpoint is intact") from None
@@ -149,7 +149,7 @@ def _write(path, ckpt, before_rename):
             before_rename()
         try:
             os.replace(tmp, path)
-            fsync_path(os.path.dirname(os.path.abspath(path)))
+            _fsync_path(os.path.dirname(os.path.abspath(path)))
         except OSError as e:
             raise RunError(f"cannot write checkpoint {path}: {_reason(e)}; the previous "
                            "checkpoint is intact") from None
