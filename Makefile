@@ -2,13 +2,14 @@
 #   make train   create .venv, install mpinn, train on the bundled digits data on 2 MPI ranks
 #                (into runs/digits, replacing the previous make train's run there)
 #   make test    create .venv, install mpinn with test extras, run the whole suite
+#   (make test-fast: the unit tier only, for the inner loop)
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 RANKS  ?= 2
 STAMP  := $(VENV)/.installed
 
-.PHONY: train test test-mutants install clean bench bench-pipeline two-nodes two-nodes-check
+.PHONY: train test test-fast test-mutants install clean bench bench-pipeline two-nodes two-nodes-check
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +26,10 @@ train: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# the unit tier for the inner loop: no mpiexec launch, no Slurm or namespaces (under a minute)
+test-fast: $(STAMP)
+	MPINN_TEST_TIER=unit $(BIN)/python -m pytest -q -m "not system"
 
 # one-line bugs of real risk, one at a time in a scratch copy: every one must make its tests fail
 test-mutants: $(STAMP)

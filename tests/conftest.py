@@ -37,7 +37,26 @@ def steps_per_epoch(path=DIGITS_TRAIN, batch=64):
     return -(-rows_of(path) // batch)
 
 
+# Tiers: unit (no process launched through mpiexec), mpi (real `mpiexec -n K` runs), system
+# (Slurm, two nodes, the wheel, the README's commands). `make test` runs them all; `make
+# test-fast` (MPINN_TEST_TIER=unit, -m "not system") skips a test where it would launch mpiexec.
+UNIT_TIER = os.environ.get("MPINN_TEST_TIER") == "unit"
+SYSTEM_MODULES = {"test_slurm", "test_two_nodes", "test_wheel", "test_readme"}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "system: Slurm, two nodes, the wheel, the README (make test)")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.module.__name__ in SYSTEM_MODULES:
+            item.add_marker(pytest.mark.system)
+
+
 def mpiexec():
+    if UNIT_TIER:
+        pytest.skip("launches MPI ranks: the mpi tier, run by make test")
     local = Path(sys.executable).parent / "mpiexec"
     found = str(local) if local.exists() else shutil.which("mpiexec")
     if not found:
