@@ -164,7 +164,9 @@ class TrainConfig:
                                "change); --resume auto: continue when RUN_DIR holds a checkpoint, "
                                "else start (a requeued job's choice)", RESUME_CHOICES)
     overwrite: bool = option(False, "start a new run in a RUN_DIR that holds one: its checkpoints "
-                                    "and metrics are removed once every input has been checked")
+                                    "and metrics are set aside once every input has been checked "
+                                    "and removed at the new run's first checkpoint (put back if "
+                                    "it fails before)")
     init: str = option("", "start from this checkpoint's weights (and architecture) with a fresh "
                            "optimizer")
     keep_checkpoints: int = option(0, "also keep the last K checkpoints as "
