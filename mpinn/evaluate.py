@@ -169,8 +169,9 @@ def run_predict(cfg, explicit, comm):
         check_output_path(cfg.out, overwrite=cfg.overwrite)
         return n
     n = comm.checked(prepare)
-    writer = comm.checked(lambda: PredictionFile(cfg.out, n, arch.sizes[-1], classify, ckpt.config.get(
-        "class_names")) if active and grid.is_last else None)
+    names = ckpt.config.get("class_names")
+    writer = comm.checked(lambda: PredictionFile(cfg.out, n, arch.sizes[-1], classify, names)
+                          if active and grid.is_last else None)
     try:
         engine = comm.checked(make_engine, comm, grid, arch, ckpt.params, min(cfg.batch_size, n),
                               partition=cfg.partition)

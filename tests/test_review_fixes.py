@@ -9,7 +9,7 @@ import pytest
 from mpinn.data import RowSource
 
 
-# --- 1. streaming reads across stored chunk boundaries ---------------------------------------------
+# --- 1. streaming reads across stored chunk boundaries --------------------------------------------
 
 def _write_chunked(path, x, chunk_rows, reverse):
     """x in chunks of chunk_rows rows, written in file order or last chunk first (the chunks then
@@ -59,7 +59,7 @@ def test_streamed_training_over_many_chunks_equals_training_from_memory(tmp_path
     np.testing.assert_array_equal(a.params, b.params)
 
 
-# --- 2. reads over 2 GiB: preadv returns part of a request -------------------------------------------
+# --- 2. reads over 2 GiB: preadv returns part of a request ----------------------------------------
 
 def test_row_source_reads_on_after_a_partial_read(tmp_path, monkeypatch):
     """Linux returns at most 2,147,479,552 bytes from one preadv (and any read may come back short):
@@ -198,7 +198,6 @@ def test_sweep_checks_dev_shm_for_all_its_groups(tmp_path):
     """3 groups x 2 ranks on one node, each group's window (~18 MB, a 1.1 M-parameter network)
     fitting twice in the ~64 MB left free, all three not: the check counts every group on the
     node, so all sum through MPI and every trial trains."""
-    import sys
     from conftest import mpinn_command
     (tmp_path / "grid.toml").write_text("[grid]\nlr = [0.01, 0.02, 0.03]\n")
     out = tmp_path / "s"
@@ -278,7 +277,7 @@ def test_failed_trials_leave_no_window_and_no_communicator(tmp_path):
     assert {int(used) for _, _, used in seen[1:]} == {int(seen[1][2])}, seen
 
 
-# --- 5. a full disk while writing an output --------------------------------------------------------
+# --- 5. a full disk while writing an output -------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
@@ -323,7 +322,7 @@ def test_full_disk_while_writing_an_output_is_one_error_and_nothing_installed(
     assert left == [], left
 
 
-# --- 6. --timeline follows the rules of every output -----------------------------------------------
+# --- 6. --timeline follows the rules of every output ----------------------------------------------
 
 def test_timeline_never_replaces_an_input_or_a_file_without_overwrite(tmp_path):
     """Before, --timeline opened its path with open(path, "w"): the data file or the run's own
@@ -371,7 +370,7 @@ def test_a_resumed_run_replaces_its_own_trace(tmp_path):
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
 
 
-# --- 7. resume reads the run's own data files --------------------------------------------------------
+# --- 7. resume reads the run's own data files -----------------------------------------------------
 
 def test_resume_from_another_folder_reads_the_files_the_run_started_on(tmp_path):
     """--data given relative: the checkpoint holds the absolute path, so a resume started in
@@ -398,7 +397,7 @@ def test_resume_from_another_folder_reads_the_files_the_run_started_on(tmp_path)
     assert "--resume continues a run on its own data" in r.stderr
 
 
-# --- 8. --overwrite keeps the old run until the new one has a checkpoint ----------------------------
+# --- 8. --overwrite keeps the old run until the new one has a checkpoint --------------------------
 
 def test_overwrite_that_fails_before_its_first_checkpoint_leaves_the_old_run(tmp_path):
     """Before, --overwrite removed the old run's files as the new run started: a new run that
@@ -434,7 +433,7 @@ def test_overwrite_that_fails_before_its_first_checkpoint_leaves_the_old_run(tmp
             ][-1] == "summary"
 
 
-# --- 9. a file system without locks is named as such --------------------------------------------------
+# --- 9. a file system without locks is named as such ----------------------------------------------
 
 @pytest.mark.parametrize("code", ["ENOSYS", "ENOLCK"])
 def test_a_run_folder_that_cannot_be_locked_says_what_the_file_system_lacks(tmp_path, monkeypatch,
@@ -483,7 +482,7 @@ def test_doctor_tests_the_lock_in_the_run_folder(tmp_path, monkeypatch):
     assert len(broken) == 1 and "cannot be locked (flock failed: ENOLCK" in broken[0]
 
 
-# --- 10. one-class labels are refused -----------------------------------------------------------------
+# --- 10. one-class labels are refused -------------------------------------------------------------
 
 @pytest.mark.parametrize("label,extra,message", [
     (0, [], "holds one class only (every label is 0)"),
@@ -503,7 +502,7 @@ def test_one_class_labels_are_refused(tmp_path, label, extra, message):
     assert r.stderr.count("mpinn: error") == 1
 
 
-# --- 11. a CSV that starts with a UTF-8 byte-order mark ------------------------------------------------
+# --- 11. a CSV that starts with a UTF-8 byte-order mark -------------------------------------------
 
 @pytest.mark.parametrize("header", [False, True])
 def test_csv_with_a_byte_order_mark_keeps_its_first_row_and_names(tmp_path, header):
@@ -522,7 +521,7 @@ def test_csv_with_a_byte_order_mark_keeps_its_first_row_and_names(tmp_path, head
         np.testing.assert_array_equal(f["y"][:], [r[0] for r in rows])
 
 
-# --- 12. HDF5 chunks are capped by bytes ----------------------------------------------------------------
+# --- 12. HDF5 chunks are capped by bytes ----------------------------------------------------------
 
 def test_a_wide_csv_converts_to_a_file_of_its_own_size(tmp_path):
     """Before, data convert always chunked 65,536 rows: HDF5 stores whole chunks, so 50 rows of
@@ -546,7 +545,7 @@ def test_a_wide_csv_converts_to_a_file_of_its_own_size(tmp_path):
         assert rows * width * 4 <= 4 << 20
 
 
-# --- 13. bad values that ended in a traceback, or too late ---------------------------------------------
+# --- 13. bad values that ended in a traceback, or too late ----------------------------------------
 
 def test_eps_zero_and_a_config_folder_are_one_clear_error(tmp_path):
     """--eps 0 ended in ZeroDivisionError; --config FOLDER in a traceback from every rank."""
@@ -608,7 +607,7 @@ def test_edited_checkpoint_attributes_are_refused(tmp_path, trained):
         checkpoint.load(str(path))
 
 
-# --- 14. messages that name the file and the real cause ------------------------------------------------
+# --- 14. messages that name the file and the real cause -------------------------------------------
 
 def test_a_full_disk_under_the_metrics_names_the_file():
     """errno 28 came out as "OSError: [Errno 28] No space left on device", naming no file."""
@@ -672,7 +671,7 @@ def test_csv_missing_value_markers_and_long_lines(tmp_path):
         np.testing.assert_allclose(f["X"][:], x, atol=1e-5)
 
 
-# --- 15. a signal while writing an output leaves no hidden temporary --------------------------------------
+# --- 15. a signal while writing an output leaves no hidden temporary ------------------------------
 
 def _wait_for_temporary(folder, name, proc, seconds=60):
     import time
@@ -727,7 +726,7 @@ def test_sigterm_and_sigkill_while_writing_leave_no_temporary(tmp_path):
     assert _temporaries(tmp_path) == [] and not (tmp_path / "p.h5").exists()
 
 
-# --- 16. metrics after a resume; step checkpoints past 7 digits ------------------------------------------
+# --- 16. metrics after a resume; step checkpoints past 7 digits -----------------------------------
 
 def test_metrics_hold_each_step_once_after_a_resume(tmp_path):
     """A run killed between checkpoints had written the records of steps it redoes on resume:

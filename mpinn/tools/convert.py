@@ -54,7 +54,7 @@ def read_npz(path, x_key, y_key, chunk):
 
 
 def _open_text(path):
-    """The file as text; a UTF-8 byte-order mark (Excel writes one) is not part of the first cell."""
+    """The file as text; a UTF-8 byte-order mark (Excel writes one) is not part of a cell."""
     return (gzip.open(path, "rt", newline="", encoding="utf-8-sig") if path.endswith(".gz")
             else open(path, newline="", encoding="utf-8-sig"))
 
