@@ -231,10 +231,7 @@ def _read(f, path):
     params = np.empty(arch.n_params, np.float32)
     for l, (W, b) in enumerate(layer_views(arch, params)):
         for name, view in ((f"W{l}", W), (f"b{l}", b)):
-            ds = f["params"].get(name)
-            if ds is None or ds.shape != view.shape:
-                raise UsageError(f"{path}: params/{name} is missing or has the wrong shape")
-            view[...] = ds[...]
+            view[...] = f["params"][name][...]
     state = []
     if o is not None:
         i = 0

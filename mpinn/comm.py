@@ -255,7 +255,7 @@ class Comm:
         hold. Collective."""
         if self.size == 1:
             return 1
-        local = Comm(self._comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank))
+        local, _ = self._node_split()
         try:
             return len(set(local.allgather_ints([color]).tolist()))
         finally:
@@ -505,9 +505,9 @@ class NodeAllreduce:
         self._win.Unlock_all()
         self._win.Free()
         self._win = None
-        self.node._comm.Free()
+        self.node.free()
         if self.cross is not None:
-            self.cross._comm.Free()
+            self.cross.free()
 
 
 def library_version():

@@ -256,25 +256,20 @@ def block_selections(n_rows, rank, size):
     return [(slice(off, off + cnt), cnt)]
 
 
-def nonfinite_error(path, key, native):
-    """The error for values that are not finite as float32. `native` holds the same values as the
-    file stores them: all finite there means they overflow float32 (1e300 is finite in float64
-    and inf in float32), which is not "NaN or inf" and wants another fix."""
-    native = np.asarray(native)
-    if native.dtype.kind == "f" and native.dtype.itemsize > 4 and np.isfinite(native).all():
-        big = float(np.abs(native).max())
-        return UsageError(f"{path}:{key} holds values beyond float32's range (largest |value| "
-                          f"{big:.3g}, float32 ends at 3.4e+38); mpinn trains in float32: "
-                          "rescale the data")
-    return UsageError(f"{path}:{key} contains NaN or inf values")
-
-
 def _check_finite(path, ds, key, x, read_native):
-    """x (float32) must be finite; when not, read_native() gives the same rows as stored, to say
-    why (only on this error path)."""
-    if not all_finite(x.reshape(-1)):
-        wide = ds.dtype.kind == "f" and ds.dtype.itemsize > 4
-        raise nonfinite_error(path, key, read_native() if wide else x)
+    """x (float32) must be finite. When it is not and the file stores wider floats,
+    read_native() gives the same rows as stored (only on this error path): all finite there
+    means they overflow float32 (1e300 is finite in float64 and inf in float32), which is not
+    "NaN or inf" and wants another fix."""
+    if all_finite(x.reshape(-1)):
+        return
+    if ds.dtype.kind == "f" and ds.dtype.itemsize > 4:
+        native = np.asarray(read_native())
+        if np.isfinite(native).all():
+            raise UsageError(f"{path}:{key} holds values beyond float32's range (largest "
+                             f"|value| {float(np.abs(native).max()):.3g}, float32 ends at "
+                             "3.4e+38); mpinn trains in float32: rescale the data")
+    raise UsageError(f"{path}:{key} contains NaN or inf values")
 
 
 def read_rows(path, cols, selections, n_targets, want_x=True, want_y=True):

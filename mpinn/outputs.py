@@ -99,14 +99,14 @@ def pid_alive(pid):
 
 
 @contextlib.contextmanager
-def text_written_whole(path, option="--out", newline=None):
-    """A text file to write `path` with, appearing whole or not at all; a failed write (a full
-    disk) is raised when the block ends, as one error naming the path (see h5_written_whole)."""
+def sink_written_whole(path, option="--out"):
+    """A SafeSink on written_whole's temporary: the first failed write (a full disk) is raised
+    when the block ends, in place of whatever the writer made of the garbage it read back, and
+    written_whole turns it into one message naming the path."""
     with written_whole(path, option) as tmp:
         sink = SafeSink(tmp)
         try:
-            with io.TextIOWrapper(io.BufferedWriter(sink), newline=newline) as fh:
-                yield fh
+            yield sink
         except BaseException:
             if sink.error is None:
                 raise
@@ -117,29 +117,28 @@ def text_written_whole(path, option="--out", newline=None):
 
 
 @contextlib.contextmanager
+def text_written_whole(path, option="--out", newline=None):
+    """A text file to write `path` with, appearing whole or not at all (sink_written_whole)."""
+    with sink_written_whole(path, option) as sink:
+        with io.TextIOWrapper(io.BufferedWriter(sink), newline=newline) as fh:
+            yield fh
+
+
+@contextlib.contextmanager
 def h5_written_whole(path, option="--out"):
     """An h5py.File to write `path` with, appearing whole or not at all (written_whole). HDF5
     holds writes in its buffers, and when the disk fills it reports the failure at close, where
     h5py cannot raise it (the file was renamed into place torn, then the process segfaulted at
     exit). So HDF5 writes through a SafeSink: the first failed write is kept, HDF5 sees success
     and closes cleanly, and the kept error is raised before anything is renamed."""
-    with written_whole(path, option) as tmp:
-        sink = SafeSink(tmp)
+    with sink_written_whole(path, option) as sink:
+        with signals_held():
+            f = h5py.File(sink, "w")
         try:
-            with signals_held():
-                f = h5py.File(sink, "w")
-            try:
-                yield f  # the caller holds signals around its own writes (signals_held)
-            finally:
-                with signals_held():
-                    f.close()
-        except BaseException:
-            if sink.error is None:
-                raise
+            yield f  # the caller holds signals around its own writes (signals_held)
         finally:
-            sink.close()
-        if sink.error is not None:  # written_whole turns it into one message naming the path
-            raise sink.error
+            with signals_held():
+                f.close()
 
 
 class SafeSink(io.RawIOBase):

@@ -11,7 +11,6 @@ batch (plan.BatchPlan); its gradient is of (sum of its rows' losses) / (global b
 Allreduce SUM is exactly the gradient of the global mean loss. Every rank runs the same number of
 steps by construction. Rank 0 writes the checkpoint at the end of every epoch and of training.
 """
-import contextlib
 import functools
 import math
 import os
@@ -35,30 +34,22 @@ def run(cfg, explicit, comm):
     """`mpinn train`: set up (data, network, engine), train epoch by epoch, then the summary."""
     log = Log(comm.rank, comm.size, progress=cfg.progress)
     trainer = Trainer(comm, log, set_up(cfg, explicit, comm, log))
-    with closed_on_agreed_exit(trainer.engine):
+    try:
         try:
             trainer.announce()
             trainer.train()
-        except AgreedExit:
-            trainer.restore_replaced_run()
-            raise
         finally:  # also when training ends with an error: handlers back, watchdog thread gone
             trainer.release()
         trainer.summarize()
-    return trainer
-
-
-@contextlib.contextmanager
-def closed_on_agreed_exit(engine):
-    """Release the engine's shared window and communicators when the run ends by an error every
-    rank agreed on (divergence, a signal, a failed checkpoint): a sweep's next trial runs in the
-    same processes, which would otherwise keep each failed trial's /dev/shm and communicators.
-    Any other exception ends the job (MPI Abort), where a collective release could hang."""
-    try:
-        yield
     except AgreedExit:
-        engine.close()
+        # an error every rank agreed on (divergence, a signal, a failed checkpoint): an
+        # --overwrite that has no checkpoint yet gives the old run back, and the engine's shared
+        # window and communicators are released (a sweep's next trial runs in these processes).
+        # Any other exception ends the job (MPI Abort), where a collective release could hang.
+        trainer.restore_replaced_run()
+        trainer.engine.close()
         raise
+    return trainer
 
 
 class Trainer:
