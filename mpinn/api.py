@@ -2,6 +2,7 @@
 
     import mpinn
     result = mpinn.fit(data="train.h5", hidden="256,128", epochs=5, run_dir="runs/a")
+    result = mpinn.fit(..., hooks=[MyHook()])  # subclasses of mpinn.Hook see the loop's events
     model = mpinn.load(result.checkpoint)         # or any checkpoint.h5
     probabilities = model.predict(x)              # NumPy in, NumPy out, in this process
     loss, accuracy = model.evaluate(x, y)
@@ -36,25 +37,27 @@ class FitResult:
         return load(self.checkpoint)
 
 
-def fit(config=None, **options):
-    """Train as `mpinn train` would with these options; returns a FitResult. Bad options raise
-    UsageError before MPI starts; a failure during the run (already reported on stderr by the
-    rank that saw it) raises RunError on every rank."""
+def fit(config=None, hooks=(), **options):
+    """Train as `mpinn train` would with these options; returns a FitResult. `hooks`: your own
+    mpinn.Hook objects, called at the loop's events (after the run's own metrics and validation,
+    before its checkpoint: see hooks.py). Bad options raise UsageError before MPI starts; a
+    failure during the run (already reported on stderr by the rank that saw it) raises RunError
+    on every rank."""
     cfg, explicit = from_options(TrainConfig, config, "mpinn.fit", **options)
     from . import train
     from .comm import Comm  # MPI starts here, once the options are known to be good
-    from .startup import checkpoint_path
+    from .rundir import RunDir
     comm = Comm()
     comm.debug = cfg.debug
     problem = mis_launch(comm.size, os.environ, comm.library_version())
     if problem:
         raise UsageError(problem)
     try:
-        engine = train.run(cfg, explicit, comm).engine
+        engine = train.run(cfg, explicit, comm, hooks).engine
     except AgreedExit as e:
         raise RunError(e.message or "training stopped (the reason is printed above)",
                        e.code) from None
-    return FitResult(str(checkpoint_path(cfg)), engine.optimizer.t, comm.rank, comm.size)
+    return FitResult(RunDir(cfg.run_dir).checkpoint, engine.optimizer.t, comm.rank, comm.size)
 
 
 def load(path):

@@ -27,7 +27,6 @@ from .model import Architecture, layer_views
 from .outputs import fsync_path as _fsync_path  # tests patch it here
 
 FORMAT_VERSION = 1
-CHECKPOINT_NAME = "checkpoint.h5"
 
 
 @dataclass
@@ -92,14 +91,15 @@ def _plain_attr(value):
     return value.item() if isinstance(value, np.generic) else value
 
 
-def save(path, ckpt, keep=0, before_rename=None):
+def save(path, ckpt, keep=0, before_rename=None, keep_in=None):
     """Write ckpt to path atomically: a reader sees the old file or the new one, never a torn one.
-    keep > 0 also keeps it as checkpoints/step-NNNNNNN.h5 beside path (a hard link), pruning all
-    but the last `keep`. A failed write (full disk, file size limit, vanished folder) is a RunError
-    that says the previous checkpoint is intact."""
+    keep > 0 also keeps it as step-NNNNNNN.h5 in the folder keep_in (default: checkpoints/ beside
+    path) as a hard link, pruning all but the last `keep`. A failed write (full disk, file size
+    limit, vanished folder) is a RunError that says the previous checkpoint is intact."""
     _write(path, ckpt, before_rename)
     if keep > 0:
-        _keep(path, ckpt.global_step, keep)
+        _keep(path, ckpt.global_step, keep, keep_in or os.path.join(
+            os.path.dirname(os.path.abspath(path)), "checkpoints"))
 
 
 def _reason(error):
@@ -110,8 +110,7 @@ def _reason(error):
     return getattr(error, "strerror", None) or str(error).splitlines()[0]
 
 
-def _keep(path, step, keep):
-    folder = os.path.join(os.path.dirname(os.path.abspath(path)), "checkpoints")
+def _keep(path, step, keep, folder):
     target = os.path.join(folder, f"step-{step:07d}.h5")
     try:
         os.makedirs(folder, exist_ok=True)

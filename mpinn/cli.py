@@ -15,12 +15,14 @@ import os
 import signal
 import sys
 import traceback
+from dataclasses import dataclass
 
 from . import __version__
 from .config import (BenchConfig, ConvertConfig, DoctorConfig, EvaluateConfig, ExportConfig,
                      InspectConfig, JobsConfig, PredictConfig, ReportConfig, ScaleConfig,
-                     SweepConfig, SynthConfig, TrainConfig, build, load_toml)
+                     SweepConfig, SynthConfig, TrainConfig)
 from .errors import AgreedExit, MpinnError, UsageError
+from .options import build, flag_type, load_toml
 from .runtime.launch import mis_launch
 from .runtime.signals import Terminated, raise_on_signals
 
@@ -30,51 +32,60 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message} (see --help)")
 
 
-# command -> (module, function): imported only when that command runs, so `mpinn jobs` never
-# loads Numba or MPI
-RUNNERS = {
-    "train": ("train", "run"), "evaluate": ("evaluate", "run_evaluate"),
-    "predict": ("evaluate", "run_predict"), "bench": ("hpc.bench", "run"),
-    "scale": ("hpc.scale", "run"), "report": ("hpc.report", "run"), "jobs": ("hpc.jobs", "run"),
-    "sweep": ("sweep.run", "run"), "doctor": ("hpc.doctor", "run"),
-    "data synth": ("tools.datatools", "run_synth"),
-    "data inspect": ("tools.datatools", "run_inspect"),
-    "data convert": ("tools.convert", "run"), "export": ("tools.export", "run"),
-}
+@dataclass(frozen=True)
+class Command:
+    """A command: its options, what runs it ("module:function", imported only when the command
+    runs, so `mpinn jobs` never loads Numba or MPI), its summary for --help, whether it runs as
+    one process that must not initialise MPI (it launches or reads MPI runs itself: a singleton
+    MPI process that starts mpiexec is fragile), and whether a mis-launch stops it (`doctor`
+    reports one among its findings instead)."""
+    options: type
+    runs: str
+    summary: str
+    one_process: bool = False
+    checks_launch: bool = True
 
-
-def _command_runner(name):
-    module, function = RUNNERS[name]
-    return getattr(importlib.import_module(f"{__package__}.{module}"), function)
+    def __iter__(self):  # (options, summary)
+        return iter((self.options, self.summary))
 
 
 COMMANDS = {
-    "train": (TrainConfig, "train an MLP data-parallel over all MPI ranks"),
-    "evaluate": (EvaluateConfig, "loss and accuracy of a checkpoint on a data file"),
-    "predict": (PredictConfig, "write a checkpoint's predictions for a data file"),
-    "sweep": (SweepConfig, "train many configurations at once: groups of ranks take trials of a "
-                           "grid one after another (task parallelism)"),
-    "bench": (BenchConfig, "time training steps on synthetic data, phase by phase"),
-    "scale": (ScaleConfig, "run a strong or weak scaling series (or a ranks x threads study) with mpiexec, then the report"),
-    "report": (ReportConfig, "scaling report (tables, model, plots) from bench JSON results"),
-    "doctor": (DoctorConfig, "check the launch, MPI, cores and binding, BLAS, memory, disk and "
-                             "the network from inside a job, with warnings to act on"),
-    "jobs": (JobsConfig, "write a ready SLURM or PBS job file for training or a scaling study"),
-    "data synth": (SynthConfig, "write a classification data set of any size from a random "
-                                "teacher network"),
-    "data inspect": (InspectConfig, "shapes, dtypes, chunking, value ranges, NaN counts and class "
-                                    "balance of an HDF5 file"),
-    "data convert": (ConvertConfig, "NumPy .npz, CSV or MNIST IDX into mpinn's HDF5 layout, "
-                                    "streaming; optional stratified train/test split"),
-    "export": (ExportConfig, "write a checkpoint's network as ONNX, a PyTorch state dict or npz"),
+    "train": Command(TrainConfig, "train:run", "train an MLP data-parallel over all MPI ranks"),
+    "evaluate": Command(EvaluateConfig, "evaluate:run_evaluate",
+                        "loss and accuracy of a checkpoint on a data file"),
+    "predict": Command(PredictConfig, "evaluate:run_predict",
+                       "write a checkpoint's predictions for a data file"),
+    "sweep": Command(SweepConfig, "sweep.run:run", "train many configurations at once: groups of "
+                     "ranks take trials of a grid one after another (task parallelism)"),
+    "bench": Command(BenchConfig, "hpc.bench:run",
+                     "time training steps on synthetic data, phase by phase"),
+    "scale": Command(ScaleConfig, "hpc.scale:run", "run a strong or weak scaling series (or a "
+                     "ranks x threads study) with mpiexec, then the report", one_process=True),
+    "report": Command(ReportConfig, "hpc.report:run", "scaling report (tables, model, plots) "
+                      "from bench JSON results", one_process=True),
+    "doctor": Command(DoctorConfig, "hpc.doctor:run", "check the launch, MPI, cores and binding, "
+                      "BLAS, memory, disk and the network from inside a job, with warnings to act "
+                      "on", checks_launch=False),
+    "jobs": Command(JobsConfig, "hpc.jobs:run", "write a ready SLURM or PBS job file for "
+                    "training or a scaling study", one_process=True),
+    "data synth": Command(SynthConfig, "tools.datatools:run_synth", "write a classification "
+                          "data set of any size from a random teacher network", one_process=True),
+    "data inspect": Command(InspectConfig, "tools.datatools:run_inspect", "shapes, dtypes, "
+                            "chunking, value ranges, NaN counts and class balance of an HDF5 "
+                            "file", one_process=True),
+    "data convert": Command(ConvertConfig, "tools.convert:run", "NumPy .npz, CSV or MNIST IDX "
+                            "into mpinn's HDF5 layout, streaming; optional stratified "
+                            "train/test split", one_process=True),
+    "export": Command(ExportConfig, "tools.export:run", "write a checkpoint's network as ONNX, a "
+                      "PyTorch state dict or npz", one_process=True),
 }
-# Commands that run as one process and launch or read MPI runs themselves: they must not
-# initialise MPI (a singleton MPI process that starts mpiexec is fragile).
-DRIVERS = ("scale", "report", "jobs", "data", "export")
+# the first words of the one-process commands (the command line is read before MPI starts)
+DRIVERS = tuple(dict.fromkeys(name.split()[0] for name, c in COMMANDS.items() if c.one_process))
 
 
-# `doctor` reports a mis-launch among its findings instead of refusing to run
-NO_LAUNCH_CHECK = ("doctor",)
+def _command_runner(name):
+    module, function = COMMANDS[name].runs.split(":")
+    return getattr(importlib.import_module(f"{__package__}.{module}"), function)
 
 
 class _OneProcess:
@@ -103,33 +114,32 @@ def build_parser():
                        help="TOML file with any of these options as keys (underscores or dashes); "
                             "the command line wins")
         for f in dataclasses.fields(cls):
-            flag = "--" + f.name.replace("_", "-")
-            text = f.metadata["help"]
-            if "(default" not in text:  # the help text may say the default in words already
-                text += f" (default: {f.default!r})"
-            if f.metadata.get("positional"):
-                p.add_argument(f.name, choices=f.metadata["choices"], help=f.metadata["help"],
-                               metavar=None if f.metadata["choices"] else f.name.upper())
-            elif f.type in (bool, "bool"):
-                p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
-                               default=argparse.SUPPRESS, help=text)
-            else:
-                if f.name == "resume" and f.type is str:  # --resume, --resume auto, --no-resume
-                    p.add_argument(flag, dest=f.name, nargs="?", const="yes",
-                                   choices=f.metadata["choices"], default=argparse.SUPPRESS,
-                                   help=text)
-                    p.add_argument("--no-resume", dest=f.name, action="store_const", const="no",
-                                   default=argparse.SUPPRESS, help="start a new run (the default)")
-                    continue
-                if f.name == "shuffle":  # --no-shuffle: the short way to say --shuffle none
-                    p.add_argument("--no-shuffle", dest="shuffle", action="store_const",
-                                   const="none", default=argparse.SUPPRESS,
-                                   help="keep file order (same as --shuffle none)")
-                typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
-                p.add_argument(flag, dest=f.name, type=typ, choices=f.metadata["choices"],
-                               default=argparse.SUPPRESS, help=text,
-                               metavar=None if f.metadata["choices"] else f.name.upper())
+            add_option(p, f)
     return parser
+
+
+def add_option(parser, f):
+    """The argparse option of one config field, as its metadata describes it."""
+    meta, flag = f.metadata, "--" + f.name.replace("_", "-")
+    text = meta["help"]
+    if "(default" not in text:  # the help text may say the default in words already
+        text += f" (default: {f.default!r})"
+    if meta.get("positional"):
+        parser.add_argument(f.name, choices=meta["choices"], help=meta["help"],
+                            metavar=None if meta["choices"] else f.name.upper())
+        return
+    if flag_type(f) is bool:
+        parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
+                            default=argparse.SUPPRESS, help=text)
+        return
+    extra = {"nargs": "?", "const": meta["bare"]} if meta.get("bare") else {}
+    parser.add_argument(flag, dest=f.name, type=flag_type(f), choices=meta["choices"],
+                        default=argparse.SUPPRESS, help=text,
+                        metavar=None if meta["choices"] else f.name.upper(), **extra)
+    if meta.get("negative"):  # --no-resume, --no-shuffle: a short way to say one value
+        value, words = meta["negative"]
+        parser.add_argument("--no-" + flag[2:], dest=f.name, action="store_const", const=value,
+                            default=argparse.SUPPRESS, help=words)
 
 
 def parse(argv):
@@ -138,7 +148,7 @@ def parse(argv):
     command = ns.pop("command")
     if f"{command}_command" in ns:
         command = f"{command} {ns.pop(f'{command}_command')}"
-    cls = COMMANDS[command][0]
+    cls = COMMANDS[command].options
     values = load_toml(cls, ns.pop("config")) if "config" in ns else {}
     values.update(ns)
     return command, build(cls, values), frozenset(values)
@@ -164,7 +174,7 @@ def main(argv=None):
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else 0
     comm.debug = cfg.debug
-    if command not in NO_LAUNCH_CHECK and command_word not in DRIVERS:
+    if COMMANDS[command].checks_launch and not COMMANDS[command].one_process:
         problem = mis_launch(comm.size, os.environ, comm.library_version())
         if problem:  # every process of the failed launch is a rank 0: each says it once
             print(f"mpinn: error: {problem}", file=sys.stderr, flush=True)

@@ -1,23 +1,21 @@
-"""Typed run configurations: the one source of every option, its default and its help text.
+"""Every command's options, declared once: default, help text and policy (options.py).
 
 Each sub-command has a dataclass; cli.py turns its fields into argparse options (`batch_size` ->
 `--batch-size`, booleans -> `--x/--no-x`), a TOML file given with --config supplies the same keys,
-and the command line wins. Unknown keys and wrong types are UsageErrors.
+and the command line wins. Unknown keys and wrong types are UsageErrors. `mpinn train`'s options
+come in typed sections (TrainOptions: data, model, optim, schedule, parallel, run, safety), each
+read by the part of the run it configures; TrainConfig is their flat form at the boundary.
 """
 import dataclasses
-import math
-import tomllib
-from dataclasses import dataclass, field
+import enum
+from dataclasses import dataclass
 
 from .errors import UsageError
 from .lr import SCALING_RULES, SCHEDULES
+from .options import (FRACTION, NON_NEGATIVE, POSITIVE, Sections, build, check_value, flat_config,
+                      from_options, load_toml, names_where, option)
 
-
-def option(default, help, choices=None, positional=False):
-    """A config field: its default, help text, allowed values; positional ones are CLI arguments
-    without a flag (and have no default)."""
-    return field(default=default, metadata={"help": help, "choices": choices,
-                                            "positional": positional})
+__all__ = ["build", "check_value", "from_options", "load_toml"]  # the options' machinery, here too
 
 
 ALLREDUCE_HELP = ("how data-parallel gradients are summed: auto = through each node's shared "
@@ -33,7 +31,9 @@ def parse_hidden(text):
     try:
         sizes = tuple(int(p) for p in parts)
     except (TypeError, ValueError):
-        raise UsageError(f"--hidden must be comma-separated positive integers, got {text!r}") from None
+        raise UsageError(
+            f"--hidden must be comma-separated positive integers, got {text!r}"
+        ) from None
     if any(s < 1 for s in sizes):
         raise UsageError(f"--hidden widths must be positive, got {text!r}")
     return sizes
@@ -77,156 +77,262 @@ def require_non_negative(cfg, *names):
             raise UsageError(f"--{name.replace('_', '-')} must not be negative, got {value}")
 
 
-RESUME_CHOICES = ("no", "yes", "auto")
 ACTIVATIONS = ("relu", "tanh", "sigmoid")
 OUTPUT_ACTIVATIONS = ("identity", "sigmoid")
 
 
-@dataclass
-class TrainConfig:
+class Resume(enum.Enum):
+    """--resume: start a new run (NO), continue the one in RUN_DIR (YES), or continue it when it
+    holds a checkpoint (AUTO, decided once at start-up)."""
+    NO = "no"
+    YES = "yes"
+    AUTO = "auto"
+
+    @classmethod
+    def parse(cls, value):
+        """'no'/'yes'/'auto', or a TOML/API boolean."""
+        if isinstance(value, bool):
+            return cls.YES if value else cls.NO
+        return value if isinstance(value, cls) else cls(value)
+
+    def shown(self):
+        """As a checkpoint records it (False, True, 'auto')."""
+        return {Resume.NO: False, Resume.YES: True}.get(self, self.value)
+
+
+def shown_hidden(sizes):
+    return ",".join(str(s) for s in sizes)
+
+
+def hidden_from_list(value):
+    """hidden = [128, 64] in TOML or the API means '128,64'."""
+    if isinstance(value, list) and all(isinstance(v, int) for v in value):
+        return ",".join(str(v) for v in value)
+    return value
+
+
+def shuffle_from_bool(value):
+    """shuffle = true/false in older configs: rank/none."""
+    return ("rank" if value else "none") if isinstance(value, bool) else value
+
+
+# Train options by section. Policy: kept_on_resume (a resumed run takes the checkpoint's value:
+# what it trains on and how it learns), changeable_on_resume (what a continued sweep may change:
+# how it is watched and run), set_by_sweep (a sweep decides it for each trial).
+
+
+@dataclass(frozen=True)
+class DataOptions:
+    """What the run reads."""
     data: str = option("", "training data: HDF5 with X (rows x features) and y "
-                           "(default: the bundled digits training set)")
+                           "(default: the bundled digits training set)", kept_on_resume=True)
     val_data: str = option("", "validation data evaluated after every epoch "
-                               "(default: the bundled digits test set when --data is not given)")
-    x_key: str = option("X", "name of the input dataset in the HDF5 files")
-    y_key: str = option("y", "name of the target dataset in the HDF5 files")
+                               "(default: the bundled digits test set when --data is not given)",
+                           kept_on_resume=True)
+    x_key: str = option("X", "name of the input dataset in the HDF5 files", kept_on_resume=True)
+    y_key: str = option("y", "name of the target dataset in the HDF5 files", kept_on_resume=True)
     memory_budget: float = option(0.0, "MiB of training inputs a rank may hold: a larger slice is "
                                        "streamed from the file in chunks read ahead in the "
                                        "background (0: half the node's available memory shared "
-                                       "by its ranks)")
-    hidden: str = option("128,64", "hidden layer widths, comma-separated ('' for none)")
-    activation: str = option("relu", "hidden-layer activation", ACTIVATIONS)
-    output_activation: str = option("identity", "output activation with --loss mse",
-                                    OUTPUT_ACTIVATIONS)
-    loss: str = option("cross_entropy", "cross_entropy: integer labels, softmax output; mse: "
-                                        "float targets (rows x K)", ("cross_entropy", "mse"))
-    classes: int = option(0, "classes for cross_entropy (0: the class names stored with the "
-                             "labels, else the largest label + 1)")
-    optimizer: str = option("adam", "update rule", ("sgd", "momentum", "adam"))
-    lr: float = option(1e-3, "learning rate")
-    momentum: float = option(0.9, "momentum factor (--optimizer momentum)")
-    nesterov: bool = option(False, "Nesterov momentum (--optimizer momentum)")
-    beta1: float = option(0.9, "Adam beta1")
-    beta2: float = option(0.999, "Adam beta2")
-    eps: float = option(1e-8, "Adam epsilon")
-    weight_decay: float = option(0.0, "L2 penalty added to the gradient")
-    lr_schedule: str = option("constant", "learning rate over the run's updates: constant, step "
-                                          "(times --gamma every --step-size updates) or cosine "
-                                          "(down to --min-lr)", SCHEDULES)
-    warmup_steps: int = option(0, "updates of linear warm-up from lr/W to lr before the schedule")
-    min_lr: float = option(0.0, "the cosine schedule's last learning rate")
-    step_size: int = option(1000, "updates between learning-rate drops (--lr-schedule step)")
-    gamma: float = option(0.1, "factor of each drop (--lr-schedule step)")
-    lr_scale: str = option("none", "scale --lr with the global batch B: linear (lr*B/B0) or sqrt "
-                                   "(lr*sqrt(B/B0)), B0 = --lr-ref-batch",
-                           SCALING_RULES)
-    lr_ref_batch: int = option(256, "the batch B0 that --lr was tuned for (--lr-scale)")
-    clip_grad_norm: float = option(0.0, "scale the averaged gradient down to this L2 norm when it "
-                                        "is larger, before weight decay (0: off)")
-    dropout: float = option(0.0, "inverted dropout on hidden layers while training, this "
-                                 "probability (masks keyed by seed, update, file row and unit: the "
-                                 "same on any number of ranks)")
-    early_stop: int = option(0, "stop when the validation loss has not improved for this many "
-                                "epochs; RUN_DIR/best.h5 keeps the best weights (0: off)")
-    early_stop_delta: float = option(0.0, "an improvement must lower the validation loss by more "
-                                          "than this")
-    batch_size: int = option(64, "GLOBAL batch size, split across ranks")
-    accumulate: int = option(1, "data parallel: run each rank's share of a global batch as this "
-                                "many pieces, summing their gradients before the one Allreduce "
-                                "(the same update, less activation memory)")
-    epochs: int = option(30, "epochs to train (in total, counting resumed ones)")
-    steps: int = option(0, "stop after this many optimizer steps in total (0: no cap)")
-    seed: int = option(0, "seed for initialisation and shuffling")
+                                       "by its ranks)", bound=NON_NEGATIVE)
     shuffle: str = option("rank", "rank: each rank shuffles its own rows every epoch (cheap); "
                                   "global: a seeded permutation of all rows every epoch, rows "
                                   "exchanged between ranks (all-to-all), results independent of "
                                   "the number of ranks; none (or --no-shuffle): file order",
-                          ("rank", "global", "none"))
+                          ("rank", "global", "none"), coerce=shuffle_from_bool,
+                          negative=("none", "keep file order (same as --shuffle none)"),
+                          kept_on_resume=True)
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """The network and its loss."""
+    hidden: tuple = option("128,64", "hidden layer widths, comma-separated ('' for none)",
+                           parse=parse_hidden, show=shown_hidden, flag_type=str,
+                           coerce=hidden_from_list, kept_on_resume=True)
+    activation: str = option("relu", "hidden-layer activation", ACTIVATIONS, kept_on_resume=True)
+    output_activation: str = option("identity", "output activation with --loss mse",
+                                    OUTPUT_ACTIVATIONS, kept_on_resume=True)
+    loss: str = option("cross_entropy", "cross_entropy: integer labels, softmax output; mse: "
+                                        "float targets (rows x K)", ("cross_entropy", "mse"),
+                       kept_on_resume=True)
+    classes: int = option(0, "classes for cross_entropy (0: the class names stored with the "
+                             "labels, else the largest label + 1)", bound=NON_NEGATIVE,
+                          kept_on_resume=True)
+    dropout: float = option(
+        0.0,
+        "inverted dropout on hidden layers while training, this "
+        "probability (masks keyed by seed, update, file row and unit: the "
+        "same on any number of ranks)",
+        bound=FRACTION,
+        kept_on_resume=True,
+    )
+
+
+@dataclass(frozen=True)
+class OptimOptions:
+    """The update rule."""
+    optimizer: str = option("adam", "update rule", ("sgd", "momentum", "adam"),
+                            kept_on_resume=True)
+    lr: float = option(1e-3, "learning rate", bound=POSITIVE, kept_on_resume=True)
+    momentum: float = option(0.9, "momentum factor (--optimizer momentum)", bound=NON_NEGATIVE,
+                             kept_on_resume=True)
+    nesterov: bool = option(False, "Nesterov momentum (--optimizer momentum)", kept_on_resume=True)
+    beta1: float = option(0.9, "Adam beta1", bound=FRACTION, kept_on_resume=True)
+    beta2: float = option(0.999, "Adam beta2", bound=FRACTION, kept_on_resume=True)
+    eps: float = option(1e-8, "Adam epsilon", bound=POSITIVE, kept_on_resume=True)
+    weight_decay: float = option(0.0, "L2 penalty added to the gradient", bound=NON_NEGATIVE,
+                                 kept_on_resume=True)
+    clip_grad_norm: float = option(0.0, "scale the averaged gradient down to this L2 norm when it "
+                                        "is larger, before weight decay (0: off)",
+                                   bound=NON_NEGATIVE, kept_on_resume=True)
+    lr_scale: str = option("none", "scale --lr with the global batch B: linear (lr*B/B0) or sqrt "
+                                   "(lr*sqrt(B/B0)), B0 = --lr-ref-batch",
+                           SCALING_RULES, kept_on_resume=True)
+    lr_ref_batch: int = option(256, "the batch B0 that --lr was tuned for (--lr-scale)",
+                               bound=POSITIVE, kept_on_resume=True)
+
+
+@dataclass(frozen=True)
+class ScheduleOptions:
+    """How long the run trains, in what batches, and the learning rate over it."""
+    batch_size: int = option(64, "GLOBAL batch size, split across ranks", bound=POSITIVE,
+                             kept_on_resume=True)
+    epochs: int = option(30, "epochs to train (in total, counting resumed ones)", bound=POSITIVE)
+    steps: int = option(0, "stop after this many optimizer steps in total (0: no cap)",
+                        bound=NON_NEGATIVE)
+    lr_schedule: str = option("constant", "learning rate over the run's updates: constant, step "
+                                          "(times --gamma every --step-size updates) or cosine "
+                                          "(down to --min-lr)", SCHEDULES, kept_on_resume=True)
+    warmup_steps: int = option(0, "updates of linear warm-up from lr/W to lr before the schedule",
+                               bound=NON_NEGATIVE, kept_on_resume=True)
+    min_lr: float = option(0.0, "the cosine schedule's last learning rate", bound=NON_NEGATIVE,
+                           kept_on_resume=True)
+    step_size: int = option(1000, "updates between learning-rate drops (--lr-schedule step)",
+                            bound=POSITIVE, kept_on_resume=True)
+    gamma: float = option(0.1, "factor of each drop (--lr-schedule step)", bound=POSITIVE,
+                          kept_on_resume=True)
+    early_stop: int = option(0, "stop when the validation loss has not improved for this many "
+                                "epochs; RUN_DIR/best.h5 keeps the best weights (0: off)",
+                             bound=NON_NEGATIVE)
+    early_stop_delta: float = option(0.0, "an improvement must lower the validation loss by more "
+                                          "than this", bound=NON_NEGATIVE)
+
+
+@dataclass(frozen=True)
+class ParallelOptions:
+    """How the work is split over ranks and threads."""
+    accumulate: int = option(1, "data parallel: run each rank's share of a global batch as this "
+                                "many pieces, summing their gradients before the one Allreduce "
+                                "(the same update, less activation memory)", bound=POSITIVE)
     overlap_mb: float = option(0.0, "data parallel: Allreduce gradients in buckets of this many "
                                     "MiB, last layer first, while earlier layers' backward runs "
-                                    "(0: one Allreduce after the backward pass)")
+                                    "(0: one Allreduce after the backward pass)",
+                               bound=NON_NEGATIVE)
     shard_optimizer: bool = option(False, "each data-parallel rank updates 1/p of the parameters "
                                           "and keeps that slice's optimizer state "
                                           "(Reduce_scatter, update, Allgather; ZeRO stage 1)")
     allreduce: str = option("auto", ALLREDUCE_HELP, ("auto", "mpi"))
     pipeline_stages: int = option(1, "split the layers into S pipeline stages (ranks = S x "
-                                     "replicas); 1 = pure data parallel")
+                                     "replicas); 1 = pure data parallel", bound=POSITIVE)
     partition: str = option("", "layers per pipeline stage, e.g. '2,1' (default: balanced by "
                                 "FLOPs)")
-    micro_batches: int = option(4, "micro-batches per global batch in pipeline mode")
+    micro_batches: int = option(4, "micro-batches per global batch in pipeline mode",
+                                bound=POSITIVE)
     schedule: str = option("1f1b", "pipeline schedule: gpipe (all forwards, then all backwards) "
                                    "or 1f1b (keeps at most S micro-batches of activations)",
                            ("gpipe", "1f1b"))
+    threads: int = option(1, "BLAS threads per rank", bound=POSITIVE, changeable_on_resume=True)
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """Where the run lives and what it starts from."""
     run_dir: str = option("runs/latest", "folder for checkpoint.h5 and metrics.jsonl; one run at "
-                                         "a time (it is locked while training)")
-    resume: str = option("no", "continue the run in RUN_DIR where it stopped, on its own data "
-                               "and options (epochs, steps, ranks, threads and run-time knobs may "
-                               "change); --resume auto: continue when RUN_DIR holds a checkpoint, "
-                               "else start (a requeued job's choice)", RESUME_CHOICES)
+                                         "a time (it is locked while training)", set_by_sweep=True)
+    resume: Resume = option("no", "continue the run in RUN_DIR where it stopped, on its own data "
+                                  "and options (epochs, steps, ranks, threads and run-time knobs "
+                                  "may change); --resume auto: continue when RUN_DIR holds a "
+                                  "checkpoint, else start (a requeued job's choice)",
+                            ("no", "yes", "auto"), parse=Resume.parse, show=Resume.shown,
+                            flag_type=str, accepts=(bool,), bare="yes",
+                            negative=("no", "start a new run (the default)"), set_by_sweep=True)
     overwrite: bool = option(False, "start a new run in a RUN_DIR that holds one: its checkpoints "
                                     "and metrics are set aside once every input has been checked "
                                     "and removed at the new run's first checkpoint (put back if "
-                                    "it fails before)")
+                                    "it fails before)", set_by_sweep=True)
     init: str = option("", "start from this checkpoint's weights (and architecture) with a fresh "
                            "optimizer")
+    seed: int = option(0, "seed for initialisation and shuffling", kept_on_resume=True)
     keep_checkpoints: int = option(0, "also keep the last K checkpoints as "
-                                      "RUN_DIR/checkpoints/step-NNNNNNN.h5 (0: only checkpoint.h5)")
+                                      "RUN_DIR/checkpoints/step-NNNNNNN.h5 (0: only checkpoint.h5)",
+                                   bound=NON_NEGATIVE)
+    timeline: str = option("", "write a Chrome-trace JSON of every rank's phases to this file "
+                               "(open in ui.perfetto.dev or chrome://tracing)")
+    log_every: int = option(10, "print and record metrics every N steps", bound=POSITIVE,
+                            changeable_on_resume=True)
+    progress: str = option("auto", "a live progress bar with ETA on rank 0 (bar), plain lines only "
+                                   "(lines), or the bar when stdout is a terminal (auto; under "
+                                   "mpiexec rank 0 writes to the launcher's pipe: use bar)",
+                           ("auto", "bar", "lines"), changeable_on_resume=True)
+    debug: bool = option(False, "show Python tracebacks on errors", changeable_on_resume=True)
+
+
+@dataclass(frozen=True)
+class SafetyOptions:
+    """What protects the run: signals, non-finite steps, stalls, diverged replicas."""
     checkpoint_on_signal: bool = option(True, "on SIGTERM/SIGINT (a scheduler's time limit, "
                                               "Ctrl-C) finish the step, write a final checkpoint "
-                                              "and exit")
+                                              "and exit", changeable_on_resume=True)
     signal_grace: int = option(30, "seconds after a signal before exiting without that "
-                                   "checkpoint")
+                                   "checkpoint", bound=NON_NEGATIVE, changeable_on_resume=True)
     on_nonfinite: str = option("stop", "a NaN/inf loss or gradient: stop (keep the last good "
                                        "checkpoint) or skip that update", ("stop", "skip"))
     stall_warning: float = option(60.0, "report which ranks have not arrived when a step has "
                                         "taken this many seconds and 10x the recent median "
-                                        "(0: off)")
+                                        "(0: off)", bound=NON_NEGATIVE, changeable_on_resume=True)
     stall_timeout: float = option(600.0, "abort the whole job when one step has taken this many "
                                          "seconds and 100x the recent median, or an evaluation or "
-                                         "checkpoint write this many seconds (0: wait forever)")
-    timeline: str = option("", "write a Chrome-trace JSON of every rank's phases to this file "
-                               "(open in ui.perfetto.dev or chrome://tracing)")
-    log_every: int = option(10, "print and record metrics every N steps")
-    progress: str = option("auto", "a live progress bar with ETA on rank 0 (bar), plain lines only "
-                                   "(lines), or the bar when stdout is a terminal (auto; under "
-                                   "mpiexec rank 0 writes to the launcher's pipe: use bar)",
-                           ("auto", "bar", "lines"))
-    check_every: int = option(100, "verify every N steps that all ranks hold identical parameters")
-    threads: int = option(1, "BLAS threads per rank")
-    debug: bool = option(False, "show Python tracebacks on errors")
-
-    def hidden_sizes(self):
-        return parse_hidden(self.hidden)
-
-    def validate(self):
-        # --resume: False, True, or "auto" (set_up decides it from RUN_DIR before anything else)
-        self.resume = {"no": False, "yes": True}.get(self.resume, self.resume)
-        require_positive(self, "lr", "batch_size", "epochs", "log_every", "check_every", "threads",
-                         "pipeline_stages", "micro_batches", "accumulate", "eps")
-        require_non_negative(self, "steps", "weight_decay", "momentum", "keep_checkpoints",
-                             "memory_budget",
-                             "signal_grace", "stall_warning", "stall_timeout", "overlap_mb")
-        for name in ("beta1", "beta2"):
-            if not 0 <= getattr(self, name) < 1:
-                raise UsageError(f"--{name} must be in [0, 1), got {getattr(self, name)}")
-        if self.resume and self.init:
-            raise UsageError("--resume and --init exclude each other")
-        if not 0 <= self.dropout < 1:
-            raise UsageError(f"--dropout must be in [0, 1), got {self.dropout}")
-        if self.resume and self.overwrite:
-            raise UsageError("--resume continues the run in RUN_DIR and --overwrite replaces it: "
-                             "give one of them")
-        if self.shard_optimizer and self.overlap_mb:
-            raise UsageError("--shard-optimizer and --overlap-mb exclude each other (the sharded "
-                             "update reduces the gradient in one Reduce_scatter)")
-        require_non_negative(self, "classes", "warmup_steps", "min_lr", "clip_grad_norm",
-                             "early_stop", "early_stop_delta")
-        require_positive(self, "step_size", "gamma", "lr_ref_batch")
-        self.hidden_sizes()
+                                         "checkpoint write this many seconds (0: wait forever)",
+                                  bound=NON_NEGATIVE, changeable_on_resume=True)
+    check_every: int = option(100, "verify every N steps that all ranks hold identical parameters",
+                              bound=POSITIVE, changeable_on_resume=True)
 
 
-# Options a sweep sets for each trial itself (each trial trains in OUT/trial-NNN).
-SET_BY_SWEEP = ("run_dir", "resume", "overwrite")
+@dataclass(frozen=True)
+class TrainOptions(Sections):
+    """`mpinn train`'s options, each section read by the part of the run it configures."""
+    data: DataOptions
+    model: ModelOptions
+    optim: OptimOptions
+    schedule: ScheduleOptions
+    parallel: ParallelOptions
+    run: RunOptions
+    safety: SafetyOptions
+
+
+def _validate_train(cfg):
+    """Checks across options (each field's own bound is checked before)."""
+    resume = Resume.parse(cfg.resume)
+    if resume is not Resume.NO and cfg.init:
+        raise UsageError("--resume and --init exclude each other")
+    if resume is not Resume.NO and cfg.overwrite:
+        raise UsageError("--resume continues the run in RUN_DIR and --overwrite replaces it: "
+                         "give one of them")
+    if cfg.shard_optimizer and cfg.overlap_mb:
+        raise UsageError("--shard-optimizer and --overlap-mb exclude each other (the sharded "
+                         "update reduces the gradient in one Reduce_scatter)")
+    parse_hidden(cfg.hidden)
+
+
+TrainConfig = flat_config(
+    "TrainConfig", TrainOptions, _validate_train,
+    "`mpinn train`'s options as the command line, a TOML file or mpinn.fit give them: one field "
+    "per option of TrainOptions' sections, checked; .sections() parses them into their types.",
+    methods={"hidden_sizes": lambda self: parse_hidden(self.hidden)})
+
+SET_BY_SWEEP = names_where(TrainConfig, "set_by_sweep")
+KEPT_ON_RESUME = names_where(TrainConfig, "kept_on_resume")
 
 
 def _validate_sweep(self):
@@ -252,23 +358,28 @@ SWEEP_FIELDS = [
                              "(every combination is a trial) and/or [[trial]] tables (one trial "
                              "each)")),
     ("ranks_per_trial", int, option(1, "ranks that train one trial together (G); the world is "
-                                       "split into N/G groups that take trials one by one")),
+                                       "split into N/G groups that take trials one by one",
+                                    changeable_on_resume=True)),
     ("out", str, option("sweep", "folder of the sweep: OUT/trial-NNN run folders, "
-                                 "results.csv, results.md, results.png")),
+                                 "results.csv, results.md, results.png",
+                        changeable_on_resume=True)),
     ("random", int, option(0, "train K combinations of the grid drawn with --seed instead of all "
                               "of them (0: all); [[trial]] tables are always trained")),
     ("resume", bool, option(False, "continue the sweep in OUT: finished trials are skipped, "
-                                   "stopped ones continue from their checkpoints")),
+                                   "stopped ones continue from their checkpoints",
+                            changeable_on_resume=True)),
     ("overwrite", bool, option(False, "start a new sweep in an OUT that holds one: its trial "
                                       "folders and results are removed first")),
 ]
 SweepConfig = dataclasses.make_dataclass(
     "SweepConfig",
-    SWEEP_FIELDS + [(f.name, f.type, field(default=f.default, metadata=f.metadata))
+    SWEEP_FIELDS + [(f.name, f.type, dataclasses.field(default=f.default, metadata=f.metadata))
                     for f in dataclasses.fields(TrainConfig) if f.name not in SET_BY_SWEEP],
     namespace={"validate": _validate_sweep, "train_values": _train_values,
                "__doc__": "`mpinn sweep`: its own options, then every train option as the base "
                           "of each trial."})
+# what may change when a sweep is continued: where it runs and how it is watched, not what it trains
+SWEEP_CHANGEABLE_ON_RESUME = names_where(SweepConfig, "changeable_on_resume")
 
 
 @dataclass
@@ -306,74 +417,6 @@ class PredictConfig:
         EvaluateConfig.validate(self)
         if not self.out.lower().endswith((".h5", ".hdf5", ".csv")):
             raise UsageError(f"--out must end in .h5, .hdf5 or .csv, got {self.out!r}")
-
-
-def check_value(cls, name, value, where):
-    """Type-check one value for field `name` of dataclass `cls`; ints are accepted for floats."""
-    f = {f.name: f for f in dataclasses.fields(cls)}[name]
-    expected = f.type
-    ok = isinstance(value, expected) and not (expected is int and isinstance(value, bool))
-    if expected is float and isinstance(value, int) and not isinstance(value, bool):
-        value, ok = float(value), True
-    if name == "hidden" and isinstance(value, list) and all(isinstance(v, int) for v in value):
-        value, ok = ",".join(str(v) for v in value), True
-    if name == "shuffle" and isinstance(value, bool):  # shuffle = true/false in older configs
-        value, ok = ("rank" if value else "none"), True
-    if name == "resume" and isinstance(value, bool):  # resume = true/false, resume=True
-        value, ok = ("yes" if value else "no"), True
-    if not ok:
-        raise UsageError(f"{where}: {name} must be {expected.__name__}, got {value!r}")
-    choices = f.metadata.get("choices")
-    if choices and value not in choices:
-        raise UsageError(f"{where}: {name} must be one of {', '.join(choices)}, got {value!r}")
-    return value
-
-
-def build(cls, values):
-    """The validated config of dataclass cls from already type-checked values."""
-    cfg = cls(**values)
-    for f in dataclasses.fields(cls):
-        value = getattr(cfg, f.name)
-        if isinstance(value, float) and not math.isfinite(value):
-            raise UsageError(f"--{f.name.replace('_', '-')} must be a finite number, got {value}")
-    cfg.validate()
-    return cfg
-
-
-def from_options(cls, config_file=None, where="options", **options):
-    """A validated config from a TOML file and keyword options (the options win), type-checked
-    as the command line and config files are: the Python API's way in."""
-    values = load_toml(cls, config_file) if config_file else {}
-    names = {f.name for f in dataclasses.fields(cls)}
-    for key, value in options.items():
-        name = key.replace("-", "_")
-        if name not in names:
-            raise UsageError(f"{where}: unknown option {key!r} (valid: {', '.join(sorted(names))})")
-        values[name] = check_value(cls, name, value, where)
-    return build(cls, values), frozenset(values)
-
-
-def load_toml(cls, path):
-    """The keys of a TOML config file for `cls`, type-checked; '-' and '_' in keys are the same."""
-    try:
-        with open(path, "rb") as fh:
-            raw = tomllib.load(fh)
-    except FileNotFoundError:
-        raise UsageError(f"config file not found: {path}") from None
-    except IsADirectoryError:
-        raise UsageError(f"--config {path} is a folder; give a TOML file") from None
-    except OSError as e:
-        raise UsageError(f"cannot read config file {path}: {e.strerror or e}") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise UsageError(f"{path} is not valid TOML: {e}") from None
-    names = {f.name for f in dataclasses.fields(cls)}
-    out = {}
-    for key, value in raw.items():
-        name = key.replace("-", "_")
-        if name not in names:
-            raise UsageError(f"{path}: unknown key {key!r} (valid keys: {', '.join(sorted(names))})")
-        out[name] = check_value(cls, name, value, path)
-    return out
 
 
 @dataclass
@@ -480,10 +523,14 @@ class ScaleConfig:
             return
         series = parse_ranks(self.ranks)
         if len(series) < 2 or series[0][0] != 1:
-            raise UsageError(f"--ranks {self.ranks}: a scaling series needs 1 (the baseline) and at "
-                             "least one more rank count, e.g. 1,2,4")
+            raise UsageError(
+                f"--ranks {self.ranks}: a scaling series needs 1 (the baseline) and at "
+                "least one more rank count, e.g. 1,2,4"
+            )
         if self.mode == "strong" and self.batch_size < series[-1][0]:
-            raise UsageError(f"--batch-size {self.batch_size} is smaller than {series[-1][0]} ranks")
+            raise UsageError(
+                f"--batch-size {self.batch_size} is smaller than {series[-1][0]} ranks"
+            )
         if any(per_node for _, per_node in series) and "{ppn}" not in self.launcher:
             raise UsageError(f"--ranks {self.ranks} places ranks on nodes (NxR): the --launcher "
                              "needs {ppn} (ranks per node) besides {n}, e.g. 'mpiexec -n {n} "
@@ -499,7 +546,9 @@ class ScaleConfig:
 
 @dataclass
 class JobsConfig:
-    scheduler: str = option("slurm", "which scheduler's job file", ("slurm", "pbs"), positional=True)
+    scheduler: str = option(
+        "slurm", "which scheduler's job file", ("slurm", "pbs"), positional=True
+    )
     kind: str = option("train", "train (mpinn train), scaling (bench series + report) or sweep "
                                 "(mpinn sweep over a grid file)", ("train", "scaling", "sweep"))
     nodes: int = option(1, "nodes")

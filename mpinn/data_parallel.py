@@ -1,32 +1,27 @@
 """The data-parallel engine: every rank holds the whole network, computes the gradient of its part
-of the global batch in one fused kernel call, and one in-place Allreduce over the flat gradient
-buffer (plus a stop flag, the loss and a gradient bound, so signals and non-finite checks cost no
-extra collective) makes every rank's gradient the global one. Every rank then applies the same
+of the global batch in one fused kernel call, and its gradient reducer (reducers.py: one in-place
+Allreduce over the flat gradient buffer plus a stop flag, the loss and a gradient bound, so
+signals and non-finite checks cost no extra collective; or bucketed, sharded, or in a node's
+shared memory) makes every rank's gradient the global one. Every rank then applies the same
 update.
-
-With --overlap-mb the backward pass runs one bucket of layers at a time, last layer first, and each
-bucket's Iallreduce starts as soon as its gradients exist.
 """
-import math
 import time
 import zlib
 
 import numpy as np
 
 from . import kernels
-from .engine import Engine, StepResult, clip_, make_optimizer
+from .engine import Engine, StepResult, agreed_step, make_optimizer
 from .model import Network
 from .plan import even_part
+from .reducers import (CONTROL_VALUES, AllreduceReducer, NodeShardedReducer, OverlapReducer,
+                       ShardedReducer)
 from .shard import NodeShardedUpdate, ShardedUpdate
 
 # from this gradient size on, the ranks of a node split the update of one shared copy of the
-# parameters: it saves more update traffic than the extra node barrier (~2 us) costs
+# parameters: it saves more update traffic than the extra node barrier costs (docs/performance.md)
 NODE_SHARD_BYTES = 256 * 1024
 
-# values reduced after the gradient in the same buffer: a stop flag, the loss sum, and the ranks'
-# gradient bounds (their sum bounds the summed gradient: below kernels.CERTAIN_FINITE it is finite
-# without a pass over it)
-CONTROL_VALUES = 3
 
 
 class DataParallelEngine(Engine):
@@ -45,13 +40,12 @@ class DataParallelEngine(Engine):
         on_node = (allreduce == "auto" and not self.shard and overlap_mb <= 0
                    and opt_settings is not None)
         share = on_node and 4 * n >= NODE_SHARD_BYTES
-        self.node_sum = comm.node_allreduce(n + CONTROL_VALUES, shared_params=share) if on_node else None
+        self.node_sum = (
+            comm.node_allreduce(n + CONTROL_VALUES, shared_params=share) if on_node else None
+        )
         self.node_shard = (NodeShardedUpdate(self.node_sum, n, params, opt_settings, opt_state)
                            if self.node_sum and share else None)
-        # gradients, then the control values: one Allreduce carries them all (sharded: the
-        # gradient padded to equal blocks, control values apart)
-        self.reduced = (self.node_sum.slot if self.node_sum else
-                        np.zeros(max(n + CONTROL_VALUES, padded), np.float32))
+        self.reducer = self._reducer(overlap_mb)
         # this rank's parameters, unless the node shares one copy of them in its window
         self.padded_params = None if self.node_shard else np.zeros(padded, np.float32)
         if self.padded_params is not None:
@@ -59,14 +53,23 @@ class DataParallelEngine(Engine):
         self.accumulate = int(accumulate)
         piece = -(-int(max_rows) // self.accumulate)  # the workspace holds one piece of a share
         self.net = Network(arch, self.node_shard.params if self.node_shard else
-                           self.padded_params[:n], max(piece, eval_rows), grads=self.reduced[:n])
+                           self.padded_params[:n], max(piece, eval_rows),
+                           grads=self.reducer.buffer[:n])
         self.piece_grads = np.zeros(n, np.float32) if self.accumulate > 1 else None
-        self.buckets = gradient_buckets(arch, overlap_mb * 2**20) if overlap_mb > 0 else None
         self.phase_s = [0.0, 0.0, 0.0]  # the last step's compute, allreduce (wait), optimizer
         self.optimizer = (self.shard.optimizer if self.shard else self.node_shard.optimizer
                           if self.node_shard else make_optimizer(opt_settings, n, opt_state))
-        self.control = np.zeros(4, np.float64)  # sharded: stop, loss, non-finite, squares
         self.chunk = self.net.ws.max_rows
+
+    def _reducer(self, overlap_mb):
+        """How this engine's gradients are summed: chosen once, here."""
+        if self.shard:
+            return ShardedReducer(self, self.shard)
+        if self.node_shard:
+            return NodeShardedReducer(self, self.node_sum, self.node_shard)
+        if overlap_mb > 0:
+            return OverlapReducer(self, gradient_buckets(self.arch, overlap_mb * 2**20))
+        return AllreduceReducer(self, self.node_sum)
 
     @property
     def params(self):
@@ -84,68 +87,43 @@ class DataParallelEngine(Engine):
             self.optimizer.warmup()
 
     def step(self, xb, yb, rows, scale, stop=False, ids=None):
-        n = self.arch.n_params
+        """This rank's gradient, the reducer's agreement, then (when finite) clip and update:
+        the one tail of every reducer."""
+        reducer = self.reducer
         start = time.perf_counter()
-        if self.node_sum and not self.node_sum.sliced:  # this step's set of the node's slots
-            self.reduced = self.node_sum.slot
-            self.net.use_grads(self.reduced[:n])
-        drop = self.dropout_now(ids)
-        if self.buckets:
-            loss, correct, requests = self._backward_overlapped(xb, yb, scale, stop, drop)
-            t0 = time.perf_counter()
-            self.watchdog.arrived()
-            self.comm.wait_all(requests)
-            summed = self.reduced
-        else:
-            if self.accumulate > 1:
-                loss, correct, bound = self._accumulated(xb, yb, scale, drop)
-            else:
-                if self.timeline.enabled:
-                    loss, correct = self.net.train_step_traced(xb, yb, scale, self.timeline, *drop)
-                else:
-                    loss, correct = self.net.train_step(xb, yb, scale, None, *drop)
-                bound = self.net.grad_bound
-            if self.shard:
-                return self._sharded_update(loss, correct, rows, stop, start)
-            if self.node_shard:
-                return self._node_sharded_update(loss, correct, rows, stop, start)
-            reduced = self.reduced
-            reduced[n], reduced[n + 1], reduced[n + 2] = (1.0 if stop else 0.0), loss, bound
-            t0 = time.perf_counter()
-            self.watchdog.arrived()
-            summed = self._sum()
+        reducer.begin()
+        loss, correct = reducer.gradients(xb, yb, scale, stop, self.dropout_now(ids))
+        t0 = time.perf_counter()
+        self.watchdog.arrived()
+        agreed = reducer.reduce(bool(self.clip_grad_norm))
         t1 = time.perf_counter()
-        stops, loss_sum, bound_sum = summed[n:n + CONTROL_VALUES].tolist()
-        # every rank holds the same reduced values, so every rank decides the same
-        finite = math.isfinite(loss_sum) and (bound_sum < kernels.CERTAIN_FINITE
-                                              or kernels.all_finite(summed[:n]))
-        norm = 0.0
-        if finite:
-            grads = summed[:n]  # this rank's own buffer (the node's sum is summed privately)
-            if self.clip_grad_norm:
-                norm = math.sqrt(kernels.sum_squares(grads))
-                clip_(grads, norm, self.clip_grad_norm)
-            self.optimizer.step(self.net.params, grads)
+        norm = agreed_step(self, agreed, reducer.update)
         t2 = time.perf_counter()
+        reducer.finish(agreed.finite)
+        t3 = time.perf_counter()
         self.timeline.add("allreduce", t0, t1)
-        self.timeline.add("optimizer", t1, t2)
-        self.phase_s = [t0 - start, t1 - t0, t2 - t1]
-        return StepResult(loss, correct, rows, stops > 0, finite, norm)
+        if reducer.finish_phase == "allreduce":  # the sharded update's Allgather
+            self.timeline.add("optimizer", t1, t2)
+            self.timeline.add("allreduce", t2, t3)
+            self.phase_s = [t0 - start, (t1 - t0) + (t3 - t2), t2 - t1]
+        else:
+            self.timeline.add("optimizer", t1, t3)
+            self.phase_s = [t0 - start, t1 - t0, t3 - t1]
+        return StepResult(loss, correct, rows, agreed.stop, agreed.finite, norm)
 
-    def _sum(self):
-        """The gradient and control values summed over all ranks: through the node's shared
-        memory into this rank's own buffer, or in place by MPI's Allreduce."""
-        if self.node_sum:
-            return self.node_sum.sum_()
-        return self.comm.allreduce_sum_(self.reduced)
+    def local_gradients(self, xb, yb, scale, drop):
+        """This rank's gradient into the network's gradient buffer. -> (loss sum, correct,
+        gradient bound)."""
+        if self.accumulate > 1:
+            return self._accumulated(xb, yb, scale, drop)
+        if self.timeline.enabled:
+            loss, correct = self.net.train_step_traced(xb, yb, scale, self.timeline, *drop)
+        else:
+            loss, correct = self.net.train_step(xb, yb, scale, None, *drop)
+        return loss, correct, self.net.grad_bound
 
-    def reduction(self):
-        if self.node_sum is None:
-            return ""
-        where = "each node's shared memory" + (", then MPI between nodes"
-                                               if self.node_sum.cross is not None else "")
-        split = ", the update split among a node's ranks" if self.node_shard else ""
-        return f" (gradients summed in {where}{split})"
+    def describe(self):
+        return "data parallel" + self.reducer.describe()
 
     def close(self):
         """Release the shared window (collective; after the last step). The parameters are
@@ -157,60 +135,6 @@ class DataParallelEngine(Engine):
             self.node_sum = self.node_shard = None
         if self.shard:
             self.shard.close()
-
-    def _sharded_update(self, loss, correct, rows, stop, start):
-        """Reduce_scatter the gradient, agree on stop/finiteness/norm in one small Allreduce,
-        update this rank's slice, Allgather the parameters."""
-        t0 = time.perf_counter()
-        self.watchdog.arrived()
-        self.shard.reduce_scatter_(self.reduced[:self.shard.padded])
-        bad, squares = self.shard.block_checks(bool(self.clip_grad_norm))
-        self.control[:] = (1.0 if stop else 0.0, loss, bad, squares)
-        self.comm.allreduce_(self.control)
-        t1 = time.perf_counter()
-        finite = bool(self.control[2] == 0 and np.isfinite(self.control[1]))
-        norm = 0.0
-        if finite:
-            if self.clip_grad_norm:
-                norm = math.sqrt(self.control[3])
-                clip_(self.shard.grads, norm, self.clip_grad_norm)
-            self.shard.update(self.padded_params)
-        t2 = time.perf_counter()
-        if finite:  # every rank decided the same: all take part, or none
-            self.shard.gather(self.padded_params)
-        t3 = time.perf_counter()
-        self.timeline.add("allreduce", t0, t1)
-        self.timeline.add("optimizer", t1, t2)
-        self.timeline.add("allreduce", t2, t3)
-        self.phase_s = [t0 - start, (t1 - t0) + (t3 - t2), t2 - t1]
-        return StepResult(loss, correct, rows, bool(self.control[0] > 0), finite, norm)
-
-    def _node_sharded_update(self, loss, correct, rows, stop, start):
-        """Sum this rank's slice in the node's shared memory, agree on stop/finiteness/norm
-        through the window's control row, update the slice of the shared parameters, fence."""
-        n, ns = self.arch.n_params, self.node_shard
-        self.reduced[n] = 1.0 if stop else 0.0
-        self.reduced[n + 1] = loss
-        t0 = time.perf_counter()
-        self.watchdog.arrived()
-        self.node_sum.sum_slice_()
-        grads = self.node_sum.result[ns.lo:ns.hi]
-        bad, squares = ns.checks(grads, bool(self.clip_grad_norm))
-        summed = self.node_sum.result  # stop flag and loss complete after the checks' fence
-        t1 = time.perf_counter()
-        finite = not bad and bool(np.isfinite(summed[n + 1]))
-        norm = 0.0
-        if finite:
-            if self.clip_grad_norm:
-                norm = math.sqrt(squares)
-                clip_(grads, norm, self.clip_grad_norm)  # this rank's slice: its own to change
-            ns.update(grads)
-        self.node_sum.fence()  # every slice updated before any rank's next forward pass
-        t2 = time.perf_counter()
-        self.timeline.add("allreduce", t0, t1)
-        self.timeline.add("optimizer", t1, t2)
-        self.phase_s = [t0 - start, t1 - t0, t2 - t1]
-        return StepResult(loss, correct, rows, bool(summed[n] > 0), finite, norm)
 
     def _accumulated(self, xb, yb, scale, drop):
         """This rank's share in `accumulate` pieces: the first piece's gradient is written, the
@@ -226,30 +150,6 @@ class DataParallelEngine(Engine):
                 self.net.grads += self.piece_grads
             loss, correct, bound = loss + l, correct + c, bound + self.net.grad_bound
         return loss, correct, bound
-
-    def _backward_overlapped(self, xb, yb, scale, stop, drop):
-        """Forward and loss, then backward one bucket of layers at a time, last layer first, each
-        bucket's Iallreduce started as soon as its gradients exist (the first bucket also carries
-        the control values). Returns (loss, correct, requests to wait for)."""
-        net, n = self.net, self.arch.n_params
-        rows = xb.shape[0]
-        t0 = time.perf_counter()
-        if rows:
-            loss, correct = net.forward_loss_grad(xb, yb, scale, *drop)
-        else:
-            loss, correct = 0.0, 0
-            net.grads[:] = 0
-        t1 = time.perf_counter()
-        self.timeline.add("forward", t0, t1)
-        # no bound: the first bucket's sum starts before the earlier layers' gradients exist
-        self.reduced[n:n + CONTROL_VALUES] = (1.0 if stop else 0.0, loss, np.inf)
-        requests = []
-        for hi, lo, a, b in self.buckets:
-            if rows:
-                net.backward(xb, hi, lo, *drop)
-            requests.append(self.comm.iallreduce_sum_(self.reduced[a:b]))
-        self.timeline.add("backward", t1, time.perf_counter())
-        return float(loss), int(correct), requests
 
     def forward_chunks(self, n, read_x, consume):
         for off in range(0, n, self.chunk):

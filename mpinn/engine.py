@@ -8,6 +8,7 @@ predict talk to an Engine only; session.make_engine picks the implementation onc
 Every step also agrees, across all ranks, whether any rank was asked to stop (a signal) and
 whether the reduced loss and gradients are finite; a non-finite update is never applied.
 """
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -37,8 +38,8 @@ class Engine(ABC):
     timeline = NullTimeline()
     watchdog = NullWatchdog()
     clip_grad_norm = 0.0  # > 0: the averaged gradient is scaled down to this L2 norm
-    dropout = None        # a model.Dropout while training with dropout (set_dropout)
-    last_hidden = False   # this rank's last layer is a hidden one (a pipeline stage before the last)
+    dropout = None  # a model.Dropout while training with dropout (set_dropout)
+    last_hidden = False  # this rank's last layer is a hidden one (a pipeline stage before the last)
 
     @abstractmethod
     def warmup(self, x, y):
@@ -77,12 +78,38 @@ class Engine(ABC):
         """Engine-specific figures for the summary (pipeline stages: compute, wait, bubble)."""
         return {}
 
-    def reduction(self):
-        """How gradients are summed, for the start-up line ('' when nothing to say)."""
-        return ""
+    def describe(self):
+        """How the work is split, for the start-up line."""
+        return "data parallel"
 
-    def close(self):
+    def stage_summary(self):
+        """Per-stage figures, the same list on every rank (collective; [] without stages)."""
+        return []
+
+    def close(self):  # noqa: B027 - most engines hold nothing beyond memory
         """Release what the engine holds beyond memory (collective; after the last step)."""
+
+
+@dataclass
+class Agreement:
+    """What every rank agrees on after a step's reduction (identical on every rank)."""
+    stop: bool          # some rank was asked to stop
+    finite: bool        # the summed loss and gradient are finite: the update may be applied
+    grads: object       # the summed gradient this rank updates with (the whole, or its slice)
+    squares: object     # () -> the summed gradient's squared L2 norm (asked only when clipping)
+
+
+def agreed_step(engine, agreed, update):
+    """The tail every engine shares: when every rank agreed the step is finite, clip the summed
+    gradient to the engine's clip_grad_norm by the agreed norm, then update(grads). Returns the
+    norm before clipping (0.0 when not clipping or not finite)."""
+    norm = 0.0
+    if agreed.finite:
+        if engine.clip_grad_norm:
+            norm = math.sqrt(agreed.squares())
+            clip_(agreed.grads, norm, engine.clip_grad_norm)
+        update(agreed.grads)
+    return norm
 
 
 def clip_(grads, norm, max_norm):

@@ -9,14 +9,14 @@ import h5py
 import numpy as np
 
 from . import checkpoint, data
+from .config import ParallelOptions
 from .errors import UsageError
 from .log import Log
 from .outputs import check_output_path, h5_written_whole, text_written_whole
 from .plan import Grid, even_part
 from .runtime.signals import signals_held
 from .runtime.threads import limit_threads
-from .session import (Evaluator, broadcast_checkpoint, bundled, check_labels, load_split,
-                      make_engine)
+from .session import Evaluator, broadcast_checkpoint, bundled, check_labels, load_split, make_engine
 
 
 def run_evaluate(cfg, explicit, comm):
@@ -43,7 +43,8 @@ def run_evaluate(cfg, explicit, comm):
     comm.checked(check)
     n_local = even_part(n_rows, grid.replicas, grid.replica)[1]
     engine = comm.checked(make_engine, comm, grid, arch, ckpt.params,
-                          min(cfg.batch_size, max(n_local, 1)), partition=cfg.partition)
+                          min(cfg.batch_size, max(n_local, 1)),
+                          parallel=ParallelOptions(partition=cfg.partition))
     if n_local:
         comm.in_cache_order(lambda: engine.warmup(x, y))
     else:
@@ -174,7 +175,7 @@ def run_predict(cfg, explicit, comm):
                           if active and grid.is_last else None)
     try:
         engine = comm.checked(make_engine, comm, grid, arch, ckpt.params, min(cfg.batch_size, n),
-                              partition=cfg.partition)
+                              parallel=ParallelOptions(partition=cfg.partition))
         if active:
             predict_into(engine, writer, arch, path, cfg.x_key, n, grid.is_first)
     except BaseException:  # a failure or a signal anywhere: the temporary goes, nothing installed

@@ -3,8 +3,8 @@ matrices, op being the identity or the transpose, chosen by flag.
 
 Numba's np.dot has no transpose flags, and copies any operand whose layout it cannot
 prove at compile time; the kernels store hidden activations feature-major (features x rows), where
-the BLAS runs its faster kernel (Zen 5, OpenBLAS 0.3.30, the 2048x2048 layer at 256 rows: forward
-221 vs 193 GFLOP/s, input gradient 234 vs 217), and need both layouts in one loop. This calls the
+the BLAS runs its faster kernel (docs/performance.md, "Measurements behind the code"), and need
+both layouts in one loop. This calls the
 same BLAS np.dot calls (scipy's, through Numba's own `numba_xxgemm` helper, so compiled kernels
 still cache to disk) with the flags given explicitly.
 """
@@ -62,8 +62,11 @@ def gemm_(trans_a, A, trans_b, B, C):
     op(X) is X.T when its flag is set. op(A) is (M, K), op(B) is (K, N), C is (M, N)."""
     M, N = C.shape
     K = A.shape[0] if trans_a else A.shape[1]
-    if (A.shape[1] if trans_a else A.shape[0]) != M or (B.shape[0] if trans_b else B.shape[1]) != N \
-            or (B.shape[1] if trans_b else B.shape[0]) != K:
+    if (
+        (A.shape[1] if trans_a else A.shape[0]) != M
+        or (B.shape[0] if trans_b else B.shape[1]) != N
+        or (B.shape[1] if trans_b else B.shape[0]) != K
+    ):
         raise ValueError("gemm_: shapes do not match")
     if not (A.flags.c_contiguous and B.flags.c_contiguous and C.flags.c_contiguous):
         raise ValueError("gemm_: operands must be C-contiguous")

@@ -6,12 +6,14 @@ Shape letters used throughout:
     L  number of layers          fi, fo  fan-in and fan-out of one layer
     P  number of parameters (all layers, one flat buffer)
 
-Parameter layout in the flat buffer: W0 (fi0*fo0, row-major, W of shape (fi, fo)), b0 (fo0), W1, b1, ...
-so a layer computes h_next = act(h @ W + b). `w_off[l]` and `b_off[l]` give where each view starts.
+Parameter layout in the flat buffer: W0 (fi0*fo0, row-major, W of shape (fi, fo)), b0 (fo0), W1,
+b1, ... so a layer computes h_next = act(h @ W + b). `w_off[l]` and `b_off[l]` give where each
+view starts.
 
 The workspace `acts` holds each layer's output for up to `max_rows` rows (layer l at `a_off[l]`);
-`d0`/`d1` are ping-pong buffers for dLoss/dz of max_rows * max(width). All outputs are preallocated
-by the caller (model.Workspace); nothing here allocates per step, touches MPI, does I/O or reads globals.
+`d0`/`d1` are ping-pong buffers for dLoss/dz of max_rows * max(width). All outputs are
+preallocated by the caller (model.Workspace); nothing here allocates per step, touches MPI, does
+I/O or reads globals.
 
 Activation codes (ACT_*) are plain ints so one compiled kernel serves all networks; the losses
 (losses.py) pick between the cross-entropy and squared-error kernels here.

@@ -10,6 +10,7 @@ The base rate follows the scaling rule for a global batch B and a reference batc
 al., 2017): none: lr; linear: lr * B / B0; sqrt: lr * sqrt(B / B0).
 """
 import math
+from dataclasses import dataclass
 
 SCHEDULES = ("constant", "step", "cosine")
 SCALING_RULES = ("none", "linear", "sqrt")
@@ -33,3 +34,19 @@ def lr_at(t, base, kind="constant", warmup=0, total=1, min_lr=0.0, step_size=1, 
         progress = (t - warmup) / max(1, total - warmup)
         return min_lr + (base - min_lr) * (1 + math.cos(math.pi * progress)) / 2
     return base
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The learning rate of every update of a run: the optimizer asks it before each update."""
+    base: float
+    kind: str = "constant"
+    warmup: int = 0
+    total: int = 1
+    min_lr: float = 0.0
+    step_size: int = 1
+    gamma: float = 1.0
+
+    def __call__(self, t):
+        return lr_at(t, self.base, self.kind, self.warmup, self.total, self.min_lr,
+                     self.step_size, self.gamma)

@@ -25,7 +25,9 @@ class Architecture:
 
     def __post_init__(self):
         if len(self.sizes) < 2 or any(int(s) < 1 for s in self.sizes):
-            raise UsageError(f"layer sizes must be positive and at least input,output; got {self.sizes}")
+            raise UsageError(
+                f"layer sizes must be positive and at least input,output; got {self.sizes}"
+            )
         if self.activation not in kernels.ACTIVATIONS:
             raise UsageError(f"unknown activation {self.activation!r}; expected one of "
                              f"{', '.join(kernels.ACTIVATIONS)}")
@@ -72,7 +74,9 @@ def layer_views(arch, flat):
     w_off, b_off = arch.offsets()
     views = []
     for l, (fi, fo) in enumerate(zip(arch.sizes[:-1], arch.sizes[1:])):
-        views.append((flat[w_off[l]:w_off[l] + fi * fo].reshape(fi, fo), flat[b_off[l]:b_off[l] + fo]))
+        views.append(
+            (flat[w_off[l] : w_off[l] + fi * fo].reshape(fi, fo), flat[b_off[l] : b_off[l] + fo])
+        )
     return views
 
 

@@ -16,7 +16,7 @@ OPTIMIZERS = ("sgd", "momentum", "adam")
 
 # Each rule's common case (no weight decay, no Nesterov) has a loop of its own: a branch-free loop
 # over a few streams vectorises and runs at memory speed, and the update of a large network is
-# memory-bound (wide 1024-2048-2048-10: 2.13 -> 1.82 ms a step measured on Zen 5).
+# memory-bound (docs/performance.md, "Measurements behind the code").
 
 
 @njit(cache=True)
@@ -66,15 +66,17 @@ def adam_(params, grads, m, v, lr, beta1, beta2, eps, weight_decay, bias1, bias2
 
 
 class Optimizer:
-    """One optimizer over a flat buffer of n parameters; `step(params, grads)` updates in place."""
+    """One optimizer over a flat buffer of n parameters; `step(params, grads)` updates in place,
+    at the rate its schedule gives for this update (lr.Schedule), or at `lr` without one."""
 
     def __init__(self, name, n, lr, momentum=0.9, nesterov=False, beta1=0.9, beta2=0.999, eps=1e-8,
-                 weight_decay=0.0, dtype=np.float32):
+                 weight_decay=0.0, dtype=np.float32, schedule=None):
         if name not in OPTIMIZERS:
             raise UsageError(f"unknown optimizer {name!r}; expected one of {', '.join(OPTIMIZERS)}")
         self.name, self.lr, self.momentum, self.nesterov = name, lr, momentum, nesterov
         self.beta1, self.beta2, self.eps, self.weight_decay = beta1, beta2, eps, weight_decay
         self.t = 0
+        self.schedule = schedule  # update number (0 for the first) -> learning rate; None: lr
         n_state = {"sgd": 0, "momentum": 1, "adam": 2}[name]
         self.state = [np.zeros(n, dtype) for _ in range(n_state)]
         self._scalars_for, self._scalars = None, ()
@@ -86,6 +88,8 @@ class Optimizer:
         scratch.step(np.zeros(1, dtype), np.zeros(1, dtype))
 
     def step(self, params, grads):
+        if self.schedule is not None:
+            self.lr = self.schedule(self.t)
         self.t += 1
         f = params.dtype.type
         key = (f, self.lr)  # the learning rate may change between steps (schedules)

@@ -8,7 +8,6 @@ import errno
 import fcntl
 import io
 import os
-import shutil
 import socket
 
 import h5py
@@ -16,9 +15,7 @@ import h5py
 from .errors import UsageError
 from .runtime.signals import signals_held
 
-RUN_FILES = ("checkpoint.h5", "metrics.jsonl", "best.h5", "checkpoints")
 LOCK_NAME = ".mpinn-lock"
-SET_ASIDE = ".mpinn-replaced"  # the previous run's files while --overwrite has no checkpoint yet
 
 
 def check_output_path(path, option="--out", overwrite=True):
@@ -198,15 +195,14 @@ class SafeSink(io.RawIOBase):
         super().close()
 
 
-def check_side_output(path, option, overwrite, inputs, run_dir, replaceable=lambda p: False):
+def check_side_output(path, option, overwrite, inputs, ours, replaceable=lambda p: False):
     """An output written beside a run (train's --timeline): the usual checks, never one of the
-    run's inputs or its run folder's files (not even with --overwrite), and an existing file is
-    replaced only with --overwrite or when replaceable(path) says it is this output's own kind
-    (a resumed run's earlier trace)."""
+    run's inputs or its run folder's files (`ours`; not even with --overwrite), and an existing
+    file is replaced only with --overwrite or when replaceable(path) says it is this output's own
+    kind (a resumed run's earlier trace)."""
     check_output_path(path, option)
     if not os.path.exists(path):
         return
-    ours = [os.path.join(run_dir, name) for name in (*RUN_FILES, LOCK_NAME)]
     for other in (*inputs, *ours):
         if os.path.exists(other) and os.path.samefile(other, path):
             what = "an input of this run" if other in inputs else "a file of the run folder"
@@ -280,70 +276,3 @@ def try_lock(run_dir):
     finally:
         os.close(fd)
         os.unlink(path)
-
-
-def run_files(run_dir):
-    """The files and folders of a previous run in RUN_DIR (empty when there is none)."""
-    return [n for n in RUN_FILES if os.path.exists(os.path.join(run_dir, n))]
-
-
-def check_new_run(run_dir, resume, overwrite):
-    """A new run may not fall silently on an old one's files."""
-    found = run_files(run_dir)
-    if found and not resume and not overwrite:
-        raise UsageError(f"--run-dir {run_dir} holds a run ({', '.join(found)}); continue it with "
-                         "--resume, replace it with --overwrite, or choose another --run-dir")
-
-
-def set_aside_run(run_dir):
-    """--overwrite, once every input of the new run is checked: move the previous run's files
-    into RUN_DIR/.mpinn-replaced, where they stay until the new run has written its first
-    checkpoint (drop_set_aside); a new run that fails before that gets them back
-    (restore_set_aside), so a failed --overwrite never leaves the folder with neither run."""
-    found = run_files(run_dir)
-    if not found:
-        return False
-    aside = os.path.join(run_dir, SET_ASIDE)
-    try:
-        os.makedirs(aside, exist_ok=True)
-        for name in found:
-            os.replace(os.path.join(run_dir, name), os.path.join(aside, name))
-    except OSError as e:
-        raise UsageError(f"--overwrite: cannot move the previous run's files aside into {aside}: "
-                         f"{e.strerror}") from None
-    return True
-
-
-def drop_set_aside(run_dir):
-    """The new run has a checkpoint: the previous run's files go for good."""
-    shutil.rmtree(os.path.join(run_dir, SET_ASIDE), ignore_errors=True)
-
-
-def restore_set_aside(run_dir):
-    """The new run ended before its first checkpoint: the previous run's files go back (the new
-    run's files of the same names, such as its metrics, are replaced by them)."""
-    aside = os.path.join(run_dir, SET_ASIDE)
-    for name in os.listdir(aside):
-        target = os.path.join(run_dir, name)
-        if os.path.isdir(target) and not os.path.islink(target):
-            shutil.rmtree(target)
-        os.replace(os.path.join(aside, name), target)
-    os.rmdir(aside)
-
-
-def recover_set_aside(run_dir):
-    """A run that replaced another was killed between moving the old files aside and its first
-    checkpoint: put them back (or, when it did checkpoint, drop them). -> a note, or None."""
-    aside = os.path.join(run_dir, SET_ASIDE)
-    if not os.path.isdir(aside):
-        return None
-    if os.path.exists(os.path.join(run_dir, RUN_FILES[0])):
-        drop_set_aside(run_dir)
-        return None
-    try:
-        restore_set_aside(run_dir)
-    except OSError as e:
-        raise UsageError(f"cannot restore the previous run's files from {aside}: {e.strerror}; "
-                         "move them back by hand") from None
-    return (f"{run_dir}: a run started with --overwrite ended before its first checkpoint; "
-            "the run it was replacing is back in place")

@@ -8,14 +8,13 @@ Every send has exactly one receive: both sides derive the same micro-batch list 
 plain ints (rows of the batch, M, S). Sends are non-blocking and a slot's pending send is waited
 for before that slot's buffers are written again, so no cycle of blocking sends can form.
 """
-import math
 import time
 import zlib
 
 import numpy as np
 
 from . import kernels
-from .engine import Engine, StepResult, clip_, make_optimizer
+from .engine import Agreement, Engine, StepResult, agreed_step, make_optimizer
 from .model import NO_DROPOUT, NO_ROWS, Layers
 from .plan import (balanced_partition, even_part, in_flight, layer_flops, parse_partition,
                    schedule, stage_layers)
@@ -105,7 +104,7 @@ class PipelineEngine(Engine):
         self.timeline.add("wait", t, t1)
 
     def _forward(self, slot, n, read_x, drop=NO_DROPOUT, rows=NO_ROWS):
-        """Input (read or received) -> this stage's layers -> output sent on (or kept, last stage)."""
+        """Input (read or received) -> this stage's layers -> output sent on (kept: last stage)."""
         ws, s = slot.ws, self.grid.stage
         self._wait(slot)
         if self.grid.is_first:
@@ -179,7 +178,7 @@ class PipelineEngine(Engine):
             off, n = parts[j]
             slot = self.slots[j % len(self.slots)]
             if op == "F":
-                out = self._forward(slot, n, lambda m: xb[off:off + m], drop,
+                out = self._forward(slot, n, lambda m, off=off: xb[off:off + m], drop,
                                     ids[off:off + n] if len(ids) else ids)
                 if self.grid.is_last:
                     t = time.perf_counter()
@@ -193,27 +192,25 @@ class PipelineEngine(Engine):
             self._wait(slot)
         t0 = time.perf_counter()
         self.watchdog.arrived()
-        grads = self._reduce_gradients(loss, stop)
+        agreed = self._reduce_gradients(loss, stop)
         t1 = time.perf_counter()
-        finite = self.control[1] == 0
-        norm = math.sqrt(self.control[2]) if finite else 0.0
-        if finite:
-            if self.clip_grad_norm:
-                clip_(grads, norm, self.clip_grad_norm)
-            if self.shard:
-                self.shard.update(self.padded_params)
-                self.shard.gather(self.padded_params)
-            else:
-                self.optimizer.step(self.params, self.grads)
+        norm = agreed_step(self, agreed, self._update)
         self.timeline.add("allreduce", t0, t1)
         self.timeline.add("optimizer", t1, time.perf_counter())
         return StepResult(float(loss), int(correct), rows if self.grid.is_last else 0,
-                          bool(self.control[0] > 0), bool(finite), norm)
+                          agreed.stop, agreed.finite, norm)
+
+    def _update(self, grads):
+        if self.shard:
+            self.shard.update(self.padded_params)
+            self.shard.gather(self.padded_params)
+        else:
+            self.optimizer.step(self.params, self.grads)
 
     def _reduce_gradients(self, loss, stop):
         """Sum the stage's gradient over its replicas (all of it, or sharded: this replica's
         slice), then agree on stop and finiteness across the whole world and (clipping) sum the
-        stages' squared norms. Returns the gradient this rank updates with."""
+        stages' squared norms. Returns the Agreement (with the gradient this rank updates with)."""
         if self.shard:
             grads = self.shard.reduce_scatter_(self.padded_grads)
             bad, squares = self.shard.block_checks(bool(self.clip_grad_norm))  # distinct blocks
@@ -226,7 +223,8 @@ class PipelineEngine(Engine):
                        if self.clip_grad_norm else 0.0)
         self.control[:] = (1.0 if stop else 0.0, 1.0 if bad else 0.0, squares)
         self.comm.allreduce_(self.control)
-        return grads
+        return Agreement(bool(self.control[0] > 0), bool(self.control[1] == 0), grads,
+                         lambda: self.control[2])
 
     def forward_chunks(self, n, read_x, consume):
         """Forward only, this replica's n rows chunk by chunk; the last stage calls
@@ -235,7 +233,7 @@ class PipelineEngine(Engine):
         for i, off in enumerate(range(0, n, self.chunk)):
             m = min(self.chunk, n - off)
             slot = self.slots[i % len(self.slots)]
-            out = self._forward(slot, m, lambda k: read_x(off, k))
+            out = self._forward(slot, m, lambda k, off=off: read_x(off, k))
             if self.grid.is_last:
                 consume(off, out)
         for slot in self.slots:
@@ -267,6 +265,11 @@ class PipelineEngine(Engine):
                 "bubble": self.wait_s / busy if busy else 0.0,
                 "activation_bytes": sum(slot.ws.nbytes for slot in self.slots),
                 "layers": self.layers_per_stage[self.grid.stage]}
+
+    def describe(self):
+        grid = self.grid
+        return (f"{grid.stages} pipeline stages (layers {self.layers_per_stage}) x "
+                f"{grid.replicas} replica(s), {self.micro} micro-batches, {self.kind}")
 
     def stage_summary(self):
         """Per-stage figures averaged over replicas, the same list on every rank (one small

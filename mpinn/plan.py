@@ -22,6 +22,7 @@ import numpy as np
 
 from .errors import UsageError
 
+
 def even_part(n, parts, i):
     """(offset, count) of part i when n items are split into `parts` near-equal contiguous parts."""
     base, extra = divmod(n, parts)
@@ -145,7 +146,9 @@ def parse_partition(text, n_layers, stages):
     try:
         counts = [int(p) for p in str(text).replace(" ", "").split(",") if p]
     except ValueError:
-        raise UsageError(f"--partition must be comma-separated layer counts, got {text!r}") from None
+        raise UsageError(
+            f"--partition must be comma-separated layer counts, got {text!r}"
+        ) from None
     if len(counts) != stages or any(c < 1 for c in counts) or sum(counts) != n_layers:
         raise UsageError(f"--partition {text} must give {stages} positive layer counts (one per "
                          f"stage) adding up to the network's {n_layers} layers")

@@ -9,6 +9,7 @@ import numpy as np
 
 from . import assets, data
 from .checkpoint import Checkpoint
+from .config import ParallelOptions
 from .data_parallel import DataParallelEngine
 from .errors import UsageError
 from .kernels import ACTIVATIONS
@@ -20,18 +21,18 @@ def bundled(name):
     return assets.file_path("data", name)
 
 
-def data_paths(cfg):
-    """(training data, validation data or None): the bundled digits when --data is not given."""
-    if cfg.data:
-        return data.canonical_spec(cfg.data), (data.canonical_spec(cfg.val_data)
-                                               if cfg.val_data else None)
-    return bundled("digits-train.h5"), (data.canonical_spec(cfg.val_data) if cfg.val_data
+def data_paths(train, val):
+    """(training data, validation data or None) of --data and --val-data: the bundled digits when
+    --data is not given."""
+    if train:
+        return data.canonical_spec(train), (data.canonical_spec(val) if val else None)
+    return bundled("digits-train.h5"), (data.canonical_spec(val) if val
                                         else bundled("digits-test.h5"))
 
 
 def broadcast_checkpoint(comm, load):
     """Rank 0 runs load() (under comm.checked), then every rank gets the same Checkpoint or None."""
-    ckpt = comm.checked(load) if comm.is_root else comm.checked(lambda: None)
+    ckpt = comm.on_root(load)
     meta = comm.bcast_json(ckpt.meta() if ckpt is not None else None)
     if meta is None:
         return None
@@ -67,17 +68,19 @@ def check_labels(y, n_classes, path, rows_of=None):
                          f"{n_classes} classes (row {row})")
 
 
-def make_engine(comm, grid, arch, params, max_rows, opt_settings=None, opt_state=None,
-                partition=None, micro_batches=1, schedule="1f1b", eval_rows=0, overlap_mb=0.0,
-                accumulate=1, shard=False, allreduce="auto"):
+def make_engine(comm, grid, arch, params, max_rows, *, optimizer=None, opt_state=None,
+                eval_rows=0, parallel=None):
     """The engine for this rank: data parallel when the grid has one stage, else a pipeline.
-    max_rows: the most rows of one step on this reader; eval_rows: rows per evaluation pass
-    (data parallel; a pipeline evaluates in micro-batch sized chunks)."""
+    max_rows: the most rows of one step on this reader; optimizer: the Optimizer's settings (None
+    for an engine that only runs forward) and opt_state a checkpoint's (step, buffers);
+    eval_rows: rows per evaluation pass (data parallel; a pipeline evaluates in micro-batch sized
+    chunks); parallel: how the work is split (the train options' section)."""
+    p = parallel or ParallelOptions()
     if grid.stages == 1:
-        return DataParallelEngine(comm, arch, params, max_rows, opt_settings, opt_state, eval_rows,
-                                  overlap_mb, accumulate, shard, allreduce)
-    return PipelineEngine(comm, grid, arch, params, max_rows, opt_settings, opt_state, partition,
-                          micro_batches, schedule, shard)
+        return DataParallelEngine(comm, arch, params, max_rows, optimizer, opt_state, eval_rows,
+                                  p.overlap_mb, p.accumulate, p.shard_optimizer, p.allreduce)
+    return PipelineEngine(comm, grid, arch, params, max_rows, optimizer, opt_state, p.partition,
+                          p.micro_batches, p.schedule, p.shard_optimizer)
 
 
 class Evaluator:

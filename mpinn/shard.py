@@ -102,8 +102,8 @@ class NodeShardedUpdate:
     their comm.NodeAllreduce, and each rank updates the slice it sums, with that slice's optimizer
     state only. Nothing is gathered: after a fence every rank reads the updated parameters where
     they lie. Against every rank updating all of them from the shared sum it costs one more fence
-    (a node barrier, about 2 us here) and saves (1 - 1/r) of the update's memory traffic (0.1 ms
-    a step for mnist-like at 2 ranks, 2 ms for wide). Between nodes each node holds the same
+    (a node barrier) and saves (1 - 1/r) of the update's memory traffic (docs/performance.md has
+    both figures). Between nodes each node holds the same
     slices, summed by the NodeAllreduce's Allreduce among same-index ranks."""
 
     def __init__(self, node_sum, n, params, opt_settings, opt_state):

@@ -1,329 +1,255 @@
-"""Everything a training run decides before its first step, every phase agreed by all ranks
-(comm.checked): the run folder (created, locked, not an old run's unless --resume/--overwrite),
-the start checkpoint (with --resume: its own data and options, a damaged file's fallback), this
-rank's data slice, the class count and the network (checked against memory), validation data,
-the learning-rate schedule, and the engine, warmed up. set_up returns it all as a Setup."""
-import dataclasses
-import functools
-import glob
-import os
+"""The assembly of a training run: each part built from its own section of the options, every
+phase agreed by all ranks (comm.checked), then handed to the Trainer, which reads no options.
+
+    run folder      RunDir: created, locked, not an old run's unless --resume/--overwrite (run)
+    start weights   the checkpoint (--resume: its own data and options; --init), else fresh (run)
+    data            this rank's slice, or a stream of it, as a BatchSource (data, schedule)
+    network         the class count and the architecture, checked against memory (model)
+    engine          data parallel or pipeline, its gradient reducer, an optimizer that owns its
+                    learning-rate schedule, warmed up (parallel, optim, schedule)
+    hooks           metrics, validation, early stopping, checkpoints, the summary (run, safety)
+"""
 import time
 from dataclasses import dataclass
 
 import numpy as np
 
-from . import checkpoint, data, lr
-from .checkpoint import CHECKPOINT_NAME
-from .config import parse_hidden
+from . import data, hooks, lr, network, resume
+from .config import Resume
 from .errors import AgreedExit, UsageError
-from .losses import LOSSES
-from .model import Architecture, init_params
-from .outputs import (RunDirLock, check_new_run, check_side_output, prepare_run_dir,
-                      recover_set_aside)
+from .model import init_params
+from .outputs import check_side_output
 from .plan import BatchPlan, Grid, even_part
+from .rundir import RunDir
 from .runtime.faults import FaultInjector
 from .runtime.process import available_memory_bytes
+from .runtime.signals import NoStopRequest, StopRequest
 from .runtime.threads import limit_threads, oversubscription
 from .runtime.timeline import Timeline, is_trace
+from .runtime.watchdog import NullWatchdog, Watchdog
 from .session import (Evaluator, broadcast_checkpoint, check_labels, data_paths, load_split,
                       make_engine)
+from .trainer import Guard, LoopState, Trainer
 
-
-EVAL_ROWS = 1024  # rows per forward pass when evaluating
 
 
 @dataclass
-class Setup:
-    """Everything the loop needs, decided once before the first step."""
-    cfg: object           # the run's options (on resume: the checkpoint's where they must agree)
-    grid: Grid
-    faults: FaultInjector
-    lock: object          # rank 0's lock on RUN_DIR (None elsewhere)
-    train_path: str
-    val_path: str
-    arch: Architecture
-    n_rows: int
-    x: np.ndarray
-    y: np.ndarray
-    plan: BatchPlan
-    evaluate: Evaluator
-    engine: object
-    step: int             # optimizer steps already made (resume)
-    run_config: dict      # the resolved configuration, saved in every checkpoint
+class Startup:
+    """Figures of the start-up for the summary."""
     load_s: float         # this rank's shard read time
     shard_bytes: int
     jit_s: float
-    lr_of: object = None  # update number (0 for the first) -> learning rate
-    loop_state: dict = None  # the checkpoint's loop state on resume (early stopping)
-    stream: object = None    # data.Stream when the inputs are read from the file as training goes
+    stages: int
 
 
-def set_up(cfg, explicit, comm, log):
-    """Threads, rank grid, run folder, start checkpoint, this rank's data, network and engine.
-    When set-up fails on every rank's agreement (bad input), what it already holds beyond memory
-    (the run folder's lock, the engine's shared window and communicators) is released: a sweep
-    goes on to its next trial in the same processes."""
+@dataclass
+class Inputs:
+    """The training data as this rank holds it: the paths, the row plan, its rows (x, y; None
+    where it reads none or streams) and the stream's chunk rows (0: in memory)."""
+    train_path: str
+    val_path: str
+    cols: object
+    plan: BatchPlan
+    n_rows: int
+    n_features: int
+    n_targets: int
+    x: np.ndarray
+    y: np.ndarray
+    chunk_rows: int
+    labels: np.ndarray    # streaming: all of the file's labels
+    load_s: float
+
+
+def assemble(options, explicit, comm, log, user_hooks=()):
+    """The Trainer of this run, every part built. When set-up fails on every rank's agreement
+    (bad input), what it already holds beyond memory (the run folder's lock, the engine's shared
+    window and communicators) is released: a sweep goes on to its next trial in the same
+    processes."""
     held = []
     try:
-        return _set_up(cfg, explicit, comm, log, held)
+        return _assemble(options, explicit, comm, log, held, user_hooks)
     except AgreedExit:
         for release in reversed(held):
             release()
         raise
 
 
-def _set_up(cfg, explicit, comm, log, held):
-    limit_threads(cfg.threads)
-    warning = oversubscription(comm.node_size(), cfg.threads)
+def _assemble(options, explicit, comm, log, held, user_hooks):
+    threads(options.parallel.threads, comm, log)
+    faults = FaultInjector.from_env(comm.rank)
+    grid = comm.checked(Grid, options.parallel.pipeline_stages, comm.size, comm.rank)
+    if options.run.resume is Resume.AUTO:
+        options = resume.auto_resume(options, comm, log)
+    run_dir = RunDir(options.run.run_dir)
+    note = comm.on_root(run_dir.claim, options.run.resume is Resume.YES, options.run.overwrite)
+    held.append(run_dir.release)
+    if note:
+        log.warn(note)
+    resumed = options.run.resume is Resume.YES
+    ckpt = broadcast_checkpoint(comm, lambda: resume.start_checkpoint(options.run, run_dir, log))
+    if resumed:
+        options = comm.checked(resume.resumed_options, options, explicit, ckpt)
+    comm.checked(check_mode, options, grid)
+    inputs = read_inputs(options, comm, grid, ckpt, faults)
+    arch = network.build(options, explicit, comm, grid, ckpt, inputs)
+    evaluate = validation(options.data, comm, grid, inputs, arch)
+    engine, step = build_engine(options, comm, grid, arch, inputs.plan, ckpt, log, bool(evaluate))
+    held.append(engine.close)
+    saved_state = dict(ckpt.state) if ckpt is not None and resumed else {}
+    saved_config = ckpt.config if ckpt is not None else None
+    del ckpt  # the engine holds what this rank needs (a stage: its slice only)
+    batches = batch_source(options, comm, grid, inputs)
+    t0 = time.perf_counter()
+    warm_x = comm.checked(batches.first_rows)
+    comm.in_cache_order(lambda: engine.warmup(warm_x, inputs.y))
+    startup = Startup(inputs.load_s, sum(a.nbytes for a in (inputs.x, inputs.y) if a is not None),
+                      time.perf_counter() - t0, grid.stages)
+    timeline(options, comm, engine, inputs, run_dir)
+    run_config = {**options.flat(), "data": inputs.train_path, "val_data": inputs.val_path or "",
+                  "ranks": comm.size,
+                  "data_identity": comm.on_root(lambda: {
+                      **data.spec_identity(inputs.train_path),
+                      **data.spec_identity(inputs.val_path)}, default={}),
+                  "class_names": network.names_of_classes(comm, options, saved_config, inputs,
+                                                          arch)}
+    spe = inputs.plan.steps_per_epoch
+    state = LoopState(step=step, start_step=step, total_steps=total_updates(options, inputs.plan),
+                      steps_per_epoch=spe, epochs=options.schedule.epochs,
+                      last_saved=step if resumed else None)
+    lines = announcement(options, comm, engine, arch, inputs, startup, state)
+    hook_list = loop_hooks(options, run_config, lines, evaluate, saved_state, startup, resumed,
+                           user_hooks)
+    return Trainer(engine, batches, hook_list, run_dir, comm=comm, log=log, state=state,
+                   guard=guard(options.safety, comm, log, faults))
+
+
+def threads(n, comm, log):
+    limit_threads(n)
+    warning = oversubscription(comm.node_size(), n)
     if warning and comm.is_root:
         log.warn(warning)
-    faults = FaultInjector.from_env(comm.rank)
-    grid = comm.checked(Grid, cfg.pipeline_stages, comm.size, comm.rank)
-    if cfg.resume == "auto":
-        cfg = auto_resume(cfg, comm, log)
-    lock = comm.checked(lambda: claim_run_dir(cfg) if comm.is_root else None)
-    if lock is not None:
-        held.append(lock.release)
-        if lock.note:
-            log.warn(lock.note)
-    ckpt = broadcast_checkpoint(comm, lambda: start_checkpoint(cfg, log))
-    if cfg.resume:
-        cfg = comm.checked(resumed_config, cfg, explicit, ckpt)
-    train_path, val_path = comm.checked(data_paths, cfg)
-    comm.checked(check_mode, cfg, grid)
-    loss = ckpt.arch.loss if ckpt else cfg.loss
-    cols = data.Columns(cfg.x_key, cfg.y_key, loss)
+
+
+def guard(safety, comm, log, faults):
+    stop = (StopRequest(safety.signal_grace, comm.rank) if safety.checkpoint_on_signal
+            else NoStopRequest())
+    watchdog = (Watchdog(comm, safety.stall_warning, safety.stall_timeout, log)
+                if safety.stall_warning or safety.stall_timeout else NullWatchdog())
+    return Guard(stop, watchdog, faults)
+
+
+def loop_hooks(options, run_config, lines, evaluate, saved_state, startup, resumed, user_hooks):
+    """The hooks of a training run, in the order they act at each event: a user's see the
+    epoch's record whole (validation, early stopping) before the checkpoint is written."""
+    checkpoints = hooks.Checkpoints(run_config, options.run.seed, options.run.keep_checkpoints,
+                                    options.run.overwrite)
+    sched = options.schedule
+    return [
+        hooks.Announcement(run_config, lines),
+        hooks.NonFinitePolicy(skip=options.safety.on_nonfinite == "skip"),
+        *([hooks.Validation(evaluate)] if evaluate else []),
+        hooks.EarlyStopping(sched.early_stop, sched.early_stop_delta, checkpoints, saved_state),
+        hooks.Metrics(options.run.log_every, resumed, bool(options.optim.clip_grad_norm)),
+        hooks.ReplicaCheck(options.safety.check_every),
+        *user_hooks,
+        checkpoints,
+        hooks.Summary(startup, options.run.timeline, options.parallel.micro_batches),
+    ]
+
+
+def read_inputs(options, comm, grid, ckpt, faults):
+    """This rank's part of the training data (or, when it is too large, the plan to stream it)."""
+    train_path, val_path = comm.checked(data_paths, options.data.data, options.data.val_data)
+    loss = ckpt.arch.loss if ckpt else options.model.loss
+    cols = data.Columns(options.data.x_key, options.data.y_key, loss)
+    t_load = time.perf_counter()
+    n_rows, n_features = comm.checked(shape_of, train_path, cols)
+    plan = BatchPlan(n_rows, options.schedule.batch_size, grid.replica, grid.replicas)
+    chunk_rows = comm.checked(streaming, options.data.memory_budget, plan, n_features, grid,
+                              comm.node_size())
 
     def train_selections(n):
         faults.at("load")
-        return data.plan_selections(BatchPlan(n, cfg.batch_size, grid.replica, grid.replicas))
-    t_load = time.perf_counter()
-    stream = comm.checked(streaming, cfg, train_path, cols, grid, comm.node_size())
+        return data.plan_selections(plan)
     n_rows, n_features, n_targets, x, y = load_split(
-        comm, train_path, cols, train_selections, grid.replicas, grid.is_first and not stream,
-        grid.is_last, "ranks" if grid.stages == 1 else "pipeline replicas")
-    if stream:
-        stream.labels = comm.checked(lambda: data.read_rows(
-            train_path, cols, [(slice(0, n_rows), n_rows)], n_targets, want_x=False)[1])
-    t_load = time.perf_counter() - t_load
-    plan = BatchPlan(n_rows, cfg.batch_size, grid.replica, grid.replicas)
-    n_outputs = (class_count(comm, cfg, ckpt, y, train_path, plan)
-                 if LOSSES[loss].integer_labels else n_targets)
-    arch = comm.checked(architecture, cfg, explicit, ckpt, n_features, n_outputs)
-    comm.checked(check_memory, cfg, arch, grid,
-                 -(-int(plan.local_counts().max()) // cfg.accumulate), comm.node_size())
-    evaluate = validation(cfg, comm, grid, cols, val_path, train_path, n_features, arch)
-    engine, step = build_engine(cfg, comm, grid, arch, plan, ckpt, log, bool(evaluate))
-    held.append(engine.close)
-    lr_of = comm.checked(learning_rates, cfg, plan, bool(evaluate))
-    loop_state = dict(ckpt.state) if ckpt is not None and cfg.resume else {}
-    saved_config = ckpt.config if ckpt is not None else None
-    del ckpt  # the engine holds what this rank needs (a stage: its slice only)
-    t0 = time.perf_counter()
-    warm_x = x if not stream else comm.checked(stream.first_rows, plan)
-    comm.in_cache_order(lambda: engine.warmup(warm_x, y))
-    jit_s = time.perf_counter() - t0
-    if cfg.timeline:
-        inputs = [*data.data_files(train_path), *(data.data_files(val_path) if val_path else [])]
-        comm.checked(check_side_output, cfg.timeline, "--timeline", cfg.overwrite, inputs,
-                     cfg.run_dir, is_trace if cfg.resume else lambda path: False)
-        engine.timeline = Timeline()
-    run_config = {**{k: getattr(cfg, k) for k in cfg.__dataclass_fields__}, "data": train_path,
-                  "val_data": val_path or "", "ranks": comm.size,
-                  "data_identity": comm.checked(lambda: {**data.spec_identity(train_path),
-                                                         **data.spec_identity(val_path)}
-                                                if comm.is_root else {}),
-                  "class_names": names_of_classes(comm, cfg, saved_config, train_path, arch)}
-    return Setup(cfg, grid, faults, lock, train_path, val_path, arch, n_rows, x, y, plan,
-                 evaluate, engine, step, run_config, t_load,
-                 sum(a.nbytes for a in (x, y) if a is not None), jit_s, lr_of, loop_state, stream)
+        comm, train_path, cols, train_selections, grid.replicas,
+        grid.is_first and not chunk_rows, grid.is_last,
+        "ranks" if grid.stages == 1 else "pipeline replicas")
+    labels = comm.checked(lambda: data.read_rows(
+        train_path, cols, [(slice(0, n_rows), n_rows)], n_targets, want_x=False)[1]
+    ) if chunk_rows else None
+    return Inputs(train_path, val_path, cols, plan, n_rows, n_features, n_targets, x, y,
+                  chunk_rows, labels, time.perf_counter() - t_load)
 
 
-def names_of_classes(comm, cfg, saved_config, train_path, arch):
-    """The class names a checkpoint carries (predict writes them): the start checkpoint's, else
-    those stored with the training labels; None for regression or unnamed classes."""
-    if not arch.loss_fn.integer_labels:
-        return None
-    names = (saved_config or {}).get("class_names") or comm.checked(
-        lambda: data.class_names(train_path, cfg.y_key) if comm.is_root else None)
-    names = comm.bcast_json(names)
-    return names if names and len(names) == arch.sizes[-1] else None
+def batch_source(options, comm, grid, inputs):
+    """Where the loop's batches come from: the stream, the global shuffle, or memory."""
+    shuffle, seed = options.data.shuffle, options.run.seed
+    dropout = options.model.dropout > 0  # dropout's masks are keyed by file row: say which rows
+    plan, counts = inputs.plan, inputs.plan.local_counts()
+    if inputs.chunk_rows:
+        owned = plan.owned_rows()
+        rows_of = data.epoch_file_rows(shuffle, owned, inputs.n_rows, plan.batch, seed,
+                                       grid.replica, grid.replicas)
+        source = data.StreamedSource(inputs.train_path, inputs.cols.x_key, inputs.chunk_rows,
+                                     inputs.labels, counts, rows_of,
+                                     owned[:max(1, int(counts[0]))], dropout)
+    elif shuffle == "global":
+        source = data.GlobalShuffleSource(comm, inputs.x, inputs.y, inputs.n_rows, plan.batch,
+                                          counts, seed, dropout)
+    else:
+        source = data.InMemorySource(inputs.x, inputs.y, counts, shuffle == "rank", seed,
+                                     grid.replica, plan.owned_rows() if dropout else None)
+    source.global_rows = plan.global_batch_rows
+    return source
 
 
-def streaming(cfg, path, cols, grid, ranks_on_node):
-    """A data.Stream when this rank's slice of the inputs is larger than --memory-budget (by
-    default half the node's available memory shared by its ranks), else None."""
+def shape_of(path, cols):
+    """(rows, features) of a training file, checked as every reader checks it."""
     with data.open_h5(path) as f:
         n_rows, n_features, _ = data.inspect(f, path, cols)
-    rows = int(BatchPlan(n_rows, cfg.batch_size, grid.replica, grid.replicas).local_counts().sum())
-    budget = (cfg.memory_budget * 2**20 if cfg.memory_budget else
-              available_memory_bytes() / 2 / max(ranks_on_node, 1))
+    return n_rows, n_features
+
+
+def streaming(mib, plan, n_features, grid, ranks_on_node):
+    """The rows of a streamed chunk when this rank's slice of the inputs is larger than
+    --memory-budget (mib; 0: half the node's available memory shared by its ranks), else 0."""
+    rows = int(plan.local_counts().sum())
+    budget = mib * 2**20 if mib else available_memory_bytes() / 2 / max(ranks_on_node, 1)
     row_bytes = n_features * 4
     if not budget or rows * row_bytes <= budget:
-        return None
+        return 0
     if grid.stages > 1:
         raise UsageError(f"this rank's {rows * row_bytes / 2**20:,.0f} MiB of inputs exceed "
                          f"--memory-budget ({budget / 2**20:,.0f} MiB): streaming is data parallel "
                          "only; raise the budget, or use more replicas")
-    return data.Stream(path, cols.x_key, max(1, int(budget // 3 // row_bytes)))
+    return max(1, int(budget // 3 // row_bytes))
 
 
-def total_updates(cfg, plan):
+def total_updates(options, plan):
+    epochs, steps = options.schedule.epochs, options.schedule.steps
     spe = plan.steps_per_epoch
-    return cfg.epochs * spe if cfg.steps == 0 else min(cfg.steps, cfg.epochs * spe)
+    return epochs * spe if steps == 0 else min(steps, epochs * spe)
 
 
-def learning_rates(cfg, plan, has_validation):
-    """The run's learning rate of every update (lr.py), after checking the schedule's options."""
-    total = total_updates(cfg, plan)
-    if cfg.warmup_steps and cfg.warmup_steps >= total:
-        raise UsageError(f"--warmup-steps {cfg.warmup_steps} must be fewer than the run's "
+def learning_rates(options, plan, has_validation):
+    """The run's learning-rate schedule (lr.py), after checking the schedule's options."""
+    sched, optim = options.schedule, options.optim
+    total = total_updates(options, plan)
+    if sched.warmup_steps and sched.warmup_steps >= total:
+        raise UsageError(f"--warmup-steps {sched.warmup_steps} must be fewer than the run's "
                          f"{total} updates")
-    if cfg.early_stop and not has_validation:
+    if sched.early_stop and not has_validation:
         raise UsageError("--early-stop needs validation data (--val-data)")
-    base = lr.base_lr(cfg.lr, cfg.lr_scale, cfg.batch_size, cfg.lr_ref_batch)
-    return functools.partial(lr.lr_at, base=base, kind=cfg.lr_schedule, warmup=cfg.warmup_steps,
-                             total=total, min_lr=cfg.min_lr, step_size=cfg.step_size,
-                             gamma=cfg.gamma)
+    base = lr.base_lr(optim.lr, optim.lr_scale, sched.batch_size, optim.lr_ref_batch)
+    return lr.Schedule(base, sched.lr_schedule, sched.warmup_steps, total, sched.min_lr,
+                       sched.step_size, sched.gamma)
 
 
-def auto_resume(cfg, comm, log):
-    """--resume auto: continue when RUN_DIR holds a checkpoint, else start a new run there (what a
-    job that may be requeued asks for; leftovers of an attempt that never checkpointed go)."""
-    found = comm.bcast_(np.array([int(comm.is_root and bool(saved_checkpoints(cfg.run_dir)))],
-                                 np.int64))[0]
-    log.info("mpinn train: --resume auto: " + ("continuing the run in" if found else
-                                                "no checkpoint yet, a new run in") +
-             f" {cfg.run_dir}")
-    return dataclasses.replace(cfg, resume=bool(found), overwrite=not found)
-
-
-def saved_checkpoints(run_dir):
-    return [p for p in [os.path.join(run_dir, CHECKPOINT_NAME)] + glob.glob(
-        os.path.join(run_dir, "checkpoints", "step-*.h5")) if os.path.exists(p)]
-
-
-def claim_run_dir(cfg):
-    """Rank 0: create and lock RUN_DIR; a new run may not land on an old one unasked."""
-    prepare_run_dir(cfg.run_dir)
-    lock = RunDirLock(cfg.run_dir)
-    try:
-        lock.note = recover_set_aside(cfg.run_dir)
-        check_new_run(cfg.run_dir, cfg.resume, cfg.overwrite)
-    except UsageError:
-        lock.release()
-        raise
-    return lock
-
-
-# What a resumed run takes from its checkpoint (the rest may change on resume: epochs, steps,
-# ranks and pipeline layout, threads, and run-time knobs such as logging and timeouts).
-KEPT_ON_RESUME = ("data", "val_data", "x_key", "y_key", "hidden", "activation",
-                  "output_activation", "loss", "classes", "optimizer", "lr", "momentum",
-                  "nesterov", "beta1", "beta2", "eps", "weight_decay", "batch_size", "seed",
-                  "shuffle", "lr_schedule", "warmup_steps", "min_lr", "step_size", "gamma",
-                  "lr_scale", "lr_ref_batch", "clip_grad_norm", "dropout")
-
-
-def resumed_config(cfg, explicit, ckpt):
-    """cfg with the run's own data and options from its checkpoint; an explicit option that
-    contradicts them is an error."""
-    saved, updates = ckpt.config, {}
-    # the data files as this command line means them: --data '' is the bundled digits (so a job
-    # file's empty DATA resumes a run on the bundled data), its --val-data '' the bundled test set
-    resolved = dict(zip(("data", "val_data"), (p or "" for p in data_paths(cfg))))
-    for key in KEPT_ON_RESUME:
-        if key not in saved:
-            continue
-        mine, theirs = resolved.get(key, getattr(cfg, key)), saved[key]
-        if key in explicit and not same_setting(key, mine, theirs):
-            flag = "--" + key.replace("_", "-")
-            raise UsageError(f"{flag} {mine!r} differs from the run's {theirs!r}: --resume "
-                             "continues a run on its own data and options. Drop the option, or "
-                             "start a new run (--overwrite, or another --run-dir)")
-        updates[key] = theirs
-    check_data_identity(saved)
-    return dataclasses.replace(cfg, **updates)
-
-
-def check_data_identity(saved):
-    """The run's data files must be the ones it started on (same size and fingerprint): a file
-    replaced under the same name is refused, as a different --data is."""
-    for path, identity in saved.get("data_identity", {}).items():
-        now = data.file_identity(path)
-        if now != identity:
-            raise UsageError(f"the run's data file {path} has changed since the run started "
-                             f"({identity[0]:,} bytes, fingerprint {identity[1]}; now {now[0]:,} "
-                             f"bytes, {now[1]}): --resume continues a run on its own data. "
-                             "Restore the file, or start a new run (--overwrite, or another "
-                             "--run-dir)")
-
-
-def same_setting(key, mine, theirs):
-    if key in ("data", "val_data"):
-        files = lambda spec: [os.path.realpath(p) for p in data.data_files(spec)]  # noqa: E731
-        return bool(mine) == bool(theirs) and (not mine or files(mine) == files(theirs))
-    if key == "hidden":
-        return parse_hidden(mine) == parse_hidden(theirs)
-    return mine == theirs
-
-
-def class_count(comm, cfg, ckpt, y, path, plan):
-    """Classes of a cross-entropy network: the checkpoint's, --classes, the class names stored
-    with the labels, else the largest label + 1 when the labels are not far sparser than that."""
-    if ckpt is not None:
-        n = ckpt.arch.sizes[-1]
-    elif cfg.classes:
-        n = cfg.classes
-    else:
-        n = comm.checked(data.stored_classes, path, cfg.y_key)
-    local = np.unique(y) if y is not None else np.zeros(0, np.int64)
-    values = np.unique(comm.allgather_ints(local))
-    comm.checked(check_two_classes, values, n, path, cfg.y_key)
-    if n is None:
-        top = int(values.max())
-        comm.checked(check_sparse_labels, y, top, values.size, path, cfg.y_key, plan)
-        n = top + 1
-    comm.checked(check_labels, y, n, path, plan.owned_rows)
-    return n
-
-
-def check_two_classes(values, n, path, y_key):
-    """A classifier needs two classes at least: one class trains to loss 0 and accuracy 1 and
-    learns nothing."""
-    if n is not None and n < 2:
-        raise UsageError(f"{n} class: cross_entropy needs at least 2 classes (for one target "
-                         "value use --loss mse)")
-    if values.size == 1:
-        raise UsageError(f"{path}:{y_key} holds one class only (every label is {values[0]}): a "
-                         "classifier learns nothing from it; check --data and --y-key, or use "
-                         "--loss mse for a regression target")
-
-
-def check_sparse_labels(y, top, distinct, path, y_key, plan):
-    if top + 1 > 10 * max(distinct, 1) and y is not None and y.size and y.max() == top:
-        row = int(plan.owned_rows()[int(np.argmax(y))])
-        raise UsageError(f"{path}: label {top} at row {row} of {y_key} would make {top + 1} "
-                         f"classes, but the labels take only {distinct} distinct values; pass "
-                         f"--classes {top + 1} if that many are meant, or fix the labels")
-
-
-def check_memory(cfg, arch, grid, max_rows, ranks_on_node):
-    """Refuse a network that cannot fit before allocating it."""
-    n_state = {"sgd": 0, "momentum": 1, "adam": 2}[cfg.optimizer]
-    need = arch.training_bytes(max(max_rows, EVAL_ROWS), n_state, grid.stages)
-    available = available_memory_bytes()
-    if available and need > available / ranks_on_node:
-        gib = 2**30
-        raise UsageError(f"the network {arch.describe()} needs about {need / gib:,.1f} GiB per "
-                         f"rank (parameters, gradients, optimizer state, activations) but this "
-                         f"node has {available / gib:,.1f} GiB available for its {ranks_on_node} "
-                         "rank(s); use fewer or narrower layers, a smaller --batch-size, or more "
-                         "nodes")
-
-
-def validation(cfg, comm, grid, cols, val_path, train_path, n_features, arch):
+def validation(data_options, comm, grid, inputs, arch):
     """An Evaluator over this reader's block of the validation data, or None without one."""
+    val_path, train_path, n_features = inputs.val_path, inputs.train_path, inputs.n_features
+    cols = inputs.cols
     if not val_path:
         return None
     n_val, val_features, _, vx, vy = load_split(
@@ -339,99 +265,89 @@ def validation(cfg, comm, grid, cols, val_path, train_path, n_features, arch):
     return Evaluator(comm, even_part(n_val, grid.replicas, grid.replica)[1], vx, vy, arch)
 
 
-def build_engine(cfg, comm, grid, arch, plan, ckpt, log, evaluates):
-    """This rank's engine with the start weights (rank 0's, broadcast) and, when resuming, the
-    optimizer state; returns (engine, optimizer steps already made)."""
-    params = ckpt.params if ckpt else init_params(arch, cfg.seed)
+def build_engine(options, comm, grid, arch, plan, ckpt, log, evaluates):
+    """This rank's engine with the start weights (rank 0's, broadcast), an optimizer that owns
+    the run's learning-rate schedule and, when resuming, the optimizer state; returns (engine,
+    optimizer steps already made)."""
+    params = ckpt.params if ckpt else init_params(arch, options.run.seed)
     comm.bcast_(params)  # one source of truth for the initial weights: rank 0's
-    opt_settings = dict(name=cfg.optimizer, lr=cfg.lr, momentum=cfg.momentum,
-                        nesterov=cfg.nesterov, beta1=cfg.beta1, beta2=cfg.beta2, eps=cfg.eps,
-                        weight_decay=cfg.weight_decay)
+    o = options.optim
+    schedule = comm.checked(learning_rates, options, plan, evaluates)
+    optimizer = dict(name=o.optimizer, lr=schedule.base, momentum=o.momentum,
+                     nesterov=o.nesterov, beta1=o.beta1, beta2=o.beta2, eps=o.eps,
+                     weight_decay=o.weight_decay, schedule=schedule)
     step, opt_state = 0, None
-    if cfg.resume:
+    if options.run.resume is Resume.YES:
         step, opt_state = ckpt.global_step, (ckpt.optimizer_step, ckpt.optimizer_state)
-        if ckpt.config.get("ranks") != comm.size and cfg.shuffle == "rank":
+        if ckpt.config.get("ranks") != comm.size and options.data.shuffle == "rank":
             log.info(f"note: resuming on {comm.size} ranks a run checkpointed on "
                      f"{ckpt.config.get('ranks')}: shuffled data order differs from an "
                      "uninterrupted run")
     engine = comm.checked(make_engine, comm, grid, arch, params, int(plan.local_counts().max()),
-                          opt_settings, opt_state, cfg.partition, cfg.micro_batches, cfg.schedule,
-                          EVAL_ROWS if evaluates else 0, cfg.overlap_mb, cfg.accumulate,
-                          cfg.shard_optimizer, cfg.allreduce)
-    engine.clip_grad_norm = cfg.clip_grad_norm
-    engine.set_dropout(cfg.dropout, cfg.seed)
+                          optimizer=optimizer, opt_state=opt_state,
+                          eval_rows=network.EVAL_ROWS if evaluates else 0,
+                          parallel=options.parallel)
+    engine.clip_grad_norm = o.clip_grad_norm
+    engine.set_dropout(options.model.dropout, options.run.seed)
     return engine, step
 
 
-def checkpoint_path(cfg):
-    return os.path.join(cfg.run_dir, CHECKPOINT_NAME)
-
-
-def start_checkpoint(cfg, log):
-    """The checkpoint a run starts from (rank 0 only), or None. On --resume a damaged or missing
-    checkpoint.h5 falls back to the newest intact step checkpoint (--keep-checkpoints), saying so."""
-    if not cfg.resume:
-        return checkpoint.load(cfg.init) if cfg.init else None
-    path = checkpoint_path(cfg)
-    try:
-        if not os.path.exists(path):
-            raise UsageError(f"--resume: no checkpoint at {path}")
-        return checkpoint.load(path)
-    except UsageError as problem:
-        for older in reversed(checkpoint.step_checkpoints(os.path.join(cfg.run_dir,
-                                                                       "checkpoints"))):
-            try:
-                ckpt = checkpoint.load(older)
-            except UsageError:
-                continue
-            log.warn(f"{problem}; resuming from {older} (step {ckpt.global_step}) instead")
-            return ckpt
-        raise
-
-
-def check_mode(cfg, grid):
+def check_mode(options, grid):
     """Options that the rank grid rules out (every rank decides the same)."""
     who = "ranks" if grid.stages == 1 else "pipeline replicas"
-    if cfg.shuffle == "global" and grid.stages > 1:
+    batch_size, accumulate = options.schedule.batch_size, options.parallel.accumulate
+    if options.data.shuffle == "global" and grid.stages > 1:
         raise UsageError("--shuffle global works in data-parallel mode only for now; use "
                          "--shuffle rank or none with --pipeline-stages")
-    if cfg.batch_size < grid.replicas:
-        raise UsageError(f"--batch-size {cfg.batch_size} is smaller than the number of {who} "
+    if batch_size < grid.replicas:
+        raise UsageError(f"--batch-size {batch_size} is smaller than the number of {who} "
                          f"({grid.replicas}); each needs at least one row of each full batch")
-    if cfg.accumulate > 1:
+    if accumulate > 1:
         if grid.stages > 1:
             raise UsageError("--accumulate is for data-parallel mode; a pipeline already splits "
                              "each batch (--micro-batches)")
-        if cfg.overlap_mb:
+        if options.parallel.overlap_mb:
             raise UsageError("--accumulate and --overlap-mb exclude each other")
-        share = cfg.batch_size // grid.replicas
-        if share < cfg.accumulate:
-            raise UsageError(f"--accumulate {cfg.accumulate}: each rank's share of a global batch "
+        share = batch_size // grid.replicas
+        if share < accumulate:
+            raise UsageError(f"--accumulate {accumulate}: each rank's share of a global batch "
                              f"is {share} rows, fewer than the pieces asked for")
-
-
-def architecture(cfg, explicit, ckpt, n_features, n_outputs):
-    """The network to train: from the checkpoint (conflicting explicit options are errors) or cfg."""
-    if ckpt is None:
-        return Architecture((n_features,) + cfg.hidden_sizes() + (n_outputs,), cfg.activation,
-                            cfg.output_activation, cfg.loss)
-    arch = ckpt.arch
-    given = {"hidden": cfg.hidden_sizes(), "activation": cfg.activation, "loss": cfg.loss,
-             "output_activation": cfg.output_activation}
-    have = {"hidden": arch.sizes[1:-1], "activation": arch.activation, "loss": arch.loss,
-            "output_activation": arch.output_activation}
-    for key in given:
-        if key in explicit and given[key] != have[key]:
-            raise UsageError(f"--{key.replace('_', '-')} {given[key]} conflicts with the checkpoint's "
-                             f"{have[key]}; drop the option to use the checkpoint's architecture")
-    if arch.sizes[0] != n_features:
-        raise UsageError(f"the checkpoint's network takes {arch.sizes[0]} input features; the data "
-                         f"has {n_features}")
-    if n_outputs is not None and arch.sizes[-1] != n_outputs and not arch.loss_fn.integer_labels:
-        raise UsageError(f"the checkpoint's network has {arch.sizes[-1]} outputs; the data's "
-                         f"targets have {n_outputs}")
-    return arch
 
 
 def raise_usage(message):
     raise UsageError(message)
+
+
+def timeline(options, comm, engine, inputs, run_dir):
+    """--timeline: checked like every output beside a run, then the engine records phases."""
+    path = options.run.timeline
+    if not path:
+        return
+    files = [*data.data_files(inputs.train_path),
+             *(data.data_files(inputs.val_path) if inputs.val_path else [])]
+    resumed = options.run.resume is Resume.YES
+    comm.checked(check_side_output, path, "--timeline", options.run.overwrite, files,
+                 run_dir.ours(), is_trace if resumed else lambda p: False)
+    engine.timeline = Timeline()
+
+
+def announcement(options, comm, engine, arch, inputs, startup, state):
+    """The lines that open a run's output: learning rate, streaming, the run's shape."""
+    o, sched = options.optim, options.schedule
+    schedule = engine.optimizer.schedule
+    rule = ("" if o.lr_scale == "none" else f" = {o.lr:g} with {o.lr_scale} scaling for "
+            f"global batch {sched.batch_size} vs {o.lr_ref_batch}")
+    warm = f", warm-up {sched.warmup_steps} updates" if sched.warmup_steps else ""
+    lines = [f"mpinn train: learning rate {schedule.base:g}{rule}, {sched.lr_schedule} schedule"
+             f"{warm} over {state.total_steps} updates"
+             + (f"; gradients clipped to norm {o.clip_grad_norm:g}" if o.clip_grad_norm else "")]
+    if inputs.chunk_rows:
+        lines.append(f"mpinn train: inputs streamed from {inputs.train_path} in chunks of "
+                     f"{inputs.chunk_rows:,} rows read ahead (this rank's slice is larger than "
+                     "--memory-budget)")
+    lines.append(f"mpinn train: {comm.size} rank(s) [{comm.library_version()}], "
+                 f"{engine.describe()}, network "
+                 f"{arch.describe()} ({arch.n_params:,} parameters, {arch.loss}), "
+                 f"{inputs.n_rows} rows, global batch {sched.batch_size} -> "
+                 f"{state.steps_per_epoch} steps/epoch; kernels ready in {startup.jit_s:.2f} s")
+    return lines

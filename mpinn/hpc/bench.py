@@ -12,9 +12,9 @@ import time
 
 import numpy as np
 
+from ..data_parallel import NODE_SHARD_BYTES, DataParallelEngine
 from ..errors import UsageError
 from ..log import Log
-from ..data_parallel import NODE_SHARD_BYTES, DataParallelEngine
 from ..model import Architecture, init_params
 from ..plan import even_part
 from ..runtime.threads import limit_threads, oversubscription

@@ -42,7 +42,7 @@ def run(cfg, explicit, comm):
                   "allreduce": sweep}
         report["warnings"], report["broken"] = findings(report)
         log.info(json.dumps(report, indent=1) if cfg.json else text(report))
-    broken = comm.bcast_(np.array([int(bool(comm.is_root and report["broken"]))], np.int64))[0]
+    broken = comm.bcast_int(int(bool(comm.is_root and report["broken"])))
     if broken:
         raise AgreedExit(2)
 

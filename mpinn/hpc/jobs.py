@@ -1,8 +1,8 @@
 """`mpinn jobs slurm|pbs`: render a ready job file from the templates shipped in mpinn/assets/jobs
 with the directives set (nodes, ranks per node, threads per rank, time, partition/queue, account).
 
-    mpinn jobs slurm --kind scaling --nodes 4 --ranks-per-node 32 --time 01:00:00 --account abc123 \\
-        --out scaling.sbatch
+    mpinn jobs slurm --kind scaling --nodes 4 --ranks-per-node 32 --time 01:00:00 \\
+        --account abc123 --out scaling.sbatch
 
 Only directive lines change; the commented body of the template stays as the guide to the rest.
 """
@@ -62,8 +62,10 @@ def render_pbs(text, cfg):
 
 def render(cfg):
     if not TIME.match(cfg.time) or (cfg.scheduler == "pbs" and "-" in cfg.time):
-        raise UsageError(f"--time must be HH:MM:SS{' or D-HH:MM:SS' if cfg.scheduler == 'slurm' else ''}"
-                         f", got {cfg.time!r}")
+        raise UsageError(
+            f"--time must be HH:MM:SS{' or D-HH:MM:SS' if cfg.scheduler == 'slurm' else ''}"
+            f", got {cfg.time!r}"
+        )
     text = assets.path("jobs", FILES[(cfg.scheduler, cfg.kind)]).read_text()
     return render_slurm(text, cfg) if cfg.scheduler == "slurm" else render_pbs(text, cfg)
 
@@ -100,7 +102,7 @@ def srun_plugins():
 
 def mpi_library():
     """The MPI library mpi4py loads, named by a child process that does not start MPI."""
-    out = subprocess.run([sys.executable, "-m", "mpinn.comm"], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", "mpinn.comm.mpi"], capture_output=True, text=True,
                          timeout=60)
     if out.returncode != 0:
         raise UsageError(f"cannot load MPI through mpi4py: {out.stderr.strip()[-300:]}")

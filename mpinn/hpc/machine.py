@@ -17,7 +17,9 @@ def blas():
     from threadpoolctl import threadpool_info
     pools = [p for p in threadpool_info() if p.get("user_api") == "blas"]
     # SciPy's own copy lives in scipy.libs/ (numpy's, in numpy.libs/, has a similar file name)
-    chosen = next((p for p in pools if "/scipy.libs/" in p["filepath"]), pools[0] if pools else None)
+    chosen = next(
+        (p for p in pools if "/scipy.libs/" in p["filepath"]), pools[0] if pools else None
+    )
     if chosen is None:
         return {"library": "unknown", "version": "", "architecture": ""}
     return {"library": chosen["internal_api"], "version": chosen.get("version") or "",

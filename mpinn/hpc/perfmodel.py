@@ -8,8 +8,8 @@ Two levels (N nodes of r ranks each, ranks placed node by node): the reduction m
 inside each node over shared memory, and between nodes each node's NIC carries 2(N-1)/N * n — the
 bytes of one rank per node, whether a hierarchical reduction sends them from a leader or a
 recursive-halving Allreduce sends n/r from each of the r ranks, which then share the NIC
-(beta_eff = beta_nic / r). MPICH's Allreduce behaves so (measured on the two-node harness: 2 nodes
-x 2 ranks take the time of 2 x 1):
+(beta_eff = beta_nic / r). MPICH's Allreduce behaves so (the two-node harness's measurement is in
+docs/performance.md):
 
     allreduce2(n, N, r) = allreduce(n, r; intra) + allreduce(n, N; inter)
     step = (compute + data per sample) * rows per rank + optimizer (/p when sharded) + allreduce2

@@ -20,10 +20,10 @@ import os
 
 import numpy as np
 
-from . import perfmodel
 from ..errors import UsageError
 from ..log import Log
 from ..outputs import text_written_whole, written_whole
+from . import perfmodel
 
 PHASES = ("data", "compute", "allreduce", "optimizer")
 COLORS = {"data": "#8c8c8c", "compute": "#1f77b4", "allreduce": "#d62728", "optimizer": "#2ca02c",
@@ -429,7 +429,7 @@ def projection_lines(info, projections):
     r = info["ranks_per_node"]
     names = list(projections)
     lines = ["", f"## Projections ({r} rank(s) per node)", "",
-             f"The model above with each network's α and β between nodes"
+             "The model above with each network's α and β between nodes"
              + (" and this node's shared memory inside one" if r > 1 else "")
              + f"; first column: {info['network']} (α = {info['alpha'] * 1e6:.2f} µs, β = "
              f"{info['beta'] / 1e9:.2f} GB/s). Efficiency without / with --shard-optimizer.", ""]

@@ -17,11 +17,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from . import report
 from ..config import ReportConfig
 from ..errors import UsageError
 from ..log import Log
 from ..outputs import text_written_whole
+from . import report
 
 
 def default_launcher():
@@ -74,7 +74,8 @@ def run(cfg, explicit, comm=None):
             p = subprocess.run(cmd, capture_output=True, text=True, timeout=cfg.timeout,
                                env={**os.environ, "OMP_NUM_THREADS": str(threads)})
         except subprocess.TimeoutExpired:
-            raise UsageError(f"the {where} run did not finish within --timeout {cfg.timeout} s")
+            raise UsageError(f"the {where} run did not finish within --timeout {cfg.timeout} "
+                             "s") from None
         except FileNotFoundError:
             raise UsageError(f"cannot run {cmd[0]!r}; set --launcher") from None
         if p.returncode != 0:

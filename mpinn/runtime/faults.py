@@ -1,4 +1,5 @@
-"""Test-only fault injection. Does nothing unless MPINN_FAULT is set to KIND:rank=R[:step=S][:at=WHERE]:
+"""Test-only fault injection. Does nothing unless MPINN_FAULT is set to
+KIND:rank=R[:step=S][:at=WHERE]:
 
     KIND   raise (RuntimeError) | kill (SIGKILL itself) | hang (sleep for an hour) |
            perturb (parameters drift: the replica check must catch it) |

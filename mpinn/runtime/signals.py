@@ -25,9 +25,12 @@ class StopRequest:
             signal.alarm(self.grace)
 
     def _on_alarm(self, signum, frame):
-        print(f"mpinn: rank {self.rank}: no final checkpoint within the {self.grace} s grace period "
-              "after the signal; exiting (the previous checkpoint is intact)", file=sys.stderr,
-              flush=True)
+        print(
+            f"mpinn: rank {self.rank}: no final checkpoint within the {self.grace} s grace period "
+            "after the signal; exiting (the previous checkpoint is intact)",
+            file=sys.stderr,
+            flush=True,
+        )
         os._exit(128 + (self.signum or signal.SIGTERM))
 
     @property

@@ -11,7 +11,7 @@ _limits = None
 
 
 def limit_threads(n):
-    """Limit every loaded BLAS/OpenMP pool, and Numba's threads, to n for the rest of the process."""
+    """Limit every loaded BLAS/OpenMP pool, and Numba's threads, to n for the rest of the run."""
     global _limits
     _limits = threadpool_limits(limits=int(n))
     numba.set_num_threads(min(int(n), numba.config.NUMBA_NUM_THREADS))

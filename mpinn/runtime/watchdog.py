@@ -20,7 +20,7 @@ ABORT_CODE = 124
 
 
 class NullWatchdog:
-    def begin(self, step):
+    def begin(self, step, phase="step"):
         pass
 
     def arrived(self):

@@ -6,6 +6,7 @@ import math
 import os
 
 from ..outputs import written_whole
+from ..rundir import RunDir
 
 RESULT_NAME = "result.json"
 METRICS = ("val_loss", "val_accuracy", "train_loss", "epochs", "seconds")
@@ -110,7 +111,7 @@ def learning_curve(run_dir):
     """[(epoch, validation loss)] from a trial's metrics.jsonl."""
     points = []
     try:
-        with open(os.path.join(run_dir, "metrics.jsonl")) as fh:
+        with open(RunDir(run_dir).metrics) as fh:
             for line in fh:
                 record = json.loads(line)
                 if record.get("kind") == "epoch" and record.get("val_loss") is not None:

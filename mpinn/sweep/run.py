@@ -21,10 +21,11 @@ import time
 import numpy as np
 
 from .. import train
-from ..config import TrainConfig, build, check_value
+from ..config import SWEEP_CHANGEABLE_ON_RESUME, TrainConfig, build, check_value
 from ..errors import AgreedExit, UsageError
 from ..log import Log
 from ..outputs import RunDirLock, prepare_run_dir, written_whole
+from ..rundir import RunDir
 from ..runtime.signals import NoStopRequest, StopRequest
 from .grid import describe, load_trials
 from .results import finished, read_result, trial_dir, write_all, write_result
@@ -33,19 +34,16 @@ from .scheduler import Dispatcher, ask
 PLAN_NAME = "sweep.json"
 SWEEP_FILES = (PLAN_NAME, "results.csv", "results.md", "results.png")
 # what may change when a sweep is continued: where it runs and how it is watched, not what it trains
-CHANGEABLE_ON_RESUME = ("out", "resume", "ranks_per_trial", "threads", "debug", "log_every",
-                        "stall_warning", "stall_timeout", "signal_grace", "checkpoint_on_signal",
-                        "check_every", "progress")
+CHANGEABLE_ON_RESUME = SWEEP_CHANGEABLE_ON_RESUME
 
 
 def run(cfg, explicit, world):
     log = Log(world.rank, world.size)
     size = cfg.ranks_per_trial
     world.checked(check_world, world.size, size, world.threads_supported())
-    lock = world.checked(lambda: claim_out(cfg) if world.is_root else None)
+    lock = world.on_root(claim_out, cfg)
     try:
-        plan = world.bcast_json(world.checked(
-            lambda: prepare(cfg, explicit) if world.is_root else None))
+        plan = world.bcast_json(world.on_root(prepare, cfg, explicit))
         code = sweep(cfg, world, log, plan, size)
     finally:
         if lock is not None:
@@ -172,9 +170,9 @@ def sweep(cfg, world, log, plan, size):
     finally:
         stop.restore()
     stopped = int(world.allreduce_(np.array([stopped], np.int64), "max")[0])
-    ok = world.checked(lambda: summarize(cfg, log, plan, time.perf_counter() - t0, stopped)
-                       if world.is_root else True)
-    ok = int(world.bcast_(np.array([int(bool(ok))], np.int64))[0])
+    ok = world.on_root(summarize, cfg, log, plan, time.perf_counter() - t0, stopped,
+                       default=True)
+    ok = world.bcast_int(int(bool(ok)))
     return 128 + stopped if stopped else (0 if ok else 1)
 
 
@@ -182,8 +180,8 @@ def train_trials(cfg, plan, group, side, stop):
     """This group's loop: ask, train, record. Returns the signal number that stopped it, or 0."""
     finished_trial, signum = -1, 0
     while True:
-        trial = (ask(side, finished_trial, signum or stop.requested) if group.is_root else 0)
-        trial = int(group.bcast_(np.array([trial], np.int64))[0])
+        trial = group.bcast_int(ask(side, finished_trial, signum or stop.requested)
+                                if group.is_root else 0)
         if trial < 0:
             return signum or (stop.signum or 0)
         record = run_trial(cfg.out, plan, trial, group)
@@ -211,8 +209,8 @@ def run_trial(out, plan, index, group):
     resume = 0
     if group.is_root:
         os.makedirs(run_dir, exist_ok=True)
-        resume = int(os.path.exists(os.path.join(run_dir, "checkpoint.h5")))
-    resume = int(group.bcast_(np.array([resume], np.int64))[0])
+        resume = int(os.path.exists(RunDir(run_dir).checkpoint))
+    resume = group.bcast_int(resume)
     try:
         cfg, explicit = trial_config(plan, trial, run_dir, resume)
         with trial_output(run_dir, group.is_root):

@@ -201,7 +201,9 @@ def read_idx(images, labels, chunk):
         xd, xdims = _idx_header(fx, images)
         yd, ydims = _idx_header(fy, labels)
         if len(ydims) != 1 or ydims[0] != xdims[0]:
-            raise UsageError(f"{labels}: {ydims} labels do not match the {xdims[0]} images of {images}")
+            raise UsageError(
+                f"{labels}: {ydims} labels do not match the {xdims[0]} images of {images}"
+            )
         width = int(np.prod(xdims[1:]))
         for s in range(0, xdims[0], chunk):
             n = min(chunk, xdims[0] - s)
@@ -286,8 +288,13 @@ def class_indices(labels, class_names):
     """int64 index of each text label in the sorted class_names."""
     import pyarrow as pa
     import pyarrow.compute as pc
-    return pc.index_in(pa.array(labels, type=pa.string()),
-                       value_set=pa.array(class_names, type=pa.string())).to_numpy().astype(np.int64)
+    return (
+        pc.index_in(
+            pa.array(labels, type=pa.string()), value_set=pa.array(class_names, type=pa.string())
+        )
+        .to_numpy()
+        .astype(np.int64)
+    )
 
 
 def stratified_train_mask(labels, fraction, seed):

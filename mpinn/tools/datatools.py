@@ -25,8 +25,13 @@ class Teacher:
     def __init__(self, features, hidden, classes, seed):
         rng = np.random.default_rng([seed, 2**32 - 1])  # weights: a stream no row block uses
         sizes = (features,) + hidden + (classes,)
-        self.layers = [(rng.normal(0, 1 / np.sqrt(a), (a, b)).astype(np.float32),
-                        rng.normal(0, 0.1, b).astype(np.float32)) for a, b in zip(sizes[:-1], sizes[1:])]
+        self.layers = [
+            (
+                rng.normal(0, 1 / np.sqrt(a), (a, b)).astype(np.float32),
+                rng.normal(0, 0.1, b).astype(np.float32),
+            )
+            for a, b in zip(sizes[:-1], sizes[1:])
+        ]
 
     def labels(self, x):
         h = x

@@ -1,10 +1,10 @@
 """`mpinn export`: a checkpoint's network for use elsewhere.
 
-    --format onnx    an ONNX model (the `onnx` package): input "x" (N x F float32), output "y":
-                     class probabilities (softmax) for cross-entropy networks, out_act(z) for mse,
-                     the same numbers `mpinn predict` writes
-    --format torch   a state dict for torch.nn.Sequential(Linear, activation, ..., Linear[, Sigmoid])
-    --format npz     W0, b0, W1, b1, ... (W is fan_in x fan_out: h = act(h @ W + b)) and the sizes
+--format onnx    an ONNX model (the `onnx` package): input "x" (N x F float32), output "y":
+                 class probabilities (softmax) for cross-entropy networks, out_act(z) for mse,
+                 the same numbers `mpinn predict` writes
+--format torch   a state dict for torch.nn.Sequential(Linear, activation, ..., Linear[, Sigmoid])
+--format npz     W0, b0, W1, b1, ... (W is fan_in x fan_out: h = act(h @ W + b)) and the sizes
 """
 
 import numpy as np
@@ -44,8 +44,12 @@ def to_onnx(ckpt, path):
             h = f"a{l}"
     nodes.append(helper.make_node("Identity", [h], ["y"]))
     graph = helper.make_graph(
-        nodes, "mpinn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", arch.sizes[0]])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", arch.sizes[-1]])], inits)
+        nodes,
+        "mpinn",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", arch.sizes[0]])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", arch.sizes[-1]])],
+        inits,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
                               producer_name="mpinn")
     onnx.checker.check_model(model)

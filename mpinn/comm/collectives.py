@@ -1,34 +1,23 @@
-"""The only module that imports mpi4py: the communicator wrapper every other module is handed.
-
-Everything here uses mpi4py's uppercase, buffer-based calls (no pickling). Below this module rank and
-size are plain ints; `Comm()` outside mpiexec is a 1-rank world, so all code runs serially too.
-
-`checked(fn)` is how a phase that may fail on some ranks only (reading a data slice, loading a
-checkpoint on rank 0) ends: every rank learns whether any rank failed, the lowest failing rank prints
-its message once, and all ranks exit together instead of leaving the others waiting in a collective.
-"""
-import ctypes
-import errno
+"""Plain collectives: the Comm every other module is handed, over mpi4py's uppercase, buffer-based
+calls (no pickling), with the recurring idioms named (bcast_int, bcast_json, allreduce_minmax,
+on_root). Below this package rank and size are plain ints; `Comm()` outside mpiexec is a 1-rank
+world, so all code runs serially too."""
 import json
-import os
-import sys
 import time
-import traceback
 import zlib
 
 import mpi4py
 import numpy as np
 
-if __name__ == "__main__":  # `python -m mpinn.comm`: name the MPI library without starting MPI
-    mpi4py.rc.initialize = False
-from mpi4py import MPI  # noqa: E402
-
-from .errors import AgreedExit, MpinnError
-
-ABORT_GRACE_S = 0.1
+from . import node
+from .agreement import Agreement
+from .mpi import MPI, library_version
 
 
-class Comm:
+class Comm(Agreement):
+    """A communicator: plain collectives over numpy buffers, the node's layout, and (Agreement)
+    how a phase that may fail on some ranks only ends on every rank together."""
+
     def __init__(self, mpi_comm=None):
         self._comm = mpi_comm if mpi_comm is not None else MPI.COMM_WORLD
         self.rank = self._comm.Get_rank()
@@ -86,6 +75,18 @@ class Comm:
         if self.size > 1:
             self._comm.Bcast(buf, root=root)
         return buf
+
+    def any_rank(self, flag):
+        """True on every rank when flag is true on some rank."""
+        return self.allreduce_minmax(int(bool(flag)))[1] == 1
+
+    def every_rank(self, flag):
+        """True on every rank when flag is true on every rank."""
+        return self.allreduce_minmax(int(bool(flag)))[0] == 1
+
+    def bcast_int(self, value, root=0):
+        """root's integer, on every rank."""
+        return int(self.bcast_(np.array([value], np.int64), root)[0])
 
     def bcast_json(self, obj, root=0):
         """Broadcast a JSON-serialisable object (set-up only): length, then UTF-8 bytes."""
@@ -169,7 +170,7 @@ class Comm:
         return Comm(self._comm.Split(color, key))
 
     def isend_(self, buf, dest, tag):
-        """Start sending a contiguous buffer; returns the request (call .Wait() before reusing buf)."""
+        """Start sending a contiguous buffer; returns the request (.Wait() before reusing buf)."""
         return self._comm.Isend(buf, dest=dest, tag=tag)
 
     def recv_(self, buf, source, tag):
@@ -183,15 +184,16 @@ class Comm:
             recvbuf[...] = sendbuf
             return recvbuf
         displ = lambda c: np.concatenate([[0], np.cumsum(c)[:-1]]).astype(np.int64)  # noqa: E731
-        self._comm.Alltoallv([sendbuf, (list(map(int, send_counts)), list(map(int, displ(send_counts))))],
-                             [recvbuf, (list(map(int, recv_counts)), list(map(int, displ(recv_counts))))])
+        self._comm.Alltoallv(
+            [sendbuf, (list(map(int, send_counts)), list(map(int, displ(send_counts))))],
+            [recvbuf, (list(map(int, recv_counts)), list(map(int, displ(recv_counts))))],
+        )
         return recvbuf
 
     def reduce_scatter_block_(self, sendbuf, recvbuf):
         """Sum sendbuf (size x recvbuf.size elements) over ranks; rank r receives block r. The
-        equal-block call, not the counts one: here it runs 0.25 ms where Reduce_scatter with
-        counts runs 0.2 ms but its partner Allgatherv 0.27 ms against Allgather's 0.09 ms
-        (670k floats, 2 ranks)."""
+        equal-block call, not the counts one: with its partner Allgather it is the faster pair
+        (docs/performance.md, "Measurements behind the code")."""
         if self.size == 1:
             recvbuf[...] = sendbuf[:recvbuf.size]
             return recvbuf
@@ -291,13 +293,13 @@ class Comm:
             return None
         local, even = self._node_split()
         rows = local.size + 2 if shared_params else 2 * local.size
-        need = 2 * rows * (n + NodeAllreduce.ALIGN) * 4 * self.shm_sharers  # half free
-        if not even or self.allreduce_minmax(int(shm_free_bytes() >= need))[0] == 0:
+        need = 2 * rows * (n + node.NodeAllreduce.ALIGN) * 4 * self.shm_sharers  # half free
+        if not even or not self.every_rank(node.shm_free_bytes() >= need):
             local._comm.Free()
             return None
         cross = self.split(local.rank, self.rank) if local.size < self.size else None
-        node_sum = NodeAllreduce(local, cross, n, shared_params)
-        if self.allreduce_minmax(int(node_sum.populated))[0] == 0:
+        node_sum = node.NodeAllreduce(local, cross, n, shared_params)
+        if not self.every_rank(node_sum.populated):
             node_sum.close()
             return None
         return node_sum
@@ -322,197 +324,3 @@ class Comm:
 
     def barrier(self):
         self._comm.Barrier()
-
-    def abort(self, code, grace_s=None):
-        """End every rank with this exit status. The pause first lets the launcher forward the
-        message this rank just printed: Abort tears the job down at once, and a message still in
-        the launcher's pipe was seen lost (about 1 run in 12 under load)."""
-        sys.stderr.flush()
-        time.sleep(ABORT_GRACE_S if grace_s is None else grace_s)
-        self._comm.Abort(code)
-
-    def checked(self, fn, *args, **kwargs):
-        """Run fn on this rank, then agree with all ranks: if fn raised an MpinnError anywhere,
-        the lowest failing rank prints it once and every rank raises AgreedExit with its exit
-        status (2 for bad input)."""
-        error = None
-        try:
-            result = fn(*args, **kwargs)
-        except MpinnError as e:
-            error = e
-        # min = the lowest failing rank; max < size only when every rank failed (then the error
-        # is the job's, not one rank's, and naming a rank would mislead)
-        first, last = self.allreduce_minmax(self.rank if error is not None else self.size)
-        if first < self.size:
-            code = np.array([error.exit_code if self.rank == first else 0], np.int64)
-            where = f" (rank {first} of {self.size})" if last == self.size else ""
-            if self.rank == first:
-                if self.debug:
-                    traceback.print_exception(error, file=sys.stderr)
-                print(f"mpinn: error{where}: {error}", file=sys.stderr, flush=True)
-            message = self.bcast_json(str(error) if self.rank == first else None, root=first)
-            raise AgreedExit(int(self.allreduce_(code, "max")[0]), message + where)
-        return result
-
-
-def shm_free_bytes():
-    """Free bytes in /dev/shm, where MPICH backs shared windows (unbounded where it is absent)."""
-    try:
-        st = os.statvfs("/dev/shm")
-    except OSError:
-        return 1 << 62
-    return st.f_bavail * st.f_frsize
-
-
-def slow_rank_pause(node_rank):
-    """Test-only (MPINN_TEST_SLOW_RANK="R:SECONDS"): seconds that rank R of a node sleeps at
-    NodeAllreduce.pause(), the points where a rank that ran ahead without waiting for the others
-    would read or overwrite what they still use. Makes a missing fence show in every run, not
-    only when the scheduler happens to delay a rank there."""
-    spec = os.environ.get("MPINN_TEST_SLOW_RANK", "")
-    if not spec:
-        return 0.0
-    rank, seconds = spec.split(":")
-    return float(seconds) if int(rank) == node_rank else 0.0
-
-
-MADV_POPULATE_WRITE = 23  # Linux 5.14+: allocate pages now; fails instead of a later SIGBUS
-
-
-def populate(address, size):
-    """Allocate the pages of a shared window now. MPICH maps the window from /dev/shm and the
-    kernel allocates a page when it is first touched: with /dev/shm full, that touch is a SIGBUS
-    that kills the rank with no word. madvise(MADV_POPULATE_WRITE) allocates them up front and
-    returns an error instead. False when they cannot all be had; True too on a kernel without
-    the call (EINVAL: older than 5.14), where the free-space check is all there is."""
-    if size == 0:
-        return True
-    page = os.sysconf("SC_PAGE_SIZE")
-    start = address - address % page
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-    if libc.madvise(start, address + size - start, MADV_POPULATE_WRITE) == 0:
-        return True
-    return ctypes.get_errno() == errno.EINVAL
-
-
-class NodeAllreduce:
-    """An in-place sum over all ranks through the shared memory of each node: every rank writes
-    its values into its own slot of one shared window (the backward pass writes its gradient
-    there directly), and after a node barrier reads them all. Two layouts:
-
-    - whole (small n): each rank sums every slot itself, in rank order, into its own buffer (the
-      same bits on every rank); the slots alternate between two sets step by step, so a rank that
-      runs ahead writes the other set while a slower one still reads: one barrier per sum. On
-      several nodes each rank then Allreduces its sum with the same-index ranks of other nodes.
-    - sliced (shared_params, large n): each rank sums one slice of every slot into a shared result
-      (and Allreduces that slice between nodes); the window also holds ONE copy of n parameters
-      for the node, each rank updating the slice it summed (shard.NodeShardedUpdate), and a
-      control row where ranks publish figures of their slice.
-
-    Measured on this machine, 2 ranks: the 2.7 MB mnist-like gradient sliced in 47 us where MPICH's
-    Allreduce takes 280 us; a 38 KB one whole in 4 us (12 us). Stores become visible to the other
-    ranks at fence() (the MPI-3 shared-memory pattern: Win_sync, barrier, Win_sync)."""
-    ALIGN = 16  # floats: slots and slices start on 64-byte lines
-    CONTROL = 4  # float64 figures each rank publishes
-
-    def __init__(self, node, cross, n, shared_params=False):
-        self.node, self.cross, self.n, self.sliced = node, cross, n, shared_params
-        p, r = node.size, node.rank
-        stride = -(-n // self.ALIGN) * self.ALIGN
-        rows = p + 2 if shared_params else 2 * p
-        table_bytes = rows * stride * 4
-        size = table_bytes + p * self.CONTROL * 8
-        self._win = MPI.Win.Allocate_shared(size if r == 0 else 0, 1, comm=node._comm)
-        memory, _ = self._win.Shared_query(0)
-        table = np.ndarray(buffer=memory, dtype=np.float32, shape=(rows, stride))
-        self.control = np.ndarray(buffer=memory, dtype=np.float64, shape=(p, self.CONTROL),
-                                  offset=table_bytes)
-        lines = stride // self.ALIGN
-        self.lo, self.hi = (min(n, self.ALIGN * (lines * k // p)) for k in (r, r + 1))
-        self.parity = 0
-        if shared_params:
-            self.sets, self.result, self.params = [table[:p, :n]], table[p, :n], table[p + 1]
-        else:
-            self.sets, self.total = [table[:p, :n], table[p:, :n]], np.zeros(n, np.float32)
-        self._win.Lock_all(MPI.MODE_NOCHECK)
-        # the node's first rank allocates every page now (the others map the same pages)
-        self.populated = populate(MPI.memory(memory).address, size) if r == 0 else True
-        self._pause_s = slow_rank_pause(r)
-
-    def pause(self):
-        """Nothing, except under MPINN_TEST_SLOW_RANK (see slow_rank_pause)."""
-        if self._pause_s:
-            time.sleep(self._pause_s)
-
-    @property
-    def slot(self):
-        """This rank's slot for the next sum: write it, then call sum_ (or sum_slice_)."""
-        return self.sets[self.parity][self.node.rank]
-
-    def fence(self):
-        """Every rank's stores are visible to every other (the MPI-3 shared-memory pattern)."""
-        self._win.Sync()
-        self.node._comm.Barrier()
-        self._win.Sync()
-
-    def sum_slice_(self):
-        """Sliced: after a fence, this rank's slice of the sum over all ranks, in
-        self.result[lo:hi] (returned); the other slices are not yet complete."""
-        self.fence()
-        self.pause()
-        lo, hi, slots = self.lo, self.hi, self.sets[0]
-        out = self.result[lo:hi]
-        np.add(slots[0, lo:hi], slots[1, lo:hi], out=out)
-        for k in range(2, self.node.size):
-            np.add(out, slots[k, lo:hi], out=out)
-        if self.cross is not None:
-            self.cross.allreduce_(out)
-        return out
-
-    def sum_(self):
-        """The sum of every rank's slot over all ranks: whole, in this rank's own buffer; sliced,
-        in the shared result (returned)."""
-        if self.sliced:
-            self.sum_slice_()
-            self.fence()
-            return self.result
-        self.fence()
-        self.pause()
-        slots = self.sets[self.parity]
-        np.add(slots[0], slots[1], out=self.total)
-        for k in range(2, self.node.size):
-            np.add(self.total, slots[k], out=self.total)
-        if self.cross is not None:
-            self.cross.allreduce_(self.total)
-        self.parity ^= 1
-        return self.total
-
-    def publish(self, *figures):
-        """Figures of this rank's slice, summed over the node by totals() after a fence (on
-        several nodes each node holds the same slices' figures: the node's totals are the
-        world's)."""
-        self.control[self.node.rank, :len(figures)] = figures
-
-    def totals(self):
-        return self.control.sum(axis=0)
-
-    def close(self):
-        """Free the window and the communicators made for it (collective over the node and
-        the cross-node group); a second call does nothing."""
-        if self._win is None:
-            return
-        self._win.Unlock_all()
-        self._win.Free()
-        self._win = None
-        self.node.free()
-        if self.cross is not None:
-            self.cross.free()
-
-
-def library_version():
-    return " ".join(MPI.Get_library_version().split()[:3])
-
-
-if __name__ == "__main__":
-    print(" ".join(MPI.Get_library_version().strip().splitlines()[0].split()))

@@ -1,0 +1,232 @@
+"""Batch sources: where the training loop's batches come from. Each is a BatchSource: for an
+epoch it gives that epoch's batches, a callable k -> (inputs, targets) of this reader's part of
+global batch k, with rows_of(k) (their file rows, for dropout's masks) and close().
+
+    InMemorySource      the rows this reader loaded, in file order or its own shuffle
+    GlobalShuffleSource the rows of a seeded permutation of all rows, exchanged between ranks
+    StreamedSource      inputs read from the file as training goes, a chunk read ahead
+
+The three give the same batches for the same rows, so how the data arrives never changes the
+weights a run ends with.
+"""
+import queue
+import threading
+import time
+from typing import Protocol
+
+import numpy as np
+
+from .read import RowSource, _check_finite
+from .shuffle import GlobalShuffle, global_shuffle_rows, rank_permutation
+
+
+class BatchSource(Protocol):
+    counts: np.ndarray   # this reader's rows of each global batch of an epoch
+    shuffle_seconds: float  # time spent exchanging rows (the global shuffle)
+
+    def epoch(self, epoch):
+        """This epoch's batches: b(k) -> (xb, yb), b.rows_of(k), b.close()."""
+
+    def first_rows(self):
+        """Inputs of this reader's first step, to compile the kernels on."""
+
+
+class EpochBatches:
+    """This rank's batches for one epoch: step k yields its part of global batch k. Fixed order
+    gives views of the local arrays; shuffled order permutes the rows this rank owns, seeded by
+    (seed, epoch, rank), and gathers them into preallocated buffers."""
+
+    def __init__(self, x, y, counts, shuffle, seed, epoch, rank, rows=None):
+        """x or y may be None (a pipeline stage that does not read it): its batches are None.
+        rows: the file row of each local row (for dropout's masks); `rows_of(k)` gives batch k's."""
+        self.arrays, self.counts, self.rows = (x, y), counts, rows
+        self.starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+        self.perm = None
+        if shuffle:
+            n = int(np.sum(counts))
+            self.perm = rank_permutation(n, seed, epoch, rank)
+            m = int(counts.max()) if len(counts) else 0
+            self.buffers = tuple(None if a is None else np.empty((m,) + a.shape[1:], a.dtype)
+                                 for a in self.arrays)
+
+    def rows_of(self, k):
+        """The file rows of this rank's part of batch k, in the order __call__ gives them."""
+        if self.rows is None:
+            return None
+        s, c = int(self.starts[k]), int(self.counts[k])
+        return self.rows[s:s + c] if self.perm is None else self.rows[self.perm[s:s + c]]
+
+    def close(self):
+        pass
+
+    def __call__(self, k):
+        s, c = int(self.starts[k]), int(self.counts[k])
+        if self.perm is None:
+            return tuple(None if a is None else a[s:s + c] for a in self.arrays)
+        idx = self.perm[s:s + c]
+        out = []
+        for a, buf in zip(self.arrays, self.buffers):
+            if a is not None:
+                np.take(a, idx, axis=0, out=buf[:c])
+            out.append(None if a is None else buf[:c])
+        return tuple(out)
+
+
+class StreamedBatches:
+    """This rank's batches for one epoch read from the file as training goes: the epoch's file
+    rows in step order are cut into chunks of whole steps (at most chunk_rows rows), and a
+    background thread reads the next chunk while the current one trains. At most three chunks are
+    in memory (the one training, one read ahead, one being read). Labels come from `labels` (all
+    of the file's, kept in memory: they are small). Gives what EpochBatches gives for the same
+    rows, so streamed training ends with the same weights as training from memory."""
+
+    def __init__(self, path, x_key, labels, file_rows, counts, chunk_rows, with_rows):
+        self.path, self.x_key, self.labels, self.file_rows = path, x_key, labels, file_rows
+        self.counts, self.with_rows = counts, with_rows
+        self.starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+        self.chunks = []  # (first step, first row, end row)
+        step = 0
+        while step < len(counts):
+            first, rows = step, 0
+            while step < len(counts) and (step == first or rows + counts[step] <= chunk_rows):
+                rows += int(counts[step])
+                step += 1
+            self.chunks.append((first, int(self.starts[first]), int(self.starts[first]) + rows))
+        self.chunk_of_step = np.repeat(np.arange(len(self.chunks)),
+                                       np.diff([c[0] for c in self.chunks] + [len(counts)]))
+        self.queue, self.thread, self.current, self.stopped = (
+            queue.Queue(maxsize=1),
+            None,
+            None,
+            False,
+        )
+
+    def _read_ahead(self, first_chunk):
+        source = None
+        try:
+            source = RowSource(self.path, self.x_key)
+            for j in range(first_chunk, len(self.chunks)):
+                if self.stopped:
+                    return
+                _, a, b = self.chunks[j]
+                rows = self.file_rows[a:b]
+                x = source.read(rows)
+                _check_finite(self.path, source.X, self.x_key, x,
+                              lambda rows=rows: source.X[np.sort(rows)])
+                self.queue.put((j, x, None))
+        except Exception as e:  # noqa: BLE001 - handed to the training thread, which raises it
+            self.queue.put((None, None, e))
+        finally:
+            if source is not None:
+                source.close()
+
+    def _chunk(self, j):
+        if self.current is not None and self.current[0] == j:
+            return self.current[1]
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._read_ahead, args=(j,), daemon=True,
+                                           name="mpinn-read-ahead")
+            self.thread.start()
+        got, x, error = self.queue.get()
+        if error is not None:
+            raise error
+        assert got == j, "streamed batches are taken in step order"
+        self.current = (j, x)
+        return x
+
+    def rows_of(self, k):
+        if not self.with_rows:
+            return None
+        s, c = int(self.starts[k]), int(self.counts[k])
+        return self.file_rows[s:s + c]
+
+    def __call__(self, k):
+        s, c = int(self.starts[k]), int(self.counts[k])
+        j = int(self.chunk_of_step[k])
+        x = self._chunk(j)
+        off = s - self.chunks[j][1]
+        return x[off:off + c], self.labels[self.file_rows[s:s + c]]
+
+    def close(self):
+        """Stop the read-ahead (an epoch ended early: a signal, early stopping, --steps)."""
+        self.stopped = True
+        if self.thread is not None:
+            while self.thread.is_alive():
+                try:
+                    self.queue.get(timeout=0.05)
+                except queue.Empty:
+                    pass
+            self.thread.join()
+
+
+class InMemorySource:
+    """The rows this reader loaded: file order, or its own permutation of them every epoch."""
+
+    def __init__(self, x, y, counts, shuffle, seed, rank, owned_rows=None):
+        self.x, self.y, self.counts = x, y, counts
+        self.shuffle, self.seed, self.rank, self.owned_rows = shuffle, seed, rank, owned_rows
+        self.shuffle_seconds = 0.0
+
+    def epoch(self, epoch):
+        return EpochBatches(self.x, self.y, self.counts, self.shuffle, self.seed, epoch,
+                            self.rank, self.owned_rows)
+
+    def first_rows(self):
+        return self.x
+
+
+class GlobalShuffleSource:
+    """A seeded permutation of all rows every epoch, the rows exchanged between ranks (made at the
+    first epoch, with its buffers): results independent of the number of ranks."""
+
+    def __init__(self, comm, x, y, n_rows, batch, counts, seed, with_rows):
+        self.comm, self.x, self.y, self.n_rows, self.batch = comm, x, y, n_rows, batch
+        self.counts, self.seed, self.with_rows = counts, seed, with_rows
+        self.exchange, self.shuffle_seconds = None, 0.0
+
+    def epoch(self, epoch):
+        t0 = time.perf_counter()
+        if self.exchange is None:
+            self.exchange = GlobalShuffle(self.comm, self.x, self.y, self.n_rows, self.batch)
+        ex, ey = self.exchange.epoch(self.seed, epoch)
+        rows = global_shuffle_rows(self.n_rows, self.batch, self.seed, epoch, self.comm.rank,
+                                   self.comm.size) if self.with_rows else None
+        self.shuffle_seconds += time.perf_counter() - t0
+        return EpochBatches(ex, ey, self.counts, False, self.seed, epoch, self.comm.rank, rows)
+
+    def first_rows(self):
+        return self.x
+
+
+class StreamedSource:
+    """Training inputs read from the file as training goes (this reader's slice is larger than its
+    memory budget), in the order the in-memory sources would give: the rows of one chunk at a time
+    read ahead, all of the file's labels (small) in memory."""
+
+    def __init__(self, path, x_key, chunk_rows, labels, counts, epoch_rows, first_rows,
+                 with_rows):
+        self.path, self.x_key, self.chunk_rows, self.labels = path, x_key, chunk_rows, labels
+        self.counts, self.epoch_rows, self.with_rows = counts, epoch_rows, with_rows
+        self._first_rows = first_rows
+        self.shuffle_seconds = 0.0
+
+    def epoch(self, epoch):
+        return StreamedBatches(self.path, self.x_key, self.labels, self.epoch_rows(epoch),
+                               self.counts, self.chunk_rows, self.with_rows)
+
+    def first_rows(self):
+        source = RowSource(self.path, self.x_key)
+        try:
+            return source.read(self._first_rows)
+        finally:
+            source.close()
+
+
+def epoch_file_rows(shuffle, owned, n_rows, batch, seed, rank, size):
+    """epoch -> the file rows of this reader's steps in that epoch, in order: what the in-memory
+    sources gather (EpochBatches' per-rank permutation, the global shuffle's positions)."""
+    if shuffle == "global":
+        return lambda epoch: global_shuffle_rows(n_rows, batch, seed, epoch, rank, size)
+    if shuffle == "rank":
+        return lambda epoch: owned[rank_permutation(len(owned), seed, epoch, rank)]
+    return lambda epoch: owned

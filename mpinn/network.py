@@ -1,0 +1,116 @@
+"""The network a run trains: its class count (the checkpoint's, --classes, the stored class names,
+or the labels), its architecture (fresh from the model section, or the checkpoint's, which
+explicit options may not contradict), whether it fits the node's memory, and its class names."""
+import numpy as np
+
+from . import data
+from .errors import UsageError
+from .losses import LOSSES
+from .model import Architecture
+from .runtime.process import available_memory_bytes
+from .session import check_labels
+
+EVAL_ROWS = 1024  # rows per forward pass when evaluating
+
+
+def build(options, explicit, comm, grid, ckpt, inputs):
+    """The architecture to train (the checkpoint's, or from the model section with the data's
+    class count), checked against this node's memory."""
+    loss = ckpt.arch.loss if ckpt else options.model.loss
+    n_outputs = (class_count(comm, options, ckpt, inputs.y, inputs.train_path, inputs.plan)
+                 if LOSSES[loss].integer_labels else inputs.n_targets)
+    arch = comm.checked(architecture, options.model, explicit, ckpt, inputs.n_features, n_outputs)
+    most = -(-int(inputs.plan.local_counts().max()) // options.parallel.accumulate)
+    comm.checked(check_memory, options.optim.optimizer, arch, grid, most, comm.node_size())
+    return arch
+
+
+def names_of_classes(comm, options, saved_config, inputs, arch):
+    """The class names a checkpoint carries (predict writes them): the start checkpoint's, else
+    those stored with the training labels; None for regression or unnamed classes."""
+    if not arch.loss_fn.integer_labels:
+        return None
+    names = (saved_config or {}).get("class_names") or comm.on_root(
+        data.class_names, inputs.train_path, options.data.y_key)
+    names = comm.bcast_json(names)
+    return names if names and len(names) == arch.sizes[-1] else None
+
+
+def class_count(comm, options, ckpt, y, path, plan):
+    """Classes of a cross-entropy network: the checkpoint's, --classes, the class names stored
+    with the labels, else the largest label + 1 when the labels are not far sparser than that."""
+    if ckpt is not None:
+        n = ckpt.arch.sizes[-1]
+    elif options.model.classes:
+        n = options.model.classes
+    else:
+        n = comm.checked(data.stored_classes, path, options.data.y_key)
+    local = np.unique(y) if y is not None else np.zeros(0, np.int64)
+    values = np.unique(comm.allgather_ints(local))
+    comm.checked(check_two_classes, values, n, path, options.data.y_key)
+    if n is None:
+        top = int(values.max())
+        comm.checked(check_sparse_labels, y, top, values.size, path, options.data.y_key, plan)
+        n = top + 1
+    comm.checked(check_labels, y, n, path, plan.owned_rows)
+    return n
+
+
+def check_two_classes(values, n, path, y_key):
+    """A classifier needs two classes at least: one class trains to loss 0 and accuracy 1 and
+    learns nothing."""
+    if n is not None and n < 2:
+        raise UsageError(f"{n} class: cross_entropy needs at least 2 classes (for one target "
+                         "value use --loss mse)")
+    if values.size == 1:
+        raise UsageError(f"{path}:{y_key} holds one class only (every label is {values[0]}): a "
+                         "classifier learns nothing from it; check --data and --y-key, or use "
+                         "--loss mse for a regression target")
+
+
+def check_sparse_labels(y, top, distinct, path, y_key, plan):
+    if top + 1 > 10 * max(distinct, 1) and y is not None and y.size and y.max() == top:
+        row = int(plan.owned_rows()[int(np.argmax(y))])
+        raise UsageError(f"{path}: label {top} at row {row} of {y_key} would make {top + 1} "
+                         f"classes, but the labels take only {distinct} distinct values; pass "
+                         f"--classes {top + 1} if that many are meant, or fix the labels")
+
+
+def check_memory(optimizer, arch, grid, max_rows, ranks_on_node):
+    """Refuse a network that cannot fit before allocating it."""
+    n_state = {"sgd": 0, "momentum": 1, "adam": 2}[optimizer]
+    need = arch.training_bytes(max(max_rows, EVAL_ROWS), n_state, grid.stages)
+    available = available_memory_bytes()
+    if available and need > available / ranks_on_node:
+        gib = 2**30
+        raise UsageError(f"the network {arch.describe()} needs about {need / gib:,.1f} GiB per "
+                         f"rank (parameters, gradients, optimizer state, activations) but this "
+                         f"node has {available / gib:,.1f} GiB available for its {ranks_on_node} "
+                         "rank(s); use fewer or narrower layers, a smaller --batch-size, or more "
+                         "nodes")
+
+
+def architecture(model, explicit, ckpt, n_features, n_outputs):
+    """The network to train: from the checkpoint (conflicting explicit options are errors) or the
+    model section."""
+    if ckpt is None:
+        return Architecture((n_features,) + model.hidden + (n_outputs,), model.activation,
+                            model.output_activation, model.loss)
+    arch = ckpt.arch
+    given = {"hidden": model.hidden, "activation": model.activation, "loss": model.loss,
+             "output_activation": model.output_activation}
+    have = {"hidden": arch.sizes[1:-1], "activation": arch.activation, "loss": arch.loss,
+            "output_activation": arch.output_activation}
+    for key in given:
+        if key in explicit and given[key] != have[key]:
+            raise UsageError(
+                f"--{key.replace('_', '-')} {given[key]} conflicts with the checkpoint's "
+                f"{have[key]}; drop the option to use the checkpoint's architecture"
+            )
+    if arch.sizes[0] != n_features:
+        raise UsageError(f"the checkpoint's network takes {arch.sizes[0]} input features; the data "
+                         f"has {n_features}")
+    if n_outputs is not None and arch.sizes[-1] != n_outputs and not arch.loss_fn.integer_labels:
+        raise UsageError(f"the checkpoint's network has {arch.sizes[-1]} outputs; the data's "
+                         f"targets have {n_outputs}")
+    return arch

@@ -1,0 +1,129 @@
+"""The Trainer: steps over epochs of batches and tells its hooks. It reads no options: its engine,
+batch source (data.BatchSource), hooks (hooks.py) and run folder (rundir.RunDir) come ready-made
+from the assembly (startup.assemble).
+
+Each data-parallel reader (a rank, or a pipeline replica) reads only its part of every global
+batch (plan.BatchPlan); its gradient is of (sum of its rows' losses) / (global batch rows), so the
+Allreduce SUM is exactly the gradient of the global mean loss. Every rank runs the same number of
+steps by construction.
+"""
+import time
+from dataclasses import dataclass
+
+from .hooks import raise_run
+from .runtime.process import seconds_since_process_start
+
+
+@dataclass
+class LoopState:
+    """Where the loop is, what hooks read and set: the step (optimizer updates made, counting a
+    resumed run's), the epoch and batch, and whether and why training stops."""
+    step: int
+    start_step: int
+    total_steps: int
+    steps_per_epoch: int
+    epochs: int
+    epoch: int = 0
+    batch: int = 0
+    stopping: bool = False     # a signal reached some rank: every rank stops after this step
+    finished: str = ""         # why training ended before its last step (early stopping)
+    last_saved: int = None     # the step of the last checkpoint written (None: none yet)
+    skipped: int = 0           # updates not applied (non-finite, --on-nonfinite skip)
+    last_train_loss: float = None
+    last_validation: dict = None
+    trained_samples: int = 0
+    train_seconds: float = 0.0
+    startup_s: float = 0.0
+
+
+@dataclass
+class Guard:
+    """What watches the loop: the stop request (signals), the stall watchdog, injected faults."""
+    stop: object
+    watchdog: object
+    faults: object
+
+
+class Trainer:
+    """Steps over epochs of batches and tells the hooks. It takes its parts ready-made."""
+
+    def __init__(self, engine, batches, hooks, run_dir, *, comm, log, state, guard):
+        self.engine, self.batches, self.hooks, self.run_dir = engine, batches, hooks, run_dir
+        self.comm, self.log, self.state, self.guard = comm, log, state, guard
+        self.arch = engine.arch
+        engine.watchdog = guard.watchdog
+        for hook in hooks:
+            hook.trainer = self
+
+    def call(self, event, *args):
+        for hook in self.hooks:
+            getattr(hook, event)(self.state, *args)
+
+    def train(self):
+        """Epochs of steps; after each whole epoch, the hooks (validation, checkpoint)."""
+        st = self.state
+        self.call("on_train_begin")
+        self.comm.barrier()  # a shared clock origin for the timeline and the first window
+        self.engine.timeline.start()
+        st.startup_s = seconds_since_process_start()
+        self.call("on_loop_start")
+        while st.step < st.total_steps and not st.stopping and not st.finished:
+            st.epoch, first = divmod(st.step, st.steps_per_epoch)
+            batches = self.batches.epoch(st.epoch)
+            try:
+                for k in range(first, st.steps_per_epoch):
+                    if st.step >= st.total_steps or st.stopping:
+                        break
+                    self.train_step(batches, k)
+            finally:
+                batches.close()
+            if st.step % st.steps_per_epoch == 0 and not st.stopping:
+                record = {"kind": "epoch", "epoch": st.epoch + 1, "step": st.step}
+                st.last_validation = record
+                self.call("on_epoch_end", record)
+                self.call("after_epoch")
+        self.call("on_train_end")
+        if st.stopping:
+            stop = self.guard.stop
+            what = stop.name if stop.requested else "a signal on another rank"
+            self.comm.checked(raise_run, f"stopped by {what} after step {st.step}: final "
+                                         f"checkpoint {self.run_dir.checkpoint} written; "
+                                         "continue with --resume",
+                              stop.exit_code() if stop.requested else 143)
+
+    def train_step(self, batches, k):
+        """Global batch k: this rank's part, one engine step, then the hooks."""
+        st, engine, guard = self.state, self.engine, self.guard
+        st.batch = k
+        guard.watchdog.begin(st.step + 1)
+        guard.faults.at("step", st.step + 1, engine)
+        t0 = time.perf_counter()
+        xb, yb = batches(k)
+        xb = guard.faults.batch(st.step + 1, xb)
+        engine.timeline.add("data", t0, time.perf_counter())
+        scale = self.arch.loss_fn.scale(self.batches.global_rows(k), self.arch.sizes[-1])
+        res = engine.step(xb, yb, int(self.batches.counts[k]), scale, guard.stop.requested,
+                          batches.rows_of(k))
+        guard.watchdog.end()
+        st.step += 1
+        self.call("on_step_end", res)
+        st.stopping = res.stop  # every rank sees the same flag after the same step
+
+    def release(self):
+        self.guard.stop.restore()
+        self.guard.watchdog.stop()
+        self.run_dir.release()
+
+    def end(self):
+        """After the loop: the summary hooks, then the engine's and the log's resources."""
+        self.call("on_summary")
+        self.engine.close()
+        self.log.close()
+
+    def outcome(self):
+        """The run's final figures, the same on every rank (a sweep records them)."""
+        st = self.state
+        val = st.last_validation or {}
+        return {"val_loss": val.get("val_loss"), "val_accuracy": val.get("val_accuracy"),
+                "train_loss": st.last_train_loss, "epochs": st.step // st.steps_per_epoch,
+                "steps": st.step}
