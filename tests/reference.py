@@ -108,7 +108,9 @@ class ReferenceOptimizer:
             d = g + self.mu * self.buf if self.nesterov else self.buf
             return w - self.lr * d
         self.m = (1 - self.b1) * g if self.m is None else self.b1 * self.m + (1 - self.b1) * g
-        self.v = (1 - self.b2) * g * g if self.v is None else self.b2 * self.v + (1 - self.b2) * g * g
+        self.v = (
+            (1 - self.b2) * g * g if self.v is None else self.b2 * self.v + (1 - self.b2) * g * g
+        )
         mhat = self.m / (1 - self.b1 ** self.t)
         vhat = self.v / (1 - self.b2 ** self.t)
         return w - self.lr * mhat / (np.sqrt(vhat) + self.eps)

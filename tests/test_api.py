@@ -9,7 +9,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import ROOT, mpiexec, mpinn_env, ok, run_mpinn, write_classification
+from helpers import ROOT, mpiexec, mpinn_env, ok, run_mpinn, write_classification
 from mpinn import checkpoint
 
 ARGS = dict(hidden="12,8", epochs=2, batch_size=16, optimizer="momentum", lr=0.05,
@@ -77,12 +77,15 @@ def test_load_predict_evaluate_agree_with_the_commands(dataset, tmp_path):
 
 
 def test_bad_options_fail_before_mpi_and_import_starts_no_mpi(tmp_path):
-    body = ("import sys, mpinn\nfrom mpinn.errors import UsageError\n"
-            "assert 'mpi4py.MPI' not in sys.modules and 'numba' not in sys.modules\n"
-            "for bad in (dict(learning_rate=0.1), dict(epochs='3'), dict(lr=0)):\n"
-            "    try:\n        mpinn.fit(**bad)\n    except UsageError as e:\n"
-            "        print('refused:', e)\n    else:\n        raise SystemExit('accepted ' + str(bad))\n"
-            "assert 'mpi4py.MPI' not in sys.modules\n")
+    body = (
+        "import sys, mpinn\nfrom mpinn.errors import UsageError\n"
+        "assert 'mpi4py.MPI' not in sys.modules and 'numba' not in sys.modules\n"
+        "for bad in (dict(learning_rate=0.1), dict(epochs='3'), dict(lr=0)):\n"
+        "    try:\n        mpinn.fit(**bad)\n    except UsageError as e:\n"
+        "        print('refused:', e)\n    else:\n"
+        "        raise SystemExit('accepted ' + str(bad))\n"
+        "assert 'mpi4py.MPI' not in sys.modules\n"
+    )
     p = subprocess.run([sys.executable, script(tmp_path, body)], capture_output=True, text=True,
                        timeout=60, env=mpinn_env(), cwd=tmp_path)
     assert p.returncode == 0, p.stderr

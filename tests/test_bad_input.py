@@ -8,7 +8,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import ROOT, ok, run_mpinn
+from helpers import ROOT, ok, run_mpinn
 from mpinn import checkpoint
 from mpinn.cli import DRIVERS
 from mpinn.outputs import LOCK_NAME

@@ -51,7 +51,9 @@ def test_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
     before = open(path, "rb").read()
     monkeypatch.setattr(checkpoint, "_fsync_path",
                         lambda p: (_ for _ in ()).throw(OSError(28, "No space left on device")))
-    with pytest.raises(RunError, match="No space left on device; the previous checkpoint is intact"):
+    with pytest.raises(
+        RunError, match="No space left on device; the previous checkpoint is intact"
+    ):
         checkpoint.save(path, sample())
     assert open(path, "rb").read() == before
     assert os.listdir(tmp_path) == ["c.h5"]

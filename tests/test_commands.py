@@ -7,7 +7,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import DIGITS_TEST, ROOT, ok, rows_of, run_mpinn, write_classification
+from helpers import DIGITS_TEST, ROOT, ok, rows_of, run_mpinn, write_classification
 from mpinn import checkpoint
 
 

@@ -1,13 +1,15 @@
 """Training controls beyond the formulas (which test_torch_reference checks against PyTorch):
 early stopping keeps best.h5 and stops every rank at the same epoch, a resume in the middle of a
-schedule (and of early stopping's patience) continues exactly, and bad values are one clear error."""
+schedule (and of early stopping's patience) continues exactly, and bad values are one clear
+error."""
+
 import json
 
 import h5py
 import numpy as np
 import pytest
 
-from conftest import ok, run_mpinn, write_classification
+from helpers import ok, run_mpinn, write_classification
 from mpinn import checkpoint
 
 COMMON = ["--hidden", "32", "--batch-size", 20, "--no-shuffle", "--log-every", 100,
@@ -95,7 +97,8 @@ def run_on_a_terminal(args, tmp_path):
     import pty
     import subprocess
     import sys
-    from conftest import mpinn_env
+
+    from helpers import mpinn_env
     master, slave = pty.openpty()
     p = subprocess.Popen([sys.executable, "-m", "mpinn", "train", *map(str, args)],
                          stdout=slave, stderr=subprocess.DEVNULL, env=mpinn_env(), cwd=tmp_path)

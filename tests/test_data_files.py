@@ -8,7 +8,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import ok, run_mpinn
+from helpers import ok, run_mpinn
 from mpinn import checkpoint
 from mpinn.data import data_files, open_h5
 from mpinn.errors import UsageError
@@ -100,11 +100,15 @@ def test_training_on_many_files_equals_one_concatenated_file(tmp_path):
     assert "1000 rows" in r.stdout
     # evaluate and predict over the files give what one file gives
     ckpt = tmp_path / "one-global" / "checkpoint.h5"
-    one = ok(run_mpinn(2, "evaluate", "--checkpoint", ckpt, "--data", tmp_path / "all.h5", "--json"))
+    one = ok(
+        run_mpinn(2, "evaluate", "--checkpoint", ckpt, "--data", tmp_path / "all.h5", "--json")
+    )
     many = ok(run_mpinn(2, "evaluate", "--checkpoint", ckpt, "--data",
                         ",".join(str(tmp_path / f"part-{i}.h5") for i in range(3)), "--json"))
     a, b = json.loads(one.stdout), json.loads(many.stdout)
-    assert {k: v for k, v in a.items() if k != "data"} == {k: v for k, v in b.items() if k != "data"}
+    assert {k: v for k, v in a.items() if k != "data"} == {
+        k: v for k, v in b.items() if k != "data"
+    }
     assert a["loss"] > 0 and 0 < a["accuracy"] <= 1
     ok(run_mpinn(1, "predict", "--checkpoint", ckpt, "--data", parts, "--out", tmp_path / "p.h5"))
     with h5py.File(tmp_path / "p.h5") as f:
@@ -120,8 +124,12 @@ def test_read_file_rows_in_any_order(tmp_path):
         f["X"] = x
     rng = np.random.default_rng(1)
     with h5py.File(tmp_path / "x.h5") as f:
-        for rows in (np.arange(10, 60), rng.permutation(100)[:37],
-                     np.concatenate([np.arange(5, 15), np.arange(40, 47), [99, 0]]), np.array([], int)):
+        for rows in (
+            np.arange(10, 60),
+            rng.permutation(100)[:37],
+            np.concatenate([np.arange(5, 15), np.arange(40, 47), [99, 0]]),
+            np.array([], int),
+        ):
             got = read_file_rows(f["X"], rows)
             assert got.dtype == np.float32
             np.testing.assert_array_equal(got, x[rows].astype(np.float32))
@@ -165,8 +173,12 @@ def test_row_source_reads_any_rows_of_any_layout(tmp_path, layout):
     assert (source.layout is None) == (layout == "gzip")
     rng = np.random.default_rng(4)
     try:
-        for rows in (rng.permutation(1000)[:333], np.arange(50, 950), np.array([999, 0, 63, 64, 65]),
-                     np.concatenate([np.arange(90, 130), rng.permutation(1000)[:20] + 0])):
+        for rows in (
+            rng.permutation(1000)[:333],
+            np.arange(50, 950),
+            np.array([999, 0, 63, 64, 65]),
+            np.concatenate([np.arange(90, 130), rng.permutation(1000)[:20] + 0]),
+        ):
             rows = np.unique(rows) if len(np.unique(rows)) != len(rows) else rows
             got = source.read(rows)
             assert got.dtype == np.float32

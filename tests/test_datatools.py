@@ -5,7 +5,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import ok, run_mpinn
+from helpers import ok, run_mpinn
 from mpinn.cli import main
 
 

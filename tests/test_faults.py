@@ -14,8 +14,8 @@ import time
 import numpy as np
 import pytest
 
-from conftest import (ROOT, finish, mpinn_command, mpinn_env, ok, run_mpinn, start_mpinn,
-                      steps_per_epoch)
+from helpers import (ROOT, finish, mpinn_command, mpinn_env, ok, run_mpinn, start_mpinn,
+                     steps_per_epoch)
 from mpinn import checkpoint
 
 EPOCHS = 3
@@ -92,7 +92,9 @@ def test_signal_writes_a_final_checkpoint_then_resume_is_exact(tmp_path, sig, co
     proc = start_mpinn(2, "train", *args)
     metrics = tmp_path / "a" / "metrics.jsonl"
     deadline = time.time() + 60
-    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+    while time.time() < deadline and (
+        not metrics.exists() or len(metrics.read_text().splitlines()) < 3
+    ):
         time.sleep(0.2)
     proc.send_signal(sig)  # to mpiexec, which forwards it to every rank (as schedulers do)
     sent = time.time()
@@ -112,7 +114,9 @@ def test_signal_writes_a_final_checkpoint_then_resume_is_exact(tmp_path, sig, co
 
 
 def test_nan_stops_and_keeps_the_last_good_checkpoint(tmp_path):
-    r = run_mpinn(2, "train", "--run-dir", tmp_path, *ARGS, env={"MPINN_FAULT": f"nan:rank=1:step={MID2}"})
+    r = run_mpinn(
+        2, "train", "--run-dir", tmp_path, *ARGS, env={"MPINN_FAULT": f"nan:rank=1:step={MID2}"}
+    )
     assert r.returncode == 3
     lines = errors(r)
     assert len(lines) == 1 and f"non-finite loss or gradient at step {MID2} (epoch 2)" in lines[0]
@@ -124,7 +128,9 @@ def test_nan_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 def test_nan_step_skipped_on_request(tmp_path):
     r = ok(run_mpinn(2, "train", "--run-dir", tmp_path, *ARGS, "--on-nonfinite", "skip",
                      env={"MPINN_FAULT": f"nan:rank=1:step={MID2}"}))
-    assert r.stdout.count(f"step {MID2}: non-finite loss or gradient, update skipped (1 so far)") == 1
+    assert (
+        r.stdout.count(f"step {MID2}: non-finite loss or gradient, update skipped (1 so far)") == 1
+    )
     summary = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")][-1]
     assert summary["skipped_steps"] == 1 and summary["step"] == 3 * SPE
     assert np.isfinite(load(tmp_path / "checkpoint.h5").params).all()

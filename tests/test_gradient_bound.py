@@ -10,11 +10,11 @@ import textwrap
 import numpy as np
 import pytest
 
-from conftest import mpiexec, mpinn_env
+from helpers import mpiexec, mpinn_env
 from mpinn import kernels
 from mpinn.model import Architecture, Dropout, Network, init_params
 from mpinn.runtime.timeline import NullTimeline
-from reference import flatten, init_layers, loss_and_grads, unflatten
+from reference import flatten, init_layers, loss_and_grads
 
 CASES = list(itertools.product(("relu", "tanh", "sigmoid"),
                                (("cross_entropy", "identity"), ("mse", "sigmoid")),
@@ -126,7 +126,7 @@ PROGRAM = textwrap.dedent("""
             if target == 1e19:
                 assert not result.finite, allreduce
                 np.testing.assert_array_equal(engine.params, params)  # no update
-            else:  # 1e18: a bound of 8e37 proves nothing; the pass over the gradient finds it finite
+            else:  # 1e18: a bound of 8e37 proves nothing; a pass over the gradient finds it finite
                 assert result.finite and (engine.params != params).any(), allreduce
                 big = engine.net.grad_bound >= kernels.CERTAIN_FINITE
                 assert comm.allreduce_minmax(int(big))[1] == int(target > 1)

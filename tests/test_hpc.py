@@ -9,11 +9,11 @@ import sys
 
 import pytest
 
-from conftest import ok, run_mpinn, steps_per_epoch
-from mpinn.hpc import perfmodel
-from mpinn.hpc.bench import training_flops
+from helpers import ok, run_mpinn, steps_per_epoch
 from mpinn.cli import parse
 from mpinn.errors import UsageError
+from mpinn.hpc import perfmodel
+from mpinn.hpc.bench import training_flops
 from mpinn.hpc.report import build
 
 
@@ -97,7 +97,9 @@ def test_bench_reports_phases_and_rates(bench_runs):
     for key in ("ranks", "layers", "batch_per_rank", "samples_per_s", "step_ms", "phases_ms",
                 "gflops", "mpi_library", "load_imbalance", "allreduce_sweep"):
         assert key in two, key
-    assert two["ranks"] == 2 and two["layers"] == [64, 128, 128, 10] and two["batch_per_rank"] == 128
+    assert (
+        two["ranks"] == 2 and two["layers"] == [64, 128, 128, 10] and two["batch_per_rank"] == 128
+    )
     assert two["samples_per_s"] == pytest.approx(256 / (two["step_ms"] / 1e3))
     assert two["gflops"] == pytest.approx(training_flops(two["layers"], 256) / two["step_ms"] / 1e6)
     for phase in ("data", "compute", "allreduce", "optimizer"):
@@ -165,7 +167,9 @@ def test_weak_mode_and_bad_results(tmp_path, bench_runs):
     _, cfg, _ = parse(["report", "--results", str(raw), "--out", str(tmp_path / "w")])
     rows, model = build(cfg)
     assert model["mode"] == "weak"
-    assert rows[1]["efficiency"] == pytest.approx(bench_runs[1]["step_ms"] / bench_runs[2]["step_ms"])
+    assert rows[1]["efficiency"] == pytest.approx(
+        bench_runs[1]["step_ms"] / bench_runs[2]["step_ms"]
+    )
     with pytest.raises(UsageError, match="holds a report .report.md.; choose another folder or "
                                          "pass --overwrite"):
         build(cfg)  # a second report into the same folder is refused unasked

@@ -7,7 +7,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import ROOT, ok, run_mpinn
+from helpers import ROOT, ok, run_mpinn
 from mpinn.cli import main
 
 DIGITS_TEST = ROOT / "data" / "digits-test.h5"
@@ -41,7 +41,10 @@ def test_convert_csv_with_header_label_by_name_and_without_header(tmp_path):
     with open(tmp_path / "h.csv", "w") as fh:
         fh.write("a,label,b,c,d,e\n")
         for row, label in zip(x, y):
-            fh.write(",".join([repr(float(row[0])), str(label)] + [repr(float(v)) for v in row[1:]]) + "\n")
+            fh.write(
+                ",".join([repr(float(row[0])), str(label)] + [repr(float(v)) for v in row[1:]])
+                + "\n"
+            )
     assert main(["data", "convert", str(tmp_path / "h.csv"), "--label-column", "label", "--out",
                  str(tmp_path / "h.h5"), "--chunk-rows", "10"]) == 0
     X, Y, _ = read(tmp_path / "h.h5")
@@ -50,7 +53,9 @@ def test_convert_csv_with_header_label_by_name_and_without_header(tmp_path):
     t = np.column_stack([x, y + 0.5])  # float targets in the last column, no header, gzipped
     with gzip.open(tmp_path / "n.csv.gz", "wt") as fh:
         np.savetxt(fh, t, delimiter=",")
-    assert main(["data", "convert", str(tmp_path / "n.csv.gz"), "--out", str(tmp_path / "n.h5")]) == 0
+    assert (
+        main(["data", "convert", str(tmp_path / "n.csv.gz"), "--out", str(tmp_path / "n.h5")]) == 0
+    )
     X, Y, _ = read(tmp_path / "n.h5")
     assert Y.dtype == np.float32 and np.allclose(Y, y + 0.5) and X.shape == (57, 5)
 
@@ -131,7 +136,7 @@ def predictions(ckpt, data_file, tmp_path):
                  tmp_path / "p.h5"))
     with h5py.File(tmp_path / "p.h5", "r") as f:
         return f["prob"][...] if "prob" in f else f["output"][...]
-    
+
 
 @pytest.mark.parametrize("kind", ["ce", "mse"])
 def test_onnx_export_matches_predict(trained, tmp_path, kind):
@@ -150,7 +155,9 @@ def test_torch_export_loads_into_sequential(trained, tmp_path, capsys):
     import torch
     assert main(["export", "--checkpoint", str(trained["ce"]), "--format", "torch", "--out",
                  str(tmp_path / "m.pt")]) == 0
-    assert "torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU()" in capsys.readouterr().out
+    assert (
+        "torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU()" in capsys.readouterr().out
+    )
     model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 64),
                                 torch.nn.ReLU(), torch.nn.Linear(64, 10))
     model.load_state_dict(torch.load(tmp_path / "m.pt"))
@@ -204,7 +211,11 @@ def test_csv_text_classes_quotes_and_semicolons_end_in_predictions_by_name(tmp_p
     np.testing.assert_array_equal(Y, y)  # the names sort as setosa < versi; color < virginica
     with h5py.File(tmp_path / "iris.h5") as f:
         assert [v.decode() if isinstance(v, bytes) else v for v in f["y"].attrs["classes"]] == names
-    ok(run_mpinn(2, "train", "--data", tmp_path / "iris.h5", "--epochs", 3, "--run-dir", tmp_path / "r"))
+    ok(
+        run_mpinn(
+            2, "train", "--data", tmp_path / "iris.h5", "--epochs", 3, "--run-dir", tmp_path / "r"
+        )
+    )
     from mpinn import checkpoint
     ckpt = checkpoint.load(str(tmp_path / "r" / "checkpoint.h5"))
     assert ckpt.config["class_names"] == names and ckpt.arch.sizes[-1] == 3
@@ -240,7 +251,9 @@ def test_csv_tab_gzip_numbers_as_text_and_no_header(tmp_path):
 ])
 def test_csv_bad_cells_are_one_error_naming_line_and_column(tmp_path, rows, message, capsys):
     write_table(tmp_path / "bad.csv", rows, ["f1", "f2", "label"])
-    assert main(["data", "convert", str(tmp_path / "bad.csv"), "--out", str(tmp_path / "b.h5")]) == 2
+    assert (
+        main(["data", "convert", str(tmp_path / "bad.csv"), "--out", str(tmp_path / "b.h5")]) == 2
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
     assert not (tmp_path / "b.h5").exists()

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from conftest import steps_per_epoch, ROOT
+from helpers import ROOT, steps_per_epoch
 from mpinn import checkpoint
 from mpinn.cli import parse
 from mpinn.errors import UsageError
@@ -54,7 +54,9 @@ def test_pbs_templates_and_renderings_parse(kind):
         bad = [l for l in pbs_directives(t) if not PBS_DIRECTIVE.match(l)]
         assert not bad, bad
     assert "#PBS -l select=3:ncpus=16:mpiprocs=8:ompthreads=2" in text
-    assert "#PBS -l walltime=12:00:00" in text and "#PBS -q workq" in text and "#PBS -A proj" in text
+    assert (
+        "#PBS -l walltime=12:00:00" in text and "#PBS -q workq" in text and "#PBS -A proj" in text
+    )
     # shell syntax of template and rendering
     for t in (template, text):
         subprocess.run(["bash", "-n"], input=t, text=True, check=True)

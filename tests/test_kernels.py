@@ -170,7 +170,7 @@ def test_gradient_buckets_cover_the_buffer_last_layer_first():
         buckets = gradient_buckets(arch, bucket_bytes)
         assert buckets[0][0] == arch.n_layers and buckets[-1][1] == 0
         assert buckets[0][3] == arch.n_params + 3  # the first also carries the control values
-        for (hi, lo, a, b), (hi2, lo2, a2, b2) in zip(buckets, buckets[1:]):
+        for (_hi, lo, a, _b), (hi2, _lo2, _a2, b2) in zip(buckets, buckets[1:]):
             assert hi2 == lo and b2 == a  # contiguous, layer after layer, backwards
         assert buckets[-1][2] == 0
     assert len(gradient_buckets(arch, 1)) == arch.n_layers

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, mpinn_env, ok, run_mpinn
+from helpers import ROOT, mpinn_env, ok, run_mpinn
 from mpinn.hpc.doctor import findings, launcher, ranges
 from mpinn.runtime.launch import mis_launch
 
@@ -73,7 +73,10 @@ def report(ranks, threads=1, world=None, env=None, **changes):
 
 
 def test_a_sound_job_has_no_findings():
-    assert findings(report([facts(0, affinity=[0, 1]), facts(1, affinity=[2, 3])], threads=2)) == ([], [])
+    assert findings(report([facts(0, affinity=[0, 1]), facts(1, affinity=[2, 3])], threads=2)) == (
+        [],
+        [],
+    )
 
 
 def test_findings_name_what_to_fix():
@@ -140,32 +143,65 @@ def test_doctor_reports_a_mis_launch_as_broken(tmp_path):
 
 # --- the launcher the job files use ---------------------------------------------------------------
 
-@pytest.mark.parametrize("scheduler,library,plugins,expected", [
-    ("slurm", "Open MPI v5.0.3, package: Open MPI", ["pmix", "pmi2", "none"],
-     "srun --mpi=pmix --cpu-bind=cores -n"),
-    ("slurm", "Open MPI v5.0.3", ["pmi2", "none"],  # PMIx only: never pmi2 for Open MPI 5
-     "mpiexec --bind-to core --map-by slot:PE=2 -n"),
-    ("slurm", "Open MPI v4.1.6", ["pmi2"], "srun --mpi=pmi2 --cpu-bind=cores -n"),
-    ("slurm", "MPICH Version: 5.0.2", ["pmix", "none", "cray_shasta", "pmi2"],
-     "srun --mpi=pmi2 --cpu-bind=cores -n"),
-    ("slurm", "MPI VERSION : CRAY MPICH version 8.1.28", ["cray_shasta", "pmi2"],
-     "srun --mpi=cray_shasta --cpu-bind=cores -n"),
-    ("slurm", "MPICH Version: 4.1", [], "mpiexec -bind-to core:2 -n"),
-    ("pbs", "MPICH Version: 4.1", [], "mpiexec -f /pbs/nodes -bind-to core:2 -n"),
-    ("pbs", "Open MPI v5.0.3", [], "mpiexec --hostfile /pbs/nodes --bind-to core --map-by slot:PE=2 -n"),
-])
+@pytest.mark.parametrize(
+    "scheduler,library,plugins,expected",
+    [
+        (
+            "slurm",
+            "Open MPI v5.0.3, package: Open MPI",
+            ["pmix", "pmi2", "none"],
+            "srun --mpi=pmix --cpu-bind=cores -n",
+        ),
+        (
+            "slurm",
+            "Open MPI v5.0.3",
+            ["pmi2", "none"],  # PMIx only: never pmi2 for Open MPI 5
+            "mpiexec --bind-to core --map-by slot:PE=2 -n",
+        ),
+        ("slurm", "Open MPI v4.1.6", ["pmi2"], "srun --mpi=pmi2 --cpu-bind=cores -n"),
+        (
+            "slurm",
+            "MPICH Version: 5.0.2",
+            ["pmix", "none", "cray_shasta", "pmi2"],
+            "srun --mpi=pmi2 --cpu-bind=cores -n",
+        ),
+        (
+            "slurm",
+            "MPI VERSION : CRAY MPICH version 8.1.28",
+            ["cray_shasta", "pmi2"],
+            "srun --mpi=cray_shasta --cpu-bind=cores -n",
+        ),
+        ("slurm", "MPICH Version: 4.1", [], "mpiexec -bind-to core:2 -n"),
+        ("pbs", "MPICH Version: 4.1", [], "mpiexec -f /pbs/nodes -bind-to core:2 -n"),
+        (
+            "pbs",
+            "Open MPI v5.0.3",
+            [],
+            "mpiexec --hostfile /pbs/nodes --bind-to core --map-by slot:PE=2 -n",
+        ),
+    ],
+)
 def test_the_launcher_follows_the_mpi_library(scheduler, library, plugins, expected):
     from mpinn.hpc.jobs import launch_command
-    assert launch_command(scheduler, library, plugins, 2, {"PBS_NODEFILE": "/pbs/nodes"}) == expected
+
+    assert (
+        launch_command(scheduler, library, plugins, 2, {"PBS_NODEFILE": "/pbs/nodes"}) == expected
+    )
 
 
 def test_launch_command_names_this_machines_library():
-    p = subprocess.run([sys.executable, "-m", "mpinn", "jobs", "pbs", "--launch-command", "--threads",
-                        "3"], capture_output=True, text=True, timeout=60, env=mpinn_env())
+    p = subprocess.run(
+        [sys.executable, "-m", "mpinn", "jobs", "pbs", "--launch-command", "--threads", "3"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=mpinn_env(),
+    )
     assert p.returncode == 0 and p.stdout == "mpiexec -bind-to core:3 -n\n", p.stderr  # MPICH here
 
 
-# --- --resume auto ----------------------------------------------------------------------------------
+# --- --resume auto --------------------------------------------------------------------------------
+
 
 def test_resume_auto_starts_then_continues_and_refuses_another_configuration(tmp_path):
     run = tmp_path / "r"

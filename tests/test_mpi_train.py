@@ -5,7 +5,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import ok, run_mpinn, write_classification, write_regression
+from helpers import ok, run_mpinn, write_classification, write_regression
 from mpinn import checkpoint
 from mpinn.plan import BatchPlan
 from reference import ReferenceOptimizer, loss_and_grads, unflatten
@@ -45,7 +45,8 @@ def test_same_parameters_on_1_2_3_4_ranks(trained):
 
 
 def test_one_rank_matches_naive_numpy_training(dataset, trained):
-    """The whole loop (batches in file order, mean loss, momentum) against the reference in float64."""
+    """The whole loop (batches in file order, mean loss, momentum) against the reference in
+    float64."""
     with h5py.File(dataset, "r") as f:
         x, y = f["X"][...].astype(np.float64), f["y"][...]
     from mpinn.model import Architecture, init_params
@@ -58,11 +59,14 @@ def test_one_rank_matches_naive_numpy_training(dataset, trained):
             s = slice(k * BATCH, min((k + 1) * BATCH, N))
             _, grads = loss_and_grads(unflatten(w, arch.sizes), x[s], y[s], "tanh", "cross_entropy")
             w = opt.step(w, np.concatenate([np.concatenate([g.ravel(), b]) for g, b in grads]))
-    np.testing.assert_allclose(trained[1].params, w, rtol=1e-5, atol=1e-6)  # float32 rounding over 27 steps
+    np.testing.assert_allclose(
+        trained[1].params, w, rtol=1e-5, atol=1e-6
+    )  # float32 rounding over 27 steps
 
 
 def test_replica_check_catches_diverged_ranks(dataset, tmp_path):
-    """The periodic check is real: a rank whose parameters drift stops the job with a clear error."""
+    """The periodic check is real: a rank whose parameters drift stops the job with a clear
+    error."""
     r = run_mpinn(2, "train", "--data", dataset, "--run-dir", tmp_path, *COMMON,
                   env={"MPINN_FAULT": "perturb:rank=1:step=4"}, timeout=60)
     assert r.returncode == 1
@@ -94,7 +98,10 @@ def test_exception_on_one_rank_ends_the_job(dataset, tmp_path):
     r = run_mpinn(3, "train", "--data", dataset, "--run-dir", tmp_path, *COMMON,
                   env={"MPINN_FAULT": "raise:rank=1:step=3"}, timeout=60)  # a hang fails here
     assert r.returncode == 1
-    assert r.stderr.count("mpinn: error on rank 1 of 3: RuntimeError: injected fault at step, step 3") == 1
+    assert (
+        r.stderr.count("mpinn: error on rank 1 of 3: RuntimeError: injected fault at step, step 3")
+        == 1
+    )
 
 
 def test_only_rank_0_prints(dataset, tmp_path):

@@ -10,7 +10,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from conftest import mpiexec, mpinn_env, ok, run_mpinn
+from helpers import mpiexec, mpinn_env, ok, run_mpinn
 from mpinn import checkpoint
 from mpinn.data_parallel import NODE_SHARD_BYTES
 
@@ -134,13 +134,13 @@ def test_no_room_in_dev_shm_falls_back_to_mpi(tmp_path):
     """Where /dev/shm lacks room for the window (a container's 64 MB) on any rank, every rank
     takes MPI's Allreduce: the ranks agree, none waits in a window the others never made."""
     (tmp_path / "prog.py").write_text(textwrap.dedent("""
-        import mpinn.comm
+        import mpinn.comm.node
         from mpinn.comm import Comm
         comm = Comm()
         if comm.rank == 1:
-            mpinn.comm.shm_free_bytes = lambda: 0  # one rank short of room is enough
+            mpinn.comm.node.shm_free_bytes = lambda: 0  # one rank short of room is enough
         assert comm.node_allreduce(1000) is None
-        mpinn.comm.shm_free_bytes = lambda: 1 << 40
+        mpinn.comm.node.shm_free_bytes = lambda: 1 << 40
         node_sum = comm.node_allreduce(1000)
         assert node_sum is not None
         node_sum.close()

@@ -13,8 +13,8 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import (finish, mpinn_env, ok, run_mpinn, start_mpinn, steps_per_epoch,
-                      write_classification)
+from helpers import (finish, mpinn_env, ok, run_mpinn, start_mpinn, steps_per_epoch,
+                     write_classification)
 from mpinn import checkpoint
 
 LONG = ["--epochs", 400, "--hidden", "256,256", "--log-every", 1]
@@ -104,8 +104,10 @@ def test_resume_falls_back_to_the_newest_intact_step_checkpoint(tmp_path):
     r = ok(run_mpinn(2, "train", "--run-dir", run_dir, "--epochs", 3, "--resume"))
     newest = run_dir / "checkpoints" / f"step-{2 * steps_per_epoch():07d}.h5"
     assert f"resuming from {newest} (step {2 * steps_per_epoch()}) instead" in r.stderr
-    np.testing.assert_array_equal(checkpoint.load(str(run_dir / "checkpoint.h5")).params,
-                                  checkpoint.load(str(tmp_path / "straight" / "checkpoint.h5")).params)
+    np.testing.assert_array_equal(
+        checkpoint.load(str(run_dir / "checkpoint.h5")).params,
+        checkpoint.load(str(tmp_path / "straight" / "checkpoint.h5")).params,
+    )
 
 
 def test_a_stalled_evaluation_is_timed_on_its_own(tmp_path):

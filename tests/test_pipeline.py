@@ -7,7 +7,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import ok, run_mpinn, write_classification
+from helpers import ok, run_mpinn, write_classification
 from mpinn import checkpoint
 
 # 203 rows, global batch 24: the last batch has 11 rows; 4 layers, so up to 4 stages.

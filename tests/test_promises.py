@@ -9,7 +9,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import finish, ok, run_mpinn, start_mpinn, write_classification
+from helpers import finish, ok, run_mpinn, start_mpinn, write_classification
 from mpinn import checkpoint
 
 N, BATCH = 203, 24

@@ -45,7 +45,7 @@ def test_any_config_parses_or_is_a_usage_error(tmp_path, entries):
     except UsageError as e:
         assert str(e) and "\n" not in str(e)
         return
-    for key, given in entries.items():
+    for key, given in entries.items():  # noqa: F402 - the value given, not hypothesis's given
         name = key.replace("-", "_")
         assert name in FIELDS and name in explicit
         assert getattr(cfg, name) == documented_conversion(name, given), (key, given)
@@ -74,7 +74,14 @@ def data_files(draw):
     y_shape = draw(st.sampled_from([(y_rows,), (y_rows, 2)]))
     x_dtype, y_dtype = draw(DTYPES), draw(st.sampled_from(["int64", "int8", "float32", "bool"]))
     special = draw(st.sampled_from([None, None, None, np.nan, np.inf]))
-    return x_shape, x_dtype, y_shape, y_dtype, special, draw(st.sampled_from(["cross_entropy", "mse"]))
+    return (
+        x_shape,
+        x_dtype,
+        y_shape,
+        y_dtype,
+        special,
+        draw(st.sampled_from(["cross_entropy", "mse"])),
+    )
 
 
 def write(path, x_shape, x_dtype, y_shape, y_dtype, special, seed):

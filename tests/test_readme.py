@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, mpinn_env
+from helpers import ROOT, mpinn_env
 
 README = (ROOT / "README.md").read_text()
 SKIP = ("make ", ". .venv/bin/activate")

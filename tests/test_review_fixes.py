@@ -8,7 +8,6 @@ import pytest
 
 from mpinn.data import RowSource
 
-
 # --- 1. streaming reads across stored chunk boundaries --------------------------------------------
 
 def _write_chunked(path, x, chunk_rows, reverse):
@@ -44,7 +43,7 @@ def test_row_source_reads_across_many_chunks(tmp_path, reverse):
 def test_streamed_training_over_many_chunks_equals_training_from_memory(tmp_path):
     """The issue's case, smaller: data synth's file in 100 chunks; before, streamed weights
     differed from in-memory ones (or a false "contains NaN or inf" ended the run)."""
-    from conftest import ok, run_mpinn
+    from helpers import ok, run_mpinn
     from mpinn import checkpoint
     data = tmp_path / "synth.h5"
     ok(run_mpinn(1, "data", "synth", "--rows", 6400, "--features", 16, "--chunk-rows", 64,
@@ -64,7 +63,7 @@ def test_streamed_training_over_many_chunks_equals_training_from_memory(tmp_path
 def test_row_source_reads_on_after_a_partial_read(tmp_path, monkeypatch):
     """Linux returns at most 2,147,479,552 bytes from one preadv (and any read may come back short):
     a read goes on where the last one stopped. Here every call returns at most 1000 bytes."""
-    import mpinn.data
+    import mpinn.data.read
     x = np.random.default_rng(7).normal(size=(3000, 9)).astype(np.float32)
     path = str(tmp_path / "x.h5")
     with h5py.File(path, "w") as f:
@@ -75,7 +74,7 @@ def test_row_source_reads_on_after_a_partial_read(tmp_path, monkeypatch):
         (buf,) = buffers
         calls.append(len(memoryview(buf).cast("B")))
         return real(fd, [memoryview(buf).cast("B")[:1000]], offset)
-    monkeypatch.setattr(mpinn.data.os, "preadv", capped)
+    monkeypatch.setattr(mpinn.data.read.os, "preadv", capped)
     source = RowSource(path, "X")
     try:
         np.testing.assert_array_equal(source.read(np.arange(100, 2900)), x[100:2900])
@@ -85,12 +84,12 @@ def test_row_source_reads_on_after_a_partial_read(tmp_path, monkeypatch):
 
 
 def test_row_source_says_short_read_at_end_of_file(tmp_path, monkeypatch):
-    import mpinn.data
+    import mpinn.data.read
     from mpinn.errors import UsageError
     path = str(tmp_path / "x.h5")
     with h5py.File(path, "w") as f:
         f["X"] = np.ones((100, 3), np.float32)
-    monkeypatch.setattr(mpinn.data.os, "preadv", lambda fd, buffers, offset: 0)
+    monkeypatch.setattr(mpinn.data.read.os, "preadv", lambda fd, buffers, offset: 0)
     source = RowSource(path, "X")
     try:
         with pytest.raises(UsageError, match="short read"):
@@ -109,7 +108,8 @@ def in_private_tmpfs(mount, size, command, timeout=180):
     import shlex
     import shutil
     import subprocess
-    from conftest import mpinn_env, ROOT
+
+    from helpers import ROOT, mpinn_env
     if shutil.which("unshare") is None:
         pytest.skip("no unshare(1) to make a private mount namespace")
     where = shlex.quote(str(mount))
@@ -162,7 +162,8 @@ def test_windows_that_do_not_fit_fall_back_to_mpi(tmp_path):
     touched the third one died of SIGBUS. Now the first is allocated at once and the others see
     the room it took: they fall back to MPI's Allreduce, agreed by every rank."""
     import sys
-    from conftest import mpiexec
+
+    from helpers import mpiexec
     (tmp_path / "prog.py").write_text(THREE_WINDOWS)
     p = in_private_shm(tmp_path, 64, [mpiexec(), "-n", 2, sys.executable, tmp_path / "prog.py"])
     assert p.returncode == 0, p.stderr[-2000:]
@@ -198,7 +199,7 @@ def test_sweep_checks_dev_shm_for_all_its_groups(tmp_path):
     """3 groups x 2 ranks on one node, each group's window (~18 MB, a 1.1 M-parameter network)
     fitting twice in the ~64 MB left free, all three not: the check counts every group on the
     node, so all sum through MPI and every trial trains."""
-    from conftest import mpinn_command
+    from helpers import mpinn_command
     (tmp_path / "grid.toml").write_text("[grid]\nlr = [0.01, 0.02, 0.03]\n")
     out = tmp_path / "s"
     p = in_private_shm(tmp_path, 96, mpinn_command(
@@ -265,7 +266,8 @@ def test_failed_trials_leave_no_window_and_no_communicator(tmp_path):
     and MPICH can make as many communicators as before any (a leak of 2-3 a trial ends a group
     after ~700 trials, and of the window ~17 MiB of RAM a trial on a 1.1 M-parameter network)."""
     import sys
-    from conftest import mpiexec
+
+    from helpers import mpiexec
     (tmp_path / "prog.py").write_text(FAILING_TRIALS)
     p = in_private_shm(tmp_path, 128, [mpiexec(), "-n", 2, sys.executable, tmp_path / "prog.py",
                                         tmp_path / "runs"], timeout=300)
@@ -281,14 +283,14 @@ def test_failed_trials_leave_no_window_and_no_communicator(tmp_path):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    from conftest import ok, run_mpinn
+    from helpers import ok, run_mpinn
     run_dir = tmp_path_factory.mktemp("trained")
     ok(run_mpinn(1, "train", "--run-dir", run_dir, "--epochs", 1))
     return run_dir / "checkpoint.h5"
 
 
 def full_disk_command(kind, out, trained, tmp_path):
-    from conftest import mpinn_command
+    from helpers import mpinn_command
     if kind == "predict":
         return mpinn_command(2, "predict", "--checkpoint", trained, "--out", out)
     if kind == "predict csv":
@@ -328,7 +330,8 @@ def test_timeline_never_replaces_an_input_or_a_file_without_overwrite(tmp_path):
     """Before, --timeline opened its path with open(path, "w"): the data file or the run's own
     checkpoint.h5 was replaced by a trace and the run exited 0."""
     import shutil
-    from conftest import DIGITS_TRAIN, ok, run_mpinn
+
+    from helpers import DIGITS_TRAIN, ok, run_mpinn
     from mpinn import checkpoint
     data = tmp_path / "train.h5"
     shutil.copy(DIGITS_TRAIN, data)
@@ -359,7 +362,8 @@ def test_a_resumed_run_replaces_its_own_trace(tmp_path):
     """A requeued job gives the same --timeline again: its earlier trace (and only a trace) may
     be replaced without --overwrite."""
     import json
-    from conftest import ok, run_mpinn
+
+    from helpers import ok, run_mpinn
     trace = tmp_path / "trace.json"
     ok(run_mpinn(2, "train", "--epochs", 1, "--run-dir", tmp_path / "r", "--timeline", trace))
     first = json.loads(trace.read_text())
@@ -377,7 +381,8 @@ def test_resume_from_another_folder_reads_the_files_the_run_started_on(tmp_path)
     another folder (a job script, a requeue) that holds a different file of the same relative
     name still trains on the run's file; a file replaced under the run's own name is refused."""
     import shutil
-    from conftest import DIGITS_TRAIN, ok, run_mpinn, write_classification
+
+    from helpers import DIGITS_TRAIN, ok, run_mpinn, write_classification
     from mpinn import checkpoint
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir(), b.mkdir()
@@ -403,7 +408,8 @@ def test_overwrite_that_fails_before_its_first_checkpoint_leaves_the_old_run(tmp
     """Before, --overwrite removed the old run's files as the new run started: a new run that
     diverged at step 2 left neither run."""
     import json
-    from conftest import ok, run_mpinn
+
+    from helpers import ok, run_mpinn
     from mpinn import checkpoint
     run = tmp_path / "run"
     ok(run_mpinn(2, "train", "--run-dir", run, "--epochs", 2, "--seed", 1))
@@ -442,6 +448,7 @@ def test_a_run_folder_that_cannot_be_locked_says_what_the_file_system_lacks(tmp_
     lockd ENOLCK (before, both were "in use by another training (unknown)")."""
     import errno
     import fcntl
+
     from mpinn.errors import UsageError
     from mpinn.outputs import RunDirLock
 
@@ -468,6 +475,7 @@ def test_a_run_folder_in_use_is_still_in_use(tmp_path):
 def test_doctor_tests_the_lock_in_the_run_folder(tmp_path, monkeypatch):
     import errno
     import fcntl
+
     from mpinn.hpc.doctor import findings, run_dir_facts
     assert run_dir_facts(str(tmp_path))["lock"] == "ok"
     assert os.listdir(tmp_path) == []  # the probe is gone
@@ -477,7 +485,8 @@ def test_doctor_tests_the_lock_in_the_run_folder(tmp_path, monkeypatch):
     monkeypatch.setattr(fcntl, "flock", refuse)
     facts = run_dir_facts(str(tmp_path))
     assert facts["lock"] == "failed: ENOLCK (No locks available)"
-    from test_launch import facts as rank_facts, report
+    from test_launch import facts as rank_facts
+    from test_launch import report
     _, broken = findings(report([rank_facts(0)], run_dir=facts))
     assert len(broken) == 1 and "cannot be locked (flock failed: ENOLCK" in broken[0]
 
@@ -491,7 +500,7 @@ def test_doctor_tests_the_lock_in_the_run_folder(tmp_path, monkeypatch):
 ])
 def test_one_class_labels_are_refused(tmp_path, label, extra, message):
     """Before, labels that were all 0 trained a 1-output softmax to loss 0 and accuracy 1."""
-    from conftest import run_mpinn
+    from helpers import run_mpinn
     path = tmp_path / "one.h5"
     with h5py.File(path, "w") as f:
         f["X"] = np.random.default_rng(0).normal(size=(200, 5)).astype(np.float32)
@@ -508,7 +517,7 @@ def test_one_class_labels_are_refused(tmp_path, label, extra, message):
 def test_csv_with_a_byte_order_mark_keeps_its_first_row_and_names(tmp_path, header):
     """Excel's "CSV UTF-8" starts with a BOM. Before: without a header the first row was taken
     for one and lost; with a header the first name kept the BOM ('\\ufeffkind' is not 'kind')."""
-    from conftest import ok, run_mpinn
+    from helpers import ok, run_mpinn
     rows = [(1, 0.5, 2.0), (0, 1.5, -1.0), (1, 2.5, 0.0), (0, 3.5, 1.0)]
     text = ("kind,a,b\n" if header else "") + "".join(f"{k},{a},{b}\n" for k, a, b in rows)
     src = tmp_path / "bom.csv"
@@ -526,7 +535,7 @@ def test_csv_with_a_byte_order_mark_keeps_its_first_row_and_names(tmp_path, head
 def test_a_wide_csv_converts_to_a_file_of_its_own_size(tmp_path):
     """Before, data convert always chunked 65,536 rows: HDF5 stores whole chunks, so 50 rows of
     2,000 features made a 524 MB file. Chunks now hold at most 4 MiB."""
-    from conftest import ok, run_mpinn
+    from helpers import ok, run_mpinn
     x = np.random.default_rng(0).normal(size=(50, 2000)).astype(np.float32)
     src = tmp_path / "wide.csv"
     src.write_text("".join(",".join(f"{v:.4f}" for v in row) + f",{i % 2}\n"
@@ -549,7 +558,7 @@ def test_a_wide_csv_converts_to_a_file_of_its_own_size(tmp_path):
 
 def test_eps_zero_and_a_config_folder_are_one_clear_error(tmp_path):
     """--eps 0 ended in ZeroDivisionError; --config FOLDER in a traceback from every rank."""
-    from conftest import run_mpinn
+    from helpers import run_mpinn
     r = run_mpinn(2, "train", "--eps", 0, "--run-dir", tmp_path / "r")
     assert r.returncode == 2 and r.stderr.strip() == "mpinn: error: --eps must be positive, got 0.0"
     r = run_mpinn(2, "train", "--config", tmp_path, "--run-dir", tmp_path / "r")
@@ -560,7 +569,7 @@ def test_eps_zero_and_a_config_folder_are_one_clear_error(tmp_path):
 def test_a_sweep_with_an_invalid_trial_trains_nothing(tmp_path):
     """Before, lr = -1 in a grid was a failed row after the other trials had trained, and the
     sweep exited 0. Every trial's options are checked before the first starts."""
-    from conftest import run_mpinn
+    from helpers import run_mpinn
     grid = tmp_path / "grid.toml"
     grid.write_text("[grid]\nlr = [0.01, -1.0]\n\n[[trial]]\nbatch_size = 0\n")
     r = run_mpinn(2, "sweep", "--grid", grid, "--out", tmp_path / "s", "--epochs", 1)
@@ -573,7 +582,7 @@ def test_a_sweep_with_an_invalid_trial_trains_nothing(tmp_path):
 
 def test_split_of_a_tiny_file_is_refused(tmp_path):
     """--split 0.8 of 2 rows rounds the test file to no rows: it was a ValueError from h5py."""
-    from conftest import run_mpinn
+    from helpers import run_mpinn
     src = tmp_path / "tiny.csv"
     src.write_text("1,2,0\n3,4,1\n")
     r = run_mpinn(1, "data", "convert", src, "--out", tmp_path / "t.h5", "--split", 0.8)
@@ -586,6 +595,7 @@ def test_edited_checkpoint_attributes_are_refused(tmp_path, trained):
     """The checksum covered the arrays only: an edited `sizes` allocated what it said (a
     MemoryError for a large one) or silently changed the network's meaning."""
     import shutil
+
     from mpinn import checkpoint
     from mpinn.errors import UsageError
     for key, value in (("sizes", np.array([64, 10**6, 10**6, 10], np.int64)),
@@ -626,7 +636,7 @@ def test_a_full_disk_under_the_metrics_names_the_file():
 @pytest.mark.parametrize("stream", [False, True])
 def test_values_beyond_float32_are_not_called_nan_or_inf(tmp_path, stream):
     """1e300 is finite in a float64 file and inf in float32: it was called "NaN or inf"."""
-    from conftest import run_mpinn
+    from helpers import run_mpinn
     x = np.random.default_rng(0).normal(size=(400, 3))
     x[123, 1] = -1e300
     path = tmp_path / "wide.h5"
@@ -653,7 +663,7 @@ def test_values_beyond_float32_are_not_called_nan_or_inf(tmp_path, stream):
 def test_csv_missing_value_markers_and_long_lines(tmp_path):
     """pyarrow reads NA/null/NaN as missing: such a cell was called "empty". A line longer than
     the reader's 1 MiB block was "Empty CSV file or block"; wide files now convert."""
-    from conftest import ok, run_mpinn
+    from helpers import ok, run_mpinn
     src = tmp_path / "na.csv"
     src.write_text("a,b,label\n1,2,0\n3,NA,1\n4,,0\n")
     r = run_mpinn(1, "data", "convert", src, "--out", tmp_path / "na.h5")
@@ -695,7 +705,8 @@ def test_sigterm_and_sigkill_while_writing_leave_no_temporary(tmp_path):
     import subprocess
     import sys
     import time
-    from conftest import ROOT, finish, mpinn_env, ok, run_mpinn, start_mpinn
+
+    from helpers import ROOT, finish, mpinn_env, ok, run_mpinn, start_mpinn
     synth = [sys.executable, "-m", "mpinn", "data", "synth", "--rows", 3_000_000, "--features",
              64, "--out", tmp_path / "s.h5"]
     for sig in (signal.SIGTERM, signal.SIGKILL):
@@ -732,7 +743,8 @@ def test_metrics_hold_each_step_once_after_a_resume(tmp_path):
     """A run killed between checkpoints had written the records of steps it redoes on resume:
     they appeared twice in metrics.jsonl. The resume drops the records past its checkpoint."""
     import json
-    from conftest import ok, run_mpinn, steps_per_epoch
+
+    from helpers import ok, run_mpinn, steps_per_epoch
     spe = steps_per_epoch()
     kill_at = 2 * spe - 3  # epoch 2, after its step records, before its checkpoint
     r = run_mpinn(2, "train", "--run-dir", tmp_path, "--epochs", 3, "--log-every", 5,

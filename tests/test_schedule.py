@@ -4,7 +4,7 @@ import pytest
 
 from mpinn.errors import UsageError
 from mpinn.plan import (Grid, balanced_partition, ideal_bubble, in_flight, layer_flops,
-                            parse_partition, schedule, stage_layers)
+                        parse_partition, schedule, stage_layers)
 
 
 def simulate(kind, stages, micro):
@@ -47,7 +47,9 @@ def simulate(kind, stages, micro):
 def test_schedules_complete_and_bound_activations(kind, stages, micro):
     for s in range(stages):
         ops = schedule(kind, stages, s, micro)
-        assert sorted(ops) == sorted([("F", j) for j in range(micro)] + [("B", j) for j in range(micro)])
+        assert sorted(ops) == sorted(
+            [("F", j) for j in range(micro)] + [("B", j) for j in range(micro)]
+        )
     peak = simulate(kind, stages, micro)
     for s in range(stages):
         assert peak[s] <= in_flight(kind, stages, s, micro)

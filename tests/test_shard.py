@@ -6,7 +6,7 @@ state, so a run may resume sharded or not on any number of ranks."""
 import numpy as np
 import pytest
 
-from conftest import ok, run_mpinn
+from helpers import ok, run_mpinn
 from mpinn import checkpoint
 
 NET = ["--hidden", "33,17", "--epochs", 2, "--shuffle", "global"]  # 64-33-17-10: 2,903 parameters
@@ -49,8 +49,16 @@ def test_checkpoints_are_interchangeable_across_sharding_and_world_sizes(tmp_pat
     depend on the ranks; only the summation order does)."""
     args = [*NET, "--optimizer", "adam", "--clip-grad-norm", 0.5]
     ok(run_mpinn(2, "train", *args, "--steps", 20, "--run-dir", tmp_path / "straight"))
-    ok(run_mpinn(2, "train", *args, "--steps", 10, "--shard-optimizer", "--run-dir", tmp_path / "r"))
-    ok(run_mpinn(3, "train", "--resume", "--steps", 15, "--shard-optimizer", "--run-dir", tmp_path / "r"))
+    ok(
+        run_mpinn(
+            2, "train", *args, "--steps", 10, "--shard-optimizer", "--run-dir", tmp_path / "r"
+        )
+    )
+    ok(
+        run_mpinn(
+            3, "train", "--resume", "--steps", 15, "--shard-optimizer", "--run-dir", tmp_path / "r"
+        )
+    )
     ok(run_mpinn(1, "train", "--resume", "--steps", 20, "--run-dir", tmp_path / "r"))
     assert_same(load(tmp_path / "straight"), load(tmp_path / "r"))
 

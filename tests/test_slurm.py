@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import steps_per_epoch, ROOT
+from helpers import ROOT, steps_per_epoch
 from mpinn import checkpoint
 
 HERE = ROOT / "tests" / "slurm"
@@ -63,7 +63,8 @@ def cluster():
 
 
 def sbatch_wait(job_file, workdir, env):
-    """Submit, poll scontrol every 0.5 s until the job ends; return (id, state, exit code, output)."""
+    """Submit, poll scontrol every 0.5 s until the job ends; return (id, state, exit code,
+    output)."""
     out = workdir / "job-%j.out"
     job_id = subprocess.run(["sbatch", "--parsable", f"--chdir={workdir}", f"--output={out}",
                              str(job_file)], env=env, capture_output=True, text=True, check=True,
@@ -95,21 +96,34 @@ def test_train_job_file_under_slurm(cluster, tmp_path):
                                                 job_env(cluster, ARGS="--epochs 2"))
     assert (state, exit_code) == ("COMPLETED", "0:0"), out
     ckpt = checkpoint.load(str(tmp_path / "runs" / job_id / "checkpoint.h5"))  # named by job id
-    assert ckpt.global_step == 2 * steps_per_epoch() and ckpt.config["ranks"] == 2  # 2 ranks through srun
+    assert (
+        ckpt.global_step == 2 * steps_per_epoch() and ckpt.config["ranks"] == 2
+    )  # 2 ranks through srun
     assert out.count("mpinn train: done") == 1
 
 
 def test_scaling_job_file_under_slurm(cluster, tmp_path):
     job_id, state, exit_code, out = sbatch_wait(
-        ROOT / "jobs" / "slurm" / "scaling.sbatch", tmp_path,
-        job_env(cluster, BENCH_ARGS="--features 64 --hidden 32 --steps 5 --warmup 2 --sweep-max 65536",
-                BATCH="64"))
+        ROOT / "jobs" / "slurm" / "scaling.sbatch",
+        tmp_path,
+        job_env(
+            cluster,
+            BENCH_ARGS="--features 64 --hidden 32 --steps 5 --warmup 2 --sweep-max 65536",
+            BATCH="64",
+        ),
+    )
     assert (state, exit_code) == ("COMPLETED", "0:0"), out
     report = tmp_path / "runs" / f"scaling-{job_id}"
     assert sorted(os.listdir(report / "raw")) == ["bench-00001.json", "bench-00002.json"]
     text = (report / "report.md").read_text()
     assert "| 1 | 1 x 1 |" in text and "| 2 | 1 x 2 |" in text and "α =" in text
-    for png in ("speedup.png", "efficiency.png", "breakdown.png", "projection.png", "allreduce.png"):
+    for png in (
+        "speedup.png",
+        "efficiency.png",
+        "breakdown.png",
+        "projection.png",
+        "allreduce.png",
+    ):
         assert (report / png).stat().st_size > 10_000, png
 
 
@@ -150,7 +164,9 @@ def wait_for(what, predicate, timeout=TERMINAL_WAIT):
     pytest.fail(f"timed out waiting for {what}")
 
 
-def test_train_job_near_its_time_limit_is_requeued_and_ends_as_an_uninterrupted_run(cluster, tmp_path):
+def test_train_job_near_its_time_limit_is_requeued_and_ends_as_an_uninterrupted_run(
+    cluster, tmp_path
+):
     """The job file asks Slurm for USR1 before its time limit (--signal=B:USR1@120) and to be
     requeueable. Here the test sends that USR1 itself (`scancel -b -s USR1`, which is what
     --signal does, without waiting minutes for a real limit). Slurm holds a requeued job for its
@@ -178,14 +194,34 @@ def test_train_job_near_its_time_limit_is_requeued_and_ends_as_an_uninterrupted_
     final = checkpoint.load(str(run_dir / "checkpoint.h5"))
     assert 0 < stopped_at < final.global_step == epochs * steps_per_epoch()
     straight = tmp_path / "straight"
-    p = subprocess.run([str(Path(sys.executable).parent / "mpiexec"), "-n", "2", sys.executable,
-                        "-m", "mpinn", "train", "--epochs", str(epochs), "--run-dir", str(straight)],
-                       capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    p = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "mpiexec"),
+            "-n",
+            "2",
+            sys.executable,
+            "-m",
+            "mpinn",
+            "train",
+            "--epochs",
+            str(epochs),
+            "--run-dir",
+            str(straight),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
     assert p.returncode == 0, p.stderr
-    np.testing.assert_array_equal(final.params, checkpoint.load(str(straight / "checkpoint.h5")).params)
+    np.testing.assert_array_equal(
+        final.params, checkpoint.load(str(straight / "checkpoint.h5")).params
+    )
 
 
-def test_mis_launch_under_srun_is_refused_and_mpiexec_inside_the_allocation_is_not(cluster, tmp_path):
+def test_mis_launch_under_srun_is_refused_and_mpiexec_inside_the_allocation_is_not(
+    cluster, tmp_path
+):
     """srun --mpi=none starts 2 processes that MPI does not connect (each a 1-rank world): each
     exits 2 naming the cause. mpiexec inside the same allocation runs Hydra's proxies in a step
     of fewer tasks than ranks: a sound launch, which trains on 2 ranks; doctor sees the same."""
@@ -201,15 +237,29 @@ mpiexec -n 2 python -m mpinn doctor --json --sweep-max 1024 > {tmp_path}/doctor.
 echo "doctor exit $?"
 """)
     job_id = submit(script, tmp_path, cluster)
-    fields = wait_for("the job", lambda: (lambda f: f if f.get("JobState") not in (
-        "PENDING", "CONFIGURING", "RUNNING", "COMPLETING", None) else None)(job_fields(job_id, cluster)))
+    fields = wait_for(
+        "the job",
+        lambda: (
+            lambda f: (
+                f
+                if f.get("JobState")
+                not in ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", None)
+                else None
+            )
+        )(job_fields(job_id, cluster)),
+    )
     out = (tmp_path / f"job-{job_id}.out").read_text()
     assert fields["JobState"] == "COMPLETED", out
     assert "srun-none exit 2" in out and "mpiexec exit 0" in out and "doctor exit 0" in out, out
-    refusals = [l for l in out.splitlines() if "srun started 2 processes (SLURM_STEP_NUM_TASKS=2)" in l]
+    refusals = [
+        l for l in out.splitlines() if "srun started 2 processes (SLURM_STEP_NUM_TASKS=2)" in l
+    ]
     assert len(refusals) == 2, out  # one line from each of the two unconnected processes
     assert not (tmp_path / "bad").exists()
     assert checkpoint.load(str(tmp_path / "good" / "checkpoint.h5")).config["ranks"] == 2
     doctor = json.loads((tmp_path / "doctor.json").read_text())
     assert doctor["world_size"] == 2 and doctor["broken"] == []
-    assert doctor["launcher"]["scheduler"] == "SLURM" and doctor["launcher"]["started"]["PMI_SIZE"] == 2
+    assert (
+        doctor["launcher"]["scheduler"] == "SLURM"
+        and doctor["launcher"]["started"]["PMI_SIZE"] == 2
+    )

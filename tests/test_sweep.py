@@ -12,8 +12,8 @@ import time
 import numpy as np
 import pytest
 
-from conftest import (DIGITS_TRAIN, finish, ok, run_mpinn, start_mpinn, steps_per_epoch,
-                      write_classification)
+from helpers import (DIGITS_TRAIN, finish, ok, run_mpinn, start_mpinn, steps_per_epoch,
+                     write_classification)
 from mpinn import checkpoint
 from mpinn.errors import UsageError
 from mpinn.sweep.grid import combinations, load_trials, nth_combination
@@ -43,7 +43,9 @@ def test_grid_is_the_cartesian_product_then_the_explicit_trials(tmp_path):
     path = grid_file(tmp_path, '[grid]\nlr = [0.1, 0.01]\nhidden = ["8", "16,8", ""]\n'
                                '[[trial]]\noptimizer = "sgd"\n[[trial]]\nlr = 0.5\nepochs = 2\n')
     varied, trials = load_trials(path)
-    expected = [{"lr": a, "hidden": b} for a, b in itertools.product([0.1, 0.01], ["8", "16,8", ""])]
+    expected = [
+        {"lr": a, "hidden": b} for a, b in itertools.product([0.1, 0.01], ["8", "16,8", ""])
+    ]
     assert trials == expected + [{"optimizer": "sgd"}, {"lr": 0.5, "epochs": 2}]
     assert varied == ["lr", "hidden", "optimizer", "epochs"]
 
@@ -57,7 +59,9 @@ def test_random_draws_distinct_combinations_of_the_grid_by_seed(tmp_path):
     assert combinations(grid, 7, seed=3) == drawn and combinations(grid, 7, seed=4) != drawn
     assert combinations(grid, 60, seed=3) == product  # K >= the grid: every combination once
     lists = list(grid.values())
-    assert [nth_combination(lists, i) for i in range(60)] == [list(c) for c in itertools.product(*lists)]
+    assert [nth_combination(lists, i) for i in range(60)] == [
+        list(c) for c in itertools.product(*lists)
+    ]
 
 
 @pytest.mark.parametrize("text,message", [
@@ -150,7 +154,9 @@ def test_ranks_not_divisible_and_a_used_out_are_refused(tmp_path):
     assert not (tmp_path / "nothing").exists()
     r = ok(run_mpinn(1, "sweep", "--resume", "--out", tmp_path / "s"))
     assert "1 trials, 0 to train" in r.stdout
-    bad = grid_file(tmp_path, f'[grid]\ndata = ["{tmp_path / "gone-1.h5"}", "{tmp_path / "gone-2.h5"}"]\n')
+    bad = grid_file(
+        tmp_path, f'[grid]\ndata = ["{tmp_path / "gone-1.h5"}", "{tmp_path / "gone-2.h5"}"]\n'
+    )
     r = run_mpinn(2, "sweep", "--grid", bad, "--out", tmp_path / "bad")
     assert r.returncode == 1 and "no trial ended ok" in r.stdout
     assert [row["status"] for row in results(tmp_path / "bad")] == ["failed", "failed"]

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ok, run_mpinn
+from helpers import ok, run_mpinn
 from mpinn import checkpoint
 from mpinn.model import Architecture, Network
 
@@ -149,7 +149,9 @@ def torch_training(data_path, arch, params, opt, clip=0.0, scheduler=None):
     tensors = [t for layer in layers for t in layer]
     kw = dict(opt)
     name = kw.pop("name")
-    optimizer = torch.optim.Adam(tensors, **kw) if name == "adam" else torch.optim.SGD(tensors, **kw)
+    optimizer = (
+        torch.optim.Adam(tensors, **kw) if name == "adam" else torch.optim.SGD(tensors, **kw)
+    )
     sched = scheduler(optimizer) if scheduler else None
     for step in range(STEPS):
         k = step % -(-N // BATCH)
@@ -252,7 +254,7 @@ def test_accumulation_matches_torch_full_batches(problem, tmp_path, ranks):
     np.testing.assert_allclose(got.params, expect, rtol=2e-5, atol=2e-6)
 
 
-# -- dropout ----------------------------------------------------------------------------------------
+# -- dropout ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("act,loss_out", list(itertools.product(("relu", "tanh", "sigmoid"),
                                                                LOSSES[:2])))
 def test_dropout_forward_backward_match_torch(act, loss_out):

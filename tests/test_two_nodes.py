@@ -16,11 +16,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import ROOT, ok, run_mpinn
+from helpers import ROOT, ok, run_mpinn
 from mpinn import checkpoint
 
 sys.path.insert(0, str(Path(__file__).parent / "twonodes"))
 from cluster import TwoNodes, unavailable  # noqa: E402
+
 from slurm import TwoNodeSlurm, slurm_missing  # noqa: E402
 
 WHY = unavailable()
@@ -39,23 +40,39 @@ def test_training_across_two_nodes_gives_the_one_node_weights(tmp_path):
     with TwoNodes() as nodes:
         names = list(nodes.ns)
         for ranks, per_node in ((2, 1), (4, 2)):
-            r = nodes.mpiexec([*TRAIN, "--shuffle", "global", "--run-dir", tmp_path / f"two-{ranks}"],
-                              ranks, per_node, timeout=120)
+            r = nodes.mpiexec(
+                [*TRAIN, "--shuffle", "global", "--run-dir", tmp_path / f"two-{ranks}"],
+                ranks,
+                per_node,
+                timeout=120,
+            )
             assert r.returncode == 0, r.stderr
-            assert f"{ranks} rank(s)" in r.stdout and "exceed" not in r.stderr  # per node: no oversubscription
-        r = nodes.mpiexec([*TRAIN, "--no-shuffle", "--pipeline-stages", 2, "--run-dir",
-                           tmp_path / "pipe-two"], 2, 1, timeout=120)  # stage 0 on node1, 1 on node2
+            assert (
+                f"{ranks} rank(s)" in r.stdout and "exceed" not in r.stderr
+            )  # per node: no oversubscription
+        r = nodes.mpiexec(
+            [*TRAIN, "--no-shuffle", "--pipeline-stages", 2, "--run-dir", tmp_path / "pipe-two"],
+            2,
+            1,
+            timeout=120,
+        )  # stage 0 on node1, 1 on node2
         assert r.returncode == 0, r.stderr
-        bad = nodes.mpiexec([*TRAIN, "--data", tmp_path / "missing.h5", "--run-dir", tmp_path / "x"],
-                            2, 1, timeout=120)
+        bad = nodes.mpiexec(
+            [*TRAIN, "--data", tmp_path / "missing.h5", "--run-dir", tmp_path / "x"],
+            2,
+            1,
+            timeout=120,
+        )
         assert bad.returncode == 2 and "data file not found" in bad.stderr
     assert not any(n in namespaces() for n in names)  # torn down, after a failed command too
     one = checkpoint.load(str(tmp_path / "one" / "checkpoint.h5"))
     for ranks in (2, 4):  # 4 ranks sum in another order than 2: float32 rounding only
         two = checkpoint.load(str(tmp_path / f"two-{ranks}" / "checkpoint.h5"))
         np.testing.assert_allclose(two.params, one.params, rtol=0, atol=1e-6)
-    np.testing.assert_array_equal(checkpoint.load(str(tmp_path / "pipe-two" / "checkpoint.h5")).params,
-                                  checkpoint.load(str(tmp_path / "pipe-one" / "checkpoint.h5")).params)
+    np.testing.assert_array_equal(
+        checkpoint.load(str(tmp_path / "pipe-two" / "checkpoint.h5")).params,
+        checkpoint.load(str(tmp_path / "pipe-one" / "checkpoint.h5")).params,
+    )
 
 
 def test_doctor_reports_each_node(tmp_path):
@@ -117,7 +134,9 @@ def test_scale_across_two_nodes_fits_both_levels(tmp_path):
     assert runs["bench-00004-2x2.json"]["ranks_per_machine"] == 4
     assert runs["bench-00004-2x2.json"]["oversubscribed"] is (4 > os.cpu_count())
     md = (tmp_path / "s" / "report.md").read_text()
-    assert "| 4 | 2 x 2 |" in md.replace(" * |", " |") and "between nodes, fitted on multi-node" in md
+    assert (
+        "| 4 | 2 x 2 |" in md.replace(" * |", " |") and "between nodes, fitted on multi-node" in md
+    )
 
 
 def test_sharded_optimizer_across_two_nodes_reduces_in_two_levels(tmp_path):

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, mpinn_env, steps_per_epoch
+from helpers import ROOT, mpinn_env, steps_per_epoch
 
 
 def run(cmd, cwd, env=None, timeout=240):

@@ -105,10 +105,33 @@ exec ip netns exec $ns unshare --uts bash -c "hostname $hn; $*"
         for key, value in {"UCX_TLS": "tcp", **(env or {})}.items():
             genv += ["-genv", key, value]
         # mpiexec runs on node 1 (Hydra starts that node's proxy itself, not through the rsh)
-        return ["ip", "netns", "exec", self.ns[0], "unshare", "--uts", "sh", "-c",
-                f'hostname {self.hosts[0]}; exec "$@"', "sh", mpiexec, "-iface", self.dev[0], "-hosts",
-                ",".join(self.addr), "-n", str(ranks), "-ppn", str(per_node), "-launcher", "ssh",
-                "-launcher-exec", str(self.rsh), *genv, *map(str, argv)]
+        return [
+            "ip",
+            "netns",
+            "exec",
+            self.ns[0],
+            "unshare",
+            "--uts",
+            "sh",
+            "-c",
+            f'hostname {self.hosts[0]}; exec "$@"',
+            "sh",
+            mpiexec,
+            "-iface",
+            self.dev[0],
+            "-hosts",
+            ",".join(self.addr),
+            "-n",
+            str(ranks),
+            "-ppn",
+            str(per_node),
+            "-launcher",
+            "ssh",
+            "-launcher-exec",
+            str(self.rsh),
+            *genv,
+            *map(str, argv),
+        ]
 
     def mpiexec(self, argv, ranks, per_node, env=None, timeout=300, cwd=None):
         return subprocess.run(self.command(argv, ranks, per_node, env), capture_output=True,
