@@ -9,7 +9,8 @@ BIN    := $(VENV)/bin
 RANKS  ?= 2
 STAMP  := $(VENV)/.installed
 
-.PHONY: train test test-fast test-mutants install clean bench bench-pipeline two-nodes two-nodes-check
+.PHONY: train test test-fast test-mutants lint format install clean bench bench-pipeline two-nodes \
+	two-nodes-check
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +31,16 @@ test: $(STAMP)
 # the unit tier for the inner loop: no mpiexec launch, no Slurm or namespaces (under a minute)
 test-fast: $(STAMP)
 	MPINN_TEST_TIER=unit $(BIN)/python -m pytest -q -m "not system"
+
+# ruff's linter (rules in pyproject.toml): CI runs it before the suite
+lint: $(STAMP)
+	$(BIN)/ruff check mpinn tests benchmarks
+
+# ruff's formatter, on request, for the files named (FILES=...): the code keeps its hand-aligned
+# continuation lines, which a wholesale reformat would replace
+format: $(STAMP)
+	@test -n "$(FILES)" || { echo "make format FILES='a.py b.py'"; exit 2; }
+	$(BIN)/ruff format $(FILES)
 
 # one-line bugs of real risk, one at a time in a scratch copy: every one must make its tests fail
 test-mutants: $(STAMP)

@@ -3,7 +3,8 @@ gradient sum with the backward pass (after per-bucket Iallreduce and MPICH's pro
 backward pass runs bucket by bucket (last layers first, kernels release the GIL), and a thread of
 this rank sums each finished bucket with MPI while the next is computed.
 
-    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE .venv/bin/python benchmarks/comm_thread.py [RATE ...]
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE \\
+        .venv/bin/python benchmarks/comm_thread.py [RATE ...]
 
 Runs the mnist-like network (784-512-512-10, 128 rows per rank, 0.5 MB buckets) on 2 ranks of one
 node, then on 2 nodes x 1 rank joined by a shaped link at each RATE (tests/twonodes; needs root),
@@ -16,7 +17,6 @@ and prints the median step (ms) of each way, alternated:
              tests (MPICH spins inside a blocking call: this thread leaves the core to compute)
 """
 import json
-import statistics
 import subprocess
 import sys
 import tempfile

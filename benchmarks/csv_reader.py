@@ -44,6 +44,7 @@ def main():
     features = int(sys.argv[2]) if len(sys.argv) > 2 else 64
     import pyarrow as pa
     import pyarrow.csv as pacsv
+
     from mpinn.cli import main as mpinn_main
     with tempfile.TemporaryDirectory() as tmp:
         src = os.path.join(tmp, "table.csv")

@@ -1,6 +1,7 @@
 """Pipeline bubble and activation memory: measured vs the ideal (S-1)/(M+S-1).
 
-    python benchmarks/pipeline_bubble.py [--stages 2] [--micro 1,2,4,8] [--hidden 1024,1024,1024,1024]
+    python benchmarks/pipeline_bubble.py [--stages 2] [--micro 1,2,4,8] \\
+        [--hidden 1024,1024,1024,1024]
 
 Trains a compute-heavy MLP on synthetic data (a temporary HDF5 file) with `mpiexec -n S` in pipeline
 mode for each schedule and micro-batch count, plus 1 rank data parallel for reference, and prints a

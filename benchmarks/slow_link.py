@@ -2,7 +2,8 @@
 hierarchical reduction, each against the plain step, across two "nodes" of this machine
 (tests/twonodes: network namespaces joined by a shaped veth link, UCX over TCP).
 
-    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE .venv/bin/python benchmarks/slow_link.py [RATE] [REPEATS]
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE \\
+        .venv/bin/python benchmarks/slow_link.py [RATE] [REPEATS]
 
 For 2 nodes x 1 rank and 2 nodes x 2 ranks at RATE (default 1gbit) it runs `mpinn bench` on the
 mnist-like network (784-512-512-10, 128 rows per rank) REPEATS times (default 2) alternately in
@@ -71,7 +72,9 @@ def main():
         raise SystemExit(f"slow_link: cannot run here: {why}")
     print(f"Two nodes joined by a {rate} link; mnist-like, 128 rows per rank; step ms "
           f"(median of {repeats}, settings alternated) and its ratio to the default\n")
-    print("| setting | 2 nodes x 1 rank | ratio | 2 nodes x 2 ranks | ratio |\n|---|---|---|---|---|")
+    print(
+        "| setting | 2 nodes x 1 rank | ratio | 2 nodes x 2 ranks | ratio |\n|---|---|---|---|---|"
+    )
     with TwoNodes(rate=rate) as nodes, tempfile.TemporaryDirectory() as tmp:
         times = {name: {1: [], 2: []} for name in SETTINGS}
         for _ in range(repeats):

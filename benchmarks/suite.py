@@ -116,10 +116,12 @@ def peers_available():
 
 
 def blas_line():
-    from threadpoolctl import threadpool_info
     import scipy.linalg.cython_blas  # noqa: F401
+    from threadpoolctl import threadpool_info
     pool = next(p for p in threadpool_info() if "/scipy.libs/" in p["filepath"])
-    forced = {k: os.environ[k] for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE") if k in os.environ}
+    forced = {
+        k: os.environ[k] for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE") if k in os.environ
+    }
     return (f"BLAS: {pool['internal_api']} {pool['version']}, kernel {pool['architecture']} "
             f"(threadpoolctl){'; environment forces ' + str(forced) if forced else ''}.")
 
@@ -207,12 +209,16 @@ def memory(lines, rows=1_000_000, features=64):
         with open(path, "rb") as fh:  # into a fresh array, as a shard read is (page faults too)
             fh.readinto(np.empty(os.path.getsize(path), np.uint8))
         raw = size_mb / (time.perf_counter() - t)
-        lines += ["", f"## Memory and data path ({rows:,} rows x {features} float32: "
-                  f"{size_mb:,.0f} MiB file; reading its bytes straight into a new array: {raw:,.0f} "
-                  "MiB/s, page cache warm)", "",
-                  "| ranks | shard per rank (MiB) | peak RSS per rank (MiB) | shard read, slowest rank "
-                  "(MiB/s) |",
-                  "|---|---|---|---|"]
+        lines += [
+            "",
+            f"## Memory and data path ({rows:,} rows x {features} float32: "
+            f"{size_mb:,.0f} MiB file; reading its bytes straight into a new array: {raw:,.0f} "
+            "MiB/s, page cache warm)",
+            "",
+            "| ranks | shard per rank (MiB) | peak RSS per rank (MiB) | shard read, slowest rank "
+            "(MiB/s) |",
+            "|---|---|---|---|",
+        ]
         for ranks in (1, 2):
             run_dir = os.path.join(tmp, f"r{ranks}")
             sh([BIN / "mpiexec", "-n", ranks, sys.executable, "-m", "mpinn", "train", "--data",

@@ -2,7 +2,8 @@
 fixed, side by side in one run (the scaling issue's targets: small >= 0.75, mnist-like >= 0.90,
 wide >= 0.95).
 
-    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE .venv/bin/python benchmarks/weak_efficiency.py [--repeats 3]
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE \\
+        .venv/bin/python benchmarks/weak_efficiency.py [--repeats 3]
 
 For each model (small 64-128-10 at 32 rows per rank, mnist-like 784-512-512-10 at 128, wide
 1024-2048-2048-10 at 256) it runs `mpinn bench` on 1 rank and on 2 ranks in each setting (the
