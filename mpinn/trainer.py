@@ -10,8 +10,18 @@ steps by construction.
 import time
 from dataclasses import dataclass
 
-from .hooks import raise_run
+from .hooks import Hook, raise_run
 from .runtime.process import seconds_since_process_start
+
+
+EVENTS = ("on_train_begin", "on_loop_start", "on_step_end", "on_epoch_end", "after_epoch",
+          "on_train_end", "on_summary", "on_failure")
+
+
+def acts_on(hook, event):
+    """Whether a hook does something at this event (not Hook's empty method, if it is a Hook)."""
+    method = getattr(type(hook), event, None)
+    return method is not None and method is not getattr(Hook, event)
 
 
 @dataclass
@@ -54,10 +64,13 @@ class Trainer:
         engine.watchdog = guard.watchdog
         for hook in hooks:
             hook.trainer = self
+        # each event's listeners, found once: a step calls only the hooks that act on it
+        self.listeners = {event: [getattr(h, event) for h in hooks if acts_on(h, event)]
+                          for event in EVENTS}
 
     def call(self, event, *args):
-        for hook in self.hooks:
-            getattr(hook, event)(self.state, *args)
+        for listener in self.listeners[event]:
+            listener(self.state, *args)
 
     def train(self):
         """Epochs of steps; after each whole epoch, the hooks (validation, checkpoint)."""

@@ -135,10 +135,26 @@ class Recorder(Hook):
     def __init__(self):
         self.events = []
 
-    def __getattribute__(self, name):
-        if name.startswith(("on_", "after_")):
-            return lambda state, *args: self.events.append((name, state.step))
-        return super().__getattribute__(name)
+    def record(self, name, state):
+        self.events.append((name, state.step))
+
+    def on_train_begin(self, state):
+        self.record("on_train_begin", state)
+
+    def on_loop_start(self, state):
+        self.record("on_loop_start", state)
+
+    def on_step_end(self, state, result):
+        self.record("on_step_end", state)
+
+    def on_epoch_end(self, state, record):
+        self.record("on_epoch_end", state)
+
+    def after_epoch(self, state):
+        self.record("after_epoch", state)
+
+    def on_train_end(self, state):
+        self.record("on_train_end", state)
 
 
 def test_trainer_steps_epochs_and_calls_its_hooks_in_order():
