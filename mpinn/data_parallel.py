@@ -95,7 +95,7 @@ class DataParallelEngine(Engine):
         loss, correct = reducer.gradients(xb, yb, scale, stop, self.dropout_now(ids))
         t0 = time.perf_counter()
         self.watchdog.arrived()
-        agreed = reducer.reduce(bool(self.clip_grad_norm))
+        agreed = reducer.agree(bool(self.clip_grad_norm))
         t1 = time.perf_counter()
         norm = agreed_step(self, agreed, reducer.update)
         t2 = time.perf_counter()

@@ -7,11 +7,11 @@
     NodeShardedReducer    each rank of a node sums and updates one slice of one shared copy
 
 Every reducer answers the same three questions for the engine's one tail (data_parallel.py):
-`reduce` agrees on the step (did any rank ask to stop, is the summed gradient finite, its squared
-norm when clipping) and points at the gradient this rank updates; `update` applies the optimizer
-to it; `finish` makes every rank's parameters whole again (a gather, a fence) after a step that
-every rank decided the same way. The control values ride in the gradient's own collective, so a
-step costs no extra one.
+`agree` sums the gradient and agrees on the step (did any rank ask to stop, is the summed
+gradient finite, its squared norm when clipping) and points at the gradient this rank updates;
+`update` applies the optimizer to it; `finish` makes every rank's parameters whole again (a
+gather, a fence) after a step that every rank decided the same way. The control values ride in
+the gradient's own collective, so a step costs no extra one.
 """
 import math
 import time
@@ -57,7 +57,7 @@ class AllreduceReducer:
         return self.node_sum.sum_() if self.node_sum else self.engine.comm.allreduce_sum_(
             self.buffer)
 
-    def reduce(self, want_squares):
+    def agree(self, want_squares):
         n = self.engine.arch.n_params
         summed = self.summed()
         stops, loss_sum, bound_sum = summed[n:n + CONTROL_VALUES].tolist()
@@ -135,7 +135,7 @@ class ShardedReducer:
         self.stop, self.loss = stop, loss
         return loss, correct
 
-    def reduce(self, want_squares):
+    def agree(self, want_squares):
         self.shard.reduce_scatter_(self.buffer[:self.shard.padded])
         bad, squares = self.shard.block_checks(want_squares)
         self.control[:] = (1.0 if self.stop else 0.0, self.loss, bad, squares)
@@ -174,7 +174,7 @@ class NodeShardedReducer(AllreduceReducer):
         self.buffer[n + 1] = loss
         return loss, correct
 
-    def reduce(self, want_squares):
+    def agree(self, want_squares):
         n, ns = self.engine.arch.n_params, self.node_shard
         self.node_sum.sum_slice_()
         grads = self.node_sum.result[ns.lo:ns.hi]

@@ -50,7 +50,6 @@ class Inputs:
     val_path: str
     cols: object
     plan: BatchPlan
-    n_rows: int
     n_features: int
     n_targets: int
     x: np.ndarray
@@ -92,13 +91,13 @@ def _assemble(options, explicit, comm, log, held, user_hooks):
     comm.checked(check_mode, options, grid)
     inputs = read_inputs(options, comm, grid, ckpt, faults)
     arch = network.build(options, explicit, comm, grid, ckpt, inputs)
-    evaluate = validation(options.data, comm, grid, inputs, arch)
+    evaluate = validation(comm, grid, inputs, arch)
     engine, step = build_engine(options, comm, grid, arch, inputs.plan, ckpt, log, bool(evaluate))
     held.append(engine.close)
     saved_state = dict(ckpt.state) if ckpt is not None and resumed else {}
     saved_config = ckpt.config if ckpt is not None else None
     del ckpt  # the engine holds what this rank needs (a stage: its slice only)
-    batches = batch_source(options, comm, grid, inputs)
+    batches = batch_source(options, comm, inputs)
     t0 = time.perf_counter()
     warm_x = comm.checked(batches.first_rows)
     comm.in_cache_order(lambda: engine.warmup(warm_x, inputs.y))
@@ -178,30 +177,21 @@ def read_inputs(options, comm, grid, ckpt, faults):
     labels = comm.checked(lambda: data.read_rows(
         train_path, cols, [(slice(0, n_rows), n_rows)], n_targets, want_x=False)[1]
     ) if chunk_rows else None
-    return Inputs(train_path, val_path, cols, plan, n_rows, n_features, n_targets, x, y,
+    return Inputs(train_path, val_path, cols, plan, n_features, n_targets, x, y,
                   chunk_rows, labels, time.perf_counter() - t_load)
 
 
-def batch_source(options, comm, grid, inputs):
+def batch_source(options, comm, inputs):
     """Where the loop's batches come from: the stream, the global shuffle, or memory."""
-    shuffle, seed = options.data.shuffle, options.run.seed
+    shuffle, seed, plan = options.data.shuffle, options.run.seed, inputs.plan
     dropout = options.model.dropout > 0  # dropout's masks are keyed by file row: say which rows
-    plan, counts = inputs.plan, inputs.plan.local_counts()
     if inputs.chunk_rows:
-        owned = plan.owned_rows()
-        rows_of = data.epoch_file_rows(shuffle, owned, inputs.n_rows, plan.batch, seed,
-                                       grid.replica, grid.replicas)
-        source = data.StreamedSource(inputs.train_path, inputs.cols.x_key, inputs.chunk_rows,
-                                     inputs.labels, counts, rows_of,
-                                     owned[:max(1, int(counts[0]))], dropout)
-    elif shuffle == "global":
-        source = data.GlobalShuffleSource(comm, inputs.x, inputs.y, inputs.n_rows, plan.batch,
-                                          counts, seed, dropout)
-    else:
-        source = data.InMemorySource(inputs.x, inputs.y, counts, shuffle == "rank", seed,
-                                     grid.replica, plan.owned_rows() if dropout else None)
-    source.global_rows = plan.global_batch_rows
-    return source
+        return data.StreamedSource(inputs.train_path, inputs.cols.x_key, inputs.chunk_rows,
+                                   inputs.labels, plan, shuffle, seed, dropout)
+    if shuffle == "global":
+        return data.GlobalShuffleSource(comm, inputs.x, inputs.y, plan, seed, dropout)
+    return data.InMemorySource(inputs.x, inputs.y, plan, shuffle == "rank", seed,
+                               plan.owned_rows() if dropout else None)
 
 
 def shape_of(path, cols):
@@ -246,7 +236,7 @@ def learning_rates(options, plan, has_validation):
                        sched.step_size, sched.gamma)
 
 
-def validation(data_options, comm, grid, inputs, arch):
+def validation(comm, grid, inputs, arch):
     """An Evaluator over this reader's block of the validation data, or None without one."""
     val_path, train_path, n_features = inputs.val_path, inputs.train_path, inputs.n_features
     cols = inputs.cols
@@ -348,6 +338,6 @@ def announcement(options, comm, engine, arch, inputs, startup, state):
     lines.append(f"mpinn train: {comm.size} rank(s) [{comm.library_version()}], "
                  f"{engine.describe()}, network "
                  f"{arch.describe()} ({arch.n_params:,} parameters, {arch.loss}), "
-                 f"{inputs.n_rows} rows, global batch {sched.batch_size} -> "
+                 f"{inputs.plan.n_rows} rows, global batch {sched.batch_size} -> "
                  f"{state.steps_per_epoch} steps/epoch; kernels ready in {startup.jit_s:.2f} s")
     return lines

@@ -24,6 +24,9 @@ class BatchSource(Protocol):
     counts: np.ndarray   # this reader's rows of each global batch of an epoch
     shuffle_seconds: float  # time spent exchanging rows (the global shuffle)
 
+    def global_rows(self, k):
+        """Rows of global batch k over all readers (the gradient's 1/N)."""
+
     def epoch(self, epoch):
         """This epoch's batches: b(k) -> (xb, yb), b.rows_of(k), b.close()."""
 
@@ -159,37 +162,46 @@ class StreamedBatches:
             self.thread.join()
 
 
-class InMemorySource:
+class PlannedSource:
+    """What every source shares: this reader's part of each global batch, from its BatchPlan."""
+
+    def __init__(self, plan):
+        self.plan, self.counts = plan, plan.local_counts()
+        self.global_rows = plan.global_batch_rows
+        self.shuffle_seconds = 0.0
+
+
+class InMemorySource(PlannedSource):
     """The rows this reader loaded: file order, or its own permutation of them every epoch."""
 
-    def __init__(self, x, y, counts, shuffle, seed, rank, owned_rows=None):
-        self.x, self.y, self.counts = x, y, counts
-        self.shuffle, self.seed, self.rank, self.owned_rows = shuffle, seed, rank, owned_rows
-        self.shuffle_seconds = 0.0
+    def __init__(self, x, y, plan, shuffle, seed, owned_rows=None):
+        super().__init__(plan)
+        self.x, self.y, self.shuffle, self.seed, self.owned_rows = x, y, shuffle, seed, owned_rows
 
     def epoch(self, epoch):
         return EpochBatches(self.x, self.y, self.counts, self.shuffle, self.seed, epoch,
-                            self.rank, self.owned_rows)
+                            self.plan.rank, self.owned_rows)
 
     def first_rows(self):
         return self.x
 
 
-class GlobalShuffleSource:
+class GlobalShuffleSource(PlannedSource):
     """A seeded permutation of all rows every epoch, the rows exchanged between ranks (made at the
     first epoch, with its buffers): results independent of the number of ranks."""
 
-    def __init__(self, comm, x, y, n_rows, batch, counts, seed, with_rows):
-        self.comm, self.x, self.y, self.n_rows, self.batch = comm, x, y, n_rows, batch
-        self.counts, self.seed, self.with_rows = counts, seed, with_rows
-        self.exchange, self.shuffle_seconds = None, 0.0
+    def __init__(self, comm, x, y, plan, seed, with_rows):
+        super().__init__(plan)
+        self.comm, self.x, self.y, self.seed, self.with_rows = comm, x, y, seed, with_rows
+        self.exchange = None
 
     def epoch(self, epoch):
         t0 = time.perf_counter()
+        plan = self.plan
         if self.exchange is None:
-            self.exchange = GlobalShuffle(self.comm, self.x, self.y, self.n_rows, self.batch)
+            self.exchange = GlobalShuffle(self.comm, self.x, self.y, plan.n_rows, plan.batch)
         ex, ey = self.exchange.epoch(self.seed, epoch)
-        rows = global_shuffle_rows(self.n_rows, self.batch, self.seed, epoch, self.comm.rank,
+        rows = global_shuffle_rows(plan.n_rows, plan.batch, self.seed, epoch, self.comm.rank,
                                    self.comm.size) if self.with_rows else None
         self.shuffle_seconds += time.perf_counter() - t0
         return EpochBatches(ex, ey, self.counts, False, self.seed, epoch, self.comm.rank, rows)
@@ -198,17 +210,17 @@ class GlobalShuffleSource:
         return self.x
 
 
-class StreamedSource:
+class StreamedSource(PlannedSource):
     """Training inputs read from the file as training goes (this reader's slice is larger than its
-    memory budget), in the order the in-memory sources would give: the rows of one chunk at a time
-    read ahead, all of the file's labels (small) in memory."""
+    memory budget), in the order the in-memory sources would give (the file rows of an epoch from
+    epoch_file_rows): the rows of one chunk at a time read ahead, all of the file's labels (small)
+    in memory."""
 
-    def __init__(self, path, x_key, chunk_rows, labels, counts, epoch_rows, first_rows,
-                 with_rows):
+    def __init__(self, path, x_key, chunk_rows, labels, plan, shuffle, seed, with_rows):
+        super().__init__(plan)
         self.path, self.x_key, self.chunk_rows, self.labels = path, x_key, chunk_rows, labels
-        self.counts, self.epoch_rows, self.with_rows = counts, epoch_rows, with_rows
-        self._first_rows = first_rows
-        self.shuffle_seconds = 0.0
+        self.epoch_rows = epoch_file_rows(shuffle, plan, seed)
+        self.with_rows = with_rows
 
     def epoch(self, epoch):
         return StreamedBatches(self.path, self.x_key, self.labels, self.epoch_rows(epoch),
@@ -217,16 +229,18 @@ class StreamedSource:
     def first_rows(self):
         source = RowSource(self.path, self.x_key)
         try:
-            return source.read(self._first_rows)
+            return source.read(self.plan.owned_rows()[:max(1, int(self.counts[0]))])
         finally:
             source.close()
 
 
-def epoch_file_rows(shuffle, owned, n_rows, batch, seed, rank, size):
+def epoch_file_rows(shuffle, plan, seed):
     """epoch -> the file rows of this reader's steps in that epoch, in order: what the in-memory
     sources gather (EpochBatches' per-rank permutation, the global shuffle's positions)."""
+    rank, size = plan.rank, plan.size
     if shuffle == "global":
-        return lambda epoch: global_shuffle_rows(n_rows, batch, seed, epoch, rank, size)
+        return lambda epoch: global_shuffle_rows(plan.n_rows, plan.batch, seed, epoch, rank, size)
+    owned = plan.owned_rows()
     if shuffle == "rank":
         return lambda epoch: owned[rank_permutation(len(owned), seed, epoch, rank)]
     return lambda epoch: owned
