@@ -2,6 +2,7 @@
 by h5py into temporary directories, and figures of the bundled data derived from the file.
 Test modules import them by name (`from helpers import run_mpinn, ok`); conftest.py holds only
 pytest's hooks and session fixtures."""
+import json
 import os
 import shutil
 import subprocess
@@ -70,6 +71,37 @@ def run_mpinn(ranks, *args, timeout=120, env=None, cwd=None, preexec_fn=None):
             f"hung: {' '.join(cmd)} still running after {timeout} s\n{e.stdout}\n{e.stderr}"
         )
     return Run(p.returncode, p.stdout, p.stderr, time.perf_counter() - t0, time.time())
+
+
+def run_many(jobs, tmp, timeout=300):
+    """{key: (ranks, argv)} -> {key: Run}: the jobs of each rank count in one `mpiexec -n ranks`
+    launch (tests/many.py runs them in turn in the same processes), so that a module comparing
+    many small trainings pays the launch and the imports once per rank count, not once per job.
+    Only for jobs that end by returning (not by a signal, an abort or a killed rank)."""
+    tmp = Path(tmp)
+    by_ranks = {}
+    for key, (ranks, argv) in jobs.items():
+        by_ranks.setdefault(ranks, []).append((key, [str(a) for a in argv]))
+    runs = {}
+    for ranks, group in sorted(by_ranks.items()):
+        jobs_file, results_file = tmp / f"jobs-{ranks}.json", tmp / f"results-{ranks}.json"
+        jobs_file.write_text(json.dumps([argv for _, argv in group]))
+        cmd = [mpiexec(), "-n", str(ranks), sys.executable, str(Path(__file__).parent / "many.py"),
+               str(jobs_file), str(results_file)]
+        t0 = time.perf_counter()
+        try:
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                               env=mpinn_env(), cwd=ROOT, start_new_session=True)
+        except subprocess.TimeoutExpired as e:
+            pytest.fail(f"hung: {' '.join(cmd)} still running after {timeout} s\n{e.stdout}\n"
+                        f"{e.stderr}")
+        assert p.returncode == 0 and results_file.exists(), (
+            f"{len(group)} jobs on {ranks} ranks: exit {p.returncode}\n{p.stdout}\n{p.stderr}")
+        seconds = (time.perf_counter() - t0) / len(group)
+        for (key, argv), r in zip(group, json.loads(results_file.read_text())):
+            assert not r["threads_left"], f"{argv} left threads running: {r['threads_left']}"
+            runs[key] = Run(r["returncode"], r["stdout"], r["stderr"], seconds, time.time())
+    return runs
 
 
 def start_mpinn(ranks, *args, env=None):

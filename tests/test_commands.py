@@ -60,14 +60,19 @@ def test_predict_writes_h5_and_csv_in_input_order(digits_run, tmp_path):
 
 
 def test_xor_network_learns_xor(tmp_path):
+    """3000 full-batch steps: the four rows repeated 100 times in file order, batches of 4, so
+    each batch is the whole XOR table and an epoch is 100 steps (not 3000 one-step epochs, each
+    ending with a checkpoint)."""
     x = np.array([[0, 0], [0, 1], [1, 0], [1, 1]], np.float32)
     t = np.array([[0], [1], [1], [0]], np.float32)
     with h5py.File(tmp_path / "xor.h5", "w") as f:
         f["X"], f["y"] = x, t
-    ok(run_mpinn(1, "train", "--data", tmp_path / "xor.h5", "--hidden", "4", "--activation",
+    with h5py.File(tmp_path / "xor-100.h5", "w") as f:
+        f["X"], f["y"] = np.tile(x, (100, 1)), np.tile(t, (100, 1))
+    ok(run_mpinn(1, "train", "--data", tmp_path / "xor-100.h5", "--hidden", "4", "--activation",
                  "sigmoid", "--loss", "mse", "--output-activation", "sigmoid", "--optimizer",
-                 "momentum", "--lr", "0.5", "--batch-size", 4, "--epochs", 3000, "--log-every",
-                 1000, "--run-dir", tmp_path / "run"))
+                 "momentum", "--lr", "0.5", "--batch-size", 4, "--epochs", 30, "--no-shuffle",
+                 "--log-every", 1000, "--run-dir", tmp_path / "run"))
     ok(run_mpinn(1, "predict", "--checkpoint", tmp_path / "run" / "checkpoint.h5", "--data",
                  tmp_path / "xor.h5", "--out", tmp_path / "out.h5"))
     with h5py.File(tmp_path / "out.h5", "r") as f:

@@ -8,7 +8,7 @@ import h5py
 import numpy as np
 import pytest
 
-from helpers import ok, run_mpinn
+from helpers import ok, run_many, run_mpinn
 from mpinn import checkpoint
 from mpinn.data import data_files, open_h5
 from mpinn.errors import UsageError
@@ -135,20 +135,42 @@ def test_read_file_rows_in_any_order(tmp_path):
             np.testing.assert_array_equal(got, x[rows].astype(np.float32))
 
 
-@pytest.mark.parametrize("ranks,shuffle,extra", [
+STREAMED = [
     (1, "rank", []), (2, "none", []), (2, "rank", ["--dropout", "0.3"]), (2, "global", []),
     (3, "global", ["--steps", 40]),  # ends inside an epoch: the read-ahead thread is stopped
-])
-def test_streamed_training_equals_training_from_memory(tmp_path, ranks, shuffle, extra):
-    split_files(tmp_path)
-    common = ["--data", tmp_path / "all.h5", "--epochs", 3, "--shuffle", shuffle, *extra]
-    ok(run_mpinn(ranks, "train", *common, "--run-dir", tmp_path / "memory"))
-    # 8 KiB: smaller than any slice here (334-1000 rows x 32 B); chunks of 87 rows, several an epoch
-    r = ok(run_mpinn(ranks, "train", *common, "--run-dir", tmp_path / "streamed",
-                     "--memory-budget", 0.008))
+]
+
+
+@pytest.fixture(scope="module")
+def from_memory_and_streamed(tmp_path_factory):
+    """(ranks, shuffle, extra, "memory" | "streamed") -> (run, run folder). The trainings of one
+    rank count run in one launch (helpers.run_many), which also fails a run that leaves its
+    read-ahead thread running."""
+    root = tmp_path_factory.mktemp("streamed")
+    split_files(root)
+    jobs = {}
+    for ranks, shuffle, extra in STREAMED:
+        common = ["--data", root / "all.h5", "--epochs", 3, "--shuffle", shuffle, *extra]
+        name = f"{ranks}-{shuffle}-{len(extra)}"
+        key = (ranks, shuffle, tuple(extra))
+        jobs[key + ("memory",)] = (ranks, ["train", *common, "--run-dir", root / f"{name}-memory"])
+        # 8 KiB: smaller than any slice here (334-1000 rows x 32 B); chunks of 87 rows, several
+        # an epoch
+        jobs[key + ("streamed",)] = (ranks, ["train", *common, "--memory-budget", 0.008,
+                                             "--run-dir", root / f"{name}-streamed"])
+    runs = run_many(jobs, root)
+    return {key: (ok(runs[key]), argv[-1]) for key, (_, argv) in jobs.items()}
+
+
+@pytest.mark.parametrize("ranks,shuffle,extra", STREAMED)
+def test_streamed_training_equals_training_from_memory(from_memory_and_streamed, ranks, shuffle,
+                                                       extra):
+    key = (ranks, shuffle, tuple(extra))
+    (_, memory), (r, streamed) = (from_memory_and_streamed[key + (how,)]
+                                  for how in ("memory", "streamed"))
     assert "inputs streamed from" in r.stdout and "chunks of 87 rows" in r.stdout
-    a = checkpoint.load(str(tmp_path / "memory" / "checkpoint.h5"))
-    b = checkpoint.load(str(tmp_path / "streamed" / "checkpoint.h5"))
+    a = checkpoint.load(str(memory / "checkpoint.h5"))
+    b = checkpoint.load(str(streamed / "checkpoint.h5"))
     assert a.global_step == b.global_step
     np.testing.assert_array_equal(a.params, b.params)
 

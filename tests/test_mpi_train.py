@@ -5,7 +5,7 @@ import h5py
 import numpy as np
 import pytest
 
-from helpers import ok, run_mpinn, write_classification, write_regression
+from helpers import ok, run_many, run_mpinn, write_classification, write_regression
 from mpinn import checkpoint
 from mpinn.plan import BatchPlan
 from reference import ReferenceOptimizer, loss_and_grads, unflatten
@@ -23,15 +23,33 @@ def dataset(tmp_path_factory):
     return write_classification(tmp_path_factory.mktemp("d") / "train.h5", N, F, K, seed=3)
 
 
+GLOBAL_SHUFFLE = [a for a in COMMON if a != "--no-shuffle"] + ["--shuffle", "global"]
+VARIANTS = {"file order": COMMON, "overlapped": [*COMMON, "--overlap-mb", "0.001"],
+            "global shuffle": GLOBAL_SHUFFLE}
+RUNS = [("file order", r) for r in (1, 2, 3, 4)] + [("overlapped", r) for r in (2, 3)] + [
+    ("global shuffle", r) for r in (1, 2, 4)]
+
+
 @pytest.fixture(scope="module")
-def trained(dataset, tmp_path_factory):
+def runs(dataset, tmp_path_factory):
+    """(variant, ranks) -> the run folder of that training of the data set; the trainings of one
+    rank count run in one launch (helpers.run_many)."""
+    root = tmp_path_factory.mktemp("runs")
+    jobs = {(variant, ranks): (ranks, ["train", "--data", dataset, *VARIANTS[variant],
+                                       "--run-dir", root / f"{variant}-{ranks}"])
+            for variant, ranks in RUNS}
+    done = run_many(jobs, root)
+    return {key: (ok(done[key]), argv[-1])[1] for key, (_, argv) in jobs.items()}
+
+
+def final(run_dir):
+    return checkpoint.load(str(run_dir / "checkpoint.h5"))
+
+
+@pytest.fixture(scope="module")
+def trained(runs):
     """Final parameters of the same run on 1, 2, 3 and 4 ranks."""
-    out = {}
-    for ranks in (1, 2, 3, 4):
-        run_dir = tmp_path_factory.mktemp(f"r{ranks}")
-        ok(run_mpinn(ranks, "train", "--data", dataset, "--run-dir", run_dir, *COMMON))
-        out[ranks] = checkpoint.load(str(run_dir / "checkpoint.h5"))
-    return out
+    return {ranks: final(runs["file order", ranks]) for ranks in (1, 2, 3, 4)}
 
 
 def test_same_parameters_on_1_2_3_4_ranks(trained):
@@ -129,26 +147,19 @@ def test_mse_regression_learns(tmp_path):
 
 
 @pytest.mark.parametrize("ranks", [2, 3])
-def test_overlapped_allreduce_gives_the_same_training(dataset, trained, tmp_path, ranks):
+def test_overlapped_allreduce_gives_the_same_training(trained, runs, ranks):
     """Buckets of about 1 KiB: several Iallreduce per step, started during the backward pass."""
-    ok(run_mpinn(ranks, "train", "--data", dataset, "--run-dir", tmp_path, *COMMON,
-                 "--overlap-mb", "0.001"))
-    ckpt = checkpoint.load(str(tmp_path / "checkpoint.h5"))
+    ckpt = final(runs["overlapped", ranks])
     np.testing.assert_allclose(ckpt.params, trained[1].params, rtol=1e-4, atol=1e-6)
     assert ckpt.global_step == trained[1].global_step
 
 
-def test_global_shuffle_gives_the_same_training_on_1_2_4_ranks(dataset, tmp_path):
-    args = [a for a in COMMON if a != "--no-shuffle"] + ["--shuffle", "global"]
-    result = {}
-    for ranks in (1, 2, 4):
-        ok(run_mpinn(ranks, "train", "--data", dataset, "--run-dir", tmp_path / str(ranks), *args))
-        result[ranks] = checkpoint.load(str(tmp_path / str(ranks) / "checkpoint.h5"))
+def test_global_shuffle_gives_the_same_training_on_1_2_4_ranks(runs):
+    result = {ranks: final(runs["global shuffle", ranks]) for ranks in (1, 2, 4)}
     for ranks in (2, 4):
         np.testing.assert_allclose(result[ranks].params, result[1].params, rtol=1e-4, atol=1e-6)
     # and it is a real shuffle: not the file order
-    ok(run_mpinn(1, "train", "--data", dataset, "--run-dir", tmp_path / "fixed", *COMMON))
-    fixed = checkpoint.load(str(tmp_path / "fixed" / "checkpoint.h5"))
+    fixed = final(runs["file order", 1])
     assert not np.allclose(fixed.params, result[1].params, rtol=1e-3)
-    summary = [json.loads(l) for l in open(tmp_path / "4" / "metrics.jsonl")][-1]
-    assert summary["global_shuffle_s"] > 0
+    summary = [json.loads(l) for l in open(runs["global shuffle", 4] / "metrics.jsonl")]
+    assert summary[-1]["global_shuffle_s"] > 0

@@ -2,7 +2,9 @@
 write their gradients into slots of one shared window and read the sum where it lies. It must sum
 exactly what MPI's Allreduce sums, step after step, at 2, 3 and 4 ranks and for lengths that are
 not multiples of its 64-byte slices, and train what `--allreduce mpi` trains."""
+import itertools
 import json
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -10,7 +12,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from helpers import mpiexec, mpinn_env, ok, run_mpinn
+from helpers import mpiexec, mpinn_env, ok, run_many, run_mpinn
 from mpinn import checkpoint
 from mpinn.data_parallel import NODE_SHARD_BYTES
 
@@ -88,35 +90,58 @@ def test_node_sharded_training_with_a_slow_rank_equals_mpi_allreduce(tmp_path):
     np.testing.assert_allclose(b.params, a.params, rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("extra", [[], ["--clip-grad-norm", "0.05", "--optimizer", "adam"]],
-                         ids=["momentum", "clipped_adam"])
-@pytest.mark.parametrize("hidden, shared_params", [("33,17", False), ("512,128", True)],
-                         ids=["replicated_update", "node_sharded_update"])
-def test_training_through_shared_memory_equals_mpi_allreduce(tmp_path, extra, hidden,
-                                                             shared_params):
+EXTRAS = {"momentum": [], "clipped_adam": ["--clip-grad-norm", "0.05", "--optimizer", "adam"]}
+UPDATES = {"replicated_update": ("33,17", False), "node_sharded_update": ("512,128", True)}
+SUMS = {"mpi": ["--allreduce", "mpi"], "shm": []}
+
+
+def training_jobs(root, steps, ranks, *resume):
+    jobs = {}
+    for extra, update, total in itertools.product(EXTRAS, UPDATES, SUMS):
+        args = ["--hidden", UPDATES[update][0], "--epochs", 2, "--shuffle", "global",
+                *EXTRAS[extra], "--steps", steps, *SUMS[total], *resume]
+        jobs[extra, update, total] = (ranks, ["train", *args, "--run-dir",
+                                              root / "-".join((extra, update, total))])
+    return jobs
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """(extra, update, sum) -> (the first run, its checkpoint after 20 steps on 3 ranks, the
+    checkpoint once resumed to 30 steps on 2 ranks). Each stage's trainings run in one launch
+    (helpers.run_many)."""
+    root = tmp_path_factory.mktemp("trained")
+    first = run_many(training_jobs(root, 20, 3), root)
+    after_20 = {}
+    for key, run in first.items():
+        ok(run)
+        after_20[key] = root / ("-".join(key) + "-20.h5")
+        shutil.copy(root / "-".join(key) / "checkpoint.h5", after_20[key])
+    resumed = run_many(training_jobs(root, 30, 2, "--resume"), root)
+    return {key: (run, after_20[key], ok(resumed[key]) and root / "-".join(key) / "checkpoint.h5")
+            for key, run in first.items()}
+
+
+@pytest.mark.parametrize("extra", list(EXTRAS))
+@pytest.mark.parametrize("update", list(UPDATES))
+def test_training_through_shared_memory_equals_mpi_allreduce(trained, extra, update):
     """2,903 parameters: every rank updates all of them from the shared sum; 100,234 (over
     NODE_SHARD_BYTES): the node's ranks share one copy and each updates its slice. Both train
     what MPI's Allreduce and a replicated update train, and checkpoint the full state."""
-    args = ["--hidden", hidden, "--epochs", 2, "--shuffle", "global", *extra]
-    mpi = ok(run_mpinn(3, "train", *args, "--steps", 20, "--allreduce", "mpi", "--run-dir",
-                       tmp_path / "mpi"))
-    shm = ok(run_mpinn(3, "train", *args, "--steps", 20, "--run-dir", tmp_path / "shm"))
+    shared_params = UPDATES[update][1]
+    (mpi, mpi_20, mpi_30), (shm, shm_20, shm_30) = (trained[extra, update, total]
+                                                    for total in ("mpi", "shm"))
     said = "data parallel (gradients summed in each node's shared memory" + (
         ", the update split among a node's ranks)" if shared_params else ")")
     assert said in shm.stdout and "data parallel, network" in mpi.stdout
-    a = checkpoint.load(str(tmp_path / "mpi" / "checkpoint.h5"))
-    b = checkpoint.load(str(tmp_path / "shm" / "checkpoint.h5"))
+    a, b = checkpoint.load(str(mpi_20)), checkpoint.load(str(shm_20))
     assert a.global_step == b.global_step == 20
     assert (b.arch.n_params * 4 >= NODE_SHARD_BYTES) is shared_params
     np.testing.assert_allclose(b.params, a.params, rtol=0, atol=1e-6)
     for x, y in zip(b.optimizer_state, a.optimizer_state):
         np.testing.assert_allclose(x, y, rtol=0, atol=1e-6)
     # the full state: resumed on 2 ranks either way, the same run continues
-    ok(run_mpinn(2, "train", *args, "--steps", 30, "--resume", "--run-dir", tmp_path / "shm"))
-    ok(run_mpinn(2, "train", *args, "--steps", 30, "--allreduce", "mpi", "--resume", "--run-dir",
-                 tmp_path / "mpi"))
-    a = checkpoint.load(str(tmp_path / "mpi" / "checkpoint.h5"))
-    b = checkpoint.load(str(tmp_path / "shm" / "checkpoint.h5"))
+    a, b = checkpoint.load(str(mpi_30)), checkpoint.load(str(shm_30))
     np.testing.assert_allclose(b.params, a.params, rtol=0, atol=1e-6)
 
 

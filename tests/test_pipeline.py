@@ -2,12 +2,13 @@
 S = 2, 3, 4 and hybrid 2 x 2, no deadlock for M < S, M = 1 or a short last batch, checkpoints
 interchangeable with data-parallel mode, forward-only evaluate and predict, clear errors."""
 import json
+from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 
-from helpers import ok, run_mpinn, write_classification
+from helpers import ok, run_many, run_mpinn, write_classification
 from mpinn import checkpoint
 
 # 203 rows, global batch 24: the last batch has 11 rows; 4 layers, so up to 4 stages.
@@ -22,31 +23,48 @@ def dataset(tmp_path_factory):
     return write_classification(tmp_path_factory.mktemp("d") / "train.h5", N, 6, 4, seed=5)
 
 
-@pytest.fixture(scope="module")
-def baseline(dataset, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("base")
-    ok(run_mpinn(1, "train", "--data", dataset, "--run-dir", run_dir, *COMMON))
-    return checkpoint.load(str(run_dir / "checkpoint.h5"))
-
-
-@pytest.mark.parametrize("ranks,stages,micro,kind,bubble", [
+LAYOUTS = [
     (2, 2, 3, "gpipe", 1 / 4), (2, 2, 3, "1f1b", 1 / 4),
     (3, 3, 3, "gpipe", 2 / 5), (3, 3, 5, "1f1b", 2 / 7),
     (4, 4, 2, "gpipe", 3 / 5),   # M < S
     (4, 4, 1, "1f1b", 3 / 4),    # M = 1
     (4, 4, 8, "1f1b", 3 / 11),
     (4, 2, 3, "gpipe", 1 / 4), (4, 2, 3, "1f1b", 1 / 4),  # hybrid: 2 stages x 2 replicas
-])
-def test_pipeline_matches_one_rank(dataset, baseline, tmp_path, ranks, stages, micro, kind, bubble):
-    r = ok(run_mpinn(ranks, "train", "--data", dataset, "--run-dir", tmp_path, *COMMON,
-                     "--pipeline-stages", stages, "--micro-batches", micro, "--schedule", kind,
-                     timeout=180))
-    ckpt = checkpoint.load(str(tmp_path / "checkpoint.h5"))
+]
+# 2 stages, 6 micro-batches, for the activations each schedule holds
+HOLDING = {kind: (2, 2, 6, kind) for kind in ("gpipe", "1f1b")}
+
+
+@pytest.fixture(scope="module")
+def trained(dataset, tmp_path_factory):
+    """(ranks, stages, micro-batches, schedule) -> (run, run folder); (1,) is the 1-rank
+    baseline. The trainings of one rank count run in one launch (helpers.run_many)."""
+    root = tmp_path_factory.mktemp("trained")
+    keys = [(1,)] + [layout[:4] for layout in LAYOUTS] + list(HOLDING.values())
+    jobs = {}
+    for key in dict.fromkeys(keys):
+        stages = ([] if key == (1,) else ["--pipeline-stages", key[1], "--micro-batches", key[2],
+                                          "--schedule", key[3]])
+        jobs[key] = (key[0], ["train", "--data", dataset, "--run-dir",
+                              root / "-".join(map(str, key)), *COMMON, *stages])
+    runs = run_many(jobs, root)
+    return {key: (ok(runs[key]), Path(argv[4])) for key, (_, argv) in jobs.items()}
+
+
+@pytest.fixture(scope="module")
+def baseline(trained):
+    return checkpoint.load(str(trained[1,][1] / "checkpoint.h5"))
+
+
+@pytest.mark.parametrize("ranks,stages,micro,kind,bubble", LAYOUTS)
+def test_pipeline_matches_one_rank(trained, baseline, ranks, stages, micro, kind, bubble):
+    r, run_dir = trained[ranks, stages, micro, kind]
+    ckpt = checkpoint.load(str(run_dir / "checkpoint.h5"))
     assert ckpt.arch == baseline.arch and ckpt.global_step == baseline.global_step
     np.testing.assert_allclose(ckpt.params, baseline.params, rtol=1e-4, atol=1e-6)
     for mine, base in zip(ckpt.optimizer_state, baseline.optimizer_state):
         np.testing.assert_allclose(mine, base, rtol=1e-4, atol=1e-6)
-    summary = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")][-1]
+    summary = [json.loads(l) for l in open(run_dir / "metrics.jsonl")][-1]
     assert summary["kind"] == "summary" and summary["samples"] == EPOCHS * N
     assert [s["stage"] for s in summary["stages"]] == list(range(stages))
     assert sum(s["layers"] for s in summary["stages"]) == 4
@@ -55,12 +73,11 @@ def test_pipeline_matches_one_rank(dataset, baseline, tmp_path, ranks, stages, m
     assert f"{stages} pipeline stages" in r.stdout
 
 
-def test_1f1b_holds_fewer_activations_than_gpipe(dataset, tmp_path):
+def test_1f1b_holds_fewer_activations_than_gpipe(trained):
     peak = {}
     for kind in ("gpipe", "1f1b"):
-        ok(run_mpinn(2, "train", "--data", dataset, "--run-dir", tmp_path / kind, *COMMON,
-                     "--pipeline-stages", 2, "--micro-batches", 6, "--schedule", kind))
-        stages = [json.loads(l) for l in open(tmp_path / kind / "metrics.jsonl")][-1]["stages"]
+        run_dir = trained[HOLDING[kind]][1]
+        stages = [json.loads(l) for l in open(run_dir / "metrics.jsonl")][-1]["stages"]
         peak[kind] = [s["activation_bytes"] for s in stages]
     # stage 0 keeps 2 (= S) micro-batches under 1F1B instead of 6
     assert peak["1f1b"][0] * 2 < peak["gpipe"][0]

@@ -6,7 +6,7 @@ state, so a run may resume sharded or not on any number of ranks."""
 import numpy as np
 import pytest
 
-from helpers import ok, run_mpinn
+from helpers import ok, run_many, run_mpinn
 from mpinn import checkpoint
 
 NET = ["--hidden", "33,17", "--epochs", 2, "--shuffle", "global"]  # 64-33-17-10: 2,903 parameters
@@ -24,23 +24,38 @@ def assert_same(a, b, tol=1e-6):
         np.testing.assert_allclose(x, y, rtol=0, atol=tol)
 
 
+PIPELINE = ["--hidden", "33,17", "--epochs", 2, "--no-shuffle", "--optimizer", "adam",
+            "--steps", 20, "--pipeline-stages", 2, "--clip-grad-norm", 0.5]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """(case, "replicated" | "sharded") -> run folder; a case is (optimizer, ranks) or
+    "pipeline". The trainings of one rank count run in one launch (helpers.run_many)."""
+    root = tmp_path_factory.mktemp("trained")
+    cases = {(optimizer, ranks): (ranks, [*NET, "--optimizer", optimizer, "--steps", 20])
+             for optimizer in ("momentum", "adam") for ranks in (2, 3)}
+    cases["pipeline"] = (4, PIPELINE)
+    jobs = {}
+    for case, (ranks, args) in cases.items():
+        for update, flags in (("replicated", []), ("sharded", ["--shard-optimizer"])):
+            run_dir = root / f"{case}-{update}"
+            jobs[case, update] = (ranks, ["train", *args, *flags, "--run-dir", run_dir])
+    runs = run_many(jobs, root)
+    return {key: (ok(runs[key]), argv[-1])[1] for key, (_, argv) in jobs.items()}
+
+
 @pytest.mark.parametrize("ranks", [2, 3])
 @pytest.mark.parametrize("optimizer", ["momentum", "adam"])
-def test_sharded_update_trains_what_the_replicated_one_trains(tmp_path, ranks, optimizer):
-    args = [*NET, "--optimizer", optimizer, "--steps", 20]
-    ok(run_mpinn(ranks, "train", *args, "--run-dir", tmp_path / "replicated"))
-    ok(run_mpinn(ranks, "train", *args, "--shard-optimizer", "--run-dir", tmp_path / "sharded"))
-    assert_same(load(tmp_path / "replicated"), load(tmp_path / "sharded"))
+def test_sharded_update_trains_what_the_replicated_one_trains(trained, ranks, optimizer):
+    case = (optimizer, ranks)
+    assert_same(load(trained[case, "replicated"]), load(trained[case, "sharded"]))
 
 
-def test_sharded_pipeline_replicas_and_clipping(tmp_path):
+def test_sharded_pipeline_replicas_and_clipping(trained):
     """2 stages x 2 replicas: each stage's two replicas split its update; the clipping norm is
     summed from the slices across stages."""
-    args = ["--hidden", "33,17", "--epochs", 2, "--no-shuffle", "--optimizer", "adam",
-            "--steps", 20, "--pipeline-stages", 2, "--clip-grad-norm", 0.5]
-    ok(run_mpinn(4, "train", *args, "--run-dir", tmp_path / "replicated"))
-    ok(run_mpinn(4, "train", *args, "--shard-optimizer", "--run-dir", tmp_path / "sharded"))
-    assert_same(load(tmp_path / "replicated"), load(tmp_path / "sharded"))
+    assert_same(load(trained["pipeline", "replicated"]), load(trained["pipeline", "sharded"]))
 
 
 def test_checkpoints_are_interchangeable_across_sharding_and_world_sizes(tmp_path):

@@ -3,22 +3,24 @@
 1. Forward, loss and backward of every hidden activation x loss (and output activation), in
    float64 (agreement to rounding: rtol 1e-10) and float32 (rtol 2e-5: float32 has a unit roundoff
    of 6e-8 and these sums run over at most a few dozen terms).
-2. Training end to end through `mpiexec ... mpinn train`: every optimizer option (SGD, weight decay,
-   momentum, Nesterov, Adam with its betas and eps) and both losses, at 1 and 3 ranks data parallel
-   and on 3 pipeline stages, against torch.optim in float64 from the same initial weights (given to
-   mpinn with --init) over the same batches. mpinn computes in float32, so the two drift apart by
-   float32 rounding only: about 1e-6 relative per step; after 8 steps we allow rtol 2e-5 plus atol
-   2e-6 (for weights near zero). A wrong scale, a missed rank or a mis-ordered batch moves weights
-   by 1e-3 or more.
+2. Training end to end through `mpinn train` under `mpiexec` (the trainings of one rank count run in
+   one launch, one after another, through the command's own entry point): every optimizer option
+   (SGD, weight decay, momentum, Nesterov, Adam with its betas and eps) and both losses, at 1 and 3
+   ranks data parallel and on 3 pipeline stages, against torch.optim in float64 from the same
+   initial weights (given to mpinn with --init) over the same batches. mpinn computes in float32, so
+   the two drift apart by float32 rounding only: about 1e-6 relative per step; after 8 steps we
+   allow rtol 2e-5 plus atol 2e-6 (for weights near zero). A wrong scale, a missed rank or a mis-
+   ordered batch moves weights by 1e-3 or more.
 """
 import itertools
+from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 import torch
 
-from helpers import ok, run_mpinn
+from helpers import ok, run_many
 from mpinn import checkpoint
 from mpinn.model import Architecture, Network
 
@@ -119,6 +121,7 @@ CASES = [(net, opt) for opt in OPTIMIZERS for net in ("ce",)] + [("mse", "adam")
                                                                  ("mse", "nesterov")]
 LAYOUTS = {"1 rank": (1, []), "3 ranks": (3, []),
            "3 stages": (3, ["--pipeline-stages", 3, "--micro-batches", 2])}
+DROPOUT_LAYOUTS = {**LAYOUTS, "2 ranks": (2, []), "accumulate": (2, ["--accumulate", 3])}
 
 
 @pytest.fixture(scope="module")
@@ -167,16 +170,54 @@ def torch_training(data_path, arch, params, opt, clip=0.0, scheduler=None):
     return flat_params(layers)
 
 
+def training_jobs(problem, root):
+    """Every training of the tests below, {key: (ranks, argv)}: run together by the `trained`
+    fixture, one launch per rank count."""
+    jobs = {}
+
+    def job(key, ranks, *argv):
+        jobs[key] = (ranks, ["train", *argv, "--run-dir", root / "-".join(map(str, key))])
+
+    for (net, opt), layout in itertools.product(CASES, LAYOUTS):
+        ranks, extra = LAYOUTS[layout]
+        job(("train", net, opt, layout), ranks, "--data", problem[net][0], "--init",
+            problem[net][1], "--batch-size", BATCH, "--steps", STEPS, "--epochs", 10,
+            "--no-shuffle", "--check-every", 1, "--log-every", 100, *OPTIMIZERS[opt][0], *extra)
+    data_path, init = problem["ce"][:2]
+    for case, layout in itertools.product(SCHEDULED, LAYOUTS):
+        ranks, extra = LAYOUTS[layout]
+        job(("scheduled", case, layout), ranks, "--data", data_path, "--init", init,
+            "--batch-size", BATCH, "--steps", STEPS, "--epochs", 10, "--no-shuffle",
+            "--log-every", 100, "--optimizer", "momentum", "--lr", "0.2", "--momentum", "0.8",
+            *SCHEDULED[case][0], *extra)
+    for ranks in (1, 2, 3):
+        job(("accumulate", ranks), ranks, "--data", data_path, "--init", init,
+            "--batch-size", BATCH, "--steps", STEPS, "--epochs", 10, "--no-shuffle",
+            "--log-every", 100, "--accumulate", 3, *OPTIMIZERS["nesterov"][0])
+    data_path, init = problem["mse"][:2]
+    for layout, (ranks, extra) in DROPOUT_LAYOUTS.items():
+        args = ["--data", data_path, "--init", init, "--batch-size", BATCH, "--steps", STEPS,
+                "--epochs", 10, "--shuffle", "none" if "--pipeline-stages" in extra else "global",
+                "--log-every", 100, "--dropout", "0.3", *OPTIMIZERS["adam"][0]]
+        job(("dropout", layout, "one"), 1, *args)
+        job(("dropout", layout, "many"), ranks, *args, *extra)
+    return jobs
+
+
+@pytest.fixture(scope="module")
+def trained(problem, tmp_path_factory):
+    """key -> the run folder of that training, each checked to have ended well."""
+    root = tmp_path_factory.mktemp("trained")
+    jobs = training_jobs(problem, root)
+    runs = run_many(jobs, root)
+    return {key: (ok(runs[key]), Path(argv[-1]))[1] for key, (_, argv) in jobs.items()}
+
+
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("net,opt", CASES)
-def test_training_matches_torch(problem, tmp_path, net, opt, layout):
+def test_training_matches_torch(problem, trained, net, opt, layout):
     data_path, init, arch, params = problem[net]
-    loss, act, out_act = NETS[net]
-    ranks, extra = LAYOUTS[layout]
-    ok(run_mpinn(ranks, "train", "--data", data_path, "--init", init, "--run-dir", tmp_path,
-                 "--batch-size", BATCH, "--steps", STEPS, "--epochs", 10, "--no-shuffle",
-                 "--check-every", 1, "--log-every", 100, *OPTIMIZERS[opt][0], *extra))
-    got = checkpoint.load(str(tmp_path / "checkpoint.h5"))
+    got = checkpoint.load(str(trained["train", net, opt, layout] / "checkpoint.h5"))
     assert got.global_step == STEPS and got.arch == arch
     expect = torch_training(data_path, arch, params, OPTIMIZERS[opt][1])
     assert not np.allclose(expect, params, atol=1e-3)  # training moved the weights
@@ -208,15 +249,10 @@ SCHEDULED = {
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("case", list(SCHEDULED))
-def test_schedules_and_clipping_match_torch(problem, tmp_path, case, layout):
+def test_schedules_and_clipping_match_torch(problem, trained, case, layout):
     data_path, init, arch, params = problem["ce"]
     args, torch_lr, scheduler, clip = SCHEDULED[case]
-    ranks, extra = LAYOUTS[layout]
-    ok(run_mpinn(ranks, "train", "--data", data_path, "--init", init, "--run-dir", tmp_path,
-                 "--batch-size", BATCH, "--steps", STEPS, "--epochs", 10, "--no-shuffle",
-                 "--log-every", 100, "--optimizer", "momentum", "--lr", "0.2", "--momentum",
-                 "0.8", *args, *extra))
-    got = checkpoint.load(str(tmp_path / "checkpoint.h5"))
+    got = checkpoint.load(str(trained["scheduled", case, layout] / "checkpoint.h5"))
     expect = torch_training(data_path, arch, params, dict(name="sgd", lr=torch_lr, momentum=0.8),
                             clip, scheduler)
     np.testing.assert_allclose(got.params, expect, rtol=2e-5, atol=2e-6)
@@ -243,13 +279,10 @@ def test_learning_rates_match_torch_schedulers(kind, warmup):
 
 
 @pytest.mark.parametrize("ranks", [1, 2, 3])
-def test_accumulation_matches_torch_full_batches(problem, tmp_path, ranks):
+def test_accumulation_matches_torch_full_batches(problem, trained, ranks):
     """Each rank's share in 3 pieces, gradients summed: torch's update of the whole batch."""
     data_path, init, arch, params = problem["ce"]
-    ok(run_mpinn(ranks, "train", "--data", data_path, "--init", init, "--run-dir", tmp_path,
-                 "--batch-size", BATCH, "--steps", STEPS, "--epochs", 10, "--no-shuffle",
-                 "--log-every", 100, "--accumulate", 3, *OPTIMIZERS["nesterov"][0]))
-    got = checkpoint.load(str(tmp_path / "checkpoint.h5"))
+    got = checkpoint.load(str(trained["accumulate", ranks] / "checkpoint.h5"))
     expect = torch_training(data_path, arch, params, OPTIMIZERS["nesterov"][1])
     np.testing.assert_allclose(got.params, expect, rtol=2e-5, atol=2e-6)
 
@@ -306,18 +339,10 @@ def test_dropout_masks_are_keyed_and_fair():
     np.testing.assert_array_equal(a[7:9], kernels.dropout_mask(d.for_update(5), rows[7:9], 100, 50))
 
 
-@pytest.mark.parametrize("layout", ["1 rank", "2 ranks", "3 ranks", "3 stages", "accumulate"])
-def test_dropout_is_the_same_on_any_layout(problem, tmp_path, layout):
+@pytest.mark.parametrize("layout", list(DROPOUT_LAYOUTS))
+def test_dropout_is_the_same_on_any_layout(problem, trained, layout):
     data_path, init, arch, params = problem["mse"]
-    ranks, extra = {"1 rank": (1, []), "2 ranks": (2, []), "3 ranks": (3, []),
-                    "3 stages": (3, ["--pipeline-stages", 3, "--micro-batches", 2]),
-                    "accumulate": (2, ["--accumulate", 3])}[layout]
-    args = ["--data", data_path, "--init", init, "--batch-size", BATCH, "--steps", STEPS,
-            "--epochs", 10, "--shuffle", "none" if "--pipeline-stages" in extra else "global",
-            "--log-every", 100, "--dropout", "0.3", *OPTIMIZERS["adam"][0]]
-    ok(run_mpinn(1, "train", *args, "--run-dir", tmp_path / "one"))
-    ok(run_mpinn(ranks, "train", *args, *extra, "--run-dir", tmp_path / "many"))
-    one = checkpoint.load(str(tmp_path / "one" / "checkpoint.h5")).params
-    np.testing.assert_allclose(checkpoint.load(str(tmp_path / "many" / "checkpoint.h5")).params,
-                               one, rtol=1e-4, atol=1e-6)
+    one = checkpoint.load(str(trained["dropout", layout, "one"] / "checkpoint.h5")).params
+    many = checkpoint.load(str(trained["dropout", layout, "many"] / "checkpoint.h5")).params
+    np.testing.assert_allclose(many, one, rtol=1e-4, atol=1e-6)
     assert not np.allclose(one, params, atol=1e-3)
