@@ -11,8 +11,12 @@ import tempfile
 import time
 from pathlib import Path
 
-_SCRATCH = tempfile.mkdtemp(prefix="mpinn-tests-")
-atexit.register(shutil.rmtree, _SCRATCH, True)
+# pytest-xdist's workers (make test runs two, each taking whole files) share the scratch folder
+# of the process that started them, and so one Numba cache: the process that made it removes it.
+_SCRATCH = os.environ.get("MPINN_TEST_SCRATCH")
+if _SCRATCH is None:
+    _SCRATCH = os.environ["MPINN_TEST_SCRATCH"] = tempfile.mkdtemp(prefix="mpinn-tests-")
+    atexit.register(shutil.rmtree, _SCRATCH, True)
 os.environ["NUMBA_CACHE_DIR"] = os.path.join(_SCRATCH, "numba-cache")
 os.environ["HYPOTHESIS_STORAGE_DIRECTORY"] = os.path.join(_SCRATCH, "hypothesis")
 
