@@ -72,27 +72,31 @@ class Model:
     def __init__(self, ckpt, batch_size=4096):
         self.arch, self.params, self.batch_size = ckpt.arch, ckpt.params, batch_size
         self.config = ckpt.config
+        self.scaling = ckpt.scaling  # applied to x (and y, outputs) as training applied it
         self._net = Network(self.arch, self.params, batch_size)
 
     def _chunks(self, x):
-        x = np.ascontiguousarray(x, np.float32)
+        x = np.asarray(x)
         if x.ndim != 2 or x.shape[1] != self.arch.sizes[0]:
             raise ValueError(f"x must be (rows, {self.arch.sizes[0]}); got shape {x.shape}")
         for start in range(0, len(x), self.batch_size):
-            yield start, x[start:start + self.batch_size]
+            # a float32 copy of the chunk: scaled in place, the caller's array left as it is
+            yield start, self.scaling.inputs_(np.array(x[start:start + self.batch_size],
+                                                       np.float32, order="C"))
 
     def predict(self, x):
-        """Class probabilities (cross-entropy) or outputs (mse) for the rows of x: (rows, K)."""
+        """Class probabilities (cross-entropy) or outputs (mse, in the targets' units) for the
+        rows of x: (rows, K)."""
         out = np.empty((len(x), self.arch.sizes[-1]), np.float32)
         for start, chunk in self._chunks(x):
             out[start:start + len(chunk)] = self._net.forward(chunk)
-        return out
+        return self.scaling.outputs_(out)
 
     def evaluate(self, x, y):
         """(mean loss, accuracy or None) over the rows of x, as `mpinn evaluate` reports them."""
         integer = self.arch.loss_fn.integer_labels
-        y = np.asarray(y, np.int64) if integer else np.asarray(y, np.float32).reshape(
-            len(y), -1)
+        y = np.asarray(y, np.int64) if integer else self.scaling.targets_(
+            np.array(y, np.float32).reshape(len(y), -1))
         loss_sum = correct = 0.0
         for start, chunk in self._chunks(x):
             l, c = self._net.loss_sums(chunk, np.ascontiguousarray(y[start:start + len(chunk)]))

@@ -22,11 +22,12 @@ from dataclasses import dataclass, field
 import h5py
 import numpy as np
 
+from .data.scaling import Scaling
 from .errors import RunError, UsageError
 from .model import Architecture, layer_views
 from .outputs import fsync_path as _fsync_path  # tests patch it here
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: a `scaling` attribute; a checkpoint without one is still written as 1
 
 
 @dataclass
@@ -41,6 +42,7 @@ class Checkpoint:
     seed: int = 0
     config: dict = field(default_factory=dict)
     state: dict = field(default_factory=dict)  # the loop's own state (early stopping), as JSON
+    scaling: Scaling = field(default_factory=Scaling)  # what inputs and targets are scaled by
 
     def meta(self):
         """Everything but the arrays, as JSON-able data (for broadcasting)."""
@@ -49,7 +51,7 @@ class Checkpoint:
                 "optimizer": self.optimizer, "optimizer_step": self.optimizer_step,
                 "n_state": len(self.optimizer_state), "epoch": self.epoch,
                 "global_step": self.global_step, "seed": self.seed, "config": self.config,
-                "state": self.state}
+                "state": self.state, "scaling": self.scaling.to_json()}
 
     @classmethod
     def from_meta(cls, meta):
@@ -59,7 +61,7 @@ class Checkpoint:
                    meta["optimizer_step"], [np.zeros(arch.n_params, np.float32)
                                             for _ in range(meta["n_state"])],
                    meta["epoch"], meta["global_step"], meta["seed"], meta["config"],
-                   meta.get("state", {}))
+                   meta.get("state", {}), Scaling.from_json(meta.get("scaling")))
 
 
 def checksum(params, state):
@@ -72,7 +74,7 @@ def checksum(params, state):
 # the attributes that say what the arrays mean: covered by their own checksum (attrs_sha256), so
 # an edited `sizes` is refused as corrupt instead of allocating whatever it says
 COVERED_ATTRS = ("sizes", "activation", "output_activation", "loss", "epoch", "global_step",
-                 "seed", "config", "state")
+                 "seed", "config", "state", "scaling")
 
 
 def attrs_checksum(attrs, optimizer_attrs):
@@ -173,7 +175,8 @@ def _write_file(tmp, ckpt):
         for i, s in enumerate(ckpt.optimizer_state):
             o.create_dataset(f"state{i}", data=s)
         a = f.attrs
-        a["format_version"] = FORMAT_VERSION
+        # an older mpinn must refuse a scaled network rather than feed it raw rows
+        a["format_version"] = FORMAT_VERSION if ckpt.scaling else 1
         a["mpinn_version"] = __version__
         a["sizes"] = np.array(ckpt.arch.sizes, np.int64)
         a["activation"] = ckpt.arch.activation
@@ -184,6 +187,8 @@ def _write_file(tmp, ckpt):
         a["seed"] = ckpt.seed
         a["config"] = json.dumps(ckpt.config, sort_keys=True)
         a["state"] = json.dumps(ckpt.state, sort_keys=True)
+        if ckpt.scaling:
+            a["scaling"] = json.dumps(ckpt.scaling.to_json(), sort_keys=True)
         a["sha256"] = checksum(ckpt.params, ckpt.optimizer_state)
         a["attrs_sha256"] = attrs_checksum(a, o.attrs)
 
@@ -243,4 +248,5 @@ def _read(f, path):
     return Checkpoint(arch, params, str(o.attrs["name"]) if o is not None else "",
                       int(o.attrs["step"]) if o is not None else 0, state, int(a["epoch"]),
                       int(a["global_step"]), int(a["seed"]), json.loads(a["config"]),
-                      json.loads(a["state"]) if "state" in a else {})
+                      json.loads(a["state"]) if "state" in a else {},
+                      Scaling.from_json(json.loads(a["scaling"]) if "scaling" in a else None))

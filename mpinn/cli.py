@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from . import __version__
 from .config import (BenchConfig, ConvertConfig, DoctorConfig, EvaluateConfig, ExportConfig,
                      InspectConfig, JobsConfig, PredictConfig, ReportConfig, ScaleConfig,
-                     SweepConfig, SynthConfig, TrainConfig)
+                     StatsConfig, SweepConfig, SynthConfig, TrainConfig)
 from .errors import AgreedExit, MpinnError, UsageError
 from .options import build, flag_type, load_toml
 from .runtime.launch import mis_launch
@@ -73,6 +73,10 @@ COMMANDS = {
     "data inspect": Command(InspectConfig, "tools.datatools:run_inspect", "shapes, dtypes, "
                             "chunking, value ranges, NaN counts and class balance of an HDF5 "
                             "file", one_process=True),
+    "data stats": Command(StatsConfig, "tools.datatools:run_stats", "per-column count, mean, "
+                          "standard deviation, min and max of a file's inputs (and float "
+                          "targets): what --scale-inputs/--scale-targets would fit",
+                          one_process=True),
     "data convert": Command(ConvertConfig, "tools.convert:run", "NumPy .npz, CSV or MNIST IDX "
                             "into mpinn's HDF5 layout, streaming; optional stratified "
                             "train/test split", one_process=True),

@@ -11,13 +11,15 @@ import enum
 from dataclasses import dataclass
 
 from .errors import UsageError
-from .lr import SCALING_RULES, SCHEDULES
+from .lr import MONITORED, SCALING_RULES, SCHEDULES
 from .options import (FRACTION, NON_NEGATIVE, POSITIVE, Sections, build, check_value, flat_config,
                       from_options, load_toml, names_where, option)
 
 __all__ = ["build", "check_value", "from_options", "load_toml"]  # the options' machinery, here too
 
 
+INPUT_SCALINGS = ("none", "standard", "minmax")  # data/scaling.py fits and applies them
+TARGET_SCALINGS = ("none", "standard")
 ALLREDUCE_HELP = ("how data-parallel gradients are summed: auto = through each node's shared "
                   "memory where ranks share a node (MPI between nodes), mpi = MPI's Allreduce")
 
@@ -142,6 +144,15 @@ class DataOptions:
                           ("rank", "global", "none"), coerce=shuffle_from_bool,
                           negative=("none", "keep file order (same as --shuffle none)"),
                           kept_on_resume=True)
+    scale_inputs: str = option("none", "scale each input feature by statistics of the whole "
+                                       "training set, computed across ranks and kept in the "
+                                       "checkpoint (evaluate, predict, the API and ONNX export "
+                                       "apply them): standard = (x - mean) / std, minmax = (x - "
+                                       "min) / (max - min); none: as stored, as scikit-learn and "
+                                       "PyTorch take them", INPUT_SCALINGS, kept_on_resume=True)
+    scale_targets: str = option("none", "--loss mse: standard = train on (y - mean) / std of each "
+                                        "target; predictions come back in the targets' units",
+                                TARGET_SCALINGS, kept_on_resume=True)
 
 
 @dataclass(frozen=True)
@@ -202,21 +213,40 @@ class ScheduleOptions:
     steps: int = option(0, "stop after this many optimizer steps in total (0: no cap)",
                         bound=NON_NEGATIVE)
     lr_schedule: str = option("constant", "learning rate over the run's updates: constant, step "
-                                          "(times --gamma every --step-size updates) or cosine "
-                                          "(down to --min-lr)", SCHEDULES, kept_on_resume=True)
+                                          "(times --gamma every --step-size updates), cosine "
+                                          "(down to --min-lr) or plateau (times "
+                                          "--plateau-factor when --monitor stalls)", SCHEDULES,
+                              kept_on_resume=True)
     warmup_steps: int = option(0, "updates of linear warm-up from lr/W to lr before the schedule",
                                bound=NON_NEGATIVE, kept_on_resume=True)
-    min_lr: float = option(0.0, "the cosine schedule's last learning rate", bound=NON_NEGATIVE,
-                           kept_on_resume=True)
+    min_lr: float = option(0.0, "the cosine schedule's last learning rate, the plateau "
+                                "schedule's lowest", bound=NON_NEGATIVE, kept_on_resume=True)
     step_size: int = option(1000, "updates between learning-rate drops (--lr-schedule step)",
                             bound=POSITIVE, kept_on_resume=True)
     gamma: float = option(0.1, "factor of each drop (--lr-schedule step)", bound=POSITIVE,
                           kept_on_resume=True)
-    early_stop: int = option(0, "stop when the validation loss has not improved for this many "
-                                "epochs; RUN_DIR/best.h5 keeps the best weights (0: off)",
+    plateau_factor: float = option(0.1, "--lr-schedule plateau: multiply the rate by this when "
+                                        "--monitor has not improved for more than "
+                                        "--plateau-patience epochs", bound=FRACTION,
+                                   kept_on_resume=True)
+    plateau_patience: int = option(10, "--lr-schedule plateau: epochs without improvement "
+                                       "tolerated before a cut", bound=NON_NEGATIVE,
+                                   kept_on_resume=True)
+    plateau_cooldown: int = option(0, "--lr-schedule plateau: epochs after a cut before "
+                                      "stalling counts again", bound=NON_NEGATIVE,
+                                   kept_on_resume=True)
+    plateau_threshold: float = option(1e-4, "--lr-schedule plateau: an improvement must beat the "
+                                            "best by this fraction of it", bound=NON_NEGATIVE,
+                                      kept_on_resume=True)
+    monitor: str = option("val_loss", "the validation figure early stopping, best.h5 and the "
+                                      "plateau schedule watch: val_loss (lower is better) or "
+                                      "val_accuracy (higher)", tuple(MONITORED),
+                          kept_on_resume=True)
+    early_stop: int = option(0, "stop when --monitor has not improved for this many epochs; "
+                                "RUN_DIR/best.h5 keeps the best weights (0: off)",
                              bound=NON_NEGATIVE)
-    early_stop_delta: float = option(0.0, "an improvement must lower the validation loss by more "
-                                          "than this", bound=NON_NEGATIVE)
+    early_stop_delta: float = option(0.0, "an improvement must better --monitor by more than "
+                                          "this", bound=NON_NEGATIVE)
 
 
 @dataclass(frozen=True)
@@ -271,6 +301,8 @@ class RunOptions:
                                "(open in ui.perfetto.dev or chrome://tracing)")
     log_every: int = option(10, "print and record metrics every N steps", bound=POSITIVE,
                             changeable_on_resume=True)
+    tensorboard: str = option("", "also write the metrics as TensorBoard scalars into this "
+                                  "folder (rank 0; needs tensorboardX: the tensorboard extra)")
     progress: str = option("auto", "a live progress bar with ETA on rank 0 (bar), plain lines only "
                                    "(lines), or the bar when stdout is a terminal (auto; under "
                                    "mpiexec rank 0 writes to the launcher's pipe: use bar)",
@@ -603,6 +635,20 @@ class SynthConfig:
         if self.classes < 2:
             raise UsageError(f"--classes must be at least 2, got {self.classes}")
         parse_hidden(self.hidden)
+
+
+@dataclass
+class StatsConfig:
+    path: str = option("", "HDF5 file whose columns to summarise", positional=True)
+    x_key: str = option("X", "name of the input dataset")
+    y_key: str = option("y", "name of the target dataset (summarised when it holds floats: "
+                             "regression targets)")
+    chunk_rows: int = option(65_536, "rows read at a time")
+    json: bool = option(False, "print one JSON object instead of a table")
+    debug: bool = option(False, "show Python tracebacks on errors")
+
+    def validate(self):
+        require_positive(self, "chunk_rows")
 
 
 @dataclass

@@ -41,6 +41,8 @@ def run_evaluate(cfg, explicit, comm):
             raise UsageError(f"{path}:{cfg.y_key} has {n_targets} targets; the network has "
                              f"{arch.sizes[-1]} outputs")
     comm.checked(check)
+    ckpt.scaling.inputs_(x)  # what the network was trained on (none unless it was scaled)
+    ckpt.scaling.targets_(y)
     n_local = even_part(n_rows, grid.replicas, grid.replica)[1]
     engine = comm.checked(make_engine, comm, grid, arch, ckpt.params,
                           min(cfg.batch_size, max(n_local, 1)),
@@ -133,27 +135,60 @@ class NotWritten(Exception):
     """Closes a PredictionFile's temporary without installing it (prediction failed)."""
 
 
-def predict_into(engine, writer, arch, path, x_key, n, reads):
-    """Replica 0's pass: its first stage reads the rows (reads), its last stage writes them."""
+def predict_into(engine, writer, arch, path, x_key, n, reads, scaling):
+    """Replica 0's pass: its first stage reads the rows (reads) and scales them as the network's
+    training did, its last stage writes the outputs (regression targets in their own units)."""
     def consume(off, out):
-        writer.write(off, arch.loss_fn.outputs_(out))
+        writer.write(off, scaling.outputs_(arch.loss_fn.outputs_(out)))
+
+    def read(off, m):
+        return scaling.inputs_(data.read_inputs(f, path, x_key, [(slice(off, off + m), m)]))
     f = data.open_h5(path) if reads else None
     try:
-        engine.forward_chunks(
-            n, lambda off, m: data.read_inputs(f, path, x_key, [(slice(off, off + m), m)]), consume)
+        engine.forward_chunks(n, read, consume)
     finally:
         if f is not None:
             f.close()
 
 
+def predict_on_every_rank(comm, engine, writer, arch, path, x_key, n, chunk, scaling):
+    """Data parallel: in round r, rank k predicts file rows [(r * size + k) * chunk, + chunk);
+    the round's outputs are gathered to rank 0 in rank order, which is row order, and rank 0
+    writes them as one block. Every rank works; rank 0 writes one file in input order and holds a
+    round's outputs (size x chunk rows) at most. Each round's reads and writes are agreed, so a
+    bad row on any rank is one clear error, not a rank waiting in the gather."""
+    k = arch.sizes[-1]
+    span = comm.size * chunk
+    mine = np.empty((chunk, k), np.float32)
+    gathered = np.empty((span, k), np.float32) if comm.is_root else None
+
+    def keep(off, out):
+        mine[off:off + len(out)] = scaling.outputs_(arch.loss_fn.outputs_(out))
+
+    def reader(f, first):
+        return lambda off, m: scaling.inputs_(
+            data.read_inputs(f, path, x_key, [(slice(first + off, first + off + m), m)]))
+    with data.open_h5(path) as f:
+        for start in range(0, n, span):
+            rows = [max(0, min(chunk, n - start - j * chunk)) for j in range(comm.size)]
+            m = rows[comm.rank]
+            comm.checked(engine.forward_chunks, m, reader(f, start + comm.rank * chunk), keep)
+            block = gathered[:sum(rows)] if comm.is_root else None
+            comm.gatherv_(mine[:m].reshape(-1), None if block is None else block.reshape(-1),
+                          [r * k for r in rows])
+            comm.checked(writer.write if writer else lambda *_: None, start, block)
+
+
 def run_predict(cfg, explicit, comm):
-    """Replica 0 streams the rows chunk by chunk (its first stage reads, its last stage writes),
-    so memory stays one chunk; other ranks only take part in set-up."""
+    """Data parallel, every rank predicts its share of each round and rank 0 writes them in input
+    order (predict_on_every_rank). With --pipeline-stages, replica 0 streams the rows chunk by
+    chunk (its first stage reads, its last stage writes); other replicas only take part in
+    set-up."""
     log = Log(comm.rank, comm.size)
     limit_threads(cfg.threads)
     grid = comm.checked(Grid, cfg.pipeline_stages, comm.size, comm.rank)
-    if grid.replicas > 1:
-        log.info(f"note: predict runs on {grid.stages} rank(s); the other "
+    if grid.stages > 1 and grid.replicas > 1:
+        log.info(f"note: a pipelined predict runs on {grid.stages} rank(s); the other "
                  f"{comm.size - grid.stages} wait")
     ckpt = broadcast_checkpoint(comm, lambda: checkpoint.load(cfg.checkpoint))
     arch = ckpt.arch
@@ -171,13 +206,18 @@ def run_predict(cfg, explicit, comm):
         return n
     n = comm.checked(prepare)
     names = ckpt.config.get("class_names")
+    writes = comm.is_root if grid.stages == 1 else active and grid.is_last
     writer = comm.checked(lambda: PredictionFile(cfg.out, n, arch.sizes[-1], classify, names)
-                          if active and grid.is_last else None)
+                          if writes else None)
     try:
-        engine = comm.checked(make_engine, comm, grid, arch, ckpt.params, min(cfg.batch_size, n),
+        chunk = min(cfg.batch_size, n)
+        engine = comm.checked(make_engine, comm, grid, arch, ckpt.params, chunk,
                               parallel=ParallelOptions(partition=cfg.partition))
-        if active:
-            predict_into(engine, writer, arch, path, cfg.x_key, n, grid.is_first)
+        if grid.stages == 1:
+            predict_on_every_rank(comm, engine, writer, arch, path, cfg.x_key, n, chunk,
+                                  ckpt.scaling)
+        elif active:
+            predict_into(engine, writer, arch, path, cfg.x_key, n, grid.is_first, ckpt.scaling)
     except BaseException:  # a failure or a signal anywhere: the temporary goes, nothing installed
         if writer:
             writer.close(keep=False)

@@ -17,8 +17,11 @@ import numpy as np
 
 from . import checkpoint
 from .checkpoint import Checkpoint
+from .data.scaling import Scaling
 from .errors import RunError
+from .lr import MONITORED
 from .runtime.process import peak_rss_mb
+from .runtime.tensorboard import EventSink
 
 
 class Hook:
@@ -99,7 +102,7 @@ class Metrics(Hook):
     def __init__(self, every, resumed, record_grad_norm):
         self.every, self.resumed, self.record_grad_norm = every, resumed, record_grad_norm
         self.window = np.zeros(3)  # loss sum, correct, rows since the last log line (this rank)
-        self.grad_norm, self.t_window = 0.0, 0.0
+        self.grad_norm, self.t_window, self.window_steps = 0.0, 0.0, 0
 
     def on_loop_start(self, state):
         t = self.trainer
@@ -109,6 +112,7 @@ class Metrics(Hook):
 
     def on_step_end(self, state, result):
         self.grad_norm = result.grad_norm
+        self.window_steps += 1
         if result.finite:
             self.window += (result.loss, result.correct, result.rows)
         if (state.step % self.every == 0 or state.step == state.total_steps
@@ -142,12 +146,14 @@ class Metrics(Hook):
                    + (f" acc {acc:.4f}" if acc is not None else "") + f" samples/s {rate:,.0f}")
         record = {"kind": "train", "epoch": state.epoch + 1, "step": state.step,
                   "loss": mean_loss, "accuracy": acc, "samples": int(total[2]),
-                  "samples_per_s": rate, "lr": t.engine.optimizer.lr}
+                  "samples_per_s": rate,
+                  "step_s": (now - self.t_window) / max(self.window_steps, 1),
+                  "lr": t.engine.optimizer.lr}
         if self.record_grad_norm:
             record["grad_norm"] = self.grad_norm  # of the last step, before clipping
         t.log.metrics(record)
         self.window[:] = 0
-        self.t_window = now
+        self.t_window, self.window_steps = now, 0
 
     def on_epoch_end(self, state, record):
         self.trainer.log.metrics(record)
@@ -188,31 +194,50 @@ class Validation(Hook):
 
 class EarlyStopping(Hook):
     """Keep the best weights in RUN_DIR/best.h5; stop after `patience` epochs without an
-    improvement of more than `delta` (0: off, its state still carried from checkpoint to
-    checkpoint). The validation loss is the same on every rank, so every rank decides the
-    same."""
+    improvement of more than `delta` in the monitored figure (0: off, its state still carried
+    from checkpoint to checkpoint). Validation figures are the same on every rank, so every rank
+    decides the same."""
 
-    def __init__(self, patience, delta, checkpoints, saved=None):
+    def __init__(self, patience, delta, checkpoints, saved=None, monitor="val_loss"):
         self.patience, self.delta, self.checkpoints = patience, delta, checkpoints
+        self.monitor, self.sign = monitor, 1.0 if MONITORED[monitor] == "min" else -1.0
         saved = saved or {}
-        self.best_loss = saved.get("best_val_loss", math.inf)
+        self.best = self.sign * saved.get(f"best_{monitor}", self.sign * math.inf)  # lower: better
         self.bad_epochs = saved.get("bad_epochs", 0)
 
     def on_epoch_end(self, state, record):
         if not self.patience:
             return
-        if record["val_loss"] < self.best_loss - self.delta:
-            self.best_loss, self.bad_epochs = record["val_loss"], 0
+        value = self.sign * record[self.monitor]
+        if value < self.best - self.delta:
+            self.best, self.bad_epochs = value, 0
             self.checkpoints.write(self.trainer.run_dir.best, record["epoch"])
             return
         self.bad_epochs += 1
         if self.bad_epochs >= self.patience:
-            state.finished = (f"early stopping: the validation loss has not improved on "
-                              f"{self.best_loss:.4f} for {self.bad_epochs} epochs")
+            what = self.monitor.replace("val_", "the validation ")
+            state.finished = (f"early stopping: {what} has not improved on "
+                              f"{self.sign * self.best:.4f} for {self.bad_epochs} epochs")
             record["stopped"] = state.finished
 
     def saved_state(self):
-        return {"best_val_loss": self.best_loss, "bad_epochs": self.bad_epochs}
+        return {f"best_{self.monitor}": self.sign * self.best, "bad_epochs": self.bad_epochs}
+
+
+class PlateauSchedule(Hook):
+    """--lr-schedule plateau: after each epoch's validation, the schedule's Plateau (lr.py) sees
+    the monitored figure and may cut the rate; its state rides in the checkpoint."""
+
+    def __init__(self, plateau, monitor, saved=None):
+        self.plateau, self.monitor = plateau, monitor
+        self.plateau.restore((saved or {}).get("plateau", {}))
+
+    def on_epoch_end(self, state, record):
+        self.plateau.step(record[self.monitor])
+        record["lr_next"] = self.plateau.lr
+
+    def saved_state(self):
+        return {"plateau": self.plateau.state()}
 
 
 class Checkpoints(Hook):
@@ -221,13 +246,14 @@ class Checkpoints(Hook):
     previous run is set aside at the start and dropped at the first checkpoint, or put back
     when the new run fails before it."""
 
-    def __init__(self, run_config, seed, keep, replace_old):
+    def __init__(self, run_config, seed, keep, replace_old, scaling=None):
         self.run_config, self.seed, self.keep, self.replace_old = (
             run_config,
             seed,
             keep,
             replace_old,
         )
+        self.scaling = scaling or Scaling()  # what the network's inputs and targets are scaled by
         self.set_aside = False  # the previous run's files wait aside (rundir.py)
         self.saved_at = -1
 
@@ -243,7 +269,7 @@ class Checkpoints(Hook):
         opt = t.engine.optimizer
         saved = {k: v for hook in t.hooks for k, v in hook.saved_state().items()}
         return Checkpoint(t.arch, params, opt.name, opt.t, opt_state, epoch, state.step,
-                          self.seed, self.run_config, saved)
+                          self.seed, self.run_config, saved, self.scaling)
 
     def write(self, path, epoch):
         """Rank 0 writes the current weights to path atomically (collective: a pipeline
@@ -287,6 +313,34 @@ class Checkpoints(Hook):
                 t.log.warn(f"the run this one replaced (--overwrite) could not be put back: "
                            f"{e}; its files are in {t.run_dir.set_aside_path}")
         self.set_aside = False
+
+
+class TensorBoard(Hook):
+    """Rank 0 writes every metrics record as TensorBoard scalars too (runtime/tensorboard.py):
+    its sink joins rank 0's Log, decided once, when the loop starts."""
+
+    def __init__(self, folder, resumed):
+        self.folder, self.resumed, self.sink = folder, resumed, None
+
+    def on_loop_start(self, state):
+        t = self.trainer
+        # resumed: what the stopped run wrote after its checkpoint's step is redone, so goes
+        self.sink = t.comm.on_root(EventSink, self.folder,
+                                   state.step + 1 if self.resumed else None)
+        if self.sink is not None:
+            t.log.sinks.append(self.sink)
+
+    def on_summary(self, state):
+        self.close()
+
+    def on_failure(self, state):
+        self.close()
+
+    def close(self):
+        if self.sink is not None:
+            self.trainer.log.sinks.remove(self.sink)
+            self.sink.close()
+            self.sink = None
 
 
 class Summary(Hook):

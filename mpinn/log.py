@@ -1,6 +1,6 @@
-"""Rank-0 output, decided once at construction: progress on stdout, metrics.jsonl in the run
-folder. Call sites stay unconditional; on other ranks every call is a no-op except warnings, which
-any rank may raise and which name their rank."""
+"""Rank-0 output, decided once at construction: progress on stdout, metrics.jsonl in the run folder
+(and any sink rank 0 adds, e.g. TensorBoard's). Call sites stay unconditional; on other ranks
+every call is a no-op except warnings, which any rank may raise and which name their rank."""
 import json
 import os
 import sys
@@ -15,6 +15,7 @@ class Log:
         self.rank, self.size = rank, size
         self.active = rank == 0 and not quiet
         self._metrics = None
+        self.sinks = []  # more receivers of each metrics record (rank 0's: TensorBoard)
         # a live progress bar only where a person watches (a terminal), not in job logs
         self.bar = self.active and (progress == "bar" or (progress == "auto"
                                                           and sys.stdout.isatty()))
@@ -60,6 +61,8 @@ class Log:
                 raise RunError(f"cannot write metrics {path}: {e.strerror or e}") from None
 
     def metrics(self, record):
+        for sink in self.sinks:
+            sink(record)
         if self._metrics is not None:
             try:
                 os.write(self._metrics, (json.dumps(record) + "\n").encode())

@@ -6,13 +6,19 @@ warm-up updates:
     constant   lr = base
     step       lr = base * gamma ** floor((t - W) / step_size)
     cosine     lr = min_lr + (base - min_lr) * (1 + cos(pi * (t - W) / max(1, T - W))) / 2
+    plateau    lr = the Plateau's current rate: base, multiplied by --plateau-factor (not below
+               min_lr) whenever the monitored validation figure has not improved for more than
+               --plateau-patience epochs, then --plateau-cooldown epochs of rest (PyTorch's
+               ReduceLROnPlateau, threshold mode "rel")
 The base rate follows the scaling rule for a global batch B and a reference batch B0 (Goyal et
 al., 2017): none: lr; linear: lr * B / B0; sqrt: lr * sqrt(B / B0).
 """
 import math
 from dataclasses import dataclass
 
-SCHEDULES = ("constant", "step", "cosine")
+SCHEDULES = ("constant", "step", "cosine", "plateau")
+# the validation figures --monitor may name, with the direction that is better
+MONITORED = {"val_loss": "min", "val_accuracy": "max"}
 SCALING_RULES = ("none", "linear", "sqrt")
 
 
@@ -36,6 +42,54 @@ def lr_at(t, base, kind="constant", warmup=0, total=1, min_lr=0.0, step_size=1, 
     return base
 
 
+@dataclass
+class Plateau:
+    """The rate of a plateau schedule and what decides its next cut: the best monitored value so
+    far, the epochs without improvement and the cooldown left. Stepped once per epoch with the
+    validation figure, which every rank holds alike, so every rank cuts at the same epoch."""
+    lr: float
+    mode: str = "min"
+    factor: float = 0.1
+    patience: int = 10
+    cooldown: int = 0
+    threshold: float = 1e-4
+    min_lr: float = 0.0
+    best: float = None
+    bad_epochs: int = 0
+    cooldown_left: int = 0
+
+    def better(self, value):
+        if self.best is None:
+            return True
+        if self.mode == "min":
+            return value < self.best * (1 - self.threshold)
+        return value > self.best * (1 + self.threshold)
+
+    def step(self, value):
+        """After an epoch: the monitored figure; cuts the rate when it has stalled."""
+        if self.better(value):
+            self.best, self.bad_epochs = value, 0
+        else:
+            self.bad_epochs += 1
+        if self.cooldown_left > 0:
+            self.cooldown_left -= 1
+            self.bad_epochs = 0
+        if self.bad_epochs > self.patience:
+            cut = max(self.lr * self.factor, self.min_lr)
+            if self.lr - cut > 1e-8:  # PyTorch's eps: no cut smaller than that
+                self.lr = cut
+            self.cooldown_left, self.bad_epochs = self.cooldown, 0
+
+    def state(self):
+        return {"lr": self.lr, "best": self.best, "bad_epochs": self.bad_epochs,
+                "cooldown_left": self.cooldown_left}
+
+    def restore(self, saved):
+        for key in ("lr", "best", "bad_epochs", "cooldown_left"):
+            if key in saved:
+                setattr(self, key, saved[key])
+
+
 @dataclass(frozen=True)
 class Schedule:
     """The learning rate of every update of a run: the optimizer asks it before each update."""
@@ -46,7 +100,10 @@ class Schedule:
     min_lr: float = 0.0
     step_size: int = 1
     gamma: float = 1.0
+    plateau: Plateau = None  # kind "plateau": the rate after warm-up, cut by validation
 
     def __call__(self, t):
+        if self.kind == "plateau" and t >= self.warmup:
+            return self.plateau.lr
         return lr_at(t, self.base, self.kind, self.warmup, self.total, self.min_lr,
                      self.step_size, self.gamma)

@@ -36,6 +36,18 @@ def names_of_classes(comm, options, saved_config, inputs, arch):
     return names if names and len(names) == arch.sizes[-1] else None
 
 
+def regression_warning(options, ckpt, arch, n_rows, path):
+    """A warning when the class count was read off integer labels and is large next to the rows
+    (scikit-learn's diabetes targets, 25..346 as int64, make 347 classes for 442 rows): likely a
+    regression target. None otherwise, and for classes that were given or stored by name."""
+    n = arch.sizes[-1]
+    if (not arch.loss_fn.integer_labels or ckpt is not None or options.model.classes
+            or n < 20 or 5 * n <= n_rows or data.stored_classes(path, options.data.y_key)):
+        return None
+    return (f"{n} classes for {n_rows} rows: is {options.data.y_key} a regression target stored "
+            "as integers? use --loss mse (and --scale-targets standard)")
+
+
 def class_count(comm, options, ckpt, y, path, plan):
     """Classes of a cross-entropy network: the checkpoint's, --classes, the class names stored
     with the labels, else the largest label + 1 when the labels are not far sparser than that."""

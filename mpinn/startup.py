@@ -16,6 +16,7 @@ import numpy as np
 
 from . import data, hooks, lr, network, resume
 from .config import Resume
+from .data.scaling import Moments, Scale, Scaling, merged_across, moments_in_chunks, spread_warning
 from .errors import AgreedExit, UsageError
 from .model import init_params
 from .outputs import check_side_output
@@ -24,6 +25,7 @@ from .rundir import RunDir
 from .runtime.faults import FaultInjector
 from .runtime.process import available_memory_bytes
 from .runtime.signals import NoStopRequest, StopRequest
+from .runtime.tensorboard import require_writer
 from .runtime.threads import limit_threads, oversubscription
 from .runtime.timeline import Timeline, is_trace
 from .runtime.watchdog import NullWatchdog, Watchdog
@@ -57,6 +59,8 @@ class Inputs:
     chunk_rows: int
     labels: np.ndarray    # streaming: all of the file's labels
     load_s: float
+    scaling: Scaling      # applied to x, y and labels already; validation rows get it too
+    spread_warning: str = None  # unscaled inputs of very different scales
 
 
 def assemble(options, explicit, comm, log, user_hooks=()):
@@ -89,8 +93,16 @@ def _assemble(options, explicit, comm, log, held, user_hooks):
     if resumed:
         options = comm.checked(resume.resumed_options, options, explicit, ckpt)
     comm.checked(check_mode, options, grid)
+    if options.run.tensorboard:  # before any work: a missing writer is a clear error
+        comm.on_root(require_writer)
     inputs = read_inputs(options, comm, grid, ckpt, faults)
+    if inputs.spread_warning and comm.is_root:
+        log.warn(inputs.spread_warning)
     arch = network.build(options, explicit, comm, grid, ckpt, inputs)
+    warning = comm.on_root(network.regression_warning, options, ckpt, arch, inputs.plan.n_rows,
+                           inputs.train_path)
+    if warning:  # rank 0's alone
+        log.warn(warning)
     evaluate = validation(comm, grid, inputs, arch)
     engine, step = build_engine(options, comm, grid, arch, inputs.plan, ckpt, log, bool(evaluate))
     held.append(engine.close)
@@ -117,7 +129,7 @@ def _assemble(options, explicit, comm, log, held, user_hooks):
                       last_saved=step if resumed else None)
     lines = announcement(options, comm, engine, arch, inputs, startup, state)
     hook_list = loop_hooks(options, run_config, lines, evaluate, saved_state, startup, resumed,
-                           user_hooks)
+                           user_hooks, inputs.scaling, engine.optimizer.schedule.plateau)
     return Trainer(engine, batches, hook_list, run_dir, comm=comm, log=log, state=state,
                    guard=guard(options.safety, comm, log, faults))
 
@@ -137,18 +149,23 @@ def guard(safety, comm, log, faults):
     return Guard(stop, watchdog, faults)
 
 
-def loop_hooks(options, run_config, lines, evaluate, saved_state, startup, resumed, user_hooks):
+def loop_hooks(options, run_config, lines, evaluate, saved_state, startup, resumed, user_hooks,
+               scaling, plateau):
     """The hooks of a training run, in the order they act at each event: a user's see the
     epoch's record whole (validation, early stopping) before the checkpoint is written."""
     checkpoints = hooks.Checkpoints(run_config, options.run.seed, options.run.keep_checkpoints,
-                                    options.run.overwrite)
+                                    options.run.overwrite, scaling)
     sched = options.schedule
     return [
         hooks.Announcement(run_config, lines),
         hooks.NonFinitePolicy(skip=options.safety.on_nonfinite == "skip"),
         *([hooks.Validation(evaluate)] if evaluate else []),
-        hooks.EarlyStopping(sched.early_stop, sched.early_stop_delta, checkpoints, saved_state),
+        hooks.EarlyStopping(sched.early_stop, sched.early_stop_delta, checkpoints, saved_state,
+                            sched.monitor),
+        *([hooks.PlateauSchedule(plateau, sched.monitor, saved_state)] if plateau else []),
         hooks.Metrics(options.run.log_every, resumed, bool(options.optim.clip_grad_norm)),
+        *([hooks.TensorBoard(options.run.tensorboard, resumed)] if options.run.tensorboard
+          else []),
         hooks.ReplicaCheck(options.safety.check_every),
         *user_hooks,
         checkpoints,
@@ -177,8 +194,56 @@ def read_inputs(options, comm, grid, ckpt, faults):
     labels = comm.checked(lambda: data.read_rows(
         train_path, cols, [(slice(0, n_rows), n_rows)], n_targets, want_x=False)[1]
     ) if chunk_rows else None
+    # streamed: each rank summarises its block of the file's rows (and of the labels)
+    first, count = even_part(n_rows, comm.size, comm.rank)
+    block = slice(first, first + count)
+    stream = (train_path, cols.x_key, block, chunk_rows) if chunk_rows else None
+    scaling, warning = fit_scaling(options.data, loss, comm, ckpt, x,
+                                   y if labels is None else labels[block], n_features,
+                                   n_targets, stream)
+    scaling.inputs_(x)
+    scaling.targets_(y)
+    scaling.targets_(labels)
     return Inputs(train_path, val_path, cols, plan, n_features, n_targets, x, y,
-                  chunk_rows, labels, time.perf_counter() - t_load)
+                  chunk_rows, labels, time.perf_counter() - t_load, scaling, warning)
+
+
+def fit_scaling(opts, loss, comm, ckpt, x, y, n_features, n_targets, stream):
+    """(Scaling, warning or None): the start checkpoint's own (--resume, --init), or the moments
+    of every rank's training rows merged across ranks (data/scaling.py). x: this rank's rows in
+    memory, or None (streamed: its block of the file is read chunk by chunk; or a pipeline stage
+    that reads none); y: its targets (mse) or None."""
+    kinds = (opts.scale_inputs, opts.scale_targets)
+    if kinds[1] != "none" and loss != "mse":
+        comm.checked(raise_usage, f"--scale-targets {kinds[1]} is for --loss mse targets; "
+                                  "class labels are not scaled")
+    if ckpt is not None:
+        own = ckpt.scaling.kinds()
+        if kinds not in (own, ("none", "none")):
+            comm.checked(raise_usage, f"--scale-inputs {kinds[0]} --scale-targets {kinds[1]} "
+                                      f"differ from the start checkpoint's ({own[0]}, {own[1]}): "
+                                      "its weights expect its own")
+        return ckpt.scaling, None
+    if x is None and stream is not None and kinds[0] != "none":
+        x_moments = comm.checked(_streamed_moments, *stream)
+    else:
+        x_moments = Moments.of(x) if x is not None and len(x) else None
+    features = merged_across(comm, x_moments, n_features)
+    scaling = Scaling(Scale.fitted(kinds[0], features) if kinds[0] != "none" else None)
+    if kinds[1] != "none":
+        targets = merged_across(comm, Moments.of(y) if y is not None and len(y) else None,
+                                n_targets)
+        scaling.targets = Scale.fitted(kinds[1], targets)
+    warning = spread_warning(features) if kinds[0] == "none" and features.count else None
+    return scaling, warning
+
+
+def _streamed_moments(path, x_key, rows, chunk_rows):
+    source = data.RowSource(path, x_key)
+    try:
+        return moments_in_chunks(source.read, rows, chunk_rows)
+    finally:
+        source.close()
 
 
 def batch_source(options, comm, inputs):
@@ -187,7 +252,8 @@ def batch_source(options, comm, inputs):
     dropout = options.model.dropout > 0  # dropout's masks are keyed by file row: say which rows
     if inputs.chunk_rows:
         return data.StreamedSource(inputs.train_path, inputs.cols.x_key, inputs.chunk_rows,
-                                   inputs.labels, plan, shuffle, seed, dropout)
+                                   inputs.labels, plan, shuffle, seed, dropout,
+                                   inputs.scaling.inputs_)
     if shuffle == "global":
         return data.GlobalShuffleSource(comm, inputs.x, inputs.y, plan, seed, dropout)
     return data.InMemorySource(inputs.x, inputs.y, plan, shuffle == "rank", seed,
@@ -231,9 +297,14 @@ def learning_rates(options, plan, has_validation):
                          f"{total} updates")
     if sched.early_stop and not has_validation:
         raise UsageError("--early-stop needs validation data (--val-data)")
+    if sched.lr_schedule == "plateau" and not has_validation:
+        raise UsageError("--lr-schedule plateau needs validation data (--val-data)")
     base = lr.base_lr(optim.lr, optim.lr_scale, sched.batch_size, optim.lr_ref_batch)
+    plateau = (lr.Plateau(base, lr.MONITORED[sched.monitor], sched.plateau_factor,
+                          sched.plateau_patience, sched.plateau_cooldown, sched.plateau_threshold,
+                          sched.min_lr) if sched.lr_schedule == "plateau" else None)
     return lr.Schedule(base, sched.lr_schedule, sched.warmup_steps, total, sched.min_lr,
-                       sched.step_size, sched.gamma)
+                       sched.step_size, sched.gamma, plateau)
 
 
 def validation(comm, grid, inputs, arch):
@@ -252,6 +323,8 @@ def validation(comm, grid, inputs, arch):
         first = even_part(n_val, grid.replicas, grid.replica)[0]
         comm.checked(check_labels, vy, arch.sizes[-1], val_path,
                      lambda: first + np.arange(len(vy)))
+    inputs.scaling.inputs_(vx)
+    inputs.scaling.targets_(vy)
     return Evaluator(comm, even_part(n_val, grid.replicas, grid.replica)[1], vx, vy, arch)
 
 
@@ -331,6 +404,12 @@ def announcement(options, comm, engine, arch, inputs, startup, state):
     lines = [f"mpinn train: learning rate {schedule.base:g}{rule}, {sched.lr_schedule} schedule"
              f"{warm} over {state.total_steps} updates"
              + (f"; gradients clipped to norm {o.clip_grad_norm:g}" if o.clip_grad_norm else "")]
+    scaled = [f"{what} scaled ({kind})" for what, kind in zip(("inputs", "targets"),
+                                                               inputs.scaling.kinds())
+              if kind != "none"]
+    if scaled:
+        lines.append(f"mpinn train: {' and '.join(scaled)} by statistics of the whole training "
+                     "set, kept in the checkpoint")
     if inputs.chunk_rows:
         lines.append(f"mpinn train: inputs streamed from {inputs.train_path} in chunks of "
                      f"{inputs.chunk_rows:,} rows read ahead (this rank's slice is larger than "

@@ -79,6 +79,7 @@ def run_many(jobs, tmp, timeout=300):
     many small trainings pays the launch and the imports once per rank count, not once per job.
     Only for jobs that end by returning (not by a signal, an abort or a killed rank)."""
     tmp = Path(tmp)
+    tmp.mkdir(parents=True, exist_ok=True)
     by_ranks = {}
     for key, (ranks, argv) in jobs.items():
         by_ranks.setdefault(ranks, []).append((key, [str(a) for a in argv]))

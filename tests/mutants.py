@@ -158,6 +158,16 @@ MUTANTS = [
      "                                | (ordered % per_range == 0))",
      "                                & (ordered % per_range == 0))",
      ["tests/test_review_fixes.py", "-k", "many_chunks"]),
+    ("scaling: moments merged without the between-part term", "mpinn/data/scaling.py",
+     "m2 = self.m2 + other.m2 + delta ** 2 * (self.count * other.count / n)",
+     "m2 = self.m2 + other.m2", ["tests/test_scaling.py", "-k", "merged or layout"]),
+    ("scaling: streamed chunks trained unscaled", "mpinn/data/sources.py",
+     "                    self.scale_(x)", "                    pass",
+     ["tests/test_scaling.py", "-k", "streamed"]),
+    ("scaling: predict leaves regression outputs in scaled units", "mpinn/evaluate.py",
+     "writer.write(off, scaling.outputs_(arch.loss_fn.outputs_(out)))",
+     "writer.write(off, arch.loss_fn.outputs_(out))",
+     ["tests/test_scaling.py", "-k", "regression"]),
 ]
 TIMEOUT = 900  # seconds for one mutant's tests; a hang counts as caught (the suite's timeouts act)
 

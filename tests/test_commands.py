@@ -154,3 +154,36 @@ def test_rank_with_an_empty_part_of_the_last_batch(tmp_path):
                      "--check-every", 1, "--run-dir", tmp_path / "r"))
     assert checkpoint.load(str(tmp_path / "r" / "checkpoint.h5")).global_step == 6
     assert "20 samples" in r.stdout
+
+
+def test_integer_regression_targets_are_questioned_once(tmp_path):
+    """scikit-learn's diabetes targets (25..346) written as int64 train as a 347-class classifier:
+    train says so, once; the bundled digits (10 classes, 1437 rows) are not questioned."""
+    rng = np.random.default_rng(0)
+    with h5py.File(tmp_path / "diabetes.h5", "w") as f:
+        f["X"] = rng.normal(size=(442, 10)).astype(np.float32)
+        f["y"] = np.concatenate([[25, 346], rng.integers(25, 347, 440)]).astype(np.int64)
+    r = ok(run_mpinn(2, "train", "--data", tmp_path / "diabetes.h5", "--epochs", 1, "--hidden",
+                     "8", "--run-dir", tmp_path / "r"))
+    assert r.stderr.count("347 classes for 442 rows: is y a regression target stored as "
+                          "integers? use --loss mse") == 1, r.stderr
+    digits = ok(run_mpinn(2, "train", "--epochs", 1, "--hidden", "8", "--run-dir", tmp_path / "d"))
+    assert "regression target" not in digits.stderr
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_predict_on_every_rank_writes_the_one_rank_file(digits_run, tmp_path, ranks):
+    """Each rank predicts its rows of every round (batch 17: 360 rows are 22 rounds at 1 rank,
+    uneven ones at 2 and 3), rank 0 writes them in input order: the file of 1 rank, H5 and CSV."""
+    ckpt = digits_run[0] / "checkpoint.h5"
+    for out in ("one.h5", "one.csv"):
+        ok(run_mpinn(1, "predict", "--checkpoint", ckpt, "--data", DIGITS_TEST, "--out",
+                     tmp_path / out, "--batch-size", 17))
+    for out in ("many.h5", "many.csv"):
+        r = ok(run_mpinn(ranks, "predict", "--checkpoint", ckpt, "--data", DIGITS_TEST, "--out",
+                         tmp_path / out, "--batch-size", 17))
+        assert "wait" not in r.stdout and r.stdout.count("wrote 360 predictions") == 1
+    with h5py.File(tmp_path / "one.h5", "r") as a, h5py.File(tmp_path / "many.h5", "r") as b:
+        np.testing.assert_array_equal(a["pred"][...], b["pred"][...])
+        np.testing.assert_array_equal(a["prob"][...], b["prob"][...])
+    assert (tmp_path / "one.csv").read_text() == (tmp_path / "many.csv").read_text()

@@ -76,7 +76,8 @@ def test_bad_options_are_usage_errors(argv, message):
 
 
 def test_defaults_validate():
-    positional = {"jobs": ["slurm"], "data inspect": ["some.h5"], "data convert": ["in.csv"],
+    positional = {"jobs": ["slurm"], "data inspect": ["some.h5"], "data stats": ["some.h5"],
+                  "data convert": ["in.csv"],
                   "sweep": ["--grid", "grid.toml"]}  # the grid is what a sweep trains: required
     for command in COMMANDS:
         parse([*command.split(), *positional.get(command, [])])

@@ -139,3 +139,63 @@ def test_evaluation_never_drops(rising, tmp_path):
     result = json.loads(ok(run_mpinn(2, "evaluate", "--checkpoint", tmp_path / "checkpoint.h5",
                                      "--data", val, "--json")).stdout)
     assert result["loss"] == pytest.approx(logged, rel=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["min", "max"])
+@pytest.mark.parametrize("factor,patience,cooldown,threshold,min_lr", [
+    (0.1, 2, 0, 1e-4, 0.0), (0.5, 0, 1, 1e-4, 0.0), (0.3, 1, 2, 0.05, 1e-3), (0.7, 3, 0, 0.0, 0.0)])
+def test_plateau_cuts_as_torchs_reduce_lr_on_plateau(mode, factor, patience, cooldown, threshold,
+                                                      min_lr):
+    torch = pytest.importorskip("torch")
+    from mpinn.lr import Plateau
+    rng = np.random.default_rng(patience)
+    # improving for 20 epochs, then noise around a level: cuts, cooldowns, a floor
+    trend = np.minimum(np.arange(80), 20) * (0.05 if mode == "min" else -0.05)
+    values = list(rng.normal(0, 0.1, 80) - trend + 3.0)
+    o = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.8)
+    ref = torch.optim.lr_scheduler.ReduceLROnPlateau(o, mode=mode, factor=factor,
+                                                     patience=patience, cooldown=cooldown,
+                                                     threshold=threshold, min_lr=min_lr)
+    mine = Plateau(0.8, mode, factor, patience, cooldown, threshold, min_lr)
+    expect, got = [], []
+    for v in values:
+        ref.step(v)
+        mine.step(v)
+        expect.append(o.param_groups[0]["lr"])
+        got.append(mine.lr)
+    assert len(set(got)) > 2  # it did cut, more than once
+    np.testing.assert_allclose(got, expect, rtol=1e-12)
+
+
+def test_plateau_schedule_and_monitor_drive_the_run_and_resume_exactly(rising, tmp_path):
+    """The validation loss rises: the rate is cut after every second stalled epoch (patience 1),
+    as torch's scheduler fed the same losses cuts it; killed mid-run and resumed, the run ends as
+    the straight one. With --monitor val_accuracy, best.h5 is the most accurate epoch's."""
+    torch = pytest.importorskip("torch")
+    train, val = rising
+    args = ["--data", train, "--val-data", val, *COMMON, "--epochs", 8, "--lr-schedule",
+            "plateau", "--plateau-patience", 1, "--plateau-factor", "0.5"]
+    ok(run_mpinn(2, "train", *args, "--run-dir", tmp_path / "straight"))
+    records = epochs(tmp_path / "straight")
+    o = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.02)
+    ref = torch.optim.lr_scheduler.ReduceLROnPlateau(o, factor=0.5, patience=1)
+    for r in records:
+        ref.step(r["val_loss"])
+        assert r["lr_next"] == pytest.approx(o.param_groups[0]["lr"], rel=1e-12)
+    assert records[-1]["lr_next"] < 0.02 / 2
+    train_lr = [json.loads(l) for l in open(tmp_path / "straight" / "metrics.jsonl")
+                if '"kind": "train"' in l]
+    assert train_lr[-1]["lr"] == pytest.approx(records[-2]["lr_next"])  # the last epoch's rate
+    r = run_mpinn(2, "train", *args, "--run-dir", tmp_path / "res",
+                  env={"MPINN_FAULT": "kill:rank=1:step=45"}, timeout=60)
+    assert r.returncode != 0
+    assert "plateau" in checkpoint.load(str(tmp_path / "res" / "checkpoint.h5")).state
+    ok(run_mpinn(2, "train", *args, "--resume", "--run-dir", tmp_path / "res"))
+    np.testing.assert_array_equal(
+        checkpoint.load(str(tmp_path / "res" / "checkpoint.h5")).params,
+        checkpoint.load(str(tmp_path / "straight" / "checkpoint.h5")).params)
+    ok(run_mpinn(2, "train", "--data", train, "--val-data", val, *COMMON, "--epochs", 6,
+                 "--early-stop", 10, "--monitor", "val_accuracy", "--run-dir", tmp_path / "acc"))
+    accuracy = [e["val_accuracy"] for e in epochs(tmp_path / "acc")]
+    best = checkpoint.load(str(tmp_path / "acc" / "best.h5"))
+    assert best.epoch == int(np.argmax(accuracy)) + 1

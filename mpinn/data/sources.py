@@ -83,9 +83,11 @@ class StreamedBatches:
     of the file's, kept in memory: they are small). Gives what EpochBatches gives for the same
     rows, so streamed training ends with the same weights as training from memory."""
 
-    def __init__(self, path, x_key, labels, file_rows, counts, chunk_rows, with_rows):
+    def __init__(self, path, x_key, labels, file_rows, counts, chunk_rows, with_rows,
+                 scale_=None):
         self.path, self.x_key, self.labels, self.file_rows = path, x_key, labels, file_rows
         self.counts, self.with_rows = counts, with_rows
+        self.scale_ = scale_  # the inputs' scaling (in place), applied to each chunk as it is read
         self.starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
         self.chunks = []  # (first step, first row, end row)
         step = 0
@@ -116,6 +118,8 @@ class StreamedBatches:
                 x = source.read(rows)
                 _check_finite(self.path, source.X, self.x_key, x,
                               lambda rows=rows: source.X[np.sort(rows)])
+                if self.scale_ is not None:
+                    self.scale_(x)
                 self.queue.put((j, x, None))
         except Exception as e:  # noqa: BLE001 - handed to the training thread, which raises it
             self.queue.put((None, None, e))
@@ -216,15 +220,16 @@ class StreamedSource(PlannedSource):
     epoch_file_rows): the rows of one chunk at a time read ahead, all of the file's labels (small)
     in memory."""
 
-    def __init__(self, path, x_key, chunk_rows, labels, plan, shuffle, seed, with_rows):
+    def __init__(self, path, x_key, chunk_rows, labels, plan, shuffle, seed, with_rows,
+                 scale_=None):
         super().__init__(plan)
         self.path, self.x_key, self.chunk_rows, self.labels = path, x_key, chunk_rows, labels
         self.epoch_rows = epoch_file_rows(shuffle, plan, seed)
-        self.with_rows = with_rows
+        self.with_rows, self.scale_ = with_rows, scale_
 
     def epoch(self, epoch):
         return StreamedBatches(self.path, self.x_key, self.labels, self.epoch_rows(epoch),
-                               self.counts, self.chunk_rows, self.with_rows)
+                               self.counts, self.chunk_rows, self.with_rows, self.scale_)
 
     def first_rows(self):
         source = RowSource(self.path, self.x_key)

@@ -1,5 +1,6 @@
-"""`mpinn data synth` and `mpinn data inspect`: make a classification set of any size, and look
-inside an HDF5 data file, both streaming in chunks so neither ever holds the whole file.
+"""`mpinn data synth`, `mpinn data inspect` and `mpinn data stats`: make a classification set of
+any size, look inside an HDF5 data file, and summarise its columns as --scale-inputs would (the
+same moments, data/scaling.py), all streaming in chunks so none ever holds the whole file.
 
 synth: rows come from a seeded random teacher network (tanh hidden layers, argmax of the output);
 row block b (BLOCK rows) is drawn from a generator seeded by (seed, b), so every row is the same
@@ -13,6 +14,8 @@ import numpy as np
 
 from ..config import parse_hidden
 from ..data import open_h5
+from ..data.scaling import Moments, spread_warning
+from ..errors import UsageError
 from ..log import Log
 from ..outputs import check_output_path, h5_written_whole
 from ..runtime.signals import signals_held
@@ -137,6 +140,58 @@ def inspect(cfg):
             log.info("    classes: " + ", ".join(f"{k}: {v} ({100 * v / total:.1f}%)"
                                                  for k, v in counts.items()))
     return report
+
+
+def column_moments(ds, chunk_rows):
+    """The moments of each column of a dataset (1-D: one column), read chunk_rows at a time."""
+    total = Moments.empty(1 if ds.ndim == 1 else ds.shape[1])
+    for s in range(0, ds.shape[0], chunk_rows):
+        total = total.merge(Moments.of(ds[s:s + chunk_rows]))
+    return total
+
+
+def _summary(m):
+    return {"count": m.count, "mean": m.mean.tolist(), "std": m.std.tolist(),
+            "min": m.low.tolist(), "max": m.high.tolist()}
+
+
+def stats(cfg):
+    """Per-column statistics of the inputs, and of the targets when they are floats."""
+    with open_h5(cfg.path) as f:
+        for key in (cfg.x_key,):
+            if key not in f:
+                raise UsageError(f"{cfg.path}: no dataset {key!r} (use --x-key)")
+        X = f[cfg.x_key]
+        if X.ndim != 2 or not np.issubdtype(X.dtype, np.number):
+            raise UsageError(f"{cfg.path}:{cfg.x_key} must be a 2-D numeric dataset; it has "
+                             f"shape {X.shape} and dtype {X.dtype}")
+        inputs = column_moments(X, cfg.chunk_rows)
+        y = f.get(cfg.y_key)
+        targets = (column_moments(y, cfg.chunk_rows) if y is not None
+                   and np.issubdtype(y.dtype, np.floating) else None)
+    report = {"file": cfg.path, "rows": inputs.count, "inputs": _summary(inputs),
+              "targets": _summary(targets) if targets is not None else None,
+              "warning": spread_warning(inputs)}
+    log = Log()
+    if cfg.json:
+        log.info(json.dumps(report))
+        return report
+    log.info(f"{cfg.path}: {inputs.count} rows")
+    for name, m in (("inputs", inputs), ("targets", targets)):
+        if m is None:
+            continue
+        key = cfg.x_key if name == "inputs" else cfg.y_key
+        log.info(f"  {name} ({key}): column, mean, std, min, max")
+        for j in range(len(m.mean)):
+            log.info(f"    {j:>5} {m.mean[j]:>12.5g} {m.std[j]:>12.5g} {m.low[j]:>12.5g} "
+                     f"{m.high[j]:>12.5g}")
+    if report["warning"]:
+        log.info(f"  note: {report['warning']}")
+    return report
+
+
+def run_stats(cfg, explicit, comm=None):
+    return stats(cfg)
 
 
 def run_synth(cfg, explicit, comm=None):

@@ -2,9 +2,14 @@
 
 --format onnx    an ONNX model (the `onnx` package): input "x" (N x F float32), output "y":
                  class probabilities (softmax) for cross-entropy networks, out_act(z) for mse,
-                 the same numbers `mpinn predict` writes
---format torch   a state dict for torch.nn.Sequential(Linear, activation, ..., Linear[, Sigmoid])
---format npz     W0, b0, W1, b1, ... (W is fan_in x fan_out: h = act(h @ W + b)) and the sizes
+                 the same numbers `mpinn predict` writes; a network trained on scaled inputs or
+                 targets has the scaling in its graph ((x - offset) / scale first, y * scale +
+                 offset last)
+--format torch   a state dict for torch.nn.Sequential(Linear, activation, ..., Linear[, Sigmoid]);
+                 the scaling of inputs (and of targets, with an identity output) folded into
+                 the first (last) Linear layer, which is exact affine algebra
+--format npz     W0, b0, W1, b1, ... (W is fan_in x fan_out: h = act(h @ W + b)), the sizes, and
+                 input_offset, input_scale (target_offset, target_scale) of a scaled network
 """
 
 import numpy as np
@@ -25,8 +30,14 @@ def to_onnx(ckpt, path):
         from onnx import TensorProto, helper, numpy_helper
     except ImportError:
         raise UsageError("--format onnx needs the onnx package: pip install onnx") from None
-    arch = ckpt.arch
+    arch, scaling = ckpt.arch, ckpt.scaling
     nodes, inits, h = [], [], "x"
+    if scaling.inputs is not None:
+        inits += [numpy_helper.from_array(scaling.inputs.offset.astype(np.float32), "x_offset"),
+                  numpy_helper.from_array(scaling.inputs.scale.astype(np.float32), "x_scale")]
+        nodes += [helper.make_node("Sub", ["x", "x_offset"], ["x_centred"]),
+                  helper.make_node("Div", ["x_centred", "x_scale"], ["x_scaled"])]
+        h = "x_scaled"
     for l, (W, b) in enumerate(layer_views(arch, ckpt.params)):
         inits += [numpy_helper.from_array(np.ascontiguousarray(W), f"W{l}"),
                   numpy_helper.from_array(np.ascontiguousarray(b), f"b{l}")]
@@ -42,6 +53,12 @@ def to_onnx(ckpt, path):
         elif act != "identity":
             nodes.append(helper.make_node(ONNX_ACT[act], [h], [f"a{l}"]))
             h = f"a{l}"
+    if scaling.targets is not None:
+        inits += [numpy_helper.from_array(scaling.targets.scale.astype(np.float32), "y_scale"),
+                  numpy_helper.from_array(scaling.targets.offset.astype(np.float32), "y_offset")]
+        nodes += [helper.make_node("Mul", [h, "y_scale"], ["y_scaled"]),
+                  helper.make_node("Add", ["y_scaled", "y_offset"], ["y_units"])]
+        h = "y_units"
     nodes.append(helper.make_node("Identity", [h], ["y"]))
     graph = helper.make_graph(
         nodes,
@@ -75,16 +92,40 @@ def to_torch(ckpt, path):
         raise UsageError("--format torch needs PyTorch: pip install torch") from None
     linear_at = [i for i, m in enumerate(torch_layers(ckpt.arch)) if m.startswith("Linear")]
     state = {}
-    for i, (W, b) in zip(linear_at, layer_views(ckpt.arch, ckpt.params)):
+    for i, (W, b) in zip(linear_at, folded_layers(ckpt)):
         state[f"{i}.weight"] = torch.tensor(np.ascontiguousarray(W.T))  # Linear keeps out x in
         state[f"{i}.bias"] = torch.tensor(np.array(b))
     torch.save(state, path)
+
+
+def folded_layers(ckpt):
+    """[(W, b)] of the network with its scaling folded in, in float64 then rounded to float32:
+    ((x - o) / s) @ W + b = x @ (W / s) + (b - (o / s) @ W) for the inputs, and
+    s_y * (h @ W + b) + o_y = h @ (W * s_y) + (b * s_y + o_y) for targets (identity output)."""
+    arch, scaling = ckpt.arch, ckpt.scaling
+    layers = [(W.astype(np.float64), b.astype(np.float64))
+              for W, b in layer_views(arch, ckpt.params)]
+    if scaling.inputs is not None:
+        o, s = scaling.inputs.offset, scaling.inputs.scale
+        W, b = layers[0]
+        layers[0] = (W / s[:, None], b - (o / s) @ W)
+    if scaling.targets is not None:
+        if arch.output_activation != "identity":
+            raise UsageError(f"targets scaled behind a {arch.output_activation} output cannot be "
+                             "folded into a Linear layer: export --format onnx or npz")
+        o, s = scaling.targets.offset, scaling.targets.scale
+        W, b = layers[-1]
+        layers[-1] = (W * s, b * s + o)
+    return [(W.astype(np.float32), b.astype(np.float32)) for W, b in layers]
 
 
 def to_npz(ckpt, path):
     arrays = {}
     for l, (W, b) in enumerate(layer_views(ckpt.arch, ckpt.params)):
         arrays[f"W{l}"], arrays[f"b{l}"] = W, b
+    for name, scale in (("input", ckpt.scaling.inputs), ("target", ckpt.scaling.targets)):
+        if scale is not None:
+            arrays[f"{name}_offset"], arrays[f"{name}_scale"] = scale.offset, scale.scale
     with open(path, "wb") as fh:  # a file object: np.savez would add .npz to a name without it
         np.savez(fh, sizes=np.array(ckpt.arch.sizes), activation=ckpt.arch.activation,
                  output_activation=ckpt.arch.output_activation, loss=ckpt.arch.loss, **arrays)
