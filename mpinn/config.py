@@ -11,7 +11,9 @@ import enum
 from dataclasses import dataclass
 
 from .errors import UsageError
-from .lr import MONITORED, SCALING_RULES, SCHEDULES
+from .lr import SCALING_RULES, SCHEDULES
+from .metrics import CLASSIFICATION, MONITORED, REGRESSION
+from .metrics import parse_names as parse_metric_names
 from .options import (FRACTION, NON_NEGATIVE, POSITIVE, Sections, build, check_value, flat_config,
                       from_options, load_toml, names_where, option)
 
@@ -100,6 +102,18 @@ class Resume(enum.Enum):
     def shown(self):
         """As a checkpoint records it (False, True, 'auto')."""
         return {Resume.NO: False, Resume.YES: True}.get(self, self.value)
+
+
+METRICS_HELP = ("task metrics of each validation, named as scikit-learn names them, comma-"
+                "separated: " + ", ".join(CLASSIFICATION) + " (cross_entropy); "
+                + ", ".join(REGRESSION) + " (mse); exact over ranks (metrics.py)")
+
+
+def names_from_list(value):
+    """metrics = ["f1", "roc_auc"] in TOML or the API means 'f1,roc_auc'."""
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return ",".join(value)
+    return value
 
 
 def shown_hidden(sizes):
@@ -239,9 +253,10 @@ class ScheduleOptions:
                                             "best by this fraction of it", bound=NON_NEGATIVE,
                                       kept_on_resume=True)
     monitor: str = option("val_loss", "the validation figure early stopping, best.h5 and the "
-                                      "plateau schedule watch: val_loss (lower is better) or "
-                                      "val_accuracy (higher)", tuple(MONITORED),
-                          kept_on_resume=True)
+                                      "plateau schedule watch: val_loss, val_accuracy or val_ and "
+                                      "a metric of --metrics (its macro or mean; lower is better "
+                                      "for val_loss, val_log_loss, val_mae, val_rmse, higher for "
+                                      "the others)", tuple(MONITORED), kept_on_resume=True)
     early_stop: int = option(0, "stop when --monitor has not improved for this many epochs; "
                                 "RUN_DIR/best.h5 keeps the best weights (0: off)",
                              bound=NON_NEGATIVE)
@@ -303,6 +318,8 @@ class RunOptions:
                             changeable_on_resume=True)
     tensorboard: str = option("", "also write the metrics as TensorBoard scalars into this "
                                   "folder (rank 0; needs tensorboardX: the tensorboard extra)")
+    metrics: tuple = option("", METRICS_HELP, parse=parse_metric_names, show=",".join,
+                            flag_type=str, coerce=names_from_list)
     progress: str = option("auto", "a live progress bar with ETA on rank 0 (bar), plain lines only "
                                    "(lines), or the bar when stdout is a terminal (auto; under "
                                    "mpiexec rank 0 writes to the launcher's pipe: use bar)",
@@ -355,6 +372,7 @@ def _validate_train(cfg):
         raise UsageError("--shard-optimizer and --overlap-mb exclude each other (the sharded "
                          "update reduces the gradient in one Reduce_scatter)")
     parse_hidden(cfg.hidden)
+    parse_metric_names(cfg.metrics)
 
 
 TrainConfig = flat_config(
@@ -424,11 +442,13 @@ class EvaluateConfig:
     pipeline_stages: int = option(1, "run the network as S pipeline stages (forward only)")
     partition: str = option("", "layers per pipeline stage (default: balanced by FLOPs)")
     json: bool = option(False, "print one JSON object instead of text")
+    metrics: str = option("", METRICS_HELP.replace("each validation", "the evaluation"))
     threads: int = option(1, "BLAS threads per rank")
     debug: bool = option(False, "show Python tracebacks on errors")
 
     def validate(self):
         require_positive(self, "batch_size", "threads", "pipeline_stages")
+        parse_metric_names(self.metrics)
 
 
 @dataclass
@@ -446,7 +466,7 @@ class PredictConfig:
     debug: bool = option(False, "show Python tracebacks on errors")
 
     def validate(self):
-        EvaluateConfig.validate(self)
+        require_positive(self, "batch_size", "threads", "pipeline_stages")
         if not self.out.lower().endswith((".h5", ".hdf5", ".csv")):
             raise UsageError(f"--out must end in .h5, .hdf5 or .csv, got {self.out!r}")
 

@@ -8,7 +8,7 @@ import json
 import h5py
 import numpy as np
 
-from . import checkpoint, data
+from . import checkpoint, data, metrics
 from .config import ParallelOptions
 from .errors import UsageError
 from .log import Log
@@ -41,6 +41,11 @@ def run_evaluate(cfg, explicit, comm):
             raise UsageError(f"{path}:{cfg.y_key} has {n_targets} targets; the network has "
                              f"{arch.sizes[-1]} outputs")
     comm.checked(check)
+    names = comm.checked(metrics.parse_names, cfg.metrics)
+    comm.checked(metrics.check_names, names, arch.loss_fn.integer_labels)
+    if names and arch.loss_fn.integer_labels:
+        labels = comm.allgather_ints(np.unique(y) if y is not None else [])
+        comm.checked(metrics.check_classes, names, labels, arch.sizes[-1], path)
     ckpt.scaling.inputs_(x)  # what the network was trained on (none unless it was scaled)
     ckpt.scaling.targets_(y)
     n_local = even_part(n_rows, grid.replicas, grid.replica)[1]
@@ -51,14 +56,20 @@ def run_evaluate(cfg, explicit, comm):
         comm.in_cache_order(lambda: engine.warmup(x, y))
     else:
         comm.in_cache_order(lambda: None)
-    loss, accuracy = Evaluator(comm, n_local, x, y, arch)(engine)
+    loss, accuracy, task = Evaluator(comm, n_local, x, y, arch, names, ckpt.scaling)(engine)
     result = {"loss": loss, "accuracy": accuracy, "samples": n_rows, "checkpoint": cfg.checkpoint,
-              "data": path, "ranks": comm.size, "pipeline_stages": grid.stages}
+              "data": path, "ranks": comm.size, "pipeline_stages": grid.stages, **task}
     if cfg.json:
         log.info(json.dumps(result))
     else:
         log.info(f"{path}: {n_rows} samples, loss {loss:.4f}"
-                 + (f", accuracy {accuracy:.4f}" if accuracy is not None else ""))
+                 + (f", accuracy {accuracy:.4f}" if accuracy is not None else "")
+                 + "".join(f", {name} {metrics.headline(name, v):.4f}" for name, v in task.items()
+                           if metrics.headline(name, v) is not None and name != "accuracy"))
+        if "confusion_matrix" in task:
+            log.info("confusion matrix (rows: true class, columns: predicted):")
+            for row in task["confusion_matrix"]:
+                log.info("  " + " ".join(f"{v:>6}" for v in row))
     return result
 
 

@@ -19,7 +19,7 @@ from . import checkpoint
 from .checkpoint import Checkpoint
 from .data.scaling import Scaling
 from .errors import RunError
-from .lr import MONITORED
+from .metrics import MONITORED, headline
 from .runtime.process import peak_rss_mb
 from .runtime.tensorboard import EventSink
 
@@ -184,12 +184,21 @@ class Validation(Hook):
         t0 = time.perf_counter()
         t.guard.watchdog.begin(state.step, "evaluation")
         t.guard.faults.at("evaluate", state.step)
-        record["val_loss"], record["val_accuracy"] = self.evaluate(t.engine)
+        record["val_loss"], record["val_accuracy"], metrics = self.evaluate(t.engine)
         t.guard.watchdog.end()
         t.engine.timeline.add("evaluate", t0, time.perf_counter())
+        said = ""
+        for name, value in metrics.items():  # the headline figure as a scalar, all in val_metrics
+            one = headline(name, value)
+            if one is not None and name != "accuracy":
+                record[f"val_{name}"] = one
+                said += f" {name} {one:.4f}"
+        if metrics:
+            record["val_metrics"] = metrics
         t.log.info(f"epoch {record['epoch']}/{state.epochs} validation loss "
                    f"{record['val_loss']:.4f}" + (f" accuracy {record['val_accuracy']:.4f}"
-                                                  if record["val_accuracy"] is not None else ""))
+                                                  if record["val_accuracy"] is not None else "")
+                   + said)
 
 
 class EarlyStopping(Hook):

@@ -17,8 +17,6 @@ import math
 from dataclasses import dataclass
 
 SCHEDULES = ("constant", "step", "cosine", "plateau")
-# the validation figures --monitor may name, with the direction that is better
-MONITORED = {"val_loss": "min", "val_accuracy": "max"}
 SCALING_RULES = ("none", "linear", "sqrt")
 
 

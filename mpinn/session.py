@@ -7,7 +7,7 @@ error on every rank instead of a hang.
 """
 import numpy as np
 
-from . import assets, data
+from . import assets, data, metrics
 from .checkpoint import Checkpoint
 from .config import ParallelOptions
 from .data_parallel import DataParallelEngine
@@ -85,18 +85,53 @@ def make_engine(comm, grid, arch, params, max_rows, *, optimizer=None, opt_state
 
 class Evaluator:
     """Loss and accuracy on this reader's block of a data set, summed over all ranks (ranks that
-    hold no targets, such as early pipeline stages, add zeros)."""
+    hold no targets, such as early pipeline stages, add zeros), and the task metrics named in
+    `metrics` (metrics.py): every rank's outputs and labels gathered to rank 0, which computes them
+    from all rows and tells every rank. `scaling`: what the targets were scaled by, so that
+    regression metrics are in the targets' own units."""
 
-    def __init__(self, comm, n_local, x, y, arch):
+    def __init__(self, comm, n_local, x, y, arch, metrics=(), scaling=None):
         self.comm, self.n_local, self.x, self.y, self.arch = comm, n_local, x, y, arch
+        self.metrics, self.scaling = tuple(metrics), scaling
 
     def __call__(self, engine):
+        """-> (mean loss, accuracy or None, {metric: value})."""
         sums = np.zeros(3)
         loss, out_act = self.arch.loss_fn, ACTIVATIONS[self.arch.output_activation]
+        k = self.arch.sizes[-1]
+        kept = np.empty((self.n_local if self.metrics and self.y is not None else 0, k),
+                        np.float32)
 
         def consume(off, out):
             rows = len(out)
+            if len(kept):  # before the loss's gradient replaces the outputs
+                kept[off:off + rows] = loss.outputs_(out.copy())
             sums[:] += (*loss.grad_(out, self.y[off:off + rows], out_act, 1.0), rows)
         engine.forward_chunks(self.n_local, lambda off, m: self.x[off:off + m], consume)
         loss_sum, correct, n = self.comm.allreduce_sum(sums)
-        return loss.summarize(loss_sum, correct, n, self.arch.sizes[-1])
+        mean_loss, accuracy = loss.summarize(loss_sum, correct, n, k)
+        return mean_loss, accuracy, self.task_metrics(kept) if self.metrics else {}
+
+    def task_metrics(self, outputs):
+        """The named metrics over every rank's rows (collective)."""
+        integer = self.arch.loss_fn.integer_labels
+        y = self.y[:len(outputs)] if len(outputs) else np.zeros((0,) + (() if integer else (
+            outputs.shape[1],)), np.int64 if integer else np.float32)
+        counts = self.comm.allgather_ints([len(outputs)])
+        total = int(counts.sum())
+        root = self.comm.is_root
+        all_out = np.empty((total, outputs.shape[1]), np.float32) if root else None
+        all_y = np.empty((total,) + y.shape[1:], y.dtype) if root else None
+        width = outputs.shape[1]
+        self.comm.gatherv_(np.ascontiguousarray(outputs).reshape(-1),
+                           all_out.reshape(-1) if root else None, (counts * width).tolist())
+        self.comm.gatherv_(np.ascontiguousarray(y).reshape(-1),
+                           all_y.reshape(-1) if root else None,
+                           (counts * (1 if integer else width)).tolist())
+
+        def compute():
+            if self.scaling is not None and not integer:  # in the targets' own units
+                self.scaling.outputs_(all_out)
+                self.scaling.outputs_(all_y)
+            return metrics.compute(self.metrics, all_y, all_out, integer)
+        return self.comm.bcast_json(self.comm.on_root(compute))

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import data, hooks, lr, network, resume
+from . import data, hooks, lr, metrics, network, resume
 from .config import Resume
 from .data.scaling import Moments, Scale, Scaling, merged_across, moments_in_chunks, spread_warning
 from .errors import AgreedExit, UsageError
@@ -103,7 +103,7 @@ def _assemble(options, explicit, comm, log, held, user_hooks):
                            inputs.train_path)
     if warning:  # rank 0's alone
         log.warn(warning)
-    evaluate = validation(comm, grid, inputs, arch)
+    evaluate = validation(options, comm, grid, inputs, arch)
     engine, step = build_engine(options, comm, grid, arch, inputs.plan, ckpt, log, bool(evaluate))
     held.append(engine.close)
     saved_state = dict(ckpt.state) if ckpt is not None and resumed else {}
@@ -299,15 +299,20 @@ def learning_rates(options, plan, has_validation):
         raise UsageError("--early-stop needs validation data (--val-data)")
     if sched.lr_schedule == "plateau" and not has_validation:
         raise UsageError("--lr-schedule plateau needs validation data (--val-data)")
+    watched = sched.monitor.removeprefix("val_")
+    if watched not in ("loss", "accuracy") and watched not in options.run.metrics:
+        raise UsageError(f"--monitor {sched.monitor} needs --metrics {watched}")
+    if options.run.metrics and not has_validation:
+        raise UsageError("--metrics are computed on validation data (--val-data)")
     base = lr.base_lr(optim.lr, optim.lr_scale, sched.batch_size, optim.lr_ref_batch)
-    plateau = (lr.Plateau(base, lr.MONITORED[sched.monitor], sched.plateau_factor,
+    plateau = (lr.Plateau(base, metrics.MONITORED[sched.monitor], sched.plateau_factor,
                           sched.plateau_patience, sched.plateau_cooldown, sched.plateau_threshold,
                           sched.min_lr) if sched.lr_schedule == "plateau" else None)
     return lr.Schedule(base, sched.lr_schedule, sched.warmup_steps, total, sched.min_lr,
                        sched.step_size, sched.gamma, plateau)
 
 
-def validation(comm, grid, inputs, arch):
+def validation(options, comm, grid, inputs, arch):
     """An Evaluator over this reader's block of the validation data, or None without one."""
     val_path, train_path, n_features = inputs.val_path, inputs.train_path, inputs.n_features
     cols = inputs.cols
@@ -325,7 +330,13 @@ def validation(comm, grid, inputs, arch):
                      lambda: first + np.arange(len(vy)))
     inputs.scaling.inputs_(vx)
     inputs.scaling.targets_(vy)
-    return Evaluator(comm, even_part(n_val, grid.replicas, grid.replica)[1], vx, vy, arch)
+    names = options.run.metrics
+    comm.checked(metrics.check_names, names, arch.loss_fn.integer_labels)
+    if names and arch.loss_fn.integer_labels:
+        labels = comm.allgather_ints(np.unique(vy) if vy is not None else [])
+        comm.checked(metrics.check_classes, names, labels, arch.sizes[-1], val_path)
+    return Evaluator(comm, even_part(n_val, grid.replicas, grid.replica)[1], vx, vy, arch,
+                     names, inputs.scaling)
 
 
 def build_engine(options, comm, grid, arch, plan, ckpt, log, evaluates):

@@ -137,6 +137,8 @@ class Trainer:
         """The run's final figures, the same on every rank (a sweep records them)."""
         st = self.state
         val = st.last_validation or {}
+        metrics = {k: v for k, v in val.items()  # --metrics' headline figures (val_f1, ...)
+                   if k.startswith("val_") and k not in ("val_loss", "val_accuracy", "val_metrics")}
         return {"val_loss": val.get("val_loss"), "val_accuracy": val.get("val_accuracy"),
-                "train_loss": st.last_train_loss, "epochs": st.step // st.steps_per_epoch,
-                "steps": st.step}
+                **metrics, "train_loss": st.last_train_loss,
+                "epochs": st.step // st.steps_per_epoch, "steps": st.step}

@@ -168,6 +168,13 @@ MUTANTS = [
      "writer.write(off, scaling.outputs_(arch.loss_fn.outputs_(out)))",
      "writer.write(off, arch.loss_fn.outputs_(out))",
      ["tests/test_scaling.py", "-k", "regression"]),
+    ("metrics: each rank's rows alone (no gather)", "mpinn/session.py",
+     "return metrics.compute(self.metrics, all_y, all_out, integer)",
+     "return metrics.compute(self.metrics, y, outputs, integer)",
+     ["tests/test_metrics.py", "-k", "evaluate and cls and 3"]),
+    ("metrics: tied scores ranked as wins in ROC AUC", "mpinn/metrics.py",
+     "ranks[order[s:e]] = (s + 1 + e) / 2", "ranks[order[s:e]] = e",
+     ["tests/test_metrics.py", "-k", "classification_metrics"]),
 ]
 TIMEOUT = 900  # seconds for one mutant's tests; a hang counts as caught (the suite's timeouts act)
 

@@ -53,12 +53,18 @@ def _number(value):
     return value if isinstance(value, (int, float)) and math.isfinite(value) else None
 
 
+def figures(records):
+    """METRICS, then the task metrics' headline figures some trial reported (--metrics)."""
+    extra = {k for r in records for k in r if k.startswith("val_") and k not in METRICS}
+    return [*METRICS, *sorted(extra)]
+
+
 def rows(records, varied):
     """One dict per trial with the results.csv columns, in trial order."""
     out = []
     for r in records:
         row = {"run_dir": r["run_dir"], **{k: r["options"].get(k, "") for k in varied}}
-        row.update({k: r.get(k, "") if r.get(k) is not None else "" for k in METRICS})
+        row.update({k: r.get(k, "") if r.get(k) is not None else "" for k in figures(records)})
         row.update(status=r["status"], reason=r.get("reason", ""))
         out.append(row)
     return out
@@ -67,7 +73,7 @@ def rows(records, varied):
 def write_all(out, records, varied, wall_seconds):
     """results.csv, results.md and results.png from the trials' records; -> (best record, key)."""
     table = rows(records, varied)
-    columns = ["run_dir", *varied, *METRICS, "status", "reason"]
+    columns = ["run_dir", *varied, *figures(records), "status", "reason"]
     with written_whole(os.path.join(out, "results.csv"), "results.csv") as tmp:
         with open(tmp, "w", newline="") as fh:
             writer = csv.DictWriter(fh, columns)

@@ -257,8 +257,8 @@ class Progress:
         if r is None:
             self.say(f"trial {trial:03d} ended without a result record")
             return
-        figures = " ".join(f"{k} {r[k]:.4f}" for k in ("val_loss", "val_accuracy", "train_loss")
-                           if isinstance(r.get(k), (int, float)))
+        shown = [k for k in r if k.startswith("val_")] + ["train_loss"]
+        figures = " ".join(f"{k} {r[k]:.4f}" for k in shown if isinstance(r.get(k), (int, float)))
         detail = figures if r["status"] == "ok" else r["reason"]
         self.say(f"trial {trial:03d} {r['status']} in {r['seconds']:.1f} s: {detail}")
 
