@@ -32,6 +32,8 @@ SYSTEM_MODULES = {"test_slurm", "test_two_nodes", "test_wheel", "test_readme"}
 
 
 LAUNCHES = ("run_mpinn(", "start_mpinn(", "mpinn_command(", "mpiexec(")
+IN_WORKER = "PYTEST_XDIST_WORKER" in os.environ  # a pytest-xdist worker, not the suite's process
+FOUND = pytest.StashKey()
 
 
 def pytest_configure(config):
@@ -39,6 +41,18 @@ def pytest_configure(config):
         "markers", "system: Slurm, two nodes, the wheel, the README (make test)"
     )
     config.addinivalue_line("markers", "mpi: launches real `mpiexec -n K` runs (make test)")
+    if not IN_WORKER:  # what was there before the suite: left alone at the end
+        config.stash[FOUND] = (mpich_segments(), hydra_topology_files())
+
+
+def pytest_unconfigure(config):
+    """The leftovers of the session's killed jobs go once every test has ended: in the process
+    that started the suite, never in a pytest-xdist worker while the other worker's jobs run (a
+    segment being created is not yet mapped, and would look left over)."""
+    if not IN_WORKER and FOUND in config.stash:
+        segments, topology = config.stash[FOUND]
+        remove_shared_memory_left(segments)
+        remove_hydra_files_left(topology)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -59,13 +73,10 @@ def launches_mpi(item):
     return any(call in source for call in LAUNCHES)
 
 
-@pytest.fixture(scope="session", autouse=True)
-def shared_memory_left_as_found():
+def remove_shared_memory_left(before):
     """MPICH leaves its shared-memory segment (/dev/shm/mpich_shm_*, ~3 MB of RAM) behind when a
-    job ends by MPI_Abort or SIGKILL, which the fault tests do on purpose. At the end of the
-    session the segments that appeared during it and that no process maps are removed."""
-    before = mpich_segments()
-    yield
+    job ends by MPI_Abort or SIGKILL, which the fault tests do on purpose: the segments that
+    appeared during the session and that no process maps are removed."""
     for segment in mpich_segments() - before - mapped_segments():
         segment.unlink(missing_ok=True)
 
@@ -84,14 +95,11 @@ def hydra_running():
     return False
 
 
-@pytest.fixture(scope="session", autouse=True)
-def hydra_files_left_as_found():
+def remove_hydra_files_left(before):
     """MPICH's launcher writes its topology to /tmp/hydra_hwloc_xmlfile_* and removes it on a
-    clean exit, not when a test kills it (the fault and signal tests, about ten a session). At
-    the end of the session the files that appeared during it are removed, unless some launcher
-    (perhaps another user's) is still running and might read one."""
-    before = hydra_topology_files()
-    yield
+    clean exit, not when a test kills it (the fault and signal tests, about ten a session): the
+    files that appeared during the session are removed, unless some launcher (perhaps another
+    user's) is still running and might read one."""
     deadline = time.time() + 5  # a killed job's launcher may still be exiting
     while hydra_running() and time.time() < deadline:
         time.sleep(0.1)
