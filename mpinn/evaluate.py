@@ -16,7 +16,8 @@ from .outputs import check_output_path, h5_written_whole, text_written_whole
 from .plan import Grid, even_part
 from .runtime.signals import signals_held
 from .runtime.threads import limit_threads
-from .session import Evaluator, broadcast_checkpoint, bundled, check_labels, load_split, make_engine
+from .session import (Evaluator, broadcast_checkpoint, bundled, check_labels, check_metrics,
+                      load_split, make_engine)
 
 
 def run_evaluate(cfg, explicit, comm):
@@ -42,10 +43,7 @@ def run_evaluate(cfg, explicit, comm):
                              f"{arch.sizes[-1]} outputs")
     comm.checked(check)
     names = comm.checked(metrics.parse_names, cfg.metrics)
-    comm.checked(metrics.check_names, names, arch.loss_fn.integer_labels)
-    if names and arch.loss_fn.integer_labels:
-        labels = comm.allgather_ints(np.unique(y) if y is not None else [])
-        comm.checked(metrics.check_classes, names, labels, arch.sizes[-1], path)
+    check_metrics(comm, names, arch, y, path)
     ckpt.scaling.inputs_(x)  # what the network was trained on (none unless it was scaled)
     ckpt.scaling.targets_(y)
     n_local = even_part(n_rows, grid.replicas, grid.replica)[1]

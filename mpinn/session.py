@@ -83,6 +83,15 @@ def make_engine(comm, grid, arch, params, max_rows, *, optimizer=None, opt_state
                           p.micro_batches, p.schedule, p.shard_optimizer)
 
 
+def check_metrics(comm, names, arch, y, path):
+    """The named metrics fit the network's loss and, for the ranking ones, every class occurs
+    among the labels of `path` (y: this rank's; agreed by all ranks)."""
+    comm.checked(metrics.check_names, names, arch.loss_fn.integer_labels)
+    if names and arch.loss_fn.integer_labels:
+        labels = comm.allgather_ints(np.unique(y) if y is not None else [])
+        comm.checked(metrics.check_classes, names, labels, arch.sizes[-1], path)
+
+
 class Evaluator:
     """Loss and accuracy on this reader's block of a data set, summed over all ranks (ranks that
     hold no targets, such as early pipeline stages, add zeros), and the task metrics named in

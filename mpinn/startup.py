@@ -29,8 +29,8 @@ from .runtime.tensorboard import require_writer
 from .runtime.threads import limit_threads, oversubscription
 from .runtime.timeline import Timeline, is_trace
 from .runtime.watchdog import NullWatchdog, Watchdog
-from .session import (Evaluator, broadcast_checkpoint, check_labels, data_paths, load_split,
-                      make_engine)
+from .session import (Evaluator, broadcast_checkpoint, check_labels, check_metrics, data_paths,
+                      load_split, make_engine)
 from .trainer import Guard, LoopState, Trainer
 
 
@@ -331,10 +331,7 @@ def validation(options, comm, grid, inputs, arch):
     inputs.scaling.inputs_(vx)
     inputs.scaling.targets_(vy)
     names = options.run.metrics
-    comm.checked(metrics.check_names, names, arch.loss_fn.integer_labels)
-    if names and arch.loss_fn.integer_labels:
-        labels = comm.allgather_ints(np.unique(vy) if vy is not None else [])
-        comm.checked(metrics.check_classes, names, labels, arch.sizes[-1], val_path)
+    check_metrics(comm, names, arch, vy, val_path)
     return Evaluator(comm, even_part(n_val, grid.replicas, grid.replica)[1], vx, vy, arch,
                      names, inputs.scaling)
 
