@@ -163,6 +163,12 @@ def test_doctor_reports_a_mis_launch_as_broken(tmp_path):
             "slurm",
             "MPICH Version: 5.0.2",
             ["pmix", "none", "cray_shasta", "pmi2"],
+            "mpiexec -bind-to core:2 -n",  # not srun: Slurm's pmi2 cuts MPICH's long PMI-1 lines
+        ),
+        (
+            "slurm",
+            "MVAPICH Version: 3.0",
+            ["pmix", "none", "cray_shasta", "pmi2"],
             "srun --mpi=pmi2 --cpu-bind=cores -n",
         ),
         (

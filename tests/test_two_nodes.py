@@ -179,8 +179,10 @@ def test_node_shared_memory_across_two_nodes(tmp_path):
 
 def test_slurm_train_job_across_two_nodes(tmp_path):
     """jobs/slurm/train.sbatch with --nodes=2 on a Slurm cluster whose two slurmd run in the two
-    "nodes" (tests/twonodes/slurm.py): srun starts one rank on each, the bytes cross the link, and
-    the run ends with the weights of the same training on one node."""
+    "nodes" (tests/twonodes/slurm.py): the job's launcher (for MPICH Hydra's mpiexec, whose proxies
+    srun starts) puts one rank on each, the bytes cross the link, and the run ends with the weights
+    of the same training on one node. (With `srun --mpi=pmi2` MPI_Init failed in one CI run:
+    Slurm cut MPICH's PMI-1 lines at 1024 bytes, docs/cluster.md.)"""
     why = slurm_missing()
     if why:
         pytest.skip(why)

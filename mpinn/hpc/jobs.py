@@ -72,16 +72,13 @@ def render(cfg):
 
 def launch_command(scheduler, library, srun_plugins, threads, env):
     """The launcher for this MPI library under this scheduler, ending with its rank-count flag
-    (pure). Under SLURM: srun with the PMI the library speaks (Open MPI >= 5: PMIx only; MPICH
-    and its derivatives: PMI-2) when this Slurm has that plugin, binding each rank to its
-    --cpus-per-task cores; else the library's own mpiexec, bound to cores the same way."""
+    (pure). Under SLURM: srun with the PMI the library speaks (Open MPI >= 5: PMIx only; Cray
+    MPICH and the MPICH derivatives: PMI-2) when this Slurm has that plugin, binding each rank to
+    its --cpus-per-task cores; else, and always for MPICH itself, the library's own mpiexec, bound
+    to cores the same way (Hydra starts its proxies through srun inside the allocation)."""
     openmpi = re.search(r"Open MPI v?(\d+)", library)
     if scheduler == "slurm":
-        if openmpi:
-            wanted = ["pmix"] if int(openmpi.group(1)) >= 5 else ["pmix", "pmi2"]
-        else:
-            wanted = (["cray_shasta", "pmi2"] if "CRAY" in library.upper() else ["pmi2", "pmix"])
-        for plugin in wanted:
+        for plugin in _srun_plugins_for(library, openmpi):
             if plugin in srun_plugins:
                 return f"srun --mpi={plugin} --cpu-bind=cores -n"
     hosts = env.get("PBS_NODEFILE") if scheduler == "pbs" else None
@@ -89,6 +86,20 @@ def launch_command(scheduler, library, srun_plugins, threads, env):
         return ("mpiexec" + (f" --hostfile {hosts}" if hosts else "") +
                 f" --bind-to core --map-by slot:PE={threads} -n")
     return "mpiexec" + (f" -f {hosts}" if hosts else "") + f" -bind-to core:{threads} -n"
+
+
+def _srun_plugins_for(library, openmpi):
+    """The srun --mpi plugins this library can start under, best first."""
+    if openmpi:
+        return ["pmix"] if int(openmpi.group(1)) >= 5 else ["pmix", "pmi2"]
+    if "CRAY" in library.upper():
+        return ["cray_shasta", "pmi2"]
+    if library.lstrip().startswith("MPICH Version"):
+        # Slurm's pmi2 plugin reads a PMI-1 request with one 1024-byte read(); MPICH >= 4 puts its
+        # address in lines of up to ~1080 bytes when the bytes do not compress, and MPI_Init then
+        # fails at random ("mpi/pmi2: value not properly terminated"). Hydra reads whole lines.
+        return []
+    return ["pmi2", "pmix"]
 
 
 def srun_plugins():
