@@ -158,6 +158,11 @@ class DataOptions:
                           ("rank", "global", "none"), coerce=shuffle_from_bool,
                           negative=("none", "keep file order (same as --shuffle none)"),
                           kept_on_resume=True)
+    val_fraction: float = option(0.0, "validate on this fraction of the training file's rows "
+                                      "instead of --val-data: drawn with --seed, the same rows "
+                                      "at any rank count, kept by resume and used by evaluate; "
+                                      "scaling is fitted on the training rows only (0: off)",
+                                 bound=FRACTION, kept_on_resume=True)
     scale_inputs: str = option("none", "scale each input feature by statistics of the whole "
                                        "training set, computed across ranks and kept in the "
                                        "checkpoint (evaluate, predict, the API and ONNX export "
@@ -371,6 +376,9 @@ def _validate_train(cfg):
     if cfg.shard_optimizer and cfg.overlap_mb:
         raise UsageError("--shard-optimizer and --overlap-mb exclude each other (the sharded "
                          "update reduces the gradient in one Reduce_scatter)")
+    if cfg.val_fraction and cfg.val_data:
+        raise UsageError("--val-fraction splits the training file and --val-data names another "
+                         "validation file: give one of them")
     parse_hidden(cfg.hidden)
     parse_metric_names(cfg.metrics)
 

@@ -4,6 +4,7 @@ Both run data parallel or, with --pipeline-stages, as a forward-only pipeline.""
 import contextlib
 import csv
 import json
+from dataclasses import replace
 
 import h5py
 import numpy as np
@@ -26,8 +27,7 @@ def run_evaluate(cfg, explicit, comm):
     grid = comm.checked(Grid, cfg.pipeline_stages, comm.size, comm.rank)
     ckpt = broadcast_checkpoint(comm, lambda: checkpoint.load(cfg.checkpoint))
     arch = ckpt.arch
-    path = cfg.data or comm.checked(bundled, "digits-test.h5")
-    cols = data.Columns(cfg.x_key, cfg.y_key, arch.loss)
+    path, cols, part = comm.checked(evaluation_set, cfg, ckpt.config, arch.loss)
     n_rows, n_features, n_targets, x, y = load_split(
         comm, path, cols, lambda n: data.block_selections(n, grid.replica, grid.replicas), 1,
         grid.is_first, grid.is_last)
@@ -56,11 +56,12 @@ def run_evaluate(cfg, explicit, comm):
         comm.in_cache_order(lambda: None)
     loss, accuracy, task = Evaluator(comm, n_local, x, y, arch, names, ckpt.scaling)(engine)
     result = {"loss": loss, "accuracy": accuracy, "samples": n_rows, "checkpoint": cfg.checkpoint,
-              "data": path, "ranks": comm.size, "pipeline_stages": grid.stages, **task}
+              "data": path, "ranks": comm.size, "pipeline_stages": grid.stages,
+              **({"part": "validation"} if part else {}), **task}
     if cfg.json:
         log.info(json.dumps(result))
     else:
-        log.info(f"{path}: {n_rows} samples, loss {loss:.4f}"
+        log.info(f"{path}{part}: {n_rows} samples, loss {loss:.4f}"
                  + (f", accuracy {accuracy:.4f}" if accuracy is not None else "")
                  + "".join(f", {name} {metrics.headline(name, v):.4f}" for name, v in task.items()
                            if metrics.headline(name, v) is not None and name != "accuracy"))
@@ -69,6 +70,22 @@ def run_evaluate(cfg, explicit, comm):
             for row in task["confusion_matrix"]:
                 log.info("  " + " ".join(f"{v:>6}" for v in row))
     return result
+
+
+def evaluation_set(cfg, config, loss):
+    """(path, Columns, note) of what to evaluate: --data, or the bundled digits test set; but the
+    validation rows of the training file (the same rows, data/split.py) when the checkpoint's run
+    split them off with --val-fraction and --data is that file or not given."""
+    cols = data.Columns(cfg.x_key, cfg.y_key, loss)
+    path = data.canonical_spec(cfg.data) if cfg.data else None
+    fraction, trained_on = float(config.get("val_fraction") or 0), config.get("data")
+    if not fraction or path not in (None, trained_on):
+        return path or bundled("digits-test.h5"), cols, ""
+    with data.open_h5(trained_on) as f:
+        n_rows = data.inspect(f, trained_on, cols, need_y=False)[0]
+    _, val_rows = data.split_rows(n_rows, fraction, int(config.get("seed", 0)))
+    return trained_on, replace(cols, rows=val_rows), (
+        f" (its validation part: --val-fraction {fraction:g}, seed {config.get('seed', 0)})")
 
 
 class PredictionFile:

@@ -17,7 +17,8 @@ def build(options, explicit, comm, grid, ckpt, inputs):
     """The architecture to train (the checkpoint's, or from the model section with the data's
     class count), checked against this node's memory."""
     loss = ckpt.arch.loss if ckpt else options.model.loss
-    n_outputs = (class_count(comm, options, ckpt, inputs.y, inputs.train_path, inputs.plan)
+    n_outputs = (class_count(comm, options, ckpt, inputs.y, inputs.train_path,
+                             lambda: inputs.cols.file_rows(inputs.plan.owned_rows()))
                  if LOSSES[loss].integer_labels else inputs.n_targets)
     arch = comm.checked(architecture, options.model, explicit, ckpt, inputs.n_features, n_outputs)
     most = -(-int(inputs.plan.local_counts().max()) // options.parallel.accumulate)
@@ -48,7 +49,7 @@ def regression_warning(options, ckpt, arch, n_rows, path):
             "as integers? use --loss mse (and --scale-targets standard)")
 
 
-def class_count(comm, options, ckpt, y, path, plan):
+def class_count(comm, options, ckpt, y, path, rows_of):
     """Classes of a cross-entropy network: the checkpoint's, --classes, the class names stored
     with the labels, else the largest label + 1 when the labels are not far sparser than that."""
     if ckpt is not None:
@@ -62,9 +63,10 @@ def class_count(comm, options, ckpt, y, path, plan):
     comm.checked(check_two_classes, values, n, path, options.data.y_key)
     if n is None:
         top = int(values.max())
-        comm.checked(check_sparse_labels, y, top, values.size, path, options.data.y_key, plan)
+        comm.checked(check_sparse_labels, y, top, values.size, path, options.data.y_key,
+                     rows_of)
         n = top + 1
-    comm.checked(check_labels, y, n, path, plan.owned_rows)
+    comm.checked(check_labels, y, n, path, rows_of)
     return n
 
 
@@ -80,9 +82,9 @@ def check_two_classes(values, n, path, y_key):
                          "--loss mse for a regression target")
 
 
-def check_sparse_labels(y, top, distinct, path, y_key, plan):
+def check_sparse_labels(y, top, distinct, path, y_key, rows_of):
     if top + 1 > 10 * max(distinct, 1) and y is not None and y.size and y.max() == top:
-        row = int(plan.owned_rows()[int(np.argmax(y))])
+        row = int(rows_of()[int(np.argmax(y))])
         raise UsageError(f"{path}: label {top} at row {row} of {y_key} would make {top + 1} "
                          f"classes, but the labels take only {distinct} distinct values; pass "
                          f"--classes {top + 1} if that many are meant, or fix the labels")

@@ -21,13 +21,13 @@ def bundled(name):
     return assets.file_path("data", name)
 
 
-def data_paths(train, val):
+def data_paths(train, val, split=False):
     """(training data, validation data or None) of --data and --val-data: the bundled digits when
-    --data is not given."""
+    --data is not given (without their test set when the validation rows are split off)."""
     if train:
         return data.canonical_spec(train), (data.canonical_spec(val) if val else None)
     return bundled("digits-train.h5"), (data.canonical_spec(val) if val
-                                        else bundled("digits-test.h5"))
+                                        else None if split else bundled("digits-test.h5"))
 
 
 def broadcast_checkpoint(comm, load):

@@ -10,7 +10,7 @@ phase agreed by all ranks (comm.checked), then handed to the Trainer, which read
     hooks           metrics, validation, early stopping, checkpoints, the summary (run, safety)
 """
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -61,6 +61,7 @@ class Inputs:
     load_s: float
     scaling: Scaling      # applied to x, y and labels already; validation rows get it too
     spread_warning: str = None  # unscaled inputs of very different scales
+    val_cols: object = None     # the validation rows' Columns (a part of the training file's)
 
 
 def assemble(options, explicit, comm, log, user_hooks=()):
@@ -116,7 +117,8 @@ def _assemble(options, explicit, comm, log, held, user_hooks):
     startup = Startup(inputs.load_s, sum(a.nbytes for a in (inputs.x, inputs.y) if a is not None),
                       time.perf_counter() - t0, grid.stages)
     timeline(options, comm, engine, inputs, run_dir)
-    run_config = {**options.flat(), "data": inputs.train_path, "val_data": inputs.val_path or "",
+    run_config = {**options.flat(), "data": inputs.train_path,
+                  "val_data": "" if inputs.val_cols.rows is not None else inputs.val_path or "",
                   "ranks": comm.size,
                   "data_identity": comm.on_root(lambda: {
                       **data.spec_identity(inputs.train_path),
@@ -175,11 +177,18 @@ def loop_hooks(options, run_config, lines, evaluate, saved_state, startup, resum
 
 def read_inputs(options, comm, grid, ckpt, faults):
     """This rank's part of the training data (or, when it is too large, the plan to stream it)."""
-    train_path, val_path = comm.checked(data_paths, options.data.data, options.data.val_data)
+    fraction = options.data.val_fraction
+    train_path, val_path = comm.checked(data_paths, options.data.data, options.data.val_data,
+                                        bool(fraction))
     loss = ckpt.arch.loss if ckpt else options.model.loss
-    cols = data.Columns(options.data.x_key, options.data.y_key, loss)
+    cols = val_cols = data.Columns(options.data.x_key, options.data.y_key, loss)
     t_load = time.perf_counter()
     n_rows, n_features = comm.checked(shape_of, train_path, cols)
+    if fraction:  # the file's rows split in two; each part read as a file of its own rows
+        train_rows, val_rows = comm.checked(data.split_rows, n_rows, fraction, options.run.seed,
+                                            grid.replicas)
+        cols, val_cols = replace(cols, rows=train_rows), replace(cols, rows=val_rows)
+        val_path, n_rows = train_path, len(train_rows)
     plan = BatchPlan(n_rows, options.schedule.batch_size, grid.replica, grid.replicas)
     chunk_rows = comm.checked(streaming, options.data.memory_budget, plan, n_features, grid,
                               comm.node_size())
@@ -197,7 +206,7 @@ def read_inputs(options, comm, grid, ckpt, faults):
     # streamed: each rank summarises its block of the file's rows (and of the labels)
     first, count = even_part(n_rows, comm.size, comm.rank)
     block = slice(first, first + count)
-    stream = (train_path, cols.x_key, block, chunk_rows) if chunk_rows else None
+    stream = (train_path, cols, block, chunk_rows) if chunk_rows else None
     scaling, warning = fit_scaling(options.data, loss, comm, ckpt, x,
                                    y if labels is None else labels[block], n_features,
                                    n_targets, stream)
@@ -205,7 +214,7 @@ def read_inputs(options, comm, grid, ckpt, faults):
     scaling.targets_(y)
     scaling.targets_(labels)
     return Inputs(train_path, val_path, cols, plan, n_features, n_targets, x, y,
-                  chunk_rows, labels, time.perf_counter() - t_load, scaling, warning)
+                  chunk_rows, labels, time.perf_counter() - t_load, scaling, warning, val_cols)
 
 
 def fit_scaling(opts, loss, comm, ckpt, x, y, n_features, n_targets, stream):
@@ -238,8 +247,8 @@ def fit_scaling(opts, loss, comm, ckpt, x, y, n_features, n_targets, stream):
     return scaling, warning
 
 
-def _streamed_moments(path, x_key, rows, chunk_rows):
-    source = data.RowSource(path, x_key)
+def _streamed_moments(path, cols, rows, chunk_rows):
+    source = data.RowSource(path, cols.x_key, cols.rows)
     try:
         return moments_in_chunks(source.read, rows, chunk_rows)
     finally:
@@ -253,7 +262,7 @@ def batch_source(options, comm, inputs):
     if inputs.chunk_rows:
         return data.StreamedSource(inputs.train_path, inputs.cols.x_key, inputs.chunk_rows,
                                    inputs.labels, plan, shuffle, seed, dropout,
-                                   inputs.scaling.inputs_)
+                                   inputs.scaling.inputs_, inputs.cols.rows)
     if shuffle == "global":
         return data.GlobalShuffleSource(comm, inputs.x, inputs.y, plan, seed, dropout)
     return data.InMemorySource(inputs.x, inputs.y, plan, shuffle == "rank", seed,
@@ -296,14 +305,16 @@ def learning_rates(options, plan, has_validation):
         raise UsageError(f"--warmup-steps {sched.warmup_steps} must be fewer than the run's "
                          f"{total} updates")
     if sched.early_stop and not has_validation:
-        raise UsageError("--early-stop needs validation data (--val-data)")
+        raise UsageError("--early-stop needs validation data (--val-data or --val-fraction)")
     if sched.lr_schedule == "plateau" and not has_validation:
-        raise UsageError("--lr-schedule plateau needs validation data (--val-data)")
+        raise UsageError("--lr-schedule plateau needs validation data (--val-data or "
+                         "--val-fraction)")
     watched = sched.monitor.removeprefix("val_")
     if watched not in ("loss", "accuracy") and watched not in options.run.metrics:
         raise UsageError(f"--monitor {sched.monitor} needs --metrics {watched}")
     if options.run.metrics and not has_validation:
-        raise UsageError("--metrics are computed on validation data (--val-data)")
+        raise UsageError("--metrics are computed on validation data (--val-data or "
+                         "--val-fraction)")
     base = lr.base_lr(optim.lr, optim.lr_scale, sched.batch_size, optim.lr_ref_batch)
     plateau = (lr.Plateau(base, metrics.MONITORED[sched.monitor], sched.plateau_factor,
                           sched.plateau_patience, sched.plateau_cooldown, sched.plateau_threshold,
@@ -315,7 +326,7 @@ def learning_rates(options, plan, has_validation):
 def validation(options, comm, grid, inputs, arch):
     """An Evaluator over this reader's block of the validation data, or None without one."""
     val_path, train_path, n_features = inputs.val_path, inputs.train_path, inputs.n_features
-    cols = inputs.cols
+    cols = inputs.val_cols
     if not val_path:
         return None
     n_val, val_features, _, vx, vy = load_split(
@@ -327,7 +338,7 @@ def validation(options, comm, grid, inputs, arch):
     if arch.loss_fn.integer_labels:
         first = even_part(n_val, grid.replicas, grid.replica)[0]
         comm.checked(check_labels, vy, arch.sizes[-1], val_path,
-                     lambda: first + np.arange(len(vy)))
+                     lambda: cols.file_rows(first + np.arange(len(vy))))
     inputs.scaling.inputs_(vx)
     inputs.scaling.targets_(vy)
     names = options.run.metrics
@@ -418,6 +429,11 @@ def announcement(options, comm, engine, arch, inputs, startup, state):
     if scaled:
         lines.append(f"mpinn train: {' and '.join(scaled)} by statistics of the whole training "
                      "set, kept in the checkpoint")
+    if inputs.val_cols.rows is not None:
+        n_val = len(inputs.val_cols.rows)
+        lines.append(f"mpinn train: validation on {n_val} of the {n_val + inputs.plan.n_rows} "
+                     f"rows of {inputs.train_path} (--val-fraction {options.data.val_fraction:g}"
+                     f", seed {options.run.seed}), training on the other {inputs.plan.n_rows}")
     if inputs.chunk_rows:
         lines.append(f"mpinn train: inputs streamed from {inputs.train_path} in chunks of "
                      f"{inputs.chunk_rows:,} rows read ahead (this rank's slice is larger than "

@@ -22,6 +22,7 @@ from .shuffle import (
                    global_shuffle_rows,
                    rank_permutation,
 )
+from .split import split_rows
 from .sources import (
                    BatchSource,
                    EpochBatches,
@@ -37,4 +38,4 @@ __all__ = ["BatchSource", "Columns", "EpochBatches", "GlobalShuffle", "GlobalShu
            "canonical_spec", "class_names", "data_files", "epoch_file_rows", "epoch_permutation",
            "file_identity", "global_shuffle", "global_shuffle_rows", "inspect", "open_h5",
            "plan_selections", "pread_fully", "rank_permutation", "read_file_rows", "read_inputs",
-           "read_rows", "spec_identity", "stored_classes"]
+           "read_rows", "spec_identity", "split_rows", "stored_classes"]

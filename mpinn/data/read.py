@@ -3,7 +3,7 @@ the selections of the rows a rank owns (plan.BatchPlan says which: one strided b
 the full batches, h5py.MultiBlockSlice, read as one hyperslab, plus its part of the last, shorter
 batch) and positioned reads of rows in any order for streaming."""
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import h5py
 import numpy as np
@@ -17,10 +17,17 @@ from .files import open_h5, plain_value
 
 @dataclass(frozen=True)
 class Columns:
-    """Where and what the inputs and targets are in a data file."""
+    """Where and what the inputs and targets are in a data file. `rows`: the file rows (ascending)
+    this set is made of, when it is a part of the file (data/split.py); row i of the set is file
+    row rows[i], and every selection below counts in the set's rows."""
     x_key: str = "X"
     y_key: str = "y"
     loss: str = "cross_entropy"
+    rows: np.ndarray = field(default=None, compare=False)
+
+    def file_rows(self, rows):
+        """The file rows of the set's rows."""
+        return rows if self.rows is None else self.rows[rows]
 
 
 def _dataset(f, key, path, what):
@@ -45,12 +52,17 @@ def inspect(f, path, cols, need_y=True):
     n, n_features = X.shape
     if n == 0:
         raise UsageError(f"{path}:{cols.x_key} is empty (0 rows)")
+    if cols.rows is not None:
+        if len(cols.rows) and cols.rows[-1] >= n:
+            raise UsageError(f"{path}:{cols.x_key} has {n} rows, fewer than the split's "
+                             f"{int(cols.rows[-1]) + 1} (the file changed?)")
+        n = len(cols.rows)
     if not need_y:
         return n, n_features, None
     y = _dataset(f, cols.y_key, path, "targets")
-    if y.ndim not in (1, 2) or y.shape[0] != n:
+    if y.ndim not in (1, 2) or y.shape[0] != X.shape[0]:
         raise UsageError(f"{path}:{cols.y_key} must have one entry per row of {cols.x_key} "
-                         f"({n}); it has shape {y.shape}")
+                         f"({X.shape[0]}); it has shape {y.shape}")
     if not np.issubdtype(y.dtype, np.number):
         raise UsageError(f"{path}:{cols.y_key} must be numeric; it has dtype {y.dtype}")
     if LOSSES[cols.loss].integer_labels:
@@ -84,13 +96,45 @@ def class_names(spec, y_key):
     return None
 
 
-def _read_selection(ds, out, selections):
-    """Read (file selection, rows) pieces of ds into consecutive rows of out, converting dtype."""
+def _read_selection(ds, out, selections, file_rows=None):
+    """Read (selection, rows) pieces of ds into consecutive rows of out, converting dtype. With
+    `file_rows` (Columns.rows) the selections count in those rows, not the file's."""
     row = 0
     for sel, rows in selections:
-        if rows:
+        if rows and file_rows is None:
             ds.read_direct(out, source_sel=np.s_[sel], dest_sel=np.s_[row:row + rows])
+        elif rows:
+            read_rows_at(ds, file_rows[_indices(sel)], out[row:row + rows])
         row += rows
+    return out
+
+
+def _indices(sel):
+    """The row numbers of a slice or an h5py.MultiBlockSlice, in order."""
+    if isinstance(sel, slice):
+        return np.arange(sel.start, sel.stop)
+    starts = sel.start + sel.stride * np.arange(sel.count)
+    return (starts[:, None] + np.arange(sel.block)).reshape(-1)
+
+
+SPAN_GAP = 64  # rows: nearer rows are read together with those between them (fewer, larger reads)
+
+
+def read_rows_at(ds, file_rows, out):
+    """out[i] = ds[file_rows[i]] for ascending file rows: each span of rows less than SPAN_GAP
+    apart is one read (the rows between them read and dropped), a consecutive run straight into
+    out."""
+    parts = np.split(np.arange(len(file_rows)),
+                     np.flatnonzero(np.diff(file_rows) > SPAN_GAP) + 1)
+    for part in parts:
+        if not len(part):
+            continue
+        i, j = int(part[0]), int(part[-1]) + 1
+        a, b = int(file_rows[i]), int(file_rows[j - 1]) + 1
+        if b - a == j - i:
+            ds.read_direct(out, source_sel=np.s_[a:b], dest_sel=np.s_[i:j])
+        else:
+            out[i:j] = ds[a:b][file_rows[i:j] - a]
     return out
 
 
@@ -141,23 +185,25 @@ def read_rows(path, cols, selections, n_targets, want_x=True, want_y=True):
     n = sum(rows for _, rows in selections)
     x = y = None
     with open_h5(path) as f:
+        m = cols.rows
         if want_x:
             X = f[cols.x_key]
-            x = _read_selection(X, np.empty((n, X.shape[1]), np.float32), selections)
+            x = _read_selection(X, np.empty((n, X.shape[1]), np.float32), selections, m)
             _check_finite(path, X, cols.x_key, x, lambda: _read_selection(
-                X, np.empty((n, X.shape[1]), X.dtype), selections))
+                X, np.empty((n, X.shape[1]), X.dtype), selections, m))
         if not want_y:
             return x, y
         y_ds = f[cols.y_key]
         if n_targets is None:
-            y = _read_selection(y_ds, np.empty(n, np.int64), selections)
+            y = _read_selection(y_ds, np.empty(n, np.int64), selections, m)
             if n and y.min() < 0:
                 raise UsageError(f"{path}:{cols.y_key} has negative class labels (min {y.min()})")
         else:
             shape = (n,) if y_ds.ndim == 1 else (n, n_targets)
-            y = _read_selection(y_ds, np.empty(shape, np.float32), selections).reshape(n, n_targets)
+            y = _read_selection(y_ds, np.empty(shape, np.float32), selections, m).reshape(
+                n, n_targets)
             _check_finite(path, y_ds, cols.y_key, y, lambda: _read_selection(
-                y_ds, np.empty(shape, y_ds.dtype), selections))
+                y_ds, np.empty(shape, y_ds.dtype), selections, m))
     return x, y
 
 
@@ -215,9 +261,10 @@ class RowSource:
 
     MAX_RANGES = 4096
 
-    def __init__(self, path, x_key):
+    def __init__(self, path, x_key, file_rows=None):
         self.f = open_h5(path)
         self.X = self.f[x_key]
+        self.file_rows = file_rows  # Columns.rows: the rows asked for count in these
         self.layout, self.fd = self._layout(), None
         if self.layout:
             self.fd = os.open(self.f.filename, os.O_RDONLY)
@@ -240,7 +287,11 @@ class RowSource:
             return None
         return rows, [info.byte_offset for info in infos]
 
+    def file_rows_of(self, rows):
+        return rows if self.file_rows is None else self.file_rows[rows]
+
     def read(self, rows):
+        rows = self.file_rows_of(rows)
         if not self.layout or not len(rows):
             return read_file_rows(self.X, rows)
         per_range, offsets = self.layout

@@ -84,8 +84,9 @@ class StreamedBatches:
     rows, so streamed training ends with the same weights as training from memory."""
 
     def __init__(self, path, x_key, labels, file_rows, counts, chunk_rows, with_rows,
-                 scale_=None):
+                 scale_=None, split_rows=None):
         self.path, self.x_key, self.labels, self.file_rows = path, x_key, labels, file_rows
+        self.split_rows = split_rows  # Columns.rows: "file rows" above count in these
         self.counts, self.with_rows = counts, with_rows
         self.scale_ = scale_  # the inputs' scaling (in place), applied to each chunk as it is read
         self.starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
@@ -109,7 +110,7 @@ class StreamedBatches:
     def _read_ahead(self, first_chunk):
         source = None
         try:
-            source = RowSource(self.path, self.x_key)
+            source = RowSource(self.path, self.x_key, self.split_rows)
             for j in range(first_chunk, len(self.chunks)):
                 if self.stopped:
                     return
@@ -117,7 +118,7 @@ class StreamedBatches:
                 rows = self.file_rows[a:b]
                 x = source.read(rows)
                 _check_finite(self.path, source.X, self.x_key, x,
-                              lambda rows=rows: source.X[np.sort(rows)])
+                              lambda rows=rows: source.X[np.sort(source.file_rows_of(rows))])
                 if self.scale_ is not None:
                     self.scale_(x)
                 self.queue.put((j, x, None))
@@ -221,18 +222,20 @@ class StreamedSource(PlannedSource):
     in memory."""
 
     def __init__(self, path, x_key, chunk_rows, labels, plan, shuffle, seed, with_rows,
-                 scale_=None):
+                 scale_=None, split_rows=None):
         super().__init__(plan)
+        self.split_rows = split_rows
         self.path, self.x_key, self.chunk_rows, self.labels = path, x_key, chunk_rows, labels
         self.epoch_rows = epoch_file_rows(shuffle, plan, seed)
         self.with_rows, self.scale_ = with_rows, scale_
 
     def epoch(self, epoch):
         return StreamedBatches(self.path, self.x_key, self.labels, self.epoch_rows(epoch),
-                               self.counts, self.chunk_rows, self.with_rows, self.scale_)
+                               self.counts, self.chunk_rows, self.with_rows, self.scale_,
+                               self.split_rows)
 
     def first_rows(self):
-        source = RowSource(self.path, self.x_key)
+        source = RowSource(self.path, self.x_key, self.split_rows)
         try:
             return source.read(self.plan.owned_rows()[:max(1, int(self.counts[0]))])
         finally:
