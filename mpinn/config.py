@@ -120,6 +120,26 @@ def shown_hidden(sizes):
     return ",".join(str(s) for s in sizes)
 
 
+def parse_weights(text):
+    """'3' or '1,2.5' (or [1, 2.5], or a number) -> (3.0,) / (1.0, 2.5); '' -> ()."""
+    if isinstance(text, (int, float)):
+        text = [text]
+    parts = list(text) if isinstance(text, (list, tuple)) else [
+        p for p in str(text).replace(" ", "").split(",") if p]
+    try:
+        weights = tuple(float(p) for p in parts)
+    except (TypeError, ValueError):
+        raise UsageError(f"--pos-weight must be comma-separated positive numbers, got "
+                         f"{text!r}") from None
+    if any(not w > 0 for w in weights):
+        raise UsageError(f"--pos-weight values must be positive, got {text!r}")
+    return weights
+
+
+def shown_weights(weights):
+    return ",".join(f"{w:g}" for w in weights)
+
+
 def hidden_from_list(value):
     """hidden = [128, 64] in TOML or the API means '128,64'."""
     if isinstance(value, list) and all(isinstance(v, int) for v in value):
@@ -184,8 +204,13 @@ class ModelOptions:
     output_activation: str = option("identity", "output activation with --loss mse",
                                     OUTPUT_ACTIVATIONS, kept_on_resume=True)
     loss: str = option("cross_entropy", "cross_entropy: integer labels, softmax output; mse: "
-                                        "float targets (rows x K)", ("cross_entropy", "mse"),
-                       kept_on_resume=True)
+                                        "float targets (rows x K); bce: 0/1 targets (rows, or "
+                                        "rows x K labels), a sigmoid per output",
+                       ("cross_entropy", "mse", "bce"), kept_on_resume=True)
+    pos_weight: tuple = option("", "--loss bce: weight of the positive targets, one value or one "
+                                   "per output, comma-separated (torch's BCEWithLogitsLoss "
+                                   "pos_weight; e.g. negatives / positives)", parse=parse_weights,
+                               show=shown_weights, flag_type=str, kept_on_resume=True)
     classes: int = option(0, "classes for cross_entropy (0: the class names stored with the "
                              "labels, else the largest label + 1)", bound=NON_NEGATIVE,
                           kept_on_resume=True)
@@ -380,6 +405,8 @@ def _validate_train(cfg):
         raise UsageError("--val-fraction splits the training file and --val-data names another "
                          "validation file: give one of them")
     parse_hidden(cfg.hidden)
+    if parse_weights(cfg.pos_weight) and cfg.loss != "bce":
+        raise UsageError("--pos-weight weights the positive targets of --loss bce")
     parse_metric_names(cfg.metrics)
 
 

@@ -94,8 +94,10 @@ class PredictionFile:
     and flushed (outputs.written_whole: a full disk is one error naming the path, nothing is
     installed)."""
 
-    def __init__(self, path, n, k, classify, class_names=None):
-        self.path, self.k, self.classify = path, k, classify
+    def __init__(self, path, n, k, classify, class_names=None, labels=False):
+        """classify: one class of K (pred, prob); labels: K independent 0/1 labels (bce: pred
+        and prob per label); neither: regression outputs."""
+        self.path, self.k, self.classify, self.labels = path, k, classify, labels
         self.names = np.array(class_names, dtype=object) if class_names else None
         self.files = contextlib.ExitStack()
         try:
@@ -111,7 +113,8 @@ class PredictionFile:
             self.csv = csv.writer(self.fh)
             label = ["label"] if self.names is not None else []
             self.csv.writerow((["pred"] + label + [f"p{j}" for j in range(k)]) if self.classify
-                              else [f"y{j}" for j in range(k)])
+                              else [f"pred{j}" for j in range(k)] + [f"p{j}" for j in range(k)]
+                              if self.labels else [f"y{j}" for j in range(k)])
             return
         self.fh = self.files.enter_context(h5_written_whole(self.path))
         with signals_held():
@@ -124,12 +127,16 @@ class PredictionFile:
             if self.names is not None:  # the class names the network was trained with
                 pred.attrs["classes"] = self.names.astype(h5py.string_dtype())
                 self.fh.create_dataset("label", (n,), h5py.string_dtype())
+        elif self.labels:
+            self.fh.create_dataset("pred", (n, k), np.int8)
+            self.fh.create_dataset("prob", (n, k), np.float32)
         else:
             self.fh.create_dataset("output", (n, k), np.float32)
 
     def write(self, start, out):
         rows = slice(start, start + len(out))
-        pred = out.argmax(1) if self.classify else None
+        pred = out.argmax(1) if self.classify else (out > 0.5).astype(np.int8) if self.labels \
+            else None
         if isinstance(self.fh, h5py.File):
             with signals_held():
                 self._write_h5(rows, pred, out)
@@ -137,14 +144,16 @@ class PredictionFile:
             label = [[n] for n in self.names[pred]] if self.names is not None else [[]] * len(out)
             self.csv.writerows([p] + lab + [f"{v:.6g}" for v in o]
                                for p, lab, o in zip(pred.tolist(), label, out))
+        elif self.labels:
+            self.csv.writerows(p.tolist() + [f"{v:.6g}" for v in o] for p, o in zip(pred, out))
         else:
             self.csv.writerows([f"{v:.6g}" for v in o] for o in out)
 
     def _write_h5(self, rows, pred, out):
-        if self.classify:
+        if self.classify or self.labels:
             self.fh["pred"][rows] = pred
             self.fh["prob"][rows] = out
-            if self.names is not None:
+            if self.names is not None and self.classify:
                 self.fh["label"][rows] = self.names[pred].astype(h5py.string_dtype())
         else:
             self.fh["output"][rows] = out
@@ -233,7 +242,8 @@ def run_predict(cfg, explicit, comm):
     n = comm.checked(prepare)
     names = ckpt.config.get("class_names")
     writes = comm.is_root if grid.stages == 1 else active and grid.is_last
-    writer = comm.checked(lambda: PredictionFile(cfg.out, n, arch.sizes[-1], classify, names)
+    writer = comm.checked(lambda: PredictionFile(cfg.out, n, arch.sizes[-1], classify, names,
+                                                        arch.loss == "bce")
                           if writes else None)
     try:
         chunk = min(cfg.batch_size, n)

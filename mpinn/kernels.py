@@ -355,6 +355,42 @@ def mse_grad_(out, targets, out_act, scale):
     return loss, 0
 
 
+@njit(cache=True, nogil=True)
+def bce_grad_(logits, targets, pos_weight, scale):
+    """Turn logits (N, K) in place into scale * dLoss/dz of sigmoid binary cross-entropy per
+    element, positives weighted by pos_weight (K,) as torch's BCEWithLogitsLoss(pos_weight):
+    l = (1 - y) z + (1 + (p - 1) y) log(1 + exp(-z)), computed stably. Returns (sum of the
+    element losses, rows whose every label is on the right side of 0.5), both unscaled."""
+    n, k = logits.shape
+    loss = 0.0
+    correct = 0
+    for i in range(n):
+        right = True
+        for j in range(k):
+            z = np.float64(logits[i, j])
+            y = np.float64(targets[i, j])
+            weight = 1.0 + (pos_weight[j] - 1.0) * y
+            softplus_neg = np.log1p(np.exp(-abs(z))) + max(-z, 0.0)  # log(1 + exp(-z))
+            loss += (1.0 - y) * z + weight * softplus_neg
+            if (z > 0) != (y > 0.5):
+                right = False
+            sig = 1.0 / (1.0 + np.exp(-z)) if z >= 0 else np.exp(z) / (1.0 + np.exp(z))
+            logits[i, j] = ((1.0 - y) - weight * (1.0 - sig)) * scale
+        if right:
+            correct += 1
+    return loss, correct
+
+
+@njit(cache=True)
+def sigmoid_(a):
+    """Logits (N, K) -> probabilities, in place."""
+    n, k = a.shape
+    for i in range(n):
+        for j in range(k):
+            z = a[i, j]
+            a[i, j] = 1.0 / (1.0 + np.exp(-z)) if z >= 0 else np.exp(z) / (1.0 + np.exp(z))
+
+
 @njit(cache=True)
 def softmax_(logits):
     """Rows of logits (N, K) -> probabilities, in place."""
@@ -405,6 +441,24 @@ def train_step_mse(grads, params, x, targets, scale, sizes, w_off, b_off, acts, 
     backward(grads, params, x, sizes, w_off, b_off, acts, a_off, act, d0, d1, x, False, drop, rows,
              units, bound)
     return loss, 0
+
+
+@njit(cache=True, nogil=True)
+def train_step_bce(grads, params, x, targets, scale, pos_weight, sizes, w_off, b_off, acts, a_off,
+                   act, d0, d1, drop, rows, units, bound):
+    """Forward, sigmoid binary cross-entropy and backward for N rows; grads (P,) overwritten.
+    Returns (loss sum over the elements, rows right) over these rows."""
+    n_layers = sizes.shape[0] - 1
+    if x.shape[0] == 0:
+        grads[:] = 0
+        bound[:] = 0.0
+        return 0.0, 0
+    forward(params, x, sizes, w_off, b_off, acts, a_off, act, ACT_IDENTITY, drop, rows, units)
+    z = _view2(acts, a_off[n_layers - 1], x.shape[0], sizes[n_layers])
+    loss, correct = bce_grad_(z, targets, pos_weight, scale)
+    backward(grads, params, x, sizes, w_off, b_off, acts, a_off, act, d0, d1, x, False, drop, rows,
+             units, bound)
+    return loss, correct
 
 
 # A gradient bound below this is certainly finite: ranks sum their bounds in float32 (whose largest

@@ -4,7 +4,12 @@ the reported mean, and what prediction outputs look like. Nothing else compares 
 
     cross_entropy  integer class labels (N,), softmax over K logits, mean over rows; accuracy too
     mse            float targets (N, K) of out_act(z), mean over all N*K elements (PyTorch's mean)
+    bce            0/1 targets (N, K), one sigmoid per logit (binary, K = 1, or multi-label), mean
+                   over all N*K elements, positives weighted by pos_weight (PyTorch's
+                   BCEWithLogitsLoss); accuracy: rows whose every label is right
 """
+import numpy as np
+
 from . import kernels
 
 
@@ -72,4 +77,44 @@ class MeanSquaredError:
         return out
 
 
-LOSSES = {loss.name: loss for loss in (CrossEntropy(), MeanSquaredError())}
+class BinaryCrossEntropy:
+    name = "bce"
+    integer_labels = False
+
+    def __init__(self, pos_weight=()):
+        self.pos_weight = tuple(float(p) for p in pos_weight)
+        self._weights = {}
+
+    def weights(self, k):
+        """pos_weight as a float32 array of the K outputs (one value is every output's)."""
+        if k not in self._weights:
+            given = self.pos_weight or (1.0,)
+            self._weights[k] = np.array(given * (k if len(given) == 1 else 1), np.float32)
+        return self._weights[k]
+
+    def grad_(self, out, y, out_act, scale):
+        loss, correct = kernels.bce_grad_(out, y, self.weights(out.shape[1]), scale)
+        return float(loss), int(correct)
+
+    def fused_step(self, grads, params, x, y, scale, ws, drop, rows, bound):
+        return kernels.train_step_bce(grads, params, x, y, scale, self.weights(ws.sizes[-1]),
+                                      ws.sizes, ws.w_off, ws.b_off, ws.acts, ws.a_off, ws.act,
+                                      ws.d0, ws.d1, drop, rows, ws.units, bound)
+
+    @staticmethod
+    def scale(global_rows, n_outputs):
+        return 1.0 / (global_rows * n_outputs)
+
+    @staticmethod
+    def summarize(loss_sum, correct, n, n_outputs):
+        n = max(n, 1)
+        return loss_sum / (n * n_outputs), correct / n
+
+    @staticmethod
+    def outputs_(out):
+        """Logits -> the probability of each label, in place."""
+        kernels.sigmoid_(out)
+        return out
+
+
+LOSSES = {loss.name: loss for loss in (CrossEntropy(), MeanSquaredError(), BinaryCrossEntropy())}

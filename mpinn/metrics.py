@@ -46,12 +46,18 @@ def parse_names(text):
     return names
 
 
-def check_names(names, integer_labels):
-    """Every metric must fit the loss: classification metrics need labels, regression targets."""
-    fits = CLASSIFICATION if integer_labels else REGRESSION
+def check_names(names, integer_labels, binary_outputs=0):
+    """Every metric must fit the loss: classification metrics need labels (class labels, or the
+    0/1 targets of one bce output), regression ones targets."""
+    if binary_outputs > 1 and names:
+        raise UsageError(f"--metrics {names[0]}: the task metrics of a multi-label network "
+                         f"({binary_outputs} bce outputs) are not computed yet; one bce output "
+                         "(binary) takes the classification metrics")
+    fits = CLASSIFICATION if integer_labels or binary_outputs else REGRESSION
     wrong = [n for n in names if n not in fits]
     if wrong:
-        kind = "class labels (cross_entropy)" if integer_labels else "regression targets (mse)"
+        kind = ("class labels (cross_entropy)" if integer_labels else "0/1 targets (bce)"
+                if binary_outputs else "regression targets (mse)")
         raise UsageError(f"--metrics {wrong[0]} does not fit a network of {kind}; it takes "
                          f"{', '.join(fits)}")
 
@@ -68,10 +74,15 @@ def check_classes(names, labels, n_classes, path):
                          + (" (it holds one class only)" if len(present) < 2 else ""))
 
 
-def compute(names, y, outputs, integer_labels):
+def compute(names, y, outputs, integer_labels, binary=False):
     """{name: value} for the named metrics of all rows (y: labels or targets; outputs: class
-    probabilities or regression outputs, rows x K)."""
+    probabilities or regression outputs, rows x K; binary: one bce output's 0/1 targets and
+    probability, taken as the two classes 0 and 1)."""
     outputs = np.asarray(outputs, np.float64)
+    if binary:
+        p = outputs.reshape(-1)
+        return _classification(names, (np.asarray(y).reshape(-1) > 0.5).astype(np.int64),
+                               np.column_stack([1 - p, p]))
     if integer_labels:
         return _classification(names, np.asarray(y, np.int64), outputs)
     y = np.asarray(y, np.float64).reshape(outputs.shape)

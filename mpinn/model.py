@@ -12,7 +12,7 @@ import numpy as np
 
 from . import kernels
 from .errors import UsageError
-from .losses import LOSSES
+from .losses import LOSSES, BinaryCrossEntropy
 
 
 @dataclass(frozen=True)
@@ -22,6 +22,7 @@ class Architecture:
     activation: str = "relu"
     output_activation: str = "identity"
     loss: str = "cross_entropy"
+    pos_weight: tuple = ()  # bce: the weight of positive targets, one, or one per output
 
     def __post_init__(self):
         if len(self.sizes) < 2 or any(int(s) < 1 for s in self.sizes):
@@ -36,14 +37,20 @@ class Architecture:
                              f"of {', '.join(kernels.ACTIVATIONS)}")
         if self.loss not in LOSSES:
             raise UsageError(f"unknown loss {self.loss!r}; expected one of {', '.join(LOSSES)}")
-        if self.loss_fn.integer_labels and self.output_activation != "identity":
-            raise UsageError("--output-activation applies to --loss mse only "
-                             "(cross_entropy applies softmax itself)")
+        if self.loss != "mse" and self.output_activation != "identity":
+            raise UsageError("--output-activation applies to --loss mse only (cross_entropy "
+                             "applies softmax itself, bce a sigmoid per output)")
+        if self.pos_weight and self.loss != "bce":
+            raise UsageError("--pos-weight weights the positive targets of --loss bce")
+        if len(self.pos_weight) not in (0, 1, self.sizes[-1]) or any(
+                not p > 0 for p in self.pos_weight):
+            raise UsageError(f"--pos-weight takes one positive weight or one per output "
+                             f"({self.sizes[-1]}); got {','.join(map(str, self.pos_weight))}")
 
-    @property
+    @functools.cached_property
     def loss_fn(self):
         """The loss object (losses.py) this network trains with."""
-        return LOSSES[self.loss]
+        return BinaryCrossEntropy(self.pos_weight) if self.pos_weight else LOSSES[self.loss]
 
     @property
     def n_layers(self):

@@ -109,12 +109,12 @@ def architecture(model, explicit, ckpt, n_features, n_outputs):
     model section."""
     if ckpt is None:
         return Architecture((n_features,) + model.hidden + (n_outputs,), model.activation,
-                            model.output_activation, model.loss)
+                            model.output_activation, model.loss, model.pos_weight)
     arch = ckpt.arch
     given = {"hidden": model.hidden, "activation": model.activation, "loss": model.loss,
-             "output_activation": model.output_activation}
+             "output_activation": model.output_activation, "pos_weight": model.pos_weight}
     have = {"hidden": arch.sizes[1:-1], "activation": arch.activation, "loss": arch.loss,
-            "output_activation": arch.output_activation}
+            "output_activation": arch.output_activation, "pos_weight": arch.pos_weight}
     for key in given:
         if key in explicit and given[key] != have[key]:
             raise UsageError(

@@ -86,10 +86,13 @@ def make_engine(comm, grid, arch, params, max_rows, *, optimizer=None, opt_state
 def check_metrics(comm, names, arch, y, path):
     """The named metrics fit the network's loss and, for the ranking ones, every class occurs
     among the labels of `path` (y: this rank's; agreed by all ranks)."""
-    comm.checked(metrics.check_names, names, arch.loss_fn.integer_labels)
-    if names and arch.loss_fn.integer_labels:
-        labels = comm.allgather_ints(np.unique(y) if y is not None else [])
-        comm.checked(metrics.check_classes, names, labels, arch.sizes[-1], path)
+    binary = arch.sizes[-1] if arch.loss == "bce" else 0
+    comm.checked(metrics.check_names, names, arch.loss_fn.integer_labels, binary)
+    if names and (arch.loss_fn.integer_labels or binary):
+        local = (np.unique(y if not binary else (y > 0.5).astype(np.int64)) if y is not None
+                 else [])
+        labels = comm.allgather_ints(local)
+        comm.checked(metrics.check_classes, names, labels, max(arch.sizes[-1], 2), path)
 
 
 class Evaluator:
@@ -142,5 +145,6 @@ class Evaluator:
             if self.scaling is not None and not integer:  # in the targets' own units
                 self.scaling.outputs_(all_out)
                 self.scaling.outputs_(all_y)
-            return metrics.compute(self.metrics, all_y, all_out, integer)
+            return metrics.compute(self.metrics, all_y, all_out, integer,
+                                   self.arch.loss == "bce")
         return self.comm.bcast_json(self.comm.on_root(compute))

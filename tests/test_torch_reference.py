@@ -5,7 +5,8 @@
    of 6e-8 and these sums run over at most a few dozen terms).
 2. Training end to end through `mpinn train` under `mpiexec` (the trainings of one rank count run in
    one launch, one after another, through the command's own entry point): every optimizer option
-   (SGD, weight decay, momentum, Nesterov, Adam with its betas and eps) and both losses, at 1 and 3
+   (SGD, weight decay, momentum, Nesterov, Adam with its betas and eps) and the three losses (bce
+   with a pos_weight per output, multi-label), at 1 and 3
    ranks data parallel and on 3 pipeline stages, against torch.optim in float64 from the same
    initial weights (given to mpinn with --init) over the same batches. mpinn computes in float32, so
    the two drift apart by float32 rounding only: about 1e-6 relative per step; after 8 steps we
@@ -49,10 +50,15 @@ def torch_forward(layers, x, act, out_act):
     return h
 
 
-def torch_loss(out, y, loss):
+def torch_loss(out, y, loss, pos_weight=()):
     if loss == "cross_entropy":
         return torch.nn.functional.cross_entropy(out, torch.as_tensor(y))
-    return torch.nn.functional.mse_loss(out, torch.as_tensor(y, dtype=torch.float64))
+    target = torch.as_tensor(y, dtype=torch.float64)
+    if loss == "bce":
+        weight = torch.tensor(pos_weight, dtype=torch.float64) if pos_weight else None
+        return torch.nn.functional.binary_cross_entropy_with_logits(out, target,
+                                                                    pos_weight=weight)
+    return torch.nn.functional.mse_loss(out, target)
 
 
 def flat_grads(layers):
@@ -65,7 +71,9 @@ def flat_params(layers):
                            for W, b in layers])
 
 
-LOSSES = [("cross_entropy", "identity"), ("mse", "identity"), ("mse", "sigmoid")]
+LOSSES = [("cross_entropy", "identity"), ("mse", "identity"), ("mse", "sigmoid"),
+          ("bce", "identity")]
+POS_WEIGHT = (0.5, 2.0, 3.0, 1.0)  # bce's weights of positive targets, one per output
 
 
 @pytest.mark.parametrize("act,loss_out", list(itertools.product(("relu", "tanh", "sigmoid"),
@@ -78,14 +86,16 @@ def test_forward_loss_backward_match_torch(act, loss_out, dtype, rtol):
     n = 13
     x = rng.normal(size=(n, sizes[0])).astype(dtype)
     y = (rng.integers(0, sizes[-1], n) if loss == "cross_entropy"
+         else rng.integers(0, 2, (n, sizes[-1])).astype(dtype) if loss == "bce"
          else rng.uniform(0, 1, (n, sizes[-1])).astype(dtype))
-    arch = Architecture(sizes, act, out_act, loss)
+    pos_weight = POS_WEIGHT if loss == "bce" else ()
+    arch = Architecture(sizes, act, out_act, loss, pos_weight)
     flat = rng.normal(0, 0.6, arch.n_params).astype(dtype)
     net = Network(arch, flat.copy(), n)
 
     layers = torch_layers(flat, sizes)
     out = torch_forward(layers, x, act, out_act)
-    value = torch_loss(out, y, loss)
+    value = torch_loss(out, y, loss, pos_weight)
     value.backward()
 
     per = n if loss == "cross_entropy" else n * sizes[-1]
@@ -96,6 +106,9 @@ def test_forward_loss_backward_match_torch(act, loss_out, dtype, rtol):
     if loss == "cross_entropy":
         expect = torch.softmax(expect, 1)
         assert correct == int((out.argmax(1).numpy() == y).sum())
+    elif loss == "bce":  # accuracy: rows whose every label is right
+        expect = torch.sigmoid(expect)
+        assert correct == int(((expect.numpy() > 0.5) == (y > 0.5)).all(1).sum())
     np.testing.assert_allclose(net.forward(x), expect.numpy(), rtol=rtol, atol=rtol * 1e-2)
 
 
@@ -116,9 +129,11 @@ OPTIMIZERS = {
              dict(name="adam", lr=0.02, betas=(0.8, 0.95), eps=1e-4, weight_decay=0.01)),
 }
 # (loss, hidden activation, output activation): cross-entropy with tanh, mse with a sigmoid output
-NETS = {"ce": ("cross_entropy", "tanh", "identity"), "mse": ("mse", "relu", "sigmoid")}
-CASES = [(net, opt) for opt in OPTIMIZERS for net in ("ce",)] + [("mse", "adam"),
-                                                                 ("mse", "nesterov")]
+NETS = {"ce": ("cross_entropy", "tanh", "identity"), "mse": ("mse", "relu", "sigmoid"),
+        "bce": ("bce", "tanh", "identity")}
+BCE_POS_WEIGHT = (1.5, 4.0, 0.5)  # multi-label, K = 3: torch's BCEWithLogitsLoss(pos_weight)
+CASES = [(net, opt) for opt in OPTIMIZERS for net in ("ce",)] + [
+    ("mse", "adam"), ("mse", "nesterov"), ("bce", "adam"), ("bce", "momentum")]
 LAYOUTS = {"1 rank": (1, []), "3 ranks": (3, []),
            "3 stages": (3, ["--pipeline-stages", 3, "--micro-batches", 2])}
 DROPOUT_LAYOUTS = {**LAYOUTS, "2 ranks": (2, []), "accumulate": (2, ["--accumulate", 3])}
@@ -135,8 +150,11 @@ def problem(tmp_path_factory):
         f["X"], f["y"] = x, rng.integers(0, K, N)
     with h5py.File(tmp / "mse.h5", "w") as f:
         f["X"], f["y"] = x, rng.uniform(0, 1, (N, K)).astype(np.float32)
+    with h5py.File(tmp / "bce.h5", "w") as f:
+        f["X"], f["y"] = x, (rng.uniform(0, 1, (N, K)) < [0.2, 0.5, 0.7]).astype(np.int8)
     for name, (loss, act, out_act) in NETS.items():
-        arch = Architecture((F,) + HIDDEN + (K,), act, out_act, loss)
+        arch = Architecture((F,) + HIDDEN + (K,), act, out_act, loss,
+                            BCE_POS_WEIGHT if loss == "bce" else ())
         params = rng.normal(0, 0.5, arch.n_params).astype(np.float32)
         checkpoint.save(str(tmp / f"init-{name}.h5"), checkpoint.Checkpoint(arch, params))
         files[name] = (str(tmp / f"{name}.h5"), str(tmp / f"init-{name}.h5"), arch, params)
@@ -161,7 +179,7 @@ def torch_training(data_path, arch, params, opt, clip=0.0, scheduler=None):
         rows = slice(k * BATCH, min((k + 1) * BATCH, N))
         optimizer.zero_grad()
         out = torch_forward(layers, x[rows], arch.activation, arch.output_activation)
-        torch_loss(out, y[rows], arch.loss).backward()
+        torch_loss(out, y[rows], arch.loss, arch.pos_weight).backward()
         if clip:
             torch.nn.utils.clip_grad_norm_(tensors, clip)
         optimizer.step()

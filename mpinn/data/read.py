@@ -204,6 +204,10 @@ def read_rows(path, cols, selections, n_targets, want_x=True, want_y=True):
                 n, n_targets)
             _check_finite(path, y_ds, cols.y_key, y, lambda: _read_selection(
                 y_ds, np.empty(shape, y_ds.dtype), selections, m))
+            if cols.loss == "bce" and n and (y.min() < 0 or y.max() > 1):
+                raise UsageError(f"{path}:{cols.y_key} holds values outside [0, 1] (min "
+                                 f"{y.min():g}, max {y.max():g}): --loss bce takes 0/1 targets "
+                                 "(or probabilities)")
     return x, y
 
 

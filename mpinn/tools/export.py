@@ -1,7 +1,8 @@
 """`mpinn export`: a checkpoint's network for use elsewhere.
 
 --format onnx    an ONNX model (the `onnx` package): input "x" (N x F float32), output "y":
-                 class probabilities (softmax) for cross-entropy networks, out_act(z) for mse,
+                 class probabilities (softmax) for cross-entropy networks, a sigmoid per output
+                 for bce, out_act(z) for mse,
                  the same numbers `mpinn predict` writes; a network trained on scaled inputs or
                  targets has the scaling in its graph ((x - offset) / scale first, y * scale +
                  offset last)
@@ -45,8 +46,7 @@ def to_onnx(ckpt, path):
                   helper.make_node("Add", [f"m{l}", f"b{l}"], [f"z{l}"])]
         h = f"z{l}"
         last = l == arch.n_layers - 1
-        act = ("softmax" if arch.loss_fn.integer_labels else arch.output_activation) if last \
-            else arch.activation
+        act = (output_activation(arch) if last else arch.activation)
         if act == "softmax":
             nodes.append(helper.make_node("Softmax", [h], [f"a{l}"], axis=1))
             h = f"a{l}"
@@ -73,6 +73,12 @@ def to_onnx(ckpt, path):
     onnx.save(model, path)
 
 
+def output_activation(arch):
+    """What the exported graph ends with: the probabilities predict reports (softmax for
+    cross-entropy, a sigmoid per output for bce), else the output activation."""
+    return {"cross_entropy": "softmax", "bce": "sigmoid"}.get(arch.loss, arch.output_activation)
+
+
 def torch_layers(arch):
     """The torch.nn.Sequential layer list (names) matching the checkpoint, for the README."""
     out = []
@@ -80,7 +86,7 @@ def torch_layers(arch):
         out.append(f"Linear({fi}, {fo})")
         last = l == arch.n_layers - 1
         act = arch.output_activation if last else arch.activation
-        if act != "identity" and not (last and arch.loss_fn.integer_labels):
+        if act != "identity" and not (last and arch.loss != "mse"):  # torch's losses take logits
             out.append(f"{TORCH_ACT[act]}()")
     return out
 
