@@ -101,4 +101,6 @@ class Model:
         for start, chunk in self._chunks(x):
             l, c = self._net.loss_sums(chunk, np.ascontiguousarray(y[start:start + len(chunk)]))
             loss_sum, correct = loss_sum + l, correct + c
-        return self.arch.loss_fn.summarize(loss_sum, correct, len(x), self.arch.sizes[-1])
+        weights = self.arch.loss_fn.row_weights(y)
+        return self.arch.loss_fn.summarize(loss_sum, correct, len(x), self.arch.sizes[-1],
+                                           None if weights is None else weights.sum(np.float64))

@@ -48,7 +48,8 @@ class Checkpoint:
         """Everything but the arrays, as JSON-able data (for broadcasting)."""
         return {"sizes": list(self.arch.sizes), "activation": self.arch.activation,
                 "output_activation": self.arch.output_activation, "loss": self.arch.loss,
-                "pos_weight": list(self.arch.pos_weight), "optimizer": self.optimizer,
+                "pos_weight": list(self.arch.pos_weight),
+                "class_weight": list(self.arch.class_weight), "optimizer": self.optimizer,
                 "optimizer_step": self.optimizer_step,
                 "n_state": len(self.optimizer_state), "epoch": self.epoch,
                 "global_step": self.global_step, "seed": self.seed, "config": self.config,
@@ -57,7 +58,8 @@ class Checkpoint:
     @classmethod
     def from_meta(cls, meta):
         arch = Architecture(tuple(meta["sizes"]), meta["activation"], meta["output_activation"],
-                            meta["loss"], tuple(meta.get("pos_weight", ())))
+                            meta["loss"], tuple(meta.get("pos_weight", ())),
+                            tuple(meta.get("class_weight", ())))
         return cls(arch, np.zeros(arch.n_params, np.float32), meta["optimizer"],
                    meta["optimizer_step"], [np.zeros(arch.n_params, np.float32)
                                             for _ in range(meta["n_state"])],
@@ -75,7 +77,8 @@ def checksum(params, state):
 # the attributes that say what the arrays mean: covered by their own checksum (attrs_sha256), so
 # an edited `sizes` is refused as corrupt instead of allocating whatever it says
 COVERED_ATTRS = ("sizes", "activation", "output_activation", "loss", "epoch", "global_step",
-                 "seed", "config", "state", "scaling", "pos_weight")
+                 "seed", "config", "state", "scaling", "pos_weight",
+                 "class_weight")
 
 
 def attrs_checksum(attrs, optimizer_attrs):
@@ -183,8 +186,9 @@ def _write_file(tmp, ckpt):
         a["activation"] = ckpt.arch.activation
         a["output_activation"] = ckpt.arch.output_activation
         a["loss"] = ckpt.arch.loss
-        if ckpt.arch.pos_weight:
-            a["pos_weight"] = json.dumps(list(ckpt.arch.pos_weight))
+        for name in ("pos_weight", "class_weight"):  # only where set: older files stay as they were
+            if getattr(ckpt.arch, name):
+                a[name] = json.dumps(list(getattr(ckpt.arch, name)))
         a["epoch"] = ckpt.epoch
         a["global_step"] = ckpt.global_step
         a["seed"] = ckpt.seed
@@ -229,7 +233,8 @@ def _read(f, path):
                          "steps) were changed or are corrupt; it was not loaded")
     arch = Architecture(tuple(int(s) for s in a["sizes"]), str(a["activation"]),
                         str(a["output_activation"]), str(a["loss"]),
-                        tuple(json.loads(str(a["pos_weight"]))) if "pos_weight" in a else ())
+                        *(tuple(json.loads(str(a[name]))) if name in a else ()
+                          for name in ("pos_weight", "class_weight")))
     for l, (fan_in, fan_out) in enumerate(zip(arch.sizes[:-1], arch.sizes[1:])):
         for name, shape in ((f"W{l}", (fan_in, fan_out)), (f"b{l}", (fan_out,))):
             ds = f["params"].get(name)  # before allocating what `sizes` says

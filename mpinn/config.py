@@ -211,6 +211,11 @@ class ModelOptions:
                                    "per output, comma-separated (torch's BCEWithLogitsLoss "
                                    "pos_weight; e.g. negatives / positives)", parse=parse_weights,
                                show=shown_weights, flag_type=str, kept_on_resume=True)
+    class_weight: str = option("", "--loss cross_entropy: weight each row's loss by its class's "
+                                   "weight, the mean taken over the weights (torch's "
+                                   "CrossEntropyLoss(weight=...)): 'balanced' = rows / (classes "
+                                   "x the class's rows) over the training set, or one weight per "
+                                   "class, comma-separated", kept_on_resume=True)
     classes: int = option(0, "classes for cross_entropy (0: the class names stored with the "
                              "labels, else the largest label + 1)", bound=NON_NEGATIVE,
                           kept_on_resume=True)
@@ -407,6 +412,8 @@ def _validate_train(cfg):
     parse_hidden(cfg.hidden)
     if parse_weights(cfg.pos_weight) and cfg.loss != "bce":
         raise UsageError("--pos-weight weights the positive targets of --loss bce")
+    if cfg.class_weight and cfg.loss != "cross_entropy":
+        raise UsageError("--class-weight weights the classes of --loss cross_entropy")
     parse_metric_names(cfg.metrics)
 
 

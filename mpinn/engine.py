@@ -27,6 +27,7 @@ class StepResult:
     stop: bool       # some rank was asked to stop (identical on every rank)
     finite: bool     # the step's loss and gradients were finite and the update was applied
     grad_norm: float = 0.0  # L2 norm of the averaged gradient before clipping (when clipping)
+    weight: float = None    # a weighted loss: the sum of this rank's row weights (else: rows)
 
 
 class Engine(ABC):

@@ -101,7 +101,8 @@ class Metrics(Hook):
 
     def __init__(self, every, resumed, record_grad_norm):
         self.every, self.resumed, self.record_grad_norm = every, resumed, record_grad_norm
-        self.window = np.zeros(3)  # loss sum, correct, rows since the last log line (this rank)
+        # loss sum, correct, rows and row weights (rows when unweighted) since the last log line
+        self.window = np.zeros(4)
         self.grad_norm, self.t_window, self.window_steps = 0.0, 0.0, 0
 
     def on_loop_start(self, state):
@@ -114,7 +115,8 @@ class Metrics(Hook):
         self.grad_norm = result.grad_norm
         self.window_steps += 1
         if result.finite:
-            self.window += (result.loss, result.correct, result.rows)
+            self.window += (result.loss, result.correct, result.rows,
+                            result.rows if result.weight is None else result.weight)
         if (state.step % self.every == 0 or state.step == state.total_steps
                 or state.batch == state.steps_per_epoch - 1):
             self.log_window(state)
@@ -137,7 +139,9 @@ class Metrics(Hook):
         t = self.trainer
         total = t.comm.allreduce_sum(self.window)
         now = time.perf_counter()
-        mean_loss, acc = t.arch.loss_fn.summarize(*total, t.arch.sizes[-1])
+        loss_sum, correct, rows, weight = total
+        mean_loss, acc = t.arch.loss_fn.summarize(loss_sum, correct, rows, t.arch.sizes[-1],
+                                                  weight)
         state.last_train_loss = mean_loss
         rate = total[2] / max(now - self.t_window, 1e-9)
         state.trained_samples += int(total[2])

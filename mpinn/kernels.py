@@ -307,12 +307,14 @@ def backward_layers(grads, params, x, sizes, w_off, b_off, acts, a_off, act, d0,
 
 
 @njit(cache=True, nogil=True)
-def cross_entropy_grad_(logits, labels, scale):
-    """Turn logits (N, K) in place into scale * dLoss/dz of softmax cross-entropy.
-    Returns (sum of per-sample losses, number of correct argmax predictions), both unscaled."""
+def cross_entropy_grad_(logits, labels, scale, class_weight):
+    """Turn logits (N, K) in place into scale * dLoss/dz of softmax cross-entropy, each row's
+    loss weighted by class_weight[its label] (an empty array: 1). Returns (sum of the weighted
+    per-sample losses, number of correct argmax predictions), both unscaled."""
     n, k = logits.shape
     loss = 0.0
     correct = 0
+    weighted = class_weight.shape[0] > 0
     for i in range(n):
         m = logits[i, 0]
         best = 0
@@ -324,12 +326,13 @@ def cross_entropy_grad_(logits, labels, scale):
         for j in range(k):
             s += np.exp(logits[i, j] - m)
         y = labels[i]
-        loss += np.log(s) + m - logits[i, y]
+        w = class_weight[y] if weighted else 1.0
+        loss += w * (np.log(s) + m - logits[i, y])
         if best == y:
             correct += 1
         for j in range(k):
             p = np.exp(logits[i, j] - m) / s
-            logits[i, j] = (p - (1.0 if j == y else 0.0)) * scale
+            logits[i, j] = (p - (1.0 if j == y else 0.0)) * (scale * w)
     return loss, correct
 
 
@@ -408,8 +411,8 @@ def softmax_(logits):
 
 
 @njit(cache=True, nogil=True)
-def train_step_ce(grads, params, x, labels, scale, sizes, w_off, b_off, acts, a_off, act, d0, d1,
-                  drop, rows, units, bound):
+def train_step_ce(grads, params, x, labels, scale, class_weight, sizes, w_off, b_off, acts, a_off,
+                  act, d0, d1, drop, rows, units, bound):
     """Forward, softmax cross-entropy and backward for N rows; grads (P,) overwritten.
     Returns (loss sum, correct count) over these rows."""
     n_layers = sizes.shape[0] - 1
@@ -419,7 +422,7 @@ def train_step_ce(grads, params, x, labels, scale, sizes, w_off, b_off, acts, a_
         return 0.0, 0
     forward(params, x, sizes, w_off, b_off, acts, a_off, act, ACT_IDENTITY, drop, rows, units)
     z = _view2(acts, a_off[n_layers - 1], x.shape[0], sizes[n_layers])
-    loss, correct = cross_entropy_grad_(z, labels, scale)
+    loss, correct = cross_entropy_grad_(z, labels, scale, class_weight)
     backward(grads, params, x, sizes, w_off, b_off, acts, a_off, act, d0, d1, x, False, drop, rows,
              units, bound)
     return loss, correct

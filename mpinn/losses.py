@@ -14,33 +14,42 @@ from . import kernels
 
 
 class CrossEntropy:
+    """Softmax cross-entropy; with class_weight, each row's loss weighted by its class's weight
+    and the mean taken over the weights (torch's CrossEntropyLoss(weight=...))."""
     name = "cross_entropy"
     integer_labels = True
 
-    @staticmethod
-    def grad_(out, y, out_act, scale):
+    def __init__(self, class_weight=()):
+        self.class_weight = tuple(float(w) for w in class_weight)
+        self.weights = np.array(self.class_weight, np.float32)  # empty: unweighted
+        self.weighted = bool(self.class_weight)  # the mean is over row weights, not rows
+
+    def row_weights(self, y):
+        """The weight of each row of labels y, or None when unweighted."""
+        return self.weights[y] if self.class_weight else None
+
+    def grad_(self, out, y, out_act, scale):
         """Raw outputs (logits) -> scale * dLoss/dz in place; (loss sum, correct) over the rows."""
-        loss, correct = kernels.cross_entropy_grad_(out, y, scale)
+        loss, correct = kernels.cross_entropy_grad_(out, y, scale, self.weights)
         return float(loss), int(correct)
 
-    @staticmethod
-    def fused_step(grads, params, x, y, scale, ws, drop, rows, bound):
+    def fused_step(self, grads, params, x, y, scale, ws, drop, rows, bound):
         """Forward, loss and backward in one compiled call (the data-parallel hot path); bound:
         ws.bound to have the kernel bound the gradient, or model.NO_BOUND."""
-        return kernels.train_step_ce(grads, params, x, y, scale, ws.sizes, ws.w_off, ws.b_off,
-                                     ws.acts, ws.a_off, ws.act, ws.d0, ws.d1, drop, rows,
-                                     ws.units, bound)
+        return kernels.train_step_ce(grads, params, x, y, scale, self.weights, ws.sizes,
+                                     ws.w_off, ws.b_off, ws.acts, ws.a_off, ws.act, ws.d0, ws.d1,
+                                     drop, rows, ws.units, bound)
 
     @staticmethod
     def scale(global_rows, n_outputs):
-        """Factor on the summed per-row losses that makes the global mean loss."""
+        """Factor on the summed per-row losses that makes the global mean loss (global_rows: the
+        batch's rows, or with weights the sum of its rows' weights)."""
         return 1.0 / global_rows
 
     @staticmethod
-    def summarize(loss_sum, correct, n, n_outputs):
-        """(mean loss, accuracy) from sums over n rows."""
-        n = max(n, 1)
-        return loss_sum / n, correct / n
+    def summarize(loss_sum, correct, n, n_outputs, weight=None):
+        """(mean loss, accuracy) from sums over n rows (of these weights, when weighted)."""
+        return loss_sum / max(n if weight is None else weight, 1e-300), correct / max(n, 1)
 
     @staticmethod
     def outputs_(out):
@@ -52,6 +61,7 @@ class CrossEntropy:
 class MeanSquaredError:
     name = "mse"
     integer_labels = False
+    weighted = False
 
     @staticmethod
     def grad_(out, y, out_act, scale):
@@ -69,7 +79,11 @@ class MeanSquaredError:
         return 1.0 / (global_rows * n_outputs)
 
     @staticmethod
-    def summarize(loss_sum, correct, n, n_outputs):
+    def row_weights(y):
+        return None
+
+    @staticmethod
+    def summarize(loss_sum, correct, n, n_outputs, weight=None):
         return loss_sum / (max(n, 1) * n_outputs), None
 
     @staticmethod
@@ -80,6 +94,7 @@ class MeanSquaredError:
 class BinaryCrossEntropy:
     name = "bce"
     integer_labels = False
+    weighted = False
 
     def __init__(self, pos_weight=()):
         self.pos_weight = tuple(float(p) for p in pos_weight)
@@ -106,7 +121,11 @@ class BinaryCrossEntropy:
         return 1.0 / (global_rows * n_outputs)
 
     @staticmethod
-    def summarize(loss_sum, correct, n, n_outputs):
+    def row_weights(y):
+        return None
+
+    @staticmethod
+    def summarize(loss_sum, correct, n, n_outputs, weight=None):
         n = max(n, 1)
         return loss_sum / (n * n_outputs), correct / n
 

@@ -12,7 +12,7 @@ import numpy as np
 
 from . import kernels
 from .errors import UsageError
-from .losses import LOSSES, BinaryCrossEntropy
+from .losses import LOSSES, BinaryCrossEntropy, CrossEntropy
 
 
 @dataclass(frozen=True)
@@ -23,6 +23,7 @@ class Architecture:
     output_activation: str = "identity"
     loss: str = "cross_entropy"
     pos_weight: tuple = ()  # bce: the weight of positive targets, one, or one per output
+    class_weight: tuple = ()  # cross_entropy: the weight of each class's rows
 
     def __post_init__(self):
         if len(self.sizes) < 2 or any(int(s) < 1 for s in self.sizes):
@@ -42,6 +43,12 @@ class Architecture:
                              "applies softmax itself, bce a sigmoid per output)")
         if self.pos_weight and self.loss != "bce":
             raise UsageError("--pos-weight weights the positive targets of --loss bce")
+        if self.class_weight and (self.loss != "cross_entropy"
+                                  or len(self.class_weight) != self.sizes[-1]
+                                  or min(self.class_weight) < 0 or not max(self.class_weight) > 0):
+            raise UsageError(f"--class-weight takes one weight per class of a cross_entropy "
+                             f"network ({self.sizes[-1]} classes), none negative and not all 0; "
+                             f"got {','.join(map(str, self.class_weight))}")
         if len(self.pos_weight) not in (0, 1, self.sizes[-1]) or any(
                 not p > 0 for p in self.pos_weight):
             raise UsageError(f"--pos-weight takes one positive weight or one per output "
@@ -50,7 +57,9 @@ class Architecture:
     @functools.cached_property
     def loss_fn(self):
         """The loss object (losses.py) this network trains with."""
-        return BinaryCrossEntropy(self.pos_weight) if self.pos_weight else LOSSES[self.loss]
+        if self.pos_weight:
+            return BinaryCrossEntropy(self.pos_weight)
+        return CrossEntropy(self.class_weight) if self.class_weight else LOSSES[self.loss]
 
     @property
     def n_layers(self):

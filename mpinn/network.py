@@ -20,7 +20,10 @@ def build(options, explicit, comm, grid, ckpt, inputs):
     n_outputs = (class_count(comm, options, ckpt, inputs.y, inputs.train_path,
                              lambda: inputs.cols.file_rows(inputs.plan.owned_rows()))
                  if LOSSES[loss].integer_labels else inputs.n_targets)
-    arch = comm.checked(architecture, options.model, explicit, ckpt, inputs.n_features, n_outputs)
+    weights = (class_weights(comm, options.model.class_weight, inputs.y, n_outputs)
+               if LOSSES[loss].integer_labels else ())
+    arch = comm.checked(architecture, options.model, explicit, ckpt, inputs.n_features, n_outputs,
+                        weights)
     most = -(-int(inputs.plan.local_counts().max()) // options.parallel.accumulate)
     comm.checked(check_memory, options.optim.optimizer, arch, grid, most, comm.node_size())
     return arch
@@ -104,17 +107,45 @@ def check_memory(optimizer, arch, grid, max_rows, ranks_on_node):
                          "nodes")
 
 
-def architecture(model, explicit, ckpt, n_features, n_outputs):
+def class_weights(comm, given, y, n_classes):
+    """--class-weight as one weight per class: '' none; 'balanced' rows / (classes x the class's
+    rows) over the whole training set (scikit-learn's compute_class_weight), its counts summed
+    across ranks; else the comma-separated weights as given (Architecture checks them)."""
+    if not given:
+        return ()
+    if given != "balanced":
+        try:
+            return tuple(float(w) for w in given.replace(" ", "").split(",") if w)
+        except ValueError:
+            comm.checked(_refuse, f"--class-weight takes 'balanced' or one number per class, "
+                                  f"got {given!r}")
+    counts = np.bincount(y, minlength=n_classes).astype(np.float64) if y is not None and len(
+        y) else np.zeros(n_classes)
+    counts = comm.allreduce_sum(counts[:n_classes])
+    if counts.min() == 0:
+        missing = [c for c in range(n_classes) if counts[c] == 0]
+        comm.checked(_refuse, f"--class-weight balanced: class {missing[0]} has no training rows "
+                              f"(of {n_classes} classes); give the weights instead")
+    return tuple(float(w) for w in counts.sum() / (n_classes * counts))
+
+
+def _refuse(message):
+    raise UsageError(message)
+
+
+def architecture(model, explicit, ckpt, n_features, n_outputs, class_weight=()):
     """The network to train: from the checkpoint (conflicting explicit options are errors) or the
-    model section."""
+    model section (and the class weights resolved from it)."""
     if ckpt is None:
         return Architecture((n_features,) + model.hidden + (n_outputs,), model.activation,
-                            model.output_activation, model.loss, model.pos_weight)
+                            model.output_activation, model.loss, model.pos_weight, class_weight)
     arch = ckpt.arch
     given = {"hidden": model.hidden, "activation": model.activation, "loss": model.loss,
-             "output_activation": model.output_activation, "pos_weight": model.pos_weight}
+             "output_activation": model.output_activation, "pos_weight": model.pos_weight,
+             "class_weight": class_weight}
     have = {"hidden": arch.sizes[1:-1], "activation": arch.activation, "loss": arch.loss,
-            "output_activation": arch.output_activation, "pos_weight": arch.pos_weight}
+            "output_activation": arch.output_activation, "pos_weight": arch.pos_weight,
+            "class_weight": arch.class_weight}
     for key in given:
         if key in explicit and given[key] != have[key]:
             raise UsageError(

@@ -108,7 +108,7 @@ class Evaluator:
 
     def __call__(self, engine):
         """-> (mean loss, accuracy or None, {metric: value})."""
-        sums = np.zeros(3)
+        sums = np.zeros(4)  # loss sum, correct, rows, row weights (rows when unweighted)
         loss, out_act = self.arch.loss_fn, ACTIVATIONS[self.arch.output_activation]
         k = self.arch.sizes[-1]
         kept = np.empty((self.n_local if self.metrics and self.y is not None else 0, k),
@@ -118,10 +118,13 @@ class Evaluator:
             rows = len(out)
             if len(kept):  # before the loss's gradient replaces the outputs
                 kept[off:off + rows] = loss.outputs_(out.copy())
-            sums[:] += (*loss.grad_(out, self.y[off:off + rows], out_act, 1.0), rows)
+            y = self.y[off:off + rows]
+            weights = loss.row_weights(y)
+            sums[:] += (*loss.grad_(out, y, out_act, 1.0), rows,
+                        rows if weights is None else weights.sum(dtype=np.float64))
         engine.forward_chunks(self.n_local, lambda off, m: self.x[off:off + m], consume)
-        loss_sum, correct, n = self.comm.allreduce_sum(sums)
-        mean_loss, accuracy = loss.summarize(loss_sum, correct, n, k)
+        loss_sum, correct, n, weight = self.comm.allreduce_sum(sums)
+        mean_loss, accuracy = loss.summarize(loss_sum, correct, n, k, weight)
         return mean_loss, accuracy, self.task_metrics(kept) if self.metrics else {}
 
     def task_metrics(self, outputs):

@@ -83,6 +83,7 @@ class Trainer:
         while st.step < st.total_steps and not st.stopping and not st.finished:
             st.epoch, first = divmod(st.step, st.steps_per_epoch)
             batches = self.batches.epoch(st.epoch)
+            self.step_weights = self.weights_of_steps(batches)
             try:
                 for k in range(first, st.steps_per_epoch):
                     if st.step >= st.total_steps or st.stopping:
@@ -114,13 +115,26 @@ class Trainer:
         xb, yb = batches(k)
         xb = guard.faults.batch(st.step + 1, xb)
         engine.timeline.add("data", t0, time.perf_counter())
-        scale = self.arch.loss_fn.scale(self.batches.global_rows(k), self.arch.sizes[-1])
+        weights = self.step_weights
+        scale = self.arch.loss_fn.scale(self.batches.global_rows(k) if weights is None
+                                        else weights[1][k], self.arch.sizes[-1])
         res = engine.step(xb, yb, int(self.batches.counts[k]), scale, guard.stop.requested,
                           batches.rows_of(k))
+        if weights is not None:
+            res.weight = weights[0][k]
         guard.watchdog.end()
         st.step += 1
         self.call("on_step_end", res)
         st.stopping = res.stop  # every rank sees the same flag after the same step
+
+    def weights_of_steps(self, batches):
+        """(this rank's, all ranks') sums of the row weights of each step of the epoch, or None
+        for an unweighted loss: one small Allreduce an epoch, not one a step."""
+        loss = self.arch.loss_fn
+        if not loss.weighted:
+            return None
+        local = batches.step_sums(loss.row_weights)
+        return local, self.comm.allreduce_sum(local)
 
     def release(self):
         self.guard.stop.restore()

@@ -50,9 +50,10 @@ def torch_forward(layers, x, act, out_act):
     return h
 
 
-def torch_loss(out, y, loss, pos_weight=()):
+def torch_loss(out, y, loss, pos_weight=(), class_weight=()):
     if loss == "cross_entropy":
-        return torch.nn.functional.cross_entropy(out, torch.as_tensor(y))
+        weight = torch.tensor(class_weight, dtype=torch.float64) if class_weight else None
+        return torch.nn.functional.cross_entropy(out, torch.as_tensor(y), weight=weight)
     target = torch.as_tensor(y, dtype=torch.float64)
     if loss == "bce":
         weight = torch.tensor(pos_weight, dtype=torch.float64) if pos_weight else None
@@ -112,6 +113,26 @@ def test_forward_loss_backward_match_torch(act, loss_out, dtype, rtol):
     np.testing.assert_allclose(net.forward(x), expect.numpy(), rtol=rtol, atol=rtol * 1e-2)
 
 
+@pytest.mark.parametrize("dtype,rtol", [(np.float64, 1e-10), (np.float32, 2e-5)])
+def test_class_weighted_cross_entropy_matches_torch(dtype, rtol):
+    """The loss is the weighted mean, sum(w[y] l) / sum(w[y]): the step's scale is 1 / sum(w[y])."""
+    rng = np.random.default_rng(12)
+    sizes, n, weight = (5, 8, 3), 17, (0.25, 3.0, 1.0)
+    x = rng.normal(size=(n, sizes[0])).astype(dtype)
+    y = rng.integers(0, 3, n)
+    arch = Architecture(sizes, "tanh", "identity", "cross_entropy", (), weight)
+    flat = rng.normal(0, 0.6, arch.n_params).astype(dtype)
+    net = Network(arch, flat.copy(), n)
+    layers = torch_layers(flat, sizes)
+    value = torch_loss(torch_forward(layers, x, "tanh", "identity"), y, "cross_entropy",
+                       class_weight=weight)
+    value.backward()
+    total = float(np.sum(np.array(weight)[y]))
+    loss_sum, _ = net.train_step(x, y, 1.0 / total)
+    assert loss_sum / total == pytest.approx(value.item(), rel=rtol)
+    np.testing.assert_allclose(net.grads, flat_grads(layers), rtol=rtol, atol=rtol * 1e-2)
+
+
 # -- training end to end --------------------------------------------------------------------------
 N, F, HIDDEN, K, BATCH, STEPS = 45, 5, (7, 6), 3, 12, 8   # 4 steps an epoch, the last of 9 rows
 
@@ -130,10 +151,12 @@ OPTIMIZERS = {
 }
 # (loss, hidden activation, output activation): cross-entropy with tanh, mse with a sigmoid output
 NETS = {"ce": ("cross_entropy", "tanh", "identity"), "mse": ("mse", "relu", "sigmoid"),
-        "bce": ("bce", "tanh", "identity")}
+        "bce": ("bce", "tanh", "identity"), "weighted": ("cross_entropy", "relu", "identity")}
 BCE_POS_WEIGHT = (1.5, 4.0, 0.5)  # multi-label, K = 3: torch's BCEWithLogitsLoss(pos_weight)
+CLASS_WEIGHT = (0.5, 2.0, 1.25)   # torch's CrossEntropyLoss(weight=...): a mean over the weights
 CASES = [(net, opt) for opt in OPTIMIZERS for net in ("ce",)] + [
-    ("mse", "adam"), ("mse", "nesterov"), ("bce", "adam"), ("bce", "momentum")]
+    ("mse", "adam"), ("mse", "nesterov"), ("bce", "adam"), ("bce", "momentum"),
+    ("weighted", "sgd"), ("weighted", "adam")]
 LAYOUTS = {"1 rank": (1, []), "3 ranks": (3, []),
            "3 stages": (3, ["--pipeline-stages", 3, "--micro-batches", 2])}
 DROPOUT_LAYOUTS = {**LAYOUTS, "2 ranks": (2, []), "accumulate": (2, ["--accumulate", 3])}
@@ -150,11 +173,14 @@ def problem(tmp_path_factory):
         f["X"], f["y"] = x, rng.integers(0, K, N)
     with h5py.File(tmp / "mse.h5", "w") as f:
         f["X"], f["y"] = x, rng.uniform(0, 1, (N, K)).astype(np.float32)
+    with h5py.File(tmp / "weighted.h5", "w") as f:  # a rare class: batches of unequal weight
+        f["X"], f["y"] = x, rng.choice(K, N, p=[0.6, 0.15, 0.25])
     with h5py.File(tmp / "bce.h5", "w") as f:
         f["X"], f["y"] = x, (rng.uniform(0, 1, (N, K)) < [0.2, 0.5, 0.7]).astype(np.int8)
     for name, (loss, act, out_act) in NETS.items():
         arch = Architecture((F,) + HIDDEN + (K,), act, out_act, loss,
-                            BCE_POS_WEIGHT if loss == "bce" else ())
+                            BCE_POS_WEIGHT if loss == "bce" else (),
+                            CLASS_WEIGHT if name == "weighted" else ())
         params = rng.normal(0, 0.5, arch.n_params).astype(np.float32)
         checkpoint.save(str(tmp / f"init-{name}.h5"), checkpoint.Checkpoint(arch, params))
         files[name] = (str(tmp / f"{name}.h5"), str(tmp / f"init-{name}.h5"), arch, params)
@@ -179,7 +205,7 @@ def torch_training(data_path, arch, params, opt, clip=0.0, scheduler=None):
         rows = slice(k * BATCH, min((k + 1) * BATCH, N))
         optimizer.zero_grad()
         out = torch_forward(layers, x[rows], arch.activation, arch.output_activation)
-        torch_loss(out, y[rows], arch.loss, arch.pos_weight).backward()
+        torch_loss(out, y[rows], arch.loss, arch.pos_weight, arch.class_weight).backward()
         if clip:
             torch.nn.utils.clip_grad_norm_(tensors, clip)
         optimizer.step()

@@ -62,6 +62,14 @@ class EpochBatches:
     def close(self):
         pass
 
+    def step_sums(self, weight_of):
+        """The sum of weight_of(labels) over this rank's rows of each step (zeros where it holds
+        no labels): what a weighted loss divides by, once summed over ranks."""
+        y = self.arrays[1]
+        if y is None:
+            return np.zeros(len(self.counts))
+        return _sums_by_step(weight_of(y if self.perm is None else y[self.perm]), self.counts)
+
     def __call__(self, k):
         s, c = int(self.starts[k]), int(self.counts[k])
         if self.perm is None:
@@ -148,6 +156,9 @@ class StreamedBatches:
         s, c = int(self.starts[k]), int(self.counts[k])
         return self.file_rows[s:s + c]
 
+    def step_sums(self, weight_of):
+        return _sums_by_step(weight_of(self.labels[self.file_rows]), self.counts)
+
     def __call__(self, k):
         s, c = int(self.starts[k]), int(self.counts[k])
         j = int(self.chunk_of_step[k])
@@ -165,6 +176,12 @@ class StreamedBatches:
                 except queue.Empty:
                     pass
             self.thread.join()
+
+
+def _sums_by_step(weights, counts):
+    """Sums of consecutive runs of `counts` weights (a step's rows follow the last step's)."""
+    steps = np.repeat(np.arange(len(counts)), counts)
+    return np.bincount(steps, weights=weights, minlength=len(counts)).astype(np.float64)
 
 
 class PlannedSource:
