@@ -178,6 +178,10 @@ class DataOptions:
                           ("rank", "global", "none"), coerce=shuffle_from_bool,
                           negative=("none", "keep file order (same as --shuffle none)"),
                           kept_on_resume=True)
+    weight_key: str = option("", "a dataset of the training file with each row's own weight "
+                                 "(one non-negative number per row): each row's loss is weighted "
+                                 "by it, the mean taken over the weights; validation rows too "
+                                 "where their file has it", kept_on_resume=True)
     val_fraction: float = option(0.0, "validate on this fraction of the training file's rows "
                                       "instead of --val-data: drawn with --seed, the same rows "
                                       "at any rank count, kept by resume and used by evaluate; "

@@ -86,13 +86,13 @@ class DataParallelEngine(Engine):
         if self.optimizer is not None:
             self.optimizer.warmup()
 
-    def step(self, xb, yb, rows, scale, stop=False, ids=None):
+    def step(self, xb, yb, rows, scale, stop=False, ids=None, weights=None):
         """This rank's gradient, the reducer's agreement, then (when finite) clip and update:
-        the one tail of every reducer."""
+        the one tail of every reducer. weights: the rows' own (--weight-key), or None."""
         reducer = self.reducer
         start = time.perf_counter()
         reducer.begin()
-        loss, correct = reducer.gradients(xb, yb, scale, stop, self.dropout_now(ids))
+        loss, correct = reducer.gradients(xb, yb, scale, stop, self.dropout_now(ids), weights)
         t0 = time.perf_counter()
         self.watchdog.arrived()
         agreed = reducer.agree(bool(self.clip_grad_norm))
@@ -111,15 +111,15 @@ class DataParallelEngine(Engine):
             self.phase_s = [t0 - start, t1 - t0, t3 - t1]
         return StepResult(loss, correct, rows, agreed.stop, agreed.finite, norm)
 
-    def local_gradients(self, xb, yb, scale, drop):
-        """This rank's gradient into the network's gradient buffer. -> (loss sum, correct,
-        gradient bound)."""
+    def local_gradients(self, xb, yb, scale, drop, w=None):
+        """This rank's gradient into the network's gradient buffer (rows weighted by w when
+        given). -> (loss sum, correct, gradient bound)."""
         if self.accumulate > 1:
-            return self._accumulated(xb, yb, scale, drop)
+            return self._accumulated(xb, yb, scale, drop, w)
         if self.timeline.enabled:
-            loss, correct = self.net.train_step_traced(xb, yb, scale, self.timeline, *drop)
+            loss, correct = self.net.train_step_traced(xb, yb, scale, self.timeline, *drop, w)
         else:
-            loss, correct = self.net.train_step(xb, yb, scale, None, *drop)
+            loss, correct = self.net.train_step(xb, yb, scale, None, *drop, w)
         return loss, correct, self.net.grad_bound
 
     def describe(self):
@@ -136,7 +136,7 @@ class DataParallelEngine(Engine):
         if self.shard:
             self.shard.close()
 
-    def _accumulated(self, xb, yb, scale, drop):
+    def _accumulated(self, xb, yb, scale, drop, w):
         """This rank's share in `accumulate` pieces: the first piece's gradient is written, the
         others' are added. Returns (loss sum, correct, gradient bound) over the share."""
         loss, correct, bound = 0.0, 0, 0.0
@@ -145,7 +145,8 @@ class DataParallelEngine(Engine):
             off, m = even_part(xb.shape[0], self.accumulate, i)
             target = self.net.grads if i == 0 else self.piece_grads
             l, c = self.net.train_step(xb[off:off + m], yb[off:off + m], scale, target, mask,
-                                       ids[off:off + m] if len(ids) else ids)
+                                       ids[off:off + m] if len(ids) else ids,
+                                       None if w is None else w[off:off + m])
             if i:
                 self.net.grads += self.piece_grads
             loss, correct, bound = loss + l, correct + c, bound + self.net.grad_bound

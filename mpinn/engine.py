@@ -47,10 +47,10 @@ class Engine(ABC):
         """Compile (or load from the cache) every kernel this rank will call; no communication."""
 
     @abstractmethod
-    def step(self, xb, yb, rows, scale, stop=False, ids=None):
+    def step(self, xb, yb, rows, scale, stop=False, ids=None, weights=None):
         """One global batch: this rank's rows (xb, yb; `rows` of them; `ids` their file rows,
-        needed with dropout) with gradients of scale * (summed loss), reduced, then one update.
-        Returns a StepResult."""
+        needed with dropout; `weights` their own weights, --weight-key) with gradients of scale *
+        (summed, weighted loss), reduced, then one update. Returns a StepResult."""
 
     def set_dropout(self, p, seed):
         self.dropout = Dropout(p, seed, self.last_hidden) if p else None

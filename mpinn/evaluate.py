@@ -18,7 +18,7 @@ from .plan import Grid, even_part
 from .runtime.signals import signals_held
 from .runtime.threads import limit_threads
 from .session import (Evaluator, broadcast_checkpoint, bundled, check_labels, check_metrics,
-                      load_split, make_engine)
+                      load_split, make_engine, own_weights)
 
 
 def run_evaluate(cfg, explicit, comm):
@@ -54,7 +54,9 @@ def run_evaluate(cfg, explicit, comm):
         comm.in_cache_order(lambda: engine.warmup(x, y))
     else:
         comm.in_cache_order(lambda: None)
-    loss, accuracy, task = Evaluator(comm, n_local, x, y, arch, names, ckpt.scaling)(engine)
+    w = own_weights(comm, path, cols, data.block_selections(n_rows, grid.replica, grid.replicas),
+                    grid.is_last, optional=True)  # the run's --weight-key, where this file has it
+    loss, accuracy, task = Evaluator(comm, n_local, x, y, arch, names, ckpt.scaling, w)(engine)
     result = {"loss": loss, "accuracy": accuracy, "samples": n_rows, "checkpoint": cfg.checkpoint,
               "data": path, "ranks": comm.size, "pipeline_stages": grid.stages,
               **({"part": "validation"} if part else {}), **task}
@@ -76,7 +78,7 @@ def evaluation_set(cfg, config, loss):
     """(path, Columns, note) of what to evaluate: --data, or the bundled digits test set; but the
     validation rows of the training file (the same rows, data/split.py) when the checkpoint's run
     split them off with --val-fraction and --data is that file or not given."""
-    cols = data.Columns(cfg.x_key, cfg.y_key, loss)
+    cols = data.Columns(cfg.x_key, cfg.y_key, loss, w_key=config.get("weight_key", ""))
     path = data.canonical_spec(cfg.data) if cfg.data else None
     fraction, trained_on = float(config.get("val_fraction") or 0), config.get("data")
     if not fraction or path not in (None, trained_on):

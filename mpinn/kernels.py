@@ -307,14 +307,15 @@ def backward_layers(grads, params, x, sizes, w_off, b_off, acts, a_off, act, d0,
 
 
 @njit(cache=True, nogil=True)
-def cross_entropy_grad_(logits, labels, scale, class_weight):
+def cross_entropy_grad_(logits, labels, scale, class_weight, row_weight):
     """Turn logits (N, K) in place into scale * dLoss/dz of softmax cross-entropy, each row's
-    loss weighted by class_weight[its label] (an empty array: 1). Returns (sum of the weighted
-    per-sample losses, number of correct argmax predictions), both unscaled."""
+    loss weighted by class_weight[its label] times row_weight[row] (an empty array: 1). Returns
+    (sum of the weighted per-sample losses, number of correct argmax predictions), unscaled."""
     n, k = logits.shape
     loss = 0.0
     correct = 0
     weighted = class_weight.shape[0] > 0
+    per_row = row_weight.shape[0] > 0
     for i in range(n):
         m = logits[i, 0]
         best = 0
@@ -327,6 +328,8 @@ def cross_entropy_grad_(logits, labels, scale, class_weight):
             s += np.exp(logits[i, j] - m)
         y = labels[i]
         w = class_weight[y] if weighted else 1.0
+        if per_row:
+            w *= row_weight[i]
         loss += w * (np.log(s) + m - logits[i, y])
         if best == y:
             correct += 1
@@ -337,17 +340,20 @@ def cross_entropy_grad_(logits, labels, scale, class_weight):
 
 
 @njit(cache=True, nogil=True)
-def mse_grad_(out, targets, out_act, scale):
-    """Turn outputs (N, K) = out_act(z) in place into scale * dLoss/dz of squared error.
-    Returns (sum of squared errors over all elements, 0)."""
+def mse_grad_(out, targets, out_act, scale, row_weight):
+    """Turn outputs (N, K) = out_act(z) in place into scale * dLoss/dz of squared error, each
+    row's errors weighted by row_weight[row] (an empty array: 1). Returns (sum of the weighted
+    squared errors over all elements, 0)."""
     n, k = out.shape
     loss = 0.0
+    per_row = row_weight.shape[0] > 0
     for i in range(n):
+        w = row_weight[i] if per_row else 1.0
         for j in range(k):
             o = out[i, j]
             e = o - targets[i, j]
-            loss += e * e
-            g = 2 * e * scale
+            loss += w * e * e
+            g = 2 * e * scale * w
             if out_act == ACT_SIGMOID:
                 g *= o * (1 - o)
             elif out_act == ACT_TANH:
@@ -359,26 +365,29 @@ def mse_grad_(out, targets, out_act, scale):
 
 
 @njit(cache=True, nogil=True)
-def bce_grad_(logits, targets, pos_weight, scale):
+def bce_grad_(logits, targets, pos_weight, scale, row_weight):
     """Turn logits (N, K) in place into scale * dLoss/dz of sigmoid binary cross-entropy per
     element, positives weighted by pos_weight (K,) as torch's BCEWithLogitsLoss(pos_weight):
-    l = (1 - y) z + (1 + (p - 1) y) log(1 + exp(-z)), computed stably. Returns (sum of the
-    element losses, rows whose every label is on the right side of 0.5), both unscaled."""
+    l = (1 - y) z + (1 + (p - 1) y) log(1 + exp(-z)), computed stably, each row's weighted by
+    row_weight[row] (an empty array: 1). Returns (sum of the weighted element losses, rows whose
+    every label is on the right side of 0.5), both unscaled."""
     n, k = logits.shape
     loss = 0.0
     correct = 0
+    per_row = row_weight.shape[0] > 0
     for i in range(n):
+        w = row_weight[i] if per_row else 1.0
         right = True
         for j in range(k):
             z = np.float64(logits[i, j])
             y = np.float64(targets[i, j])
             weight = 1.0 + (pos_weight[j] - 1.0) * y
             softplus_neg = np.log1p(np.exp(-abs(z))) + max(-z, 0.0)  # log(1 + exp(-z))
-            loss += (1.0 - y) * z + weight * softplus_neg
+            loss += w * ((1.0 - y) * z + weight * softplus_neg)
             if (z > 0) != (y > 0.5):
                 right = False
             sig = 1.0 / (1.0 + np.exp(-z)) if z >= 0 else np.exp(z) / (1.0 + np.exp(z))
-            logits[i, j] = ((1.0 - y) - weight * (1.0 - sig)) * scale
+            logits[i, j] = ((1.0 - y) - weight * (1.0 - sig)) * (scale * w)
         if right:
             correct += 1
     return loss, correct
@@ -411,8 +420,8 @@ def softmax_(logits):
 
 
 @njit(cache=True, nogil=True)
-def train_step_ce(grads, params, x, labels, scale, class_weight, sizes, w_off, b_off, acts, a_off,
-                  act, d0, d1, drop, rows, units, bound):
+def train_step_ce(grads, params, x, labels, scale, class_weight, row_weight, sizes, w_off, b_off,
+                  acts, a_off, act, d0, d1, drop, rows, units, bound):
     """Forward, softmax cross-entropy and backward for N rows; grads (P,) overwritten.
     Returns (loss sum, correct count) over these rows."""
     n_layers = sizes.shape[0] - 1
@@ -422,15 +431,15 @@ def train_step_ce(grads, params, x, labels, scale, class_weight, sizes, w_off, b
         return 0.0, 0
     forward(params, x, sizes, w_off, b_off, acts, a_off, act, ACT_IDENTITY, drop, rows, units)
     z = _view2(acts, a_off[n_layers - 1], x.shape[0], sizes[n_layers])
-    loss, correct = cross_entropy_grad_(z, labels, scale, class_weight)
+    loss, correct = cross_entropy_grad_(z, labels, scale, class_weight, row_weight)
     backward(grads, params, x, sizes, w_off, b_off, acts, a_off, act, d0, d1, x, False, drop, rows,
              units, bound)
     return loss, correct
 
 
 @njit(cache=True, nogil=True)
-def train_step_mse(grads, params, x, targets, scale, sizes, w_off, b_off, acts, a_off, act, out_act,
-                   d0, d1, drop, rows, units, bound):
+def train_step_mse(grads, params, x, targets, scale, row_weight, sizes, w_off, b_off, acts, a_off,
+                   act, out_act, d0, d1, drop, rows, units, bound):
     """Forward, squared error and backward for N rows; grads (P,) overwritten.
     Returns (sum of squared errors, 0) over these rows."""
     n_layers = sizes.shape[0] - 1
@@ -440,15 +449,15 @@ def train_step_mse(grads, params, x, targets, scale, sizes, w_off, b_off, acts, 
         return 0.0, 0
     forward(params, x, sizes, w_off, b_off, acts, a_off, act, out_act, drop, rows, units)
     out = _view2(acts, a_off[n_layers - 1], x.shape[0], sizes[n_layers])
-    loss, _ = mse_grad_(out, targets, out_act, scale)
+    loss, _ = mse_grad_(out, targets, out_act, scale, row_weight)
     backward(grads, params, x, sizes, w_off, b_off, acts, a_off, act, d0, d1, x, False, drop, rows,
              units, bound)
     return loss, 0
 
 
 @njit(cache=True, nogil=True)
-def train_step_bce(grads, params, x, targets, scale, pos_weight, sizes, w_off, b_off, acts, a_off,
-                   act, d0, d1, drop, rows, units, bound):
+def train_step_bce(grads, params, x, targets, scale, pos_weight, row_weight, sizes, w_off, b_off,
+                   acts, a_off, act, d0, d1, drop, rows, units, bound):
     """Forward, sigmoid binary cross-entropy and backward for N rows; grads (P,) overwritten.
     Returns (loss sum over the elements, rows right) over these rows."""
     n_layers = sizes.shape[0] - 1
@@ -458,7 +467,7 @@ def train_step_bce(grads, params, x, targets, scale, pos_weight, sizes, w_off, b
         return 0.0, 0
     forward(params, x, sizes, w_off, b_off, acts, a_off, act, ACT_IDENTITY, drop, rows, units)
     z = _view2(acts, a_off[n_layers - 1], x.shape[0], sizes[n_layers])
-    loss, correct = bce_grad_(z, targets, pos_weight, scale)
+    loss, correct = bce_grad_(z, targets, pos_weight, scale, row_weight)
     backward(grads, params, x, sizes, w_off, b_off, acts, a_off, act, d0, d1, x, False, drop, rows,
              units, bound)
     return loss, correct

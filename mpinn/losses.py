@@ -12,6 +12,13 @@ import numpy as np
 
 from . import kernels
 
+UNWEIGHTED = np.zeros(0, np.float32)  # the kernels' "no row weights"
+
+
+def _rows(w):
+    """Row weights for a kernel: float32 (N,), or the empty array for none."""
+    return UNWEIGHTED if w is None else w
+
 
 class CrossEntropy:
     """Softmax cross-entropy; with class_weight, each row's loss weighted by its class's weight
@@ -28,17 +35,18 @@ class CrossEntropy:
         """The weight of each row of labels y, or None when unweighted."""
         return self.weights[y] if self.class_weight else None
 
-    def grad_(self, out, y, out_act, scale):
-        """Raw outputs (logits) -> scale * dLoss/dz in place; (loss sum, correct) over the rows."""
-        loss, correct = kernels.cross_entropy_grad_(out, y, scale, self.weights)
+    def grad_(self, out, y, out_act, scale, w=None):
+        """Raw outputs (logits) -> scale * dLoss/dz in place; (loss sum, correct) over the rows.
+        w: the rows' own weights (--weight-key), or None."""
+        loss, correct = kernels.cross_entropy_grad_(out, y, scale, self.weights, _rows(w))
         return float(loss), int(correct)
 
-    def fused_step(self, grads, params, x, y, scale, ws, drop, rows, bound):
+    def fused_step(self, grads, params, x, y, scale, ws, drop, rows, bound, w=None):
         """Forward, loss and backward in one compiled call (the data-parallel hot path); bound:
         ws.bound to have the kernel bound the gradient, or model.NO_BOUND."""
-        return kernels.train_step_ce(grads, params, x, y, scale, self.weights, ws.sizes,
-                                     ws.w_off, ws.b_off, ws.acts, ws.a_off, ws.act, ws.d0, ws.d1,
-                                     drop, rows, ws.units, bound)
+        return kernels.train_step_ce(grads, params, x, y, scale, self.weights, _rows(w),
+                                     ws.sizes, ws.w_off, ws.b_off, ws.acts, ws.a_off, ws.act,
+                                     ws.d0, ws.d1, drop, rows, ws.units, bound)
 
     @staticmethod
     def scale(global_rows, n_outputs):
@@ -64,15 +72,15 @@ class MeanSquaredError:
     weighted = False
 
     @staticmethod
-    def grad_(out, y, out_act, scale):
-        loss, correct = kernels.mse_grad_(out, y, out_act, scale)
+    def grad_(out, y, out_act, scale, w=None):
+        loss, correct = kernels.mse_grad_(out, y, out_act, scale, _rows(w))
         return float(loss), int(correct)
 
     @staticmethod
-    def fused_step(grads, params, x, y, scale, ws, drop, rows, bound):
-        return kernels.train_step_mse(grads, params, x, y, scale, ws.sizes, ws.w_off, ws.b_off,
-                                      ws.acts, ws.a_off, ws.act, ws.out_act, ws.d0, ws.d1, drop,
-                                      rows, ws.units, bound)
+    def fused_step(grads, params, x, y, scale, ws, drop, rows, bound, w=None):
+        return kernels.train_step_mse(grads, params, x, y, scale, _rows(w), ws.sizes, ws.w_off,
+                                      ws.b_off, ws.acts, ws.a_off, ws.act, ws.out_act, ws.d0,
+                                      ws.d1, drop, rows, ws.units, bound)
 
     @staticmethod
     def scale(global_rows, n_outputs):
@@ -84,7 +92,7 @@ class MeanSquaredError:
 
     @staticmethod
     def summarize(loss_sum, correct, n, n_outputs, weight=None):
-        return loss_sum / (max(n, 1) * n_outputs), None
+        return loss_sum / (max(n if weight is None else weight, 1e-300) * n_outputs), None
 
     @staticmethod
     def outputs_(out):
@@ -107,14 +115,14 @@ class BinaryCrossEntropy:
             self._weights[k] = np.array(given * (k if len(given) == 1 else 1), np.float32)
         return self._weights[k]
 
-    def grad_(self, out, y, out_act, scale):
-        loss, correct = kernels.bce_grad_(out, y, self.weights(out.shape[1]), scale)
+    def grad_(self, out, y, out_act, scale, w=None):
+        loss, correct = kernels.bce_grad_(out, y, self.weights(out.shape[1]), scale, _rows(w))
         return float(loss), int(correct)
 
-    def fused_step(self, grads, params, x, y, scale, ws, drop, rows, bound):
+    def fused_step(self, grads, params, x, y, scale, ws, drop, rows, bound, w=None):
         return kernels.train_step_bce(grads, params, x, y, scale, self.weights(ws.sizes[-1]),
-                                      ws.sizes, ws.w_off, ws.b_off, ws.acts, ws.a_off, ws.act,
-                                      ws.d0, ws.d1, drop, rows, ws.units, bound)
+                                      _rows(w), ws.sizes, ws.w_off, ws.b_off, ws.acts, ws.a_off,
+                                      ws.act, ws.d0, ws.d1, drop, rows, ws.units, bound)
 
     @staticmethod
     def scale(global_rows, n_outputs):
@@ -126,8 +134,8 @@ class BinaryCrossEntropy:
 
     @staticmethod
     def summarize(loss_sum, correct, n, n_outputs, weight=None):
-        n = max(n, 1)
-        return loss_sum / (n * n_outputs), correct / n
+        return (loss_sum / (max(n if weight is None else weight, 1e-300) * n_outputs),
+                correct / max(n, 1))
 
     @staticmethod
     def outputs_(out):

@@ -253,9 +253,9 @@ class Network:
         """Write gradients into this buffer from now on (a node's alternating shared slots)."""
         self.grads = self.layers.grads = grads
 
-    def train_step(self, x, y, scale, grads=None, drop=NO_DROPOUT, rows=NO_ROWS):
-        """Gradient of scale * (sum of losses over the rows of x) into self.grads (or grads).
-        Returns (loss sum, correct count) over those rows."""
+    def train_step(self, x, y, scale, grads=None, drop=NO_DROPOUT, rows=NO_ROWS, w=None):
+        """Gradient of scale * (sum of losses over the rows of x, each weighted by w when given)
+        into self.grads (or grads). Returns (loss sum, correct count) over those rows."""
         if x.shape[0] > self.ws.max_rows:
             raise ValueError(f"{x.shape[0]} rows exceed the workspace of {self.ws.max_rows}")
         if x.shape[0] <= self.bound_rows:
@@ -265,20 +265,20 @@ class Network:
             self.ws.bound[0] = np.inf  # unknown
         loss, correct = self.loss.fused_step(self.grads if grads is None else grads, self.params,
                                              x, y, self.params.dtype.type(scale), self.ws, drop,
-                                             rows, bound)
+                                             rows, bound, w)
         return float(loss), int(correct)
 
-    def forward_loss_grad(self, x, y, scale, drop=NO_DROPOUT, rows=NO_ROWS):
+    def forward_loss_grad(self, x, y, scale, drop=NO_DROPOUT, rows=NO_ROWS, w=None):
         """Forward pass and loss for the rows of x (at least one), leaving scale * dLoss/dz of
         the output layer in the workspace for backward. Returns (loss sum, correct count)."""
         out = self.layers.forward(self.ws, x, drop, rows)
-        return self.loss.grad_(out, y, self.ws.out_act, self.params.dtype.type(scale))
+        return self.loss.grad_(out, y, self.ws.out_act, self.params.dtype.type(scale), w)
 
     def backward(self, x, hi=None, lo=0, drop=NO_DROPOUT, rows=NO_ROWS):
         """Backpropagate what forward_loss_grad left (layers hi-1 .. lo; default all)."""
         self.layers.backward(self.ws, x, hi=hi, lo=lo, drop=drop, rows=rows)
 
-    def train_step_traced(self, x, y, scale, timeline, drop=NO_DROPOUT, rows=NO_ROWS):
+    def train_step_traced(self, x, y, scale, timeline, drop=NO_DROPOUT, rows=NO_ROWS, w=None):
         """train_step with forward and backward as separate kernel calls (same mathematics),
         recorded on the timeline."""
         self.ws.bound[0] = np.inf  # not computed on this path
@@ -286,7 +286,7 @@ class Network:
             self.grads[:] = 0
             return 0.0, 0
         t0 = time.perf_counter()
-        loss, correct = self.forward_loss_grad(x, y, scale, drop, rows)
+        loss, correct = self.forward_loss_grad(x, y, scale, drop, rows, w)
         t1 = time.perf_counter()
         self.backward(x, drop=drop, rows=rows)
         timeline.add("forward", t0, t1)

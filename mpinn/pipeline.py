@@ -164,7 +164,7 @@ class PipelineEngine(Engine):
         if self.optimizer is not None:
             self.optimizer.warmup()
 
-    def step(self, xb, yb, rows, scale, stop=False, ids=None):
+    def step(self, xb, yb, rows, scale, stop=False, ids=None, weights=None):
         """One global batch: this replica's `rows` rows in M micro-batches, then one update."""
         parts = [p for p in (even_part(rows, self.micro, i) for i in range(self.micro)) if p[1]]
         ops = schedule(self.kind, self.grid.stages, self.grid.stage, len(parts))
@@ -182,7 +182,8 @@ class PipelineEngine(Engine):
                                     ids[off:off + n] if len(ids) else ids)
                 if self.grid.is_last:
                     t = time.perf_counter()
-                    l, c = self.loss.grad_(out, yb[off:off + n], slot.ws.out_act, scale)
+                    l, c = self.loss.grad_(out, yb[off:off + n], slot.ws.out_act, scale,
+                                           None if weights is None else weights[off:off + n])
                     loss, correct = loss + l, correct + c
                     self.compute_s += time.perf_counter() - t
             else:

@@ -46,9 +46,9 @@ class AllreduceReducer:
             self.buffer = self.node_sum.slot
             self.engine.net.use_grads(self.buffer[:self.engine.arch.n_params])
 
-    def gradients(self, xb, yb, scale, stop, drop):
+    def gradients(self, xb, yb, scale, stop, drop, w=None):
         """This rank's gradient into the buffer. -> (loss sum, correct)."""
-        loss, correct, bound = self.engine.local_gradients(xb, yb, scale, drop)
+        loss, correct, bound = self.engine.local_gradients(xb, yb, scale, drop, w)
         n = self.engine.arch.n_params
         self.buffer[n:n + CONTROL_VALUES] = (1.0 if stop else 0.0, loss, bound)
         return loss, correct
@@ -90,12 +90,12 @@ class OverlapReducer(AllreduceReducer):
         super().__init__(engine)
         self.buckets, self.requests = buckets, []
 
-    def gradients(self, xb, yb, scale, stop, drop):
+    def gradients(self, xb, yb, scale, stop, drop, w=None):
         engine, net, n = self.engine, self.engine.net, self.engine.arch.n_params
         rows = xb.shape[0]
         t0 = time.perf_counter()
         if rows:
-            loss, correct = net.forward_loss_grad(xb, yb, scale, *drop)
+            loss, correct = net.forward_loss_grad(xb, yb, scale, *drop, w)
         else:
             loss, correct = 0.0, 0
             net.grads[:] = 0
@@ -130,8 +130,8 @@ class ShardedReducer:
     def begin(self):
         pass
 
-    def gradients(self, xb, yb, scale, stop, drop):
-        loss, correct, _ = self.engine.local_gradients(xb, yb, scale, drop)
+    def gradients(self, xb, yb, scale, stop, drop, w=None):
+        loss, correct, _ = self.engine.local_gradients(xb, yb, scale, drop, w)
         self.stop, self.loss = stop, loss
         return loss, correct
 
@@ -167,8 +167,8 @@ class NodeShardedReducer(AllreduceReducer):
     def begin(self):
         pass  # the sliced sum keeps one set of slots
 
-    def gradients(self, xb, yb, scale, stop, drop):
-        loss, correct, _ = self.engine.local_gradients(xb, yb, scale, drop)
+    def gradients(self, xb, yb, scale, stop, drop, w=None):
+        loss, correct, _ = self.engine.local_gradients(xb, yb, scale, drop, w)
         n = self.engine.arch.n_params
         self.buffer[n] = 1.0 if stop else 0.0
         self.buffer[n + 1] = loss

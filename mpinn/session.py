@@ -58,6 +58,23 @@ def load_split(comm, path, cols, selections_of, min_rows=1, want_x=True, want_y=
     return comm.checked(read)
 
 
+def own_weights(comm, path, cols, selections, reads, optional=False):
+    """The rows' own weights (--weight-key) of these selections where this rank reads targets
+    (reads), else None; none at all without the option, or (optional) when the file has no such
+    dataset. Refused when they are all 0 over every rank's rows."""
+    if not cols.w_key or (optional and not comm.checked(data.has_dataset, path, cols.w_key)):
+        return None
+    w = comm.checked(lambda: data.read_weights(path, cols, selections) if reads else None)
+    total = comm.allreduce_sum([w.sum(dtype=np.float64) if w is not None else 0.0])[0]
+    if not total > 0:
+        comm.checked(_refuse, f"{path}:{cols.w_key}: every row weight is 0")
+    return w
+
+
+def _refuse(message):
+    raise UsageError(message)
+
+
 def check_labels(y, n_classes, path, rows_of=None):
     """Every label of this rank's rows is a class of the network; rows_of() gives the file rows
     of the local ones, to name the offending row."""
@@ -102,9 +119,9 @@ class Evaluator:
     from all rows and tells every rank. `scaling`: what the targets were scaled by, so that
     regression metrics are in the targets' own units."""
 
-    def __init__(self, comm, n_local, x, y, arch, metrics=(), scaling=None):
+    def __init__(self, comm, n_local, x, y, arch, metrics=(), scaling=None, w=None):
         self.comm, self.n_local, self.x, self.y, self.arch = comm, n_local, x, y, arch
-        self.metrics, self.scaling = tuple(metrics), scaling
+        self.metrics, self.scaling, self.w = tuple(metrics), scaling, w  # w: the rows' own
 
     def __call__(self, engine):
         """-> (mean loss, accuracy or None, {metric: value})."""
@@ -119,8 +136,11 @@ class Evaluator:
             if len(kept):  # before the loss's gradient replaces the outputs
                 kept[off:off + rows] = loss.outputs_(out.copy())
             y = self.y[off:off + rows]
+            own = None if self.w is None else self.w[off:off + rows]
             weights = loss.row_weights(y)
-            sums[:] += (*loss.grad_(out, y, out_act, 1.0), rows,
+            if own is not None:
+                weights = own if weights is None else weights * own
+            sums[:] += (*loss.grad_(out, y, out_act, 1.0, own), rows,
                         rows if weights is None else weights.sum(dtype=np.float64))
         engine.forward_chunks(self.n_local, lambda off, m: self.x[off:off + m], consume)
         loss_sum, correct, n, weight = self.comm.allreduce_sum(sums)

@@ -30,7 +30,7 @@ from .runtime.threads import limit_threads, oversubscription
 from .runtime.timeline import Timeline, is_trace
 from .runtime.watchdog import NullWatchdog, Watchdog
 from .session import (Evaluator, broadcast_checkpoint, check_labels, check_metrics, data_paths,
-                      load_split, make_engine)
+                      load_split, make_engine, own_weights)
 from .trainer import Guard, LoopState, Trainer
 
 
@@ -62,6 +62,7 @@ class Inputs:
     scaling: Scaling      # applied to x, y and labels already; validation rows get it too
     spread_warning: str = None  # unscaled inputs of very different scales
     val_cols: object = None     # the validation rows' Columns (a part of the training file's)
+    w: np.ndarray = None        # the rows' own weights (--weight-key): this rank's, all streamed
 
 
 def assemble(options, explicit, comm, log, user_hooks=()):
@@ -181,7 +182,8 @@ def read_inputs(options, comm, grid, ckpt, faults):
     train_path, val_path = comm.checked(data_paths, options.data.data, options.data.val_data,
                                         bool(fraction))
     loss = ckpt.arch.loss if ckpt else options.model.loss
-    cols = val_cols = data.Columns(options.data.x_key, options.data.y_key, loss)
+    cols = val_cols = data.Columns(options.data.x_key, options.data.y_key, loss,
+                                   w_key=options.data.weight_key)
     t_load = time.perf_counter()
     n_rows, n_features = comm.checked(shape_of, train_path, cols)
     if fraction:  # the file's rows split in two; each part read as a file of its own rows
@@ -203,6 +205,8 @@ def read_inputs(options, comm, grid, ckpt, faults):
     labels = comm.checked(lambda: data.read_rows(
         train_path, cols, [(slice(0, n_rows), n_rows)], n_targets, want_x=False)[1]
     ) if chunk_rows else None
+    w = own_weights(comm, train_path, cols, [(slice(0, n_rows), n_rows)] if chunk_rows
+                    else data.plan_selections(plan), grid.is_last)
     # streamed: each rank summarises its block of the file's rows (and of the labels)
     first, count = even_part(n_rows, comm.size, comm.rank)
     block = slice(first, first + count)
@@ -214,7 +218,7 @@ def read_inputs(options, comm, grid, ckpt, faults):
     scaling.targets_(y)
     scaling.targets_(labels)
     return Inputs(train_path, val_path, cols, plan, n_features, n_targets, x, y,
-                  chunk_rows, labels, time.perf_counter() - t_load, scaling, warning, val_cols)
+                  chunk_rows, labels, time.perf_counter() - t_load, scaling, warning, val_cols, w)
 
 
 def fit_scaling(opts, loss, comm, ckpt, x, y, n_features, n_targets, stream):
@@ -256,17 +260,24 @@ def _streamed_moments(path, cols, rows, chunk_rows):
 
 
 def batch_source(options, comm, inputs):
-    """Where the loop's batches come from: the stream, the global shuffle, or memory."""
+    """Where the loop's batches come from: the stream, the global shuffle, or memory. Every rank
+    knows the rows carry their own weights, also a pipeline stage that holds none of them."""
+    source = _batch_source(options, comm, inputs)
+    source.own_weights = bool(inputs.cols.w_key)  # the epoch's weight sums are collective
+    return source
+
+
+def _batch_source(options, comm, inputs):
     shuffle, seed, plan = options.data.shuffle, options.run.seed, inputs.plan
     dropout = options.model.dropout > 0  # dropout's masks are keyed by file row: say which rows
     if inputs.chunk_rows:
         return data.StreamedSource(inputs.train_path, inputs.cols.x_key, inputs.chunk_rows,
                                    inputs.labels, plan, shuffle, seed, dropout,
-                                   inputs.scaling.inputs_, inputs.cols.rows)
+                                   inputs.scaling.inputs_, inputs.cols.rows, inputs.w)
     if shuffle == "global":
-        return data.GlobalShuffleSource(comm, inputs.x, inputs.y, plan, seed, dropout)
+        return data.GlobalShuffleSource(comm, inputs.x, inputs.y, plan, seed, dropout, inputs.w)
     return data.InMemorySource(inputs.x, inputs.y, plan, shuffle == "rank", seed,
-                               plan.owned_rows() if dropout else None)
+                               plan.owned_rows() if dropout else None, inputs.w)
 
 
 def shape_of(path, cols):
@@ -343,8 +354,11 @@ def validation(options, comm, grid, inputs, arch):
     inputs.scaling.targets_(vy)
     names = options.run.metrics
     check_metrics(comm, names, arch, vy, val_path)
+    vw = own_weights(comm, val_path, cols, data.block_selections(n_val, grid.replica,
+                                                                 grid.replicas),
+                     grid.is_last, optional=True)
     return Evaluator(comm, even_part(n_val, grid.replicas, grid.replica)[1], vx, vy, arch,
-                     names, inputs.scaling)
+                     names, inputs.scaling, vw)
 
 
 def build_engine(options, comm, grid, arch, plan, ckpt, log, evaluates):

@@ -116,10 +116,11 @@ class Trainer:
         xb = guard.faults.batch(st.step + 1, xb)
         engine.timeline.add("data", t0, time.perf_counter())
         weights = self.step_weights
-        scale = self.arch.loss_fn.scale(self.batches.global_rows(k) if weights is None
-                                        else weights[1][k], self.arch.sizes[-1])
+        total = self.batches.global_rows(k) if weights is None else weights[1][k]
+        # a batch whose rows all weigh 0 adds nothing (rather than 0 / 0)
+        scale = self.arch.loss_fn.scale(total, self.arch.sizes[-1]) if total > 0 else 0.0
         res = engine.step(xb, yb, int(self.batches.counts[k]), scale, guard.stop.requested,
-                          batches.rows_of(k))
+                          batches.rows_of(k), batches.weights_of(k))
         if weights is not None:
             res.weight = weights[0][k]
         guard.watchdog.end()
@@ -128,10 +129,11 @@ class Trainer:
         st.stopping = res.stop  # every rank sees the same flag after the same step
 
     def weights_of_steps(self, batches):
-        """(this rank's, all ranks') sums of the row weights of each step of the epoch, or None
-        for an unweighted loss: one small Allreduce an epoch, not one a step."""
+        """(this rank's, all ranks') sums of the row weights (the class's times the row's own) of
+        each step of the epoch, or None for unweighted rows: one small Allreduce an epoch, not
+        one a step."""
         loss = self.arch.loss_fn
-        if not loss.weighted:
+        if not (loss.weighted or self.batches.own_weights):
             return None
         local = batches.step_sums(loss.row_weights)
         return local, self.comm.allreduce_sum(local)

@@ -38,16 +38,17 @@ SWEEP_CHANGEABLE_BEFORE = {"out", "resume", "ranks_per_trial", "threads", "debug
 def test_every_train_option_is_declared_once_in_a_section():
     flat = [f.name for f in dataclasses.fields(TrainConfig)]
     in_sections = [f.name for _, f in TrainOptions.section_fields()]
-    assert flat == in_sections and len(set(flat)) == len(flat) == 70
+    assert flat == in_sections and len(set(flat)) == len(flat) == 71
     sizes = {s.name: len(dataclasses.fields(s.type)) for s in dataclasses.fields(TrainOptions)}
-    assert sizes == {"data": 9, "model": 8, "optim": 11, "schedule": 15, "parallel": 9, "run": 12,
+    assert sizes == {"data": 10, "model": 8, "optim": 11, "schedule": 15, "parallel": 9, "run": 12,
                      "safety": 6}
 
 
 def test_policies_come_from_the_declarations_and_match_the_old_lists():
     assert set(KEPT_ON_RESUME) == KEPT_BEFORE | {  # and those added since
         "scale_inputs", "scale_targets", "monitor", "plateau_factor", "plateau_patience",
-        "plateau_cooldown", "plateau_threshold", "val_fraction", "pos_weight", "class_weight"}
+        "plateau_cooldown", "plateau_threshold", "val_fraction", "pos_weight", "class_weight",
+        "weight_key"}
     assert SET_BY_SWEEP == ("run_dir", "resume", "overwrite")
     assert set(SWEEP_CHANGEABLE_ON_RESUME) == SWEEP_CHANGEABLE_BEFORE
 
@@ -105,21 +106,21 @@ class FakeEngine:
     def __init__(self):
         self.scales, self.watchdog = [], None
 
-    def step(self, xb, yb, rows, scale, stop=False, ids=None):
+    def step(self, xb, yb, rows, scale, stop=False, ids=None, weights=None):
         self.scales.append(scale)
         return StepResult(float(rows), rows, rows, False, True)
 
 
 class FakeBatches:
     counts = np.array([2, 2, 1])  # this reader's rows of 3 global batches of 4, 4 and 2 rows
-    shuffle_seconds = 0.0
+    shuffle_seconds, own_weights = 0.0, False
 
     def global_rows(self, k):
         return (4, 4, 2)[k]
 
     def epoch(self, epoch):
         batches = lambda k: (np.zeros((int(self.counts[k]), 3)), None)  # noqa: E731
-        batches.rows_of = lambda k: None
+        batches.rows_of = batches.weights_of = lambda k: None
         batches.close = lambda: None
         return batches
 

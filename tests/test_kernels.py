@@ -154,7 +154,8 @@ def test_backward_in_layer_ranges_equals_the_whole():
     ws = net.ws
     kernels.forward(net.params, x, ws.sizes, ws.w_off, ws.b_off, ws.acts, ws.a_off, ws.act,
                     ws.out_act, NO_DROPOUT, NO_ROWS, ws.units)
-    kernels.cross_entropy_grad_(ws.output(9), y, 1 / 9, np.zeros(0, np.float32))
+    kernels.cross_entropy_grad_(ws.output(9), y, 1 / 9, np.zeros(0, np.float32),
+                                np.zeros(0, np.float32))
     for hi, lo in ((4, 3), (3, 1), (1, 0)):
         kernels.backward_layers(net.grads, net.params, x, ws.sizes, ws.w_off, ws.b_off, ws.acts,
                                 ws.a_off, ws.act, ws.d0, ws.d1, x, False, hi, lo, NO_DROPOUT,
@@ -189,7 +190,7 @@ def test_softmax_and_cross_entropy_are_stable_for_large_logits():
     np.testing.assert_allclose(probs, expect, rtol=1e-6, atol=1e-30)
     grad = logits.copy()
     loss, correct = kernels.cross_entropy_grad_(grad, np.array([0, 1]), np.float32(1),
-                                              np.zeros(0, np.float32))
+                                              np.zeros(0, np.float32), np.zeros(0, np.float32))
     assert loss == pytest.approx(-np.log(expect[0, 0]) - np.log(expect[1, 1]), rel=1e-6)
     assert correct == 1
     np.testing.assert_allclose(grad, expect - np.eye(3)[[0, 1]], rtol=1e-6, atol=1e-7)

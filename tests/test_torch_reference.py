@@ -50,16 +50,29 @@ def torch_forward(layers, x, act, out_act):
     return h
 
 
-def torch_loss(out, y, loss, pos_weight=(), class_weight=()):
+def torch_loss(out, y, loss, pos_weight=(), class_weight=(), rows_weight=None):
+    """torch's loss; with rows_weight (each row's own weight) the mean of the rows' losses
+    weighted by it (and by their class weights), over those weights."""
+    F_ = torch.nn.functional
     if loss == "cross_entropy":
         weight = torch.tensor(class_weight, dtype=torch.float64) if class_weight else None
-        return torch.nn.functional.cross_entropy(out, torch.as_tensor(y), weight=weight)
+        if rows_weight is None:
+            return F_.cross_entropy(out, torch.as_tensor(y), weight=weight)
+        per_row = F_.cross_entropy(out, torch.as_tensor(y), weight=weight, reduction="none")
+        w = torch.as_tensor(rows_weight, dtype=torch.float64)
+        by_class = weight[torch.as_tensor(y)] if weight is not None else 1.0
+        return (w * per_row).sum() / (w * by_class).sum()
     target = torch.as_tensor(y, dtype=torch.float64)
     if loss == "bce":
         weight = torch.tensor(pos_weight, dtype=torch.float64) if pos_weight else None
-        return torch.nn.functional.binary_cross_entropy_with_logits(out, target,
-                                                                    pos_weight=weight)
-    return torch.nn.functional.mse_loss(out, target)
+        per = F_.binary_cross_entropy_with_logits(out, target, pos_weight=weight,
+                                                  reduction="none")
+    else:
+        per = F_.mse_loss(out, target, reduction="none")
+    if rows_weight is None:
+        return per.mean()
+    w = torch.as_tensor(rows_weight, dtype=torch.float64)
+    return (w[:, None] * per).sum() / (w.sum() * per.shape[1])
 
 
 def flat_grads(layers):
@@ -151,12 +164,15 @@ OPTIMIZERS = {
 }
 # (loss, hidden activation, output activation): cross-entropy with tanh, mse with a sigmoid output
 NETS = {"ce": ("cross_entropy", "tanh", "identity"), "mse": ("mse", "relu", "sigmoid"),
-        "bce": ("bce", "tanh", "identity"), "weighted": ("cross_entropy", "relu", "identity")}
+        "bce": ("bce", "tanh", "identity"), "weighted": ("cross_entropy", "relu", "identity"),
+        "rows-ce": ("cross_entropy", "tanh", "identity"), "rows-mse": ("mse", "relu", "identity")}
+# the rows' own weights (--weight-key w), with class weights for rows-ce
+ROWS_WEIGHTED = {"rows-ce": "ce.h5", "rows-mse": "mse.h5"}
 BCE_POS_WEIGHT = (1.5, 4.0, 0.5)  # multi-label, K = 3: torch's BCEWithLogitsLoss(pos_weight)
 CLASS_WEIGHT = (0.5, 2.0, 1.25)   # torch's CrossEntropyLoss(weight=...): a mean over the weights
 CASES = [(net, opt) for opt in OPTIMIZERS for net in ("ce",)] + [
     ("mse", "adam"), ("mse", "nesterov"), ("bce", "adam"), ("bce", "momentum"),
-    ("weighted", "sgd"), ("weighted", "adam")]
+    ("weighted", "sgd"), ("weighted", "adam"), ("rows-ce", "adam"), ("rows-mse", "momentum")]
 LAYOUTS = {"1 rank": (1, []), "3 ranks": (3, []),
            "3 stages": (3, ["--pipeline-stages", 3, "--micro-batches", 2])}
 DROPOUT_LAYOUTS = {**LAYOUTS, "2 ranks": (2, []), "accumulate": (2, ["--accumulate", 3])}
@@ -177,10 +193,14 @@ def problem(tmp_path_factory):
         f["X"], f["y"] = x, rng.choice(K, N, p=[0.6, 0.15, 0.25])
     with h5py.File(tmp / "bce.h5", "w") as f:
         f["X"], f["y"] = x, (rng.uniform(0, 1, (N, K)) < [0.2, 0.5, 0.7]).astype(np.int8)
+    row_weights = rng.uniform(0, 3, N) * (rng.uniform(size=N) > 0.1)  # a tenth weigh 0
+    for name, source in ROWS_WEIGHTED.items():
+        with h5py.File(tmp / source) as f, h5py.File(tmp / f"{name}.h5", "w") as g:
+            g["X"], g["y"], g["w"] = f["X"][...], f["y"][...], row_weights
     for name, (loss, act, out_act) in NETS.items():
         arch = Architecture((F,) + HIDDEN + (K,), act, out_act, loss,
                             BCE_POS_WEIGHT if loss == "bce" else (),
-                            CLASS_WEIGHT if name == "weighted" else ())
+                            CLASS_WEIGHT if name in ("weighted", "rows-ce") else ())
         params = rng.normal(0, 0.5, arch.n_params).astype(np.float32)
         checkpoint.save(str(tmp / f"init-{name}.h5"), checkpoint.Checkpoint(arch, params))
         files[name] = (str(tmp / f"{name}.h5"), str(tmp / f"init-{name}.h5"), arch, params)
@@ -192,6 +212,7 @@ def torch_training(data_path, arch, params, opt, clip=0.0, scheduler=None):
     optionally torch's clip_grad_norm_ after backward and a torch scheduler after each step."""
     with h5py.File(data_path, "r") as f:
         x, y = f["X"][...], f["y"][...]
+        w = f["w"][...].astype(np.float64) if "w" in f else None
     layers = torch_layers(params, arch.sizes)
     tensors = [t for layer in layers for t in layer]
     kw = dict(opt)
@@ -205,7 +226,8 @@ def torch_training(data_path, arch, params, opt, clip=0.0, scheduler=None):
         rows = slice(k * BATCH, min((k + 1) * BATCH, N))
         optimizer.zero_grad()
         out = torch_forward(layers, x[rows], arch.activation, arch.output_activation)
-        torch_loss(out, y[rows], arch.loss, arch.pos_weight, arch.class_weight).backward()
+        torch_loss(out, y[rows], arch.loss, arch.pos_weight, arch.class_weight,
+                   None if w is None else w[rows]).backward()
         if clip:
             torch.nn.utils.clip_grad_norm_(tensors, clip)
         optimizer.step()
@@ -226,7 +248,8 @@ def training_jobs(problem, root):
         ranks, extra = LAYOUTS[layout]
         job(("train", net, opt, layout), ranks, "--data", problem[net][0], "--init",
             problem[net][1], "--batch-size", BATCH, "--steps", STEPS, "--epochs", 10,
-            "--no-shuffle", "--check-every", 1, "--log-every", 100, *OPTIMIZERS[opt][0], *extra)
+            "--no-shuffle", "--check-every", 1, "--log-every", 100, *OPTIMIZERS[opt][0], *extra,
+            *(["--weight-key", "w"] if net in ROWS_WEIGHTED else []))
     data_path, init = problem["ce"][:2]
     for case, layout in itertools.product(SCHEDULED, LAYOUTS):
         ranks, extra = LAYOUTS[layout]

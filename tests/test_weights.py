@@ -1,9 +1,11 @@
-"""--class-weight (cross-entropy): each row's loss weighted by its class's weight, the mean taken
-over the weights, as torch's CrossEntropyLoss(weight=...) (against PyTorch step by step at 1 and 3
-ranks and on 3 pipeline stages: test_torch_reference.py). Here: 'balanced' is scikit-learn's
-compute_class_weight over the training rows, summed across ranks; the per-step weight sums (one
-Allreduce an epoch) make the run the same at any rank count, streamed or not; the checkpoint keeps
-the weights for resume and evaluate; bad weights are one clear error each."""
+"""--class-weight (cross-entropy) and --weight-key (a row's own weight, any loss): each row's
+loss weighted by its class's weight times its own, the mean taken over the weights, as torch's
+CrossEntropyLoss(weight=...) and a weighted mean of reduction="none" losses (against PyTorch step
+by step at 1 and 3 ranks and on 3 pipeline stages: test_torch_reference.py). Here: 'balanced' is
+scikit-learn's compute_class_weight over the training rows, summed across ranks; the per-step
+weight sums (one Allreduce an epoch) make the run the same at any rank count, streamed or not,
+resumed or not; the checkpoint keeps the weights for resume and evaluate; validation and evaluate
+report the weighted mean loss; bad weights are one clear error each."""
 import json
 
 import h5py
@@ -91,5 +93,72 @@ def test_validation_and_evaluate_report_the_weighted_mean_loss(runs):
 def test_bad_class_weights_are_one_clear_error(runs, extra, message):
     tmp, data = runs[0], runs[1]
     r = run_mpinn(2, "train", "--data", data, *extra, "--run-dir", tmp / "bad")
+    assert r.returncode == 2 and message in r.stderr, r.stderr
+    assert not (tmp / "bad" / "checkpoint.h5").exists()
+
+
+# -- the rows' own weights (--weight-key) ---------------------------------------------------------
+@pytest.fixture(scope="module")
+def own(tmp_path_factory):
+    """A regression file whose rows carry weights (a fifth of them 0), trained at 1 and 3 ranks
+    with the global shuffle, streamed, and on a validation split of the same file."""
+    tmp = tmp_path_factory.mktemp("own")
+    rng = np.random.default_rng(9)
+    x = rng.normal(size=(N, F)).astype(np.float32)
+    y = (x @ rng.normal(size=(F, 2)) + rng.normal(0, 0.3, (N, 2))).astype(np.float32)
+    w = (rng.uniform(0.2, 4, N) * (rng.uniform(size=N) > 0.2)).astype(np.float32)
+    data = str(tmp / "d.h5")
+    with h5py.File(data, "w") as f:
+        f["X"], f["y"], f["w"] = x, y, w
+    common = ["--data", data, "--loss", "mse", "--weight-key", "w", "--val-fraction", 0.2,
+              "--hidden", 8, "--epochs", 3, "--batch-size", 16, "--shuffle", "global"]
+    jobs = {name: (ranks, ["train", *common, *extra, "--run-dir", tmp / name])
+            for name, ranks, extra in (("one", 1, []), ("three", 3, []),
+                                       ("streamed", 3, ["--memory-budget", 0.0005]))}
+    out = run_many(jobs, tmp)
+    for r in out.values():
+        ok(r)
+    return tmp, data, x, y, w
+
+
+def test_own_weights_train_the_same_at_any_rank_count_and_streamed(own):
+    tmp = own[0]
+    np.testing.assert_allclose(params(tmp, "three"), params(tmp, "one"), rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(params(tmp, "streamed"), params(tmp, "three"))
+
+
+def test_validation_on_a_split_weighs_its_rows_and_evaluate_agrees(own):
+    tmp, data, x, y, w = own
+    from mpinn.data import split_rows
+    _, val = split_rows(N, 0.2, 0)
+    ok(run_mpinn(1, "predict", "--checkpoint", tmp / "one" / "checkpoint.h5", "--data", data,
+                 "--out", tmp / "p.h5"))
+    with h5py.File(tmp / "p.h5") as p:
+        out = p["output"][...].astype(np.float64)[val]
+    err = ((out - y[val]) ** 2).sum(1)
+    expect = float((w[val] * err).sum() / (w[val].sum() * 2))
+    records = [json.loads(line) for line in open(tmp / "one" / "metrics.jsonl")
+               if '"kind": "epoch"' in line]
+    assert records[-1]["val_loss"] == pytest.approx(expect, rel=1e-5)
+    r = ok(run_mpinn(2, "evaluate", "--checkpoint", tmp / "one" / "checkpoint.h5", "--json"))
+    assert json.loads(r.stdout)["loss"] == pytest.approx(expect, rel=1e-5)
+
+
+@pytest.mark.parametrize("weights,message", [
+    (np.ones(N - 1), "must hold one number per row of X (211)"),
+    (-np.ones(N), "holds negative weights"),
+    (np.zeros(N), "every row weight is 0"),
+    (np.full(N, np.nan), "contains NaN or inf weights"),
+    (None, "no dataset 'w' of row weights"),
+])
+def test_bad_row_weights_are_one_clear_error(own, weights, message):
+    tmp, _, x, y, _ = own
+    bad = tmp / "bad.h5"
+    with h5py.File(bad, "w") as f:
+        f["X"], f["y"] = x, y
+        if weights is not None:
+            f["w"] = weights
+    r = run_mpinn(2, "train", "--data", bad, "--loss", "mse", "--weight-key", "w", "--run-dir",
+                  tmp / "bad")
     assert r.returncode == 2 and message in r.stderr, r.stderr
     assert not (tmp / "bad" / "checkpoint.h5").exists()

@@ -7,12 +7,14 @@ from .read import (
                    RowSource,
                    block_selections,
                    class_names,
+                   has_dataset,
                    inspect,
                    plan_selections,
                    pread_fully,
                    read_file_rows,
                    read_inputs,
                    read_rows,
+                   read_weights,
                    stored_classes,
 )
 from .shuffle import (
@@ -36,6 +38,7 @@ from .sources import (
 __all__ = ["BatchSource", "Columns", "EpochBatches", "GlobalShuffle", "GlobalShuffleSource",
            "InMemorySource", "RowSource", "StreamedBatches", "StreamedSource", "block_selections",
            "canonical_spec", "class_names", "data_files", "epoch_file_rows", "epoch_permutation",
-           "file_identity", "global_shuffle", "global_shuffle_rows", "inspect", "open_h5",
-           "plan_selections", "pread_fully", "rank_permutation", "read_file_rows", "read_inputs",
-           "read_rows", "spec_identity", "split_rows", "stored_classes"]
+           "file_identity", "global_shuffle", "global_shuffle_rows", "has_dataset", "inspect",
+           "open_h5", "plan_selections", "pread_fully", "rank_permutation", "read_file_rows",
+           "read_inputs", "read_rows", "read_weights", "spec_identity", "split_rows",
+           "stored_classes"]

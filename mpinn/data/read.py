@@ -24,6 +24,7 @@ class Columns:
     y_key: str = "y"
     loss: str = "cross_entropy"
     rows: np.ndarray = field(default=None, compare=False)
+    w_key: str = ""  # a dataset of each row's own weight (--weight-key), or none
 
     def file_rows(self, rows):
         """The file rows of the set's rows."""
@@ -209,6 +210,32 @@ def read_rows(path, cols, selections, n_targets, want_x=True, want_y=True):
                                  f"{y.min():g}, max {y.max():g}): --loss bce takes 0/1 targets "
                                  "(or probabilities)")
     return x, y
+
+
+def has_dataset(path, key):
+    with open_h5(path) as f:
+        return isinstance(f.get(key), h5py.Dataset)
+
+
+def read_weights(path, cols, selections):
+    """The own weights (--weight-key) of the selected rows as float32, checked: one finite,
+    non-negative number per row of the inputs."""
+    n = sum(rows for _, rows in selections)
+    with open_h5(path) as f:
+        ds = f.get(cols.w_key)
+        if not isinstance(ds, h5py.Dataset):
+            raise UsageError(f"{path}: no dataset {cols.w_key!r} of row weights (--weight-key; "
+                             f"found: {', '.join(sorted(f.keys()))})")
+        rows = f[cols.x_key].shape[0]
+        if ds.ndim != 1 or ds.shape[0] != rows or not np.issubdtype(ds.dtype, np.number):
+            raise UsageError(f"{path}:{cols.w_key} must hold one number per row of "
+                             f"{cols.x_key} ({rows}); it has shape {ds.shape}, dtype {ds.dtype}")
+        w = _read_selection(ds, np.empty(n, np.float64), selections, cols.rows)
+    if n and not np.isfinite(w).all():
+        raise UsageError(f"{path}:{cols.w_key} contains NaN or inf weights")
+    if n and w.min() < 0:
+        raise UsageError(f"{path}:{cols.w_key} holds negative weights (min {w.min():g})")
+    return w.astype(np.float32)  # what the kernels take
 
 
 def read_inputs(f, path, x_key, selections):

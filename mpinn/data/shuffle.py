@@ -37,8 +37,9 @@ class GlobalShuffle:
     buffers, an exchange holds only a round's send and receive rows (about 2/rounds of a shard)
     and the epoch's permutation."""
 
-    def __init__(self, comm, x, y, n_rows, batch, rounds=16):
-        self.comm, self.arrays, self.n = comm, (x, y), n_rows
+    def __init__(self, comm, x, y, n_rows, batch, rounds=16, w=None):
+        """w: the rows' own weights, exchanged with them (epoch() then gives x, y, w)."""
+        self.comm, self.arrays, self.n = comm, (x, y) if w is None else (x, y, w), n_rows
         self.owner, self.local = position_owners(n_rows, batch, comm.size)
         mine = int(np.count_nonzero(self.owner == comm.rank))
         self.out = tuple(None if a is None else np.empty((mine,) + a.shape[1:], a.dtype)

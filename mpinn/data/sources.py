@@ -23,12 +23,14 @@ from .shuffle import GlobalShuffle, global_shuffle_rows, rank_permutation
 class BatchSource(Protocol):
     counts: np.ndarray   # this reader's rows of each global batch of an epoch
     shuffle_seconds: float  # time spent exchanging rows (the global shuffle)
+    own_weights: bool    # the rows carry their own weights (--weight-key): weights_of(k)
 
     def global_rows(self, k):
         """Rows of global batch k over all readers (the gradient's 1/N)."""
 
     def epoch(self, epoch):
-        """This epoch's batches: b(k) -> (xb, yb), b.rows_of(k), b.close()."""
+        """This epoch's batches: b(k) -> (xb, yb), b.rows_of(k), b.weights_of(k),
+        b.step_sums(weight_of), b.close()."""
 
     def first_rows(self):
         """Inputs of this reader's first step, to compile the kernels on."""
@@ -39,10 +41,11 @@ class EpochBatches:
     gives views of the local arrays; shuffled order permutes the rows this rank owns, seeded by
     (seed, epoch, rank), and gathers them into preallocated buffers."""
 
-    def __init__(self, x, y, counts, shuffle, seed, epoch, rank, rows=None):
+    def __init__(self, x, y, counts, shuffle, seed, epoch, rank, rows=None, w=None):
         """x or y may be None (a pipeline stage that does not read it): its batches are None.
-        rows: the file row of each local row (for dropout's masks); `rows_of(k)` gives batch k's."""
-        self.arrays, self.counts, self.rows = (x, y), counts, rows
+        rows: the file row of each local row (for dropout's masks); `rows_of(k)` gives batch k's.
+        w: each local row's own weight (--weight-key); `weights_of(k)` gives batch k's."""
+        self.arrays, self.counts, self.rows, self.w = (x, y), counts, rows, w
         self.starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
         self.perm = None
         if shuffle:
@@ -62,13 +65,22 @@ class EpochBatches:
     def close(self):
         pass
 
+    def weights_of(self, k):
+        """The own weights of this rank's rows of batch k, in the order __call__ gives them."""
+        if self.w is None:
+            return None
+        s, c = int(self.starts[k]), int(self.counts[k])
+        return self.w[s:s + c] if self.perm is None else self.w[self.perm[s:s + c]]
+
     def step_sums(self, weight_of):
-        """The sum of weight_of(labels) over this rank's rows of each step (zeros where it holds
-        no labels): what a weighted loss divides by, once summed over ranks."""
+        """The sum of the row weights (weight_of(labels), the loss's, times the rows' own) over
+        this rank's rows of each step (zeros where it holds no labels): what a weighted loss
+        divides by, once summed over ranks."""
         y = self.arrays[1]
         if y is None:
             return np.zeros(len(self.counts))
-        return _sums_by_step(weight_of(y if self.perm is None else y[self.perm]), self.counts)
+        w = _row_weights(weight_of(y), self.w, len(y))
+        return _sums_by_step(w if self.perm is None else w[self.perm], self.counts)
 
     def __call__(self, k):
         s, c = int(self.starts[k]), int(self.counts[k])
@@ -92,8 +104,9 @@ class StreamedBatches:
     rows, so streamed training ends with the same weights as training from memory."""
 
     def __init__(self, path, x_key, labels, file_rows, counts, chunk_rows, with_rows,
-                 scale_=None, split_rows=None):
+                 scale_=None, split_rows=None, weights=None):
         self.path, self.x_key, self.labels, self.file_rows = path, x_key, labels, file_rows
+        self.weights = weights  # all rows' own weights (--weight-key), like the labels
         self.split_rows = split_rows  # Columns.rows: "file rows" above count in these
         self.counts, self.with_rows = counts, with_rows
         self.scale_ = scale_  # the inputs' scaling (in place), applied to each chunk as it is read
@@ -156,8 +169,17 @@ class StreamedBatches:
         s, c = int(self.starts[k]), int(self.counts[k])
         return self.file_rows[s:s + c]
 
+    def weights_of(self, k):
+        if self.weights is None:
+            return None
+        s, c = int(self.starts[k]), int(self.counts[k])
+        return self.weights[self.file_rows[s:s + c]]
+
     def step_sums(self, weight_of):
-        return _sums_by_step(weight_of(self.labels[self.file_rows]), self.counts)
+        rows = self.file_rows
+        w = _row_weights(weight_of(self.labels[rows]),
+                         None if self.weights is None else self.weights[rows], len(rows))
+        return _sums_by_step(w, self.counts)
 
     def __call__(self, k):
         s, c = int(self.starts[k]), int(self.counts[k])
@@ -178,6 +200,12 @@ class StreamedBatches:
             self.thread.join()
 
 
+def _row_weights(of_labels, own, n):
+    """Each row's weight: the loss's for its label times its own, either of them absent (None)."""
+    w = np.ones(n) if of_labels is None else np.asarray(of_labels, np.float64)
+    return w if own is None else w * own
+
+
 def _sums_by_step(weights, counts):
     """Sums of consecutive runs of `counts` weights (a step's rows follow the last step's)."""
     steps = np.repeat(np.arange(len(counts)), counts)
@@ -186,6 +214,8 @@ def _sums_by_step(weights, counts):
 
 class PlannedSource:
     """What every source shares: this reader's part of each global batch, from its BatchPlan."""
+
+    own_weights = False  # set where the rows carry their own weights (on every rank)
 
     def __init__(self, plan):
         self.plan, self.counts = plan, plan.local_counts()
@@ -196,13 +226,14 @@ class PlannedSource:
 class InMemorySource(PlannedSource):
     """The rows this reader loaded: file order, or its own permutation of them every epoch."""
 
-    def __init__(self, x, y, plan, shuffle, seed, owned_rows=None):
+    def __init__(self, x, y, plan, shuffle, seed, owned_rows=None, w=None):
         super().__init__(plan)
         self.x, self.y, self.shuffle, self.seed, self.owned_rows = x, y, shuffle, seed, owned_rows
+        self.w = w
 
     def epoch(self, epoch):
         return EpochBatches(self.x, self.y, self.counts, self.shuffle, self.seed, epoch,
-                            self.plan.rank, self.owned_rows)
+                            self.plan.rank, self.owned_rows, self.w)
 
     def first_rows(self):
         return self.x
@@ -212,21 +243,23 @@ class GlobalShuffleSource(PlannedSource):
     """A seeded permutation of all rows every epoch, the rows exchanged between ranks (made at the
     first epoch, with its buffers): results independent of the number of ranks."""
 
-    def __init__(self, comm, x, y, plan, seed, with_rows):
+    def __init__(self, comm, x, y, plan, seed, with_rows, w=None):
         super().__init__(plan)
         self.comm, self.x, self.y, self.seed, self.with_rows = comm, x, y, seed, with_rows
-        self.exchange = None
+        self.w, self.exchange = w, None
 
     def epoch(self, epoch):
         t0 = time.perf_counter()
         plan = self.plan
         if self.exchange is None:
-            self.exchange = GlobalShuffle(self.comm, self.x, self.y, plan.n_rows, plan.batch)
-        ex, ey = self.exchange.epoch(self.seed, epoch)
+            self.exchange = GlobalShuffle(self.comm, self.x, self.y, plan.n_rows, plan.batch,
+                                          w=self.w)
+        ex, ey, *ew = self.exchange.epoch(self.seed, epoch)
         rows = global_shuffle_rows(plan.n_rows, plan.batch, self.seed, epoch, self.comm.rank,
                                    self.comm.size) if self.with_rows else None
         self.shuffle_seconds += time.perf_counter() - t0
-        return EpochBatches(ex, ey, self.counts, False, self.seed, epoch, self.comm.rank, rows)
+        return EpochBatches(ex, ey, self.counts, False, self.seed, epoch, self.comm.rank, rows,
+                            ew[0] if ew else None)
 
     def first_rows(self):
         return self.x
@@ -239,9 +272,9 @@ class StreamedSource(PlannedSource):
     in memory."""
 
     def __init__(self, path, x_key, chunk_rows, labels, plan, shuffle, seed, with_rows,
-                 scale_=None, split_rows=None):
+                 scale_=None, split_rows=None, weights=None):
         super().__init__(plan)
-        self.split_rows = split_rows
+        self.split_rows, self.weights = split_rows, weights
         self.path, self.x_key, self.chunk_rows, self.labels = path, x_key, chunk_rows, labels
         self.epoch_rows = epoch_file_rows(shuffle, plan, seed)
         self.with_rows, self.scale_ = with_rows, scale_
@@ -249,7 +282,7 @@ class StreamedSource(PlannedSource):
     def epoch(self, epoch):
         return StreamedBatches(self.path, self.x_key, self.labels, self.epoch_rows(epoch),
                                self.counts, self.chunk_rows, self.with_rows, self.scale_,
-                               self.split_rows)
+                               self.split_rows, self.weights)
 
     def first_rows(self):
         source = RowSource(self.path, self.x_key, self.split_rows)
