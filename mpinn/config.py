@@ -160,13 +160,17 @@ def shuffle_from_bool(value):
 @dataclass(frozen=True)
 class DataOptions:
     """What the run reads."""
-    data: str = option("", "training data: HDF5 with X (rows x features) and y "
-                           "(default: the bundled digits training set)", kept_on_resume=True)
+    data: str = option("", "training data: HDF5 (or .npz) with X (rows x features) and y, or "
+                           "Parquet (y a column, X the others); several files as a glob or a "
+                           "comma list (default: the bundled digits training set)",
+                       kept_on_resume=True)
     val_data: str = option("", "validation data evaluated after every epoch "
                                "(default: the bundled digits test set when --data is not given)",
                            kept_on_resume=True)
-    x_key: str = option("X", "name of the input dataset in the HDF5 files", kept_on_resume=True)
-    y_key: str = option("y", "name of the target dataset in the HDF5 files", kept_on_resume=True)
+    x_key: str = option("X", "name of the input dataset in the data files (Parquet: X is every "
+                             "column but the target and weight columns)", kept_on_resume=True)
+    y_key: str = option("y", "name of the target dataset (Parquet: column) in the data files",
+                        kept_on_resume=True)
     memory_budget: float = option(0.0, "MiB of training inputs a rank may hold: a larger slice is "
                                        "streamed from the file in chunks read ahead in the "
                                        "background (0: half the node's available memory shared "

@@ -83,7 +83,7 @@ def evaluation_set(cfg, config, loss):
     fraction, trained_on = float(config.get("val_fraction") or 0), config.get("data")
     if not fraction or path not in (None, trained_on):
         return path or bundled("digits-test.h5"), cols, ""
-    with data.open_h5(trained_on) as f:
+    with data.open_h5(trained_on, cols) as f:
         n_rows = data.inspect(f, trained_on, cols, need_y=False)[0]
     _, val_rows = data.split_rows(n_rows, fraction, int(config.get("seed", 0)))
     return trained_on, replace(cols, rows=val_rows), (
@@ -172,15 +172,15 @@ class NotWritten(Exception):
     """Closes a PredictionFile's temporary without installing it (prediction failed)."""
 
 
-def predict_into(engine, writer, arch, path, x_key, n, reads, scaling):
+def predict_into(engine, writer, arch, path, cols, n, reads, scaling):
     """Replica 0's pass: its first stage reads the rows (reads) and scales them as the network's
     training did, its last stage writes the outputs (regression targets in their own units)."""
     def consume(off, out):
         writer.write(off, scaling.outputs_(arch.loss_fn.outputs_(out)))
 
     def read(off, m):
-        return scaling.inputs_(data.read_inputs(f, path, x_key, [(slice(off, off + m), m)]))
-    f = data.open_h5(path) if reads else None
+        return scaling.inputs_(data.read_inputs(f, path, cols.x_key, [(slice(off, off + m), m)]))
+    f = data.open_h5(path, cols) if reads else None
     try:
         engine.forward_chunks(n, read, consume)
     finally:
@@ -188,7 +188,7 @@ def predict_into(engine, writer, arch, path, x_key, n, reads, scaling):
             f.close()
 
 
-def predict_on_every_rank(comm, engine, writer, arch, path, x_key, n, chunk, scaling):
+def predict_on_every_rank(comm, engine, writer, arch, path, cols, n, chunk, scaling):
     """Data parallel: in round r, rank k predicts file rows [(r * size + k) * chunk, + chunk);
     the round's outputs are gathered to rank 0 in rank order, which is row order, and rank 0
     writes them as one block. Every rank works; rank 0 writes one file in input order and holds a
@@ -204,8 +204,8 @@ def predict_on_every_rank(comm, engine, writer, arch, path, x_key, n, chunk, sca
 
     def reader(f, first):
         return lambda off, m: scaling.inputs_(
-            data.read_inputs(f, path, x_key, [(slice(first + off, first + off + m), m)]))
-    with data.open_h5(path) as f:
+            data.read_inputs(f, path, cols.x_key, [(slice(first + off, first + off + m), m)]))
+    with data.open_h5(path, cols) as f:
         for start in range(0, n, span):
             rows = [max(0, min(chunk, n - start - j * chunk)) for j in range(comm.size)]
             m = rows[comm.rank]
@@ -232,10 +232,13 @@ def run_predict(cfg, explicit, comm):
     path = cfg.data or comm.checked(bundled, "digits-test.h5")
     active = grid.replica == 0
     classify = arch.loss_fn.integer_labels
+    # a table's inputs leave out the columns the run trained on as labels and weights
+    cols = data.Columns(cfg.x_key, ckpt.config.get("y_key", "y"),
+                        w_key=ckpt.config.get("weight_key", ""))
 
     def prepare():
-        with data.open_h5(path) as f:
-            n, n_features, _ = data.inspect(f, path, data.Columns(cfg.x_key), need_y=False)
+        with data.open_h5(path, cols) as f:
+            n, n_features, _ = data.inspect(f, path, cols, need_y=False)
         if n_features != arch.sizes[0]:
             raise UsageError(f"{path} has {n_features} features; the checkpoint's network takes "
                              f"{arch.sizes[0]}")
@@ -252,10 +255,10 @@ def run_predict(cfg, explicit, comm):
         engine = comm.checked(make_engine, comm, grid, arch, ckpt.params, chunk,
                               parallel=ParallelOptions(partition=cfg.partition))
         if grid.stages == 1:
-            predict_on_every_rank(comm, engine, writer, arch, path, cfg.x_key, n, chunk,
+            predict_on_every_rank(comm, engine, writer, arch, path, cols, n, chunk,
                                   ckpt.scaling)
         elif active:
-            predict_into(engine, writer, arch, path, cfg.x_key, n, grid.is_first, ckpt.scaling)
+            predict_into(engine, writer, arch, path, cols, n, grid.is_first, ckpt.scaling)
     except BaseException:  # a failure or a signal anywhere: the temporary goes, nothing installed
         if writer:
             writer.close(keep=False)

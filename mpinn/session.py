@@ -49,7 +49,7 @@ def load_split(comm, path, cols, selections_of, min_rows=1, want_x=True, want_y=
     """Each rank inspects the file and reads only its own rows (and only the inputs or targets it
     needs). Returns (n_rows, F, K|None, x|None, y|None)."""
     def read():
-        with data.open_h5(path) as f:
+        with data.open_h5(path, cols) as f:
             n, n_features, n_targets = data.inspect(f, path, cols)
         if n < min_rows:
             raise UsageError(f"{path} has {n} rows, fewer than the {min_rows} {who}")

@@ -252,7 +252,7 @@ def fit_scaling(opts, loss, comm, ckpt, x, y, n_features, n_targets, stream):
 
 
 def _streamed_moments(path, cols, rows, chunk_rows):
-    source = data.RowSource(path, cols.x_key, cols.rows)
+    source = data.RowSource(path, cols.x_key, cols.rows, cols)
     try:
         return moments_in_chunks(source.read, rows, chunk_rows)
     finally:
@@ -271,9 +271,9 @@ def _batch_source(options, comm, inputs):
     shuffle, seed, plan = options.data.shuffle, options.run.seed, inputs.plan
     dropout = options.model.dropout > 0  # dropout's masks are keyed by file row: say which rows
     if inputs.chunk_rows:
-        return data.StreamedSource(inputs.train_path, inputs.cols.x_key, inputs.chunk_rows,
+        return data.StreamedSource(inputs.train_path, inputs.cols, inputs.chunk_rows,
                                    inputs.labels, plan, shuffle, seed, dropout,
-                                   inputs.scaling.inputs_, inputs.cols.rows, inputs.w)
+                                   inputs.scaling.inputs_, inputs.w)
     if shuffle == "global":
         return data.GlobalShuffleSource(comm, inputs.x, inputs.y, plan, seed, dropout, inputs.w)
     return data.InMemorySource(inputs.x, inputs.y, plan, shuffle == "rank", seed,
@@ -282,7 +282,7 @@ def _batch_source(options, comm, inputs):
 
 def shape_of(path, cols):
     """(rows, features) of a training file, checked as every reader checks it."""
-    with data.open_h5(path) as f:
+    with data.open_h5(path, cols) as f:
         n_rows, n_features, _ = data.inspect(f, path, cols)
     return n_rows, n_features
 

@@ -13,13 +13,19 @@ import h5py
 import numpy as np
 
 from ..errors import UsageError
+from .tables import is_table, open_table
 
 
-def open_h5(spec):
+def open_h5(spec, cols=None):
     """Open a data file read-only with file locking off (locks fail on many shared filesystems and
     are not needed for readers). `spec` is one path, or several (comma-separated paths and/or
-    quoted glob patterns): then one virtual file that concatenates their rows (data_files)."""
+    quoted glob patterns): then one virtual file that concatenates their rows (data_files).
+    Parquet and NumPy files open as look-alikes (tables.py); cols (read.Columns) names the label
+    and weight columns a table's inputs X leave out."""
     files = data_files(spec)
+    if any(is_table(p) for p in files):
+        skip = (cols.y_key, cols.w_key) if cols is not None else ("y",)
+        return open_table(files, tuple(k for k in skip if k))
     path = files[0] if len(files) == 1 else virtual_file(tuple(files))
     try:
         return h5py.File(path, "r", locking=False)

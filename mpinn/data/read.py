@@ -32,7 +32,7 @@ class Columns:
 
 
 def _dataset(f, key, path, what):
-    if key not in f or not isinstance(f[key], h5py.Dataset):
+    if key not in f or not hasattr(f[key], "read_direct"):  # an HDF5 dataset, or tables.Rows
         raise UsageError(
             f"{path}: no dataset {key!r} for {what} (use --{'x' if what == 'inputs' else 'y'}-key"
             f" to name another; found: {', '.join(sorted(f.keys())) or 'nothing'})"
@@ -185,7 +185,7 @@ def read_rows(path, cols, selections, n_targets, want_x=True, want_y=True):
     (a pipeline stage that does not need it) is returned as None and not read at all."""
     n = sum(rows for _, rows in selections)
     x = y = None
-    with open_h5(path) as f:
+    with open_h5(path, cols) as f:
         m = cols.rows
         if want_x:
             X = f[cols.x_key]
@@ -214,16 +214,16 @@ def read_rows(path, cols, selections, n_targets, want_x=True, want_y=True):
 
 def has_dataset(path, key):
     with open_h5(path) as f:
-        return isinstance(f.get(key), h5py.Dataset)
+        return hasattr(f.get(key), "read_direct")
 
 
 def read_weights(path, cols, selections):
     """The own weights (--weight-key) of the selected rows as float32, checked: one finite,
     non-negative number per row of the inputs."""
     n = sum(rows for _, rows in selections)
-    with open_h5(path) as f:
+    with open_h5(path, cols) as f:
         ds = f.get(cols.w_key)
-        if not isinstance(ds, h5py.Dataset):
+        if not hasattr(ds, "read_direct"):
             raise UsageError(f"{path}: no dataset {cols.w_key!r} of row weights (--weight-key; "
                              f"found: {', '.join(sorted(f.keys()))})")
         rows = f[cols.x_key].shape[0]
@@ -292,8 +292,8 @@ class RowSource:
 
     MAX_RANGES = 4096
 
-    def __init__(self, path, x_key, file_rows=None):
-        self.f = open_h5(path)
+    def __init__(self, path, x_key, file_rows=None, cols=None):
+        self.f = open_h5(path, cols)
         self.X = self.f[x_key]
         self.file_rows = file_rows  # Columns.rows: the rows asked for count in these
         self.layout, self.fd = self._layout(), None
@@ -303,9 +303,10 @@ class RowSource:
     def _layout(self):
         """(rows per stored range, the ranges' byte offsets) when the rows can be read directly."""
         X = self.X
-        if (X.is_virtual or X.id.get_create_plist().get_nfilters() or X.ndim != 2
+        if not isinstance(X, h5py.Dataset) or (
+                X.is_virtual or X.id.get_create_plist().get_nfilters() or X.ndim != 2
                 or X.dtype.kind not in "fiu"):
-            return None
+            return None  # Parquet, NumPy, a filter, a virtual dataset: read through the reader
         if X.chunks is None:
             offset = X.id.get_offset()
             return None if offset is None else (X.shape[0], [offset])

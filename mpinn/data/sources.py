@@ -103,11 +103,12 @@ class StreamedBatches:
     of the file's, kept in memory: they are small). Gives what EpochBatches gives for the same
     rows, so streamed training ends with the same weights as training from memory."""
 
-    def __init__(self, path, x_key, labels, file_rows, counts, chunk_rows, with_rows,
-                 scale_=None, split_rows=None, weights=None):
-        self.path, self.x_key, self.labels, self.file_rows = path, x_key, labels, file_rows
+    def __init__(self, path, cols, labels, file_rows, counts, chunk_rows, with_rows,
+                 scale_=None, weights=None):
+        """cols: read.Columns (the inputs' key; the rows of a split, which "file rows" here
+        count in; a table's label and weight columns)."""
+        self.path, self.cols, self.labels, self.file_rows = path, cols, labels, file_rows
         self.weights = weights  # all rows' own weights (--weight-key), like the labels
-        self.split_rows = split_rows  # Columns.rows: "file rows" above count in these
         self.counts, self.with_rows = counts, with_rows
         self.scale_ = scale_  # the inputs' scaling (in place), applied to each chunk as it is read
         self.starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
@@ -131,14 +132,14 @@ class StreamedBatches:
     def _read_ahead(self, first_chunk):
         source = None
         try:
-            source = RowSource(self.path, self.x_key, self.split_rows)
+            source = RowSource(self.path, self.cols.x_key, self.cols.rows, self.cols)
             for j in range(first_chunk, len(self.chunks)):
                 if self.stopped:
                     return
                 _, a, b = self.chunks[j]
                 rows = self.file_rows[a:b]
                 x = source.read(rows)
-                _check_finite(self.path, source.X, self.x_key, x,
+                _check_finite(self.path, source.X, self.cols.x_key, x,
                               lambda rows=rows: source.X[np.sort(source.file_rows_of(rows))])
                 if self.scale_ is not None:
                     self.scale_(x)
@@ -271,21 +272,21 @@ class StreamedSource(PlannedSource):
     epoch_file_rows): the rows of one chunk at a time read ahead, all of the file's labels (small)
     in memory."""
 
-    def __init__(self, path, x_key, chunk_rows, labels, plan, shuffle, seed, with_rows,
-                 scale_=None, split_rows=None, weights=None):
+    def __init__(self, path, cols, chunk_rows, labels, plan, shuffle, seed, with_rows,
+                 scale_=None, weights=None):
         super().__init__(plan)
-        self.split_rows, self.weights = split_rows, weights
-        self.path, self.x_key, self.chunk_rows, self.labels = path, x_key, chunk_rows, labels
+        self.weights = weights
+        self.path, self.cols, self.chunk_rows, self.labels = path, cols, chunk_rows, labels
         self.epoch_rows = epoch_file_rows(shuffle, plan, seed)
         self.with_rows, self.scale_ = with_rows, scale_
 
     def epoch(self, epoch):
-        return StreamedBatches(self.path, self.x_key, self.labels, self.epoch_rows(epoch),
+        return StreamedBatches(self.path, self.cols, self.labels, self.epoch_rows(epoch),
                                self.counts, self.chunk_rows, self.with_rows, self.scale_,
-                               self.split_rows, self.weights)
+                               self.weights)
 
     def first_rows(self):
-        source = RowSource(self.path, self.x_key, self.split_rows)
+        source = RowSource(self.path, self.cols.x_key, self.cols.rows, self.cols)
         try:
             return source.read(self.plan.owned_rows()[:max(1, int(self.counts[0]))])
         finally:
