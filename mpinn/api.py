@@ -103,4 +103,4 @@ class Model:
             loss_sum, correct = loss_sum + l, correct + c
         weights = self.arch.loss_fn.row_weights(y)
         return self.arch.loss_fn.summarize(loss_sum, correct, len(x), self.arch.sizes[-1],
-                                           None if weights is None else weights.sum(np.float64))
+                                           None if weights is None else weights.sum(dtype=np.float64))

@@ -54,6 +54,35 @@ def test_fit_trains_as_the_command_line_does(dataset, tmp_path, ranks):
     np.testing.assert_array_equal(api.params, cli.params)
 
 
+def test_fit_takes_the_data_options_as_the_command_line_does(dataset, tmp_path):
+    """A validation split, class weights and their metrics through mpinn.fit: the same weights
+    as `mpinn train`; mpinn.load(...).evaluate gives the weighted loss `mpinn evaluate` gives."""
+    options = dict(ARGS, val_fraction=0.25, class_weight="balanced", scale_inputs="standard",
+                   metrics="f1,roc_auc", shuffle="global")
+    ok(run_mpinn(2, "train", "--data", dataset, "--run-dir", tmp_path / "cli",
+                 *cli_args(options)))
+    body = (f"import mpinn\nmpinn.fit(data={dataset!r}, run_dir={str(tmp_path / 'api')!r}, "
+            f"**{options!r})\n")
+    p = subprocess.run([mpiexec(), "-n", "2", sys.executable, script(tmp_path, body)],
+                       capture_output=True, text=True, timeout=120, env=mpinn_env(), cwd=ROOT)
+    assert p.returncode == 0, p.stderr
+    cli = checkpoint.load(str(tmp_path / "cli" / "checkpoint.h5"))
+    api = checkpoint.load(str(tmp_path / "api" / "checkpoint.h5"))
+    np.testing.assert_array_equal(api.params, cli.params)
+    assert api.arch.class_weight == cli.arch.class_weight and len(cli.arch.class_weight) == 3
+    import mpinn
+    with h5py.File(dataset, "r") as f:
+        x, y = f["X"][...], f["y"][...]
+    evaluated = json.loads(ok(run_mpinn(1, "evaluate", "--checkpoint", tmp_path / "api" /
+                                        "checkpoint.h5", "--data", dataset, "--json")).stdout)
+    from mpinn.data import split_rows
+    val = split_rows(len(y), 0.25, 0)[1]  # evaluate of the training file: its validation rows
+    loss, accuracy = mpinn.load(tmp_path / "api" / "checkpoint.h5").evaluate(x[val], y[val])
+    assert evaluated["part"] == "validation" and evaluated["samples"] == len(val)
+    assert loss == pytest.approx(evaluated["loss"], rel=1e-6)
+    assert accuracy == evaluated["accuracy"]
+
+
 def test_load_predict_evaluate_agree_with_the_commands(dataset, tmp_path):
     ok(run_mpinn(1, "train", "--data", dataset, "--run-dir", tmp_path, *cli_args(ARGS)))
     ckpt = tmp_path / "checkpoint.h5"
