@@ -102,5 +102,5 @@ class Model:
             l, c = self._net.loss_sums(chunk, np.ascontiguousarray(y[start:start + len(chunk)]))
             loss_sum, correct = loss_sum + l, correct + c
         weights = self.arch.loss_fn.row_weights(y)
-        return self.arch.loss_fn.summarize(loss_sum, correct, len(x), self.arch.sizes[-1],
-                                           None if weights is None else weights.sum(dtype=np.float64))
+        total = None if weights is None else weights.sum(dtype=np.float64)
+        return self.arch.loss_fn.summarize(loss_sum, correct, len(x), self.arch.sizes[-1], total)
