@@ -1,18 +1,21 @@
 """mpinn next to scikit-learn's MLP on the real data sets scikit-learn ships (docs/tabular.md).
 
-    python benchmarks/tabular.py [--ranks 2] [--out DIR]
+    python benchmarks/tabular.py [--ranks 2] [--splits 10] [--sets wine,digits] [--out DIR]
 
-For breast cancer, wine and digits (classification) and diabetes (regression): one split
-(train_test_split, test 25 %, random_state 0, stratified for classes), written as CSV and as
-Parquet. Both tools train on all the training rows and see the test rows only at the end.
-scikit-learn: make_pipeline(StandardScaler(), MLPClassifier) (for regression MLPRegressor, its
-targets standardised by TransformedTargetRegressor) with 100 hidden units and its defaults: Adam,
-lr 1e-3, batches of min(200, rows), L2 alpha 1e-4, 200 epochs at most (it stops earlier when the
-training loss stalls for 10). mpinn, on `--ranks` ranks, from each file format (the CSV through
-`mpinn data convert`, the Parquet read directly): the same network and optimizer, --scale-inputs
-standard (--scale-targets standard for regression), 200 epochs, then `mpinn evaluate` on the test
-rows. Every figure is the mean (± standard deviation) over --splits splits (random_state 0..N-1),
-so that one lucky split decides nothing. Prints one markdown table of test metrics.
+For breast cancer, wine and digits (classification) and diabetes (regression): --splits splits
+(train_test_split, test 25 %, random_state 0..N-1, stratified for classes), each written as CSV and
+as Parquet; split k also seeds both tools' initial weights and shuffles (random_state, --seed), so
+that the means average over the data's split and the network's initialisation alike. Both tools
+train on all the training rows and see the test rows only at the end. scikit-learn:
+make_pipeline(StandardScaler(), MLPClassifier) (for regression MLPRegressor, its targets
+standardised by TransformedTargetRegressor) with 100 hidden units and its defaults: Adam, lr 1e-3,
+batches of min(200, rows), L2 alpha 1e-4, 200 epochs at most (it stops earlier when the training
+loss stalls for 10). mpinn, on `--ranks` ranks, from each file format (the CSV through `mpinn data
+convert`, the Parquet read directly): the same network and optimizer, --scale-inputs standard
+(--scale-targets standard for regression), --weight-decay alpha / 200 (the same L2 strength), 200
+epochs, then `mpinn evaluate` on the test rows. Every figure is the mean (± standard deviation)
+over the splits, so that one lucky split decides nothing. Prints one markdown table of test
+metrics.
 """
 import argparse
 import json
@@ -38,6 +41,9 @@ SETS = {"breast cancer": (datasets.load_breast_cancer, "cls"),
         "digits": (datasets.load_digits, "cls"),
         "diabetes": (datasets.load_diabetes, "reg")}
 HIDDEN, EPOCHS = 100, 200
+# scikit-learn's L2 term is alpha / (2 x batch rows) x |W|^2, so its gradient alpha / batch x W:
+# mpinn's --weight-decay (added to the gradient) of the same strength is alpha / batch
+ALPHA = 1e-4
 
 
 def write_tables(folder, name, x, y):
@@ -65,15 +71,15 @@ def mpinn(*args, ranks=1):
     return r.stdout
 
 
-def run_mpinn(train, test, y_key, kind, names, folder, ranks):
+def run_mpinn(train, test, y_key, kind, names, folder, ranks, seed):
     """Train on `train`, evaluate the trained network on `test`."""
     run = folder / f"run-{Path(train).stem}"
     task = (["--scale-targets", "standard", "--loss", "mse"] if kind == "reg" else [])
     t0 = time.perf_counter()
     mpinn("train", "--data", train, "--y-key", y_key, "--scale-inputs", "standard", *task,
           "--hidden", HIDDEN, "--epochs", EPOCHS, "--batch-size", 200, "--optimizer", "adam",
-          "--lr", "1e-3", "--weight-decay", "1e-4", "--run-dir", run, "--progress", "lines",
-          "--overwrite", ranks=ranks)
+          "--lr", "1e-3", "--weight-decay", ALPHA / 200, "--run-dir", run, "--progress", "lines",
+          "--overwrite", "--seed", seed, ranks=ranks)
     seconds = time.perf_counter() - t0
     out = json.loads(mpinn("evaluate", "--checkpoint", run / "checkpoint.h5", "--data", test,
                            "--y-key", y_key, "--metrics", ",".join(names), "--json"))
@@ -88,9 +94,9 @@ def figures(result, kind):
             "mae": result["mae"]["mean"]}
 
 
-def run_sklearn(x, y, kind):
+def run_sklearn(x, y, kind, seed):
     model = (MLPClassifier if kind == "cls" else MLPRegressor)(
-        hidden_layer_sizes=(HIDDEN,), random_state=0, max_iter=EPOCHS)
+        hidden_layer_sizes=(HIDDEN,), random_state=seed, max_iter=EPOCHS)
     pipe = make_pipeline(StandardScaler(), model)
     if kind == "reg":
         pipe = TransformedTargetRegressor(pipe, transformer=StandardScaler())
@@ -125,15 +131,16 @@ def one_split(name, load, kind, seed, folder, ranks):
     for fmt, suffix, y_key in (("csv", "-csv.h5", "y"), ("parquet", ".parquet", "target")):
         got[fmt], seconds[fmt] = run_mpinn(f"{paths['train']}{suffix}",
                                            f"{paths['test']}{suffix}", y_key, kind, names,
-                                           folder, ranks)
-    got["sklearn"], seconds["sklearn"] = run_sklearn(x, y, kind)
+                                           folder, ranks, seed)
+    got["sklearn"], seconds["sklearn"] = run_sklearn(x, y, kind, seed)
     return got, seconds, names, x_all.shape
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ranks", type=int, default=2)
-    parser.add_argument("--splits", type=int, default=5, help="train/test splits (seeds 0..N-1)")
+    parser.add_argument("--splits", type=int, default=10, help="train/test splits (seeds 0..N-1)")
+    parser.add_argument("--sets", default=",".join(SETS), help="data sets, comma-separated")
     parser.add_argument("--out", help="folder for the files and runs (default: a temporary one)")
     args = parser.parse_args()
     folder = Path(args.out or tempfile.mkdtemp(prefix="mpinn-tabular-"))
@@ -145,7 +152,8 @@ def main():
           "mpinn from Parquet |")
     print("|---|---|---|---|---|---|")
     timing = []
-    for name, (load, kind) in SETS.items():
+    for name in args.sets.split(","):
+        load, kind = SETS[name]
         runs = [one_split(name, load, kind, seed, folder, args.ranks)
                 for seed in range(args.splits)]
         names, shape = runs[0][2], runs[0][3]

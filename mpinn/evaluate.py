@@ -83,6 +83,8 @@ def evaluation_set(cfg, config, loss):
     fraction, trained_on = float(config.get("val_fraction") or 0), config.get("data")
     if not fraction or path not in (None, trained_on):
         return path or bundled("digits-test.h5"), cols, ""
+    cols = replace(cols, x_key=config.get("x_key", cols.x_key),  # the run's own file and keys
+                   y_key=config.get("y_key", cols.y_key))
     with data.open_h5(trained_on, cols) as f:
         n_rows = data.inspect(f, trained_on, cols, need_y=False)[0]
     _, val_rows = data.split_rows(n_rows, fraction, int(config.get("seed", 0)))
