@@ -149,9 +149,9 @@ def main():
     print(f"Test-set metrics, mean ± standard deviation over {args.splits} splits (random_state "
           f"0..{args.splits - 1}); mpinn on {args.ranks} ranks:\n")
     print("| data set | rows x features | metric | scikit-learn MLP | mpinn from CSV | "
-          "mpinn from Parquet |")
-    print("|---|---|---|---|---|---|")
-    timing = []
+          "mpinn from Parquet | mpinn − scikit-learn, paired (± s.e.) |")
+    print("|---|---|---|---|---|---|---|")
+    timing, raw = [], {}
     for name in args.sets.split(","):
         load, kind = SETS[name]
         runs = [one_split(name, load, kind, seed, folder, args.ranks)
@@ -162,10 +162,15 @@ def main():
             for tool in ("sklearn", "csv", "parquet"):
                 v = np.array([r[0][tool][metric] for r in runs])
                 cells.append(f"{v.mean():.4f} ± {v.std():.4f}")
+            diff = np.array([r[0]["parquet"][metric] - r[0]["sklearn"][metric] for r in runs])
+            cells.append(f"{diff.mean():+.4f} ± {diff.std(ddof=1) / np.sqrt(len(diff)):.4f}"
+                         if len(diff) > 1 else f"{diff.mean():+.4f}")
             label = (name, f"{shape[0]} x {shape[1]}") if i == 0 else ("", "")
             print(f"| {label[0]} | {label[1]} | {metric} | " + " | ".join(cells) + " |")
+        raw[name] = [r[0] for r in runs]
         timing.append(f"{name}: scikit-learn {np.mean([r[1]['sklearn'] for r in runs]):.1f} s, "
                       f"mpinn {np.mean([r[1]['parquet'] for r in runs]):.1f} s")
+    (folder / "results.json").write_text(json.dumps(raw, indent=1))
     print("\nmean seconds to fit (scikit-learn, one process) or to train (mpinn train, including "
           "its start-up): " + "; ".join(timing))
 

@@ -98,22 +98,38 @@ def test_predict_and_onnx_give_each_labels_probability(trained):
     np.testing.assert_allclose(got, prob, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("extra,message", [
-    (["--loss", "bce", "--data", "{reg}"], "holds values outside [0, 1]"),
-    (["--pos-weight", "2"], "--pos-weight weights the positive targets of --loss bce"),
-    (["--loss", "bce", "--data", "{multi}", "--pos-weight", "1,2"],
-     "--pos-weight takes one positive weight or one per output (3)"),
-    (["--loss", "bce", "--pos-weight", "-1"], "--pos-weight values must be positive"),
-    (["--loss", "bce", "--data", "{binary}", "--output-activation", "sigmoid"],
-     "--output-activation applies to --loss mse only"),
-    (["--loss", "bce", "--data", "{multi}", "--val-data", "{multi}", "--metrics", "f1"],
-     "multi-label network (3 bce outputs)"),
-])
-def test_bad_bce_input_is_one_clear_error(trained, extra, message):
+BAD = {
+    "targets outside [0, 1]": (["--loss", "bce", "--data", "{reg}"], "holds values outside [0, 1]"),
+    "pos_weight without bce": (["--pos-weight", "2"],
+                               "--pos-weight weights the positive targets of --loss bce"),
+    "pos_weight of the wrong length": (["--loss", "bce", "--data", "{multi}", "--pos-weight",
+                                        "1,2"], "--pos-weight takes one positive weight or one "
+                                                "per output (3)"),
+    "negative pos_weight": (["--loss", "bce", "--pos-weight", "-1"],
+                            "--pos-weight values must be positive"),
+    "an output activation": (["--loss", "bce", "--data", "{binary}", "--output-activation",
+                              "sigmoid"], "--output-activation applies to --loss mse only"),
+    "metrics of many labels": (["--loss", "bce", "--data", "{multi}", "--val-data", "{multi}",
+                                "--metrics", "f1"], "multi-label network (3 bce outputs)"),
+}
+
+
+@pytest.fixture(scope="module")
+def bad_runs(trained):
+    """Every bad case at 2 ranks, in one launch (tests/many.py)."""
     tmp, binary, multi = trained
     reg = tmp / "reg.h5"
     with h5py.File(reg, "w") as f:
         f["X"], f["y"] = np.zeros((10, F), np.float32), np.linspace(-1, 2, 10, dtype=np.float32)
-    argv = [a.format(reg=reg, multi=multi, binary=binary) for a in extra]
-    r = run_mpinn(2, "train", *argv, "--run-dir", tmp / "bad")
+    jobs = {case: (2, ["train", *[a.format(reg=reg, multi=multi, binary=binary) for a in extra],
+                       "--run-dir", tmp / f"bad-{i}"])
+            for i, (case, (extra, _)) in enumerate(BAD.items())}
+    return tmp, run_many(jobs, tmp / "bad-jobs")
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_bce_input_is_one_clear_error(bad_runs, case):
+    tmp, out = bad_runs
+    r, message = out[case], BAD[case][1]
     assert r.returncode == 2 and message in r.stderr, r.stderr
+    assert not any(tmp.glob("bad-*/checkpoint.h5"))

@@ -132,32 +132,47 @@ def test_evaluate_and_predict_read_tables(runs):
         np.testing.assert_allclose(p["prob"][...], q["prob"][...], rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("case,message", [
-    ("no label column", "no dataset 'target' for targets"),
-    ("text feature", "column 'f1' holds text"),
-    ("other columns", "must hold the same columns"),
-    ("npy for training", "no dataset 'target' for targets"),
-    ("not parquet", "cannot read"),
-])
-def test_bad_tables_are_one_clear_error(files, tmp_path, case, message):
+BAD = {
+    "no label column": "no dataset 'target' for targets",
+    "text feature": "column 'f1' holds text",
+    "other columns": "must hold the same columns",
+    "npy for training": "no dataset 'target' for targets",
+    "not parquet": "cannot read",
+}
+
+
+@pytest.fixture(scope="module")
+def bad_runs(files, tmp_path_factory):
+    """Every bad table trained at 2 ranks, in one launch (tests/many.py)."""
     _, x, y, w = files
-    data = tmp_path / "bad.parquet"
-    if case == "no label column":
-        pq.write_table(pa.table({"f0": x[:, 0], "weight": w}), data)
-    elif case == "text feature":
-        pq.write_table(pa.table({"f0": x[:, 0], "f1": np.array(["a", "b"])[y % 2],
-                                 "target": y, "weight": w}), data)
-    elif case == "other columns":
-        write_parquet(tmp_path / "a.parquet", x, y, w)
-        pq.write_table(pa.table({"g0": x[:, 0], "target": y, "weight": w}),
-                       tmp_path / "b.parquet")
-        data = tmp_path / "*.parquet"
-    elif case == "npy for training":
-        data = tmp_path / "x.npy"
-        np.save(data, x)
-    else:
-        data.write_text("not a table")
-    r = run_mpinn(2, "train", "--data", data, "--y-key", "target", "--weight-key", "weight",
-                  "--run-dir", tmp_path / "run")
-    assert r.returncode == 2 and message in r.stderr, r.stderr
-    assert not (tmp_path / "run" / "checkpoint.h5").exists()
+    tmp = tmp_path_factory.mktemp("bad")
+    jobs = {}
+    for i, case in enumerate(BAD):
+        folder = tmp / f"case-{i}"
+        folder.mkdir()
+        data = folder / "bad.parquet"
+        if case == "no label column":
+            pq.write_table(pa.table({"f0": x[:, 0], "weight": w}), data)
+        elif case == "text feature":
+            pq.write_table(pa.table({"f0": x[:, 0], "f1": np.array(["a", "b"])[y % 2],
+                                     "target": y, "weight": w}), data)
+        elif case == "other columns":
+            write_parquet(folder / "a.parquet", x, y, w)
+            pq.write_table(pa.table({"g0": x[:, 0], "target": y, "weight": w}),
+                           folder / "b.parquet")
+            data = folder / "*.parquet"
+        elif case == "npy for training":
+            data = folder / "x.npy"
+            np.save(data, x)
+        else:
+            data.write_text("not a table")
+        jobs[case] = (2, ["train", "--data", data, "--y-key", "target", "--weight-key",
+                          "weight", "--run-dir", folder / "run"])
+    return tmp, run_many(jobs, tmp / "jobs")
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_tables_are_one_clear_error(bad_runs, case):
+    tmp, out = bad_runs
+    assert out[case].returncode == 2 and BAD[case] in out[case].stderr, out[case].stderr
+    assert not any(tmp.glob("case-*/run/checkpoint.h5"))

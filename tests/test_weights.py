@@ -79,22 +79,37 @@ def test_validation_and_evaluate_report_the_weighted_mean_loss(runs):
     assert json.loads(r.stdout)["loss"] == pytest.approx(expect, rel=1e-5)
 
 
-@pytest.mark.parametrize("extra,message", [
-    (["--class-weight", "1,2"], "--class-weight takes one weight per class of a cross_entropy "
-                                "network (3 classes)"),
-    (["--class-weight", "1,2,3,4"], "(3 classes)"),
-    (["--class-weight", "1,-2,3"], "none negative"),
-    (["--class-weight", "0,0,0"], "not all 0"),
-    (["--class-weight", "heavy"], "--class-weight takes 'balanced' or one number per class"),
-    (["--class-weight", "balanced", "--classes", 4], "class 3 has no training rows"),
-    (["--class-weight", "balanced", "--loss", "mse"], "--class-weight weights the classes of "
-                                                      "--loss cross_entropy"),
-])
-def test_bad_class_weights_are_one_clear_error(runs, extra, message):
+BAD_CLASS_WEIGHTS = {
+    "too few": (["--class-weight", "1,2"], "--class-weight takes one weight per class of a "
+                                           "cross_entropy network (3 classes)"),
+    "a class that does not exist": (["--class-weight", "1,2,3,4"], "(3 classes)"),
+    "negative": (["--class-weight", "1,-2,3"], "none negative"),
+    "all zero": (["--class-weight", "0,0,0"], "not all 0"),
+    "not numbers": (["--class-weight", "heavy"], "--class-weight takes 'balanced' or one number "
+                                                 "per class"),
+    "balanced, a class without rows": (["--class-weight", "balanced", "--classes", 4],
+                                       "class 3 has no training rows"),
+    "not cross-entropy": (["--class-weight", "balanced", "--loss", "mse"],
+                          "--class-weight weights the classes of --loss cross_entropy"),
+}
+
+
+@pytest.fixture(scope="module")
+def bad_class_weights(runs):
+    """Every bad --class-weight at 2 ranks, in one launch (tests/many.py)."""
     tmp, data = runs[0], runs[1]
-    r = run_mpinn(2, "train", "--data", data, *extra, "--run-dir", tmp / "bad")
+    return tmp, run_many({case: (2, ["train", "--data", data, *extra, "--run-dir",
+                                     tmp / f"bad-{i}"])
+                          for i, (case, (extra, _)) in enumerate(BAD_CLASS_WEIGHTS.items())},
+                         tmp / "bad-jobs")
+
+
+@pytest.mark.parametrize("case", list(BAD_CLASS_WEIGHTS))
+def test_bad_class_weights_are_one_clear_error(bad_class_weights, case):
+    tmp, out = bad_class_weights
+    r, message = out[case], BAD_CLASS_WEIGHTS[case][1]
     assert r.returncode == 2 and message in r.stderr, r.stderr
-    assert not (tmp / "bad" / "checkpoint.h5").exists()
+    assert not any(tmp.glob("bad-*/checkpoint.h5"))
 
 
 # -- the rows' own weights (--weight-key) ---------------------------------------------------------
@@ -144,21 +159,34 @@ def test_validation_on_a_split_weighs_its_rows_and_evaluate_agrees(own):
     assert json.loads(r.stdout)["loss"] == pytest.approx(expect, rel=1e-5)
 
 
-@pytest.mark.parametrize("weights,message", [
-    (np.ones(N - 1), "must hold one number per row of X (211)"),
-    (-np.ones(N), "holds negative weights"),
-    (np.zeros(N), "every row weight is 0"),
-    (np.full(N, np.nan), "contains NaN or inf weights"),
-    (None, "no dataset 'w' of row weights"),
-])
-def test_bad_row_weights_are_one_clear_error(own, weights, message):
+BAD_ROW_WEIGHTS = {
+    "one short": (np.ones(N - 1), "must hold one number per row of X (211)"),
+    "negative": (-np.ones(N), "holds negative weights"),
+    "all zero": (np.zeros(N), "every row weight is 0"),
+    "NaN": (np.full(N, np.nan), "contains NaN or inf weights"),
+    "missing": (None, "no dataset 'w' of row weights"),
+}
+
+
+@pytest.fixture(scope="module")
+def bad_row_weights(own):
+    """Every bad --weight-key dataset at 2 ranks, in one launch (tests/many.py)."""
     tmp, _, x, y, _ = own
-    bad = tmp / "bad.h5"
-    with h5py.File(bad, "w") as f:
-        f["X"], f["y"] = x, y
-        if weights is not None:
-            f["w"] = weights
-    r = run_mpinn(2, "train", "--data", bad, "--loss", "mse", "--weight-key", "w", "--run-dir",
-                  tmp / "bad")
+    jobs = {}
+    for i, (case, (weights, _)) in enumerate(BAD_ROW_WEIGHTS.items()):
+        bad = tmp / f"bad-{i}.h5"
+        with h5py.File(bad, "w") as f:
+            f["X"], f["y"] = x, y
+            if weights is not None:
+                f["w"] = weights
+        jobs[case] = (2, ["train", "--data", bad, "--loss", "mse", "--weight-key", "w",
+                          "--run-dir", tmp / f"bad-run-{i}"])
+    return tmp, run_many(jobs, tmp / "bad-jobs")
+
+
+@pytest.mark.parametrize("case", list(BAD_ROW_WEIGHTS))
+def test_bad_row_weights_are_one_clear_error(bad_row_weights, case):
+    tmp, out = bad_row_weights
+    r, message = out[case], BAD_ROW_WEIGHTS[case][1]
     assert r.returncode == 2 and message in r.stderr, r.stderr
-    assert not (tmp / "bad" / "checkpoint.h5").exists()
+    assert not any(tmp.glob("bad-run-*/checkpoint.h5"))
