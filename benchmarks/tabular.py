@@ -12,7 +12,8 @@ standardised by TransformedTargetRegressor) with 100 hidden units and its defaul
 batches of min(200, rows), L2 alpha 1e-4, 200 epochs at most (it stops earlier when the training
 loss stalls for 10). mpinn, on `--ranks` ranks, from each file format (the CSV through `mpinn data
 convert`, the Parquet read directly): the same network and optimizer, --scale-inputs standard
-(--scale-targets standard for regression), --weight-decay alpha / 200 (the same L2 strength), 200
+(--scale-targets standard for regression), --weight-decay alpha / 200 (the same L2 strength),
+--weight-init glorot (scikit-learn's initial weights; mpinn's default, He-normal, is wider), 200
 epochs, then `mpinn evaluate` on the test rows. Every figure is the mean (± standard deviation)
 over the splits, so that one lucky split decides nothing. Prints one markdown table of test
 metrics.
@@ -78,7 +79,8 @@ def run_mpinn(train, test, y_key, kind, names, folder, ranks, seed):
     t0 = time.perf_counter()
     mpinn("train", "--data", train, "--y-key", y_key, "--scale-inputs", "standard", *task,
           "--hidden", HIDDEN, "--epochs", EPOCHS, "--batch-size", 200, "--optimizer", "adam",
-          "--lr", "1e-3", "--weight-decay", ALPHA / 200, "--run-dir", run, "--progress", "lines",
+          "--lr", "1e-3", "--weight-decay", ALPHA / 200, "--weight-init", "glorot",
+          "--run-dir", run, "--progress", "lines",
           "--overwrite", "--seed", seed, ranks=ranks)
     seconds = time.perf_counter() - t0
     out = json.loads(mpinn("evaluate", "--checkpoint", run / "checkpoint.h5", "--data", test,

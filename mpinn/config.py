@@ -219,6 +219,10 @@ class ModelOptions:
                                    "per output, comma-separated (torch's BCEWithLogitsLoss "
                                    "pos_weight; e.g. negatives / positives)", parse=parse_weights,
                                show=shown_weights, flag_type=str, kept_on_resume=True)
+    weight_init: str = option("he", "initial weights: he = He-normal before ReLU, Glorot-uniform "
+                                    "otherwise; glorot = Glorot-uniform everywhere (scikit-learn's "
+                                    "and Keras's); biases start at 0", ("he", "glorot"),
+                              kept_on_resume=True)
     class_weight: str = option("", "--loss cross_entropy: weight each row's loss by its class's "
                                    "weight, the mean taken over the weights (torch's "
                                    "CrossEntropyLoss(weight=...)): 'balanced' = rows / (classes "

@@ -96,14 +96,19 @@ def layer_views(arch, flat):
     return views
 
 
-def init_params(arch, seed, dtype=np.float32):
-    """He-normal weights before ReLU, Xavier-uniform otherwise; zero biases. Seeded, rank-free."""
+WEIGHT_INITS = ("he", "glorot")
+
+
+def init_params(arch, seed, dtype=np.float32, scheme="he"):
+    """Zero biases and weights drawn from the seed (rank-free): "he", He-normal before ReLU and
+    Xavier-uniform otherwise; "glorot", Xavier/Glorot-uniform everywhere (scikit-learn's and
+    Keras's choice)."""
     rng = np.random.default_rng(seed)
     flat = np.zeros(arch.n_params, dtype)
     for l, (W, _) in enumerate(layer_views(arch, flat)):
         fi, fo = W.shape
         is_output = l == arch.n_layers - 1
-        if arch.activation == "relu" and not is_output:
+        if scheme == "he" and arch.activation == "relu" and not is_output:
             W[...] = rng.normal(0.0, np.sqrt(2.0 / fi), size=(fi, fo))
         else:
             bound = np.sqrt(6.0 / (fi + fo))

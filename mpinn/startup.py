@@ -365,7 +365,8 @@ def build_engine(options, comm, grid, arch, plan, ckpt, log, evaluates):
     """This rank's engine with the start weights (rank 0's, broadcast), an optimizer that owns
     the run's learning-rate schedule and, when resuming, the optimizer state; returns (engine,
     optimizer steps already made)."""
-    params = ckpt.params if ckpt else init_params(arch, options.run.seed)
+    params = ckpt.params if ckpt else init_params(arch, options.run.seed,
+                                                  scheme=options.model.weight_init)
     comm.bcast_(params)  # one source of truth for the initial weights: rank 0's
     o = options.optim
     schedule = comm.checked(learning_rates, options, plan, evaluates)

@@ -232,3 +232,20 @@ def test_gemm_matches_numpy_for_every_transpose_and_refuses_strided_operands(dty
         gemm_(False, A[:, ::2], False, np.ones((3, 4), dtype), C)
     with pytest.raises(ValueError, match="shapes"):
         gemm_(False, A, False, np.ones((5, 4), dtype), C)
+
+
+@pytest.mark.parametrize("scheme", ["he", "glorot"])
+def test_initial_weights_follow_their_scheme(scheme):
+    """--weight-init: He-normal (std sqrt(2 / fan_in)) before ReLU for "he", Glorot-uniform
+    (within sqrt(6 / (fan_in + fan_out)), std bound / sqrt(3)) for every layer with "glorot", as
+    scikit-learn draws them; biases 0; the same seed gives the same weights."""
+    arch = Architecture((400, 300, 10), "relu")
+    flat = init_params(arch, 5, scheme=scheme)
+    (w0, b0), (w1, b1) = layer_views(arch, flat)
+    bound0, bound1 = np.sqrt(6 / 700), np.sqrt(6 / 310)
+    if scheme == "he":
+        assert w0.std() == pytest.approx(np.sqrt(2 / 400), rel=0.02) and abs(w0).max() > bound0
+    else:
+        assert abs(w0).max() <= bound0 and w0.std() == pytest.approx(bound0 / np.sqrt(3), rel=0.02)
+    assert abs(w1).max() <= bound1 and not b0.any() and not b1.any()  # the output: Glorot in both
+    np.testing.assert_array_equal(init_params(arch, 5, scheme=scheme), flat)
