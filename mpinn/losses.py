@@ -66,10 +66,27 @@ class CrossEntropy:
         return out
 
 
-class MeanSquaredError:
-    name = "mse"
+class _PerElement:
+    """What mse and bce share: float targets (N, K), a mean over all N*K elements (over the
+    rows' own weights times K when the rows carry them), no weights of their own per label."""
     integer_labels = False
     weighted = False
+
+    @staticmethod
+    def scale(global_rows, n_outputs):
+        return 1.0 / (global_rows * n_outputs)
+
+    @staticmethod
+    def row_weights(y):
+        return None
+
+    @staticmethod
+    def mean(loss_sum, n, n_outputs, weight):
+        return loss_sum / (max(n if weight is None else weight, 1e-300) * n_outputs)
+
+
+class MeanSquaredError(_PerElement):
+    name = "mse"
 
     @staticmethod
     def grad_(out, y, out_act, scale, w=None):
@@ -82,27 +99,16 @@ class MeanSquaredError:
                                       ws.b_off, ws.acts, ws.a_off, ws.act, ws.out_act, ws.d0,
                                       ws.d1, drop, rows, ws.units, bound)
 
-    @staticmethod
-    def scale(global_rows, n_outputs):
-        return 1.0 / (global_rows * n_outputs)
-
-    @staticmethod
-    def row_weights(y):
-        return None
-
-    @staticmethod
-    def summarize(loss_sum, correct, n, n_outputs, weight=None):
-        return loss_sum / (max(n if weight is None else weight, 1e-300) * n_outputs), None
+    def summarize(self, loss_sum, correct, n, n_outputs, weight=None):
+        return self.mean(loss_sum, n, n_outputs, weight), None
 
     @staticmethod
     def outputs_(out):
         return out
 
 
-class BinaryCrossEntropy:
+class BinaryCrossEntropy(_PerElement):
     name = "bce"
-    integer_labels = False
-    weighted = False
 
     def __init__(self, pos_weight=()):
         self.pos_weight = tuple(float(p) for p in pos_weight)
@@ -124,18 +130,8 @@ class BinaryCrossEntropy:
                                       _rows(w), ws.sizes, ws.w_off, ws.b_off, ws.acts, ws.a_off,
                                       ws.act, ws.d0, ws.d1, drop, rows, ws.units, bound)
 
-    @staticmethod
-    def scale(global_rows, n_outputs):
-        return 1.0 / (global_rows * n_outputs)
-
-    @staticmethod
-    def row_weights(y):
-        return None
-
-    @staticmethod
-    def summarize(loss_sum, correct, n, n_outputs, weight=None):
-        return (loss_sum / (max(n if weight is None else weight, 1e-300) * n_outputs),
-                correct / max(n, 1))
+    def summarize(self, loss_sum, correct, n, n_outputs, weight=None):
+        return self.mean(loss_sum, n, n_outputs, weight), correct / max(n, 1)
 
     @staticmethod
     def outputs_(out):
