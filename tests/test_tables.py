@@ -176,3 +176,26 @@ def test_bad_tables_are_one_clear_error(bad_runs, case):
     tmp, out = bad_runs
     assert out[case].returncode == 2 and BAD[case] in out[case].stderr, out[case].stderr
     assert not any(tmp.glob("case-*/run/checkpoint.h5"))
+
+
+def test_rows_spread_over_a_file_are_read_in_bounded_spans():
+    """A rank's training rows are its block of every batch, spread over the whole file: they are
+    read a bounded stretch at a time, never the whole file at once (Parquet, NumPy, a split)."""
+    from mpinn.data.read import read_rows_at
+    from mpinn.data.tables import SPAN_ROWS
+    n = 100_000
+    data = np.arange(2 * n).reshape(n, 2)
+    reads = []
+
+    def read(a, b):
+        reads.append(b - a)
+        return data[a:b]
+    rows = Rows("X", n, (2,), data.dtype, read)
+    sel = h5py.MultiBlockSlice(start=0, stride=64, count=n // 64, block=32)
+    idx = (np.arange(n // 64)[:, None] * 64 + np.arange(32)).reshape(-1)
+    out = np.empty((len(idx), 2), data.dtype)
+    rows.read_direct(out, sel)
+    assert np.array_equal(out, data[idx]) and 0 < max(reads) <= SPAN_ROWS
+    reads.clear()
+    got = read_rows_at(rows, idx, np.empty_like(out))  # a split's rows, through a dataset
+    assert np.array_equal(got, data[idx]) and 0 < max(reads) <= SPAN_ROWS

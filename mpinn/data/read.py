@@ -13,6 +13,7 @@ from ..kernels import all_finite  # one pass, no temporary the size of the shard
 from ..losses import LOSSES
 from ..plan import even_part
 from .files import open_h5, plain_value
+from .tables import spans
 
 
 @dataclass(frozen=True)
@@ -118,15 +119,10 @@ def _indices(sel):
     return (starts[:, None] + np.arange(sel.block)).reshape(-1)
 
 
-SPAN_GAP = 64  # rows: nearer rows are read together with those between them (fewer, larger reads)
-
-
 def read_rows_at(ds, file_rows, out):
-    """out[i] = ds[file_rows[i]] for ascending file rows: each span of rows less than SPAN_GAP
-    apart is one read (the rows between them read and dropped), a consecutive run straight into
-    out."""
-    parts = np.split(np.arange(len(file_rows)),
-                     np.flatnonzero(np.diff(file_rows) > SPAN_GAP) + 1)
+    """out[i] = ds[file_rows[i]] for ascending file rows: each span (spans()) is one read (the
+    rows between them read and dropped), a consecutive run straight into out."""
+    parts = spans(file_rows)
     for part in parts:
         if not len(part):
             continue

@@ -41,6 +41,18 @@ def open_table(files, not_features=("y",)):
     return NumpyArrays(files[0])
 
 
+SPAN_GAP = 64  # rows: nearer rows are read together with those between them (fewer, larger reads)
+SPAN_ROWS = 1 << 14  # rows one such read covers at most: a rank's rows spread over the whole file
+# (its block of every batch) must not make one read of the whole file
+
+
+def spans(rows):
+    """Index groups of ascending rows to read together: rows less than SPAN_GAP apart, within
+    one SPAN_ROWS-row stretch of the file."""
+    cuts = (np.diff(rows) > SPAN_GAP) | (np.diff(rows // SPAN_ROWS) != 0)
+    return np.split(np.arange(len(rows)), np.flatnonzero(cuts) + 1)
+
+
 class Rows:
     """h5py.Dataset's reading surface over rows that `read(a, b)` gives as a NumPy array
     (native dtype): shape, ndim, dtype, attrs, read_direct (slices and h5py.MultiBlockSlice),
@@ -56,13 +68,12 @@ class Rows:
         return self.shape[0]
 
     def _take(self, idx):
-        """Rows at ascending indices: each run of nearby rows from one read."""
+        """Rows at ascending indices: each span of nearby rows (spans()) from one read."""
         idx = np.asarray(idx, np.int64)
         out = np.empty((len(idx), *self.shape[1:]), self.dtype)
         if not len(idx):
             return out
-        cuts = np.flatnonzero(np.diff(idx) > 64) + 1
-        for part in np.split(np.arange(len(idx)), cuts):
+        for part in spans(idx):
             a, b = int(idx[part[0]]), int(idx[part[-1]]) + 1
             out[part] = self._read(a, b)[idx[part] - a]
         return out
