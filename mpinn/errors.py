@@ -19,6 +19,11 @@ class RunError(MpinnError):
         self.exit_code = exit_code
 
 
+def raise_usage(message):
+    """Raise a UsageError (for comm.checked, which runs a callable on every rank)."""
+    raise UsageError(message)
+
+
 class AgreedExit(SystemExit):
     """Raised on every rank after a checked phase failed somewhere; the message is already out
     (printed once by the failing rank) and every rank holds it too, for a caller that records it."""

@@ -4,7 +4,7 @@ explicit options may not contradict), whether it fits the node's memory, and its
 import numpy as np
 
 from . import data
-from .errors import UsageError
+from .errors import UsageError, raise_usage
 from .losses import LOSSES
 from .model import Architecture
 from .runtime.process import available_memory_bytes
@@ -117,20 +117,17 @@ def class_weights(comm, given, y, n_classes):
         try:
             return tuple(float(w) for w in given.replace(" ", "").split(",") if w)
         except ValueError:
-            comm.checked(_refuse, f"--class-weight takes 'balanced' or one number per class, "
+            comm.checked(raise_usage, f"--class-weight takes 'balanced' or one number per class, "
                                   f"got {given!r}")
     counts = np.bincount(y, minlength=n_classes).astype(np.float64) if y is not None and len(
         y) else np.zeros(n_classes)
     counts = comm.allreduce_sum(counts[:n_classes])
     if counts.min() == 0:
         missing = [c for c in range(n_classes) if counts[c] == 0]
-        comm.checked(_refuse, f"--class-weight balanced: class {missing[0]} has no training rows "
-                              f"(of {n_classes} classes); give the weights instead")
+        comm.checked(raise_usage, f"--class-weight balanced: class {missing[0]} has no "
+                                  f"training rows (of {n_classes} classes); give the weights "
+                                  "instead")
     return tuple(float(w) for w in counts.sum() / (n_classes * counts))
-
-
-def _refuse(message):
-    raise UsageError(message)
 
 
 def architecture(model, explicit, ckpt, n_features, n_outputs, class_weight=()):

@@ -11,7 +11,7 @@ from . import assets, data, metrics
 from .checkpoint import Checkpoint
 from .config import ParallelOptions
 from .data_parallel import DataParallelEngine
-from .errors import UsageError
+from .errors import UsageError, raise_usage
 from .kernels import ACTIVATIONS
 from .pipeline import PipelineEngine
 
@@ -67,12 +67,8 @@ def own_weights(comm, path, cols, selections, reads, optional=False):
     w = comm.checked(lambda: data.read_weights(path, cols, selections) if reads else None)
     total = comm.allreduce_sum([w.sum(dtype=np.float64) if w is not None else 0.0])[0]
     if not total > 0:
-        comm.checked(_refuse, f"{path}:{cols.w_key}: every row weight is 0")
+        comm.checked(raise_usage, f"{path}:{cols.w_key}: every row weight is 0")
     return w
-
-
-def _refuse(message):
-    raise UsageError(message)
 
 
 def check_labels(y, n_classes, path, rows_of=None):

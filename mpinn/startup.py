@@ -17,7 +17,7 @@ import numpy as np
 from . import data, hooks, lr, metrics, network, resume
 from .config import Resume
 from .data.scaling import Moments, Scale, Scaling, merged_across, moments_in_chunks, spread_warning
-from .errors import AgreedExit, UsageError
+from .errors import AgreedExit, UsageError, raise_usage
 from .model import init_params
 from .outputs import check_side_output
 from .plan import BatchPlan, Grid, even_part
@@ -409,10 +409,6 @@ def check_mode(options, grid):
         if share < accumulate:
             raise UsageError(f"--accumulate {accumulate}: each rank's share of a global batch "
                              f"is {share} rows, fewer than the pieces asked for")
-
-
-def raise_usage(message):
-    raise UsageError(message)
 
 
 def timeline(options, comm, engine, inputs, run_dir):

@@ -13,6 +13,7 @@ message of read.py applies unchanged.
                 `mpinn data convert` does for CSV. Rows are read a row group at a time (each
                 rank decodes only the groups that hold its rows), nothing else is held.
 """
+import functools
 import zipfile
 
 import numpy as np
@@ -93,6 +94,34 @@ class Rows:
             starts = source_sel.start + source_sel.stride * np.arange(source_sel.count)
             rows = self._take((starts[:, None] + np.arange(source_sel.block)).reshape(-1))
         out[dest_sel if dest_sel is not None else Ellipsis] = rows
+
+
+class TextLabels(Rows):
+    """A text column as class numbers in the sorted order of its distinct values (attrs["classes"]
+    names them). The values are scanned once, when first asked for, not at every open."""
+
+    def __init__(self, name, n_rows, table):
+        super().__init__(name, n_rows, (), np.int64, self._codes)
+        self.table = table
+
+    @functools.cached_property
+    def names(self):
+        return sorted({str(v) for part in self.table.parts
+                       for v in part.read(columns=[self.name]).column(0).unique().to_pylist()
+                       if v is not None})
+
+    @property
+    def attrs(self):
+        return {"classes": np.array(self.names, dtype=object)}
+
+    @attrs.setter
+    def attrs(self, value):  # Rows.__init__ sets it; the names are the attributes here
+        pass
+
+    def _codes(self, a, b):
+        code = {name: i for i, name in enumerate(self.names)}
+        return np.array([code.get(str(v), -1) for v in self.table._values(self.name, a, b,
+                                                                            text=True)], np.int64)
 
 
 class _Container:
@@ -224,14 +253,7 @@ class ParquetTable(_Container):
         if _numeric(field.type):
             return Rows(field.name, n, (), field.type.to_pandas_dtype(),
                         lambda a, b, name=field.name: self._values(name, a, b))
-        names = sorted({str(v) for part in self.parts
-                        for v in part.read(columns=[field.name]).column(0).unique().to_pylist()
-                        if v is not None})
-        code = {name: i for i, name in enumerate(names)}
-        return Rows(field.name, n, (), np.int64,
-                    lambda a, b, name=field.name: np.array(
-                        [code.get(str(v), -1) for v in self._values(name, a, b, text=True)],
-                        np.int64), {"classes": np.array(names, dtype=object)})
+        return TextLabels(field.name, n, self)
 
     def _values(self, name, a, b, text=False):
         """Rows a..b of one column, read a row group at a time (the last one kept)."""
