@@ -74,19 +74,21 @@ def run_mpinn(ranks, *args, timeout=120, env=None, cwd=None, preexec_fn=None):
 
 
 def run_many(jobs, tmp, timeout=300):
-    """{key: (ranks, argv)} -> {key: Run}: the jobs of each rank count in one `mpiexec -n ranks`
-    launch (tests/many.py runs them in turn in the same processes), so that a module comparing
-    many small trainings pays the launch and the imports once per rank count, not once per job.
+    """{key: (ranks, argv) or (ranks, argv, working folder)} -> {key: Run}: the jobs of each rank
+    count in one `mpiexec -n ranks` launch (tests/many.py runs them in turn in the same processes),
+    so that a module comparing many small trainings pays the launch and the imports once per rank
+    count, not once per job. A Run's output is every rank's, as a launch of its own would show.
     Only for jobs that end by returning (not by a signal, an abort or a killed rank)."""
     tmp = Path(tmp)
     tmp.mkdir(parents=True, exist_ok=True)
     by_ranks = {}
-    for key, (ranks, argv) in jobs.items():
-        by_ranks.setdefault(ranks, []).append((key, [str(a) for a in argv]))
+    for key, (ranks, argv, *cwd) in jobs.items():
+        by_ranks.setdefault(ranks, []).append(
+            (key, [[str(a) for a in argv], str(cwd[0]) if cwd else None]))
     runs = {}
     for ranks, group in sorted(by_ranks.items()):
         jobs_file, results_file = tmp / f"jobs-{ranks}.json", tmp / f"results-{ranks}.json"
-        jobs_file.write_text(json.dumps([argv for _, argv in group]))
+        jobs_file.write_text(json.dumps([job for _, job in group]))
         cmd = [mpiexec(), "-n", str(ranks), sys.executable, str(Path(__file__).parent / "many.py"),
                str(jobs_file), str(results_file)]
         t0 = time.perf_counter()
@@ -99,7 +101,7 @@ def run_many(jobs, tmp, timeout=300):
         assert p.returncode == 0 and results_file.exists(), (
             f"{len(group)} jobs on {ranks} ranks: exit {p.returncode}\n{p.stdout}\n{p.stderr}")
         seconds = (time.perf_counter() - t0) / len(group)
-        for (key, argv), r in zip(group, json.loads(results_file.read_text())):
+        for (key, (argv, _)), r in zip(group, json.loads(results_file.read_text())):
             assert not r["threads_left"], f"{argv} left threads running: {r['threads_left']}"
             runs[key] = Run(r["returncode"], r["stdout"], r["stderr"], seconds, time.time())
     return runs

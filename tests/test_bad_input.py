@@ -1,4 +1,4 @@
-"""Bad input, one case per test, each a real 2-rank job: the error is one clear line (what, which
+"""Bad input, one case per test, each a real 2-rank job (the cases share one launch): the error is one clear line (what, which
 file/key/option, what is expected), printed once, exit status 2, no traceback unless --debug, and
 nothing is overwritten (an existing run folder is left byte for byte as it was)."""
 import shutil
@@ -8,7 +8,7 @@ import h5py
 import numpy as np
 import pytest
 
-from helpers import ROOT, ok, run_mpinn
+from helpers import ROOT, ok, run_many, run_mpinn
 from mpinn import checkpoint
 from mpinn.cli import DRIVERS
 from mpinn.outputs import LOCK_NAME
@@ -154,23 +154,36 @@ def snapshot(*folders):
             if p.is_file() and p.name != LOCK_NAME}
 
 
-@pytest.mark.parametrize("name,argv,expected", CASES, ids=[c[0] for c in CASES])
-def test_bad_input_is_one_clear_line_exit_2(tmp_path, good_run, inputs, name, argv, expected):
+@pytest.fixture(scope="module")
+def cases(tmp_path_factory, good_run, inputs):
+    """Each case's command line, working folder and watched folders with their bytes before it
+    ran; the cases of MPI commands then run, in turn, in one 2-rank launch (tests/many.py: the
+    same cli.main, every rank's output), which the one-process commands do not share."""
+    root = tmp_path_factory.mktemp("cases")
+    prepared, jobs = {}, {}
+    for i, (name, argv, _) in enumerate(CASES):
+        run_dir, cwd = root / str(i) / "run", root / str(i) / "cwd"
+        shutil.copytree(good_run, run_dir)
+        cwd.mkdir()
+        argv = [a.format(**inputs) for a in argv]
+        if argv[0] == "train" and "--run-dir" not in argv:
+            argv += ["--run-dir", str(run_dir)]
+            if "--resume" not in argv:  # --overwrite removes nothing until every input is checked
+                argv.append("--overwrite")
+        watched = (run_dir, cwd, Path(inputs["x"]).parent, good_run)
+        prepared[name] = (argv, cwd, watched, snapshot(*watched))
+        if argv[0] not in DRIVERS:  # commands that run as one process, without MPI, run alone
+            jobs[name] = (2, argv, cwd)
+    return prepared, run_many(jobs, root / "many", timeout=300)
+
+
+@pytest.mark.parametrize("name,expected", [(c[0], c[2]) for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_is_one_clear_line_exit_2(cases, name, expected):
     """Nothing is written or changed anywhere a case could write: the run folder it is given (an
     existing run), every input file and checkpoint, and its working folder (empty)."""
-    run_dir = tmp_path / "run"
-    shutil.copytree(good_run, run_dir)
-    cwd = tmp_path / "cwd"
-    cwd.mkdir()
-    watched = (run_dir, cwd, Path(inputs["x"]).parent, good_run)
-    before = snapshot(*watched)
-    argv = [a.format(**inputs) for a in argv]
-    if argv[0] == "train" and "--run-dir" not in argv:
-        argv += ["--run-dir", str(run_dir)]
-        if "--resume" not in argv:  # --overwrite removes nothing until every input is checked
-            argv.append("--overwrite")
-    ranks = 1 if argv[0] in DRIVERS else 2  # commands that run as one process, without MPI
-    r = run_mpinn(ranks, *argv, timeout=60, cwd=cwd)
+    prepared, runs = cases
+    argv, cwd, watched, before = prepared[name]
+    r = runs[name] if name in runs else run_mpinn(1, *argv, timeout=60, cwd=cwd)
     lines = [l for l in r.stderr.splitlines() if l.startswith("mpinn: error")]
     assert r.returncode == 2, (r.returncode, r.stderr)
     assert len(lines) == 1, r.stderr
