@@ -7,7 +7,7 @@ import h5py
 import numpy as np
 import pytest
 
-from helpers import DIGITS_TEST, ROOT, ok, rows_of, run_mpinn, write_classification
+from helpers import DIGITS_TEST, ROOT, ok, rows_of, run_many, run_mpinn, write_classification
 from mpinn import checkpoint
 
 
@@ -123,16 +123,28 @@ def test_error_seen_by_one_rank_only_ends_all_ranks_once(tmp_path):
     assert "rank 2 of 3" in errors(r)[0] and "class label 7 is out of range" in errors(r)[0]
 
 
-@pytest.mark.parametrize("args,message", [
+RUN_SETTINGS = [
     (["--batch-size", 2], "--batch-size 2 is smaller than the number of ranks (3)"),
     (["--resume"], "--resume: no checkpoint at"),
     (["--data", "TINY"], "has 2 rows, fewer than the 3 ranks"),
-])
-def test_run_settings_errors(tmp_path, args, message):
-    train = write_classification(tmp_path / "t.h5", 60, 4, 3)
-    tiny = write_classification(tmp_path / "tiny.h5", 2, 4, 3)
-    args = [tiny if a == "TINY" else a for a in args]
-    r = run_mpinn(3, "train", "--data", train, "--run-dir", tmp_path / "r", *args)
+]
+
+
+@pytest.fixture(scope="module")
+def run_settings_runs(tmp_path_factory):
+    """Every case of RUN_SETTINGS, in one 3-rank launch (helpers.run_many)."""
+    tmp = tmp_path_factory.mktemp("settings")
+    train = write_classification(tmp / "t.h5", 60, 4, 3)
+    tiny = write_classification(tmp / "tiny.h5", 2, 4, 3)
+    jobs = {i: (3, ["train", "--data", train, "--run-dir", tmp / f"r{i}",
+                    *[tiny if a == "TINY" else a for a in args]])
+            for i, (args, _) in enumerate(RUN_SETTINGS)}
+    return run_many(jobs, tmp / "many")
+
+
+@pytest.mark.parametrize("case", range(len(RUN_SETTINGS)), ids=[m for _, m in RUN_SETTINGS])
+def test_run_settings_errors(run_settings_runs, case):
+    r, message = run_settings_runs[case], RUN_SETTINGS[case][1]
     assert r.returncode == 2 and len(errors(r)) == 1 and message in errors(r)[0], r.stderr
 
 

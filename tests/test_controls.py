@@ -9,7 +9,7 @@ import h5py
 import numpy as np
 import pytest
 
-from helpers import ok, run_mpinn, write_classification
+from helpers import ok, run_many, run_mpinn, write_classification
 from mpinn import checkpoint
 
 COMMON = ["--hidden", "32", "--batch-size", 20, "--no-shuffle", "--log-every", 100,
@@ -73,7 +73,7 @@ def test_resume_in_the_middle_of_a_schedule_and_of_patience(rising, tmp_path):
         checkpoint.load(str(tmp_path / "res" / "best.h5")).params)
 
 
-@pytest.mark.parametrize("args,message", [
+BAD_CONTROLS = [
     (["--warmup-steps", 999], "--warmup-steps 999 must be fewer than the run's"),
     (["--early-stop", 2, "--data", "{train}"], "--early-stop needs validation data"),
     (["--clip-grad-norm", "-1"], "--clip-grad-norm must not be negative"),
@@ -83,10 +83,24 @@ def test_resume_in_the_middle_of_a_schedule_and_of_patience(rising, tmp_path):
     (["--accumulate", 2, "--pipeline-stages", 2], "--accumulate is for data-parallel mode"),
     (["--accumulate", 0], "--accumulate must be positive"),
     (["--dropout", "1"], "--dropout must be in [0, 1), got 1.0"),
-])
-def test_bad_control_values(rising, tmp_path, args, message):
-    args = [str(a).format(train=rising[0]) for a in args]
-    r = run_mpinn(2, "train", "--run-dir", tmp_path, "--epochs", 2, *args)
+]
+
+
+@pytest.fixture(scope="module")
+def bad_control_runs(rising, tmp_path_factory):
+    """Every case of BAD_CONTROLS, in one 2-rank launch (helpers.run_many)."""
+    root = tmp_path_factory.mktemp("bad")
+    jobs = {}
+    for i, (args, _) in enumerate(BAD_CONTROLS):
+        (root / str(i)).mkdir()
+        jobs[i] = (2, ["train", "--run-dir", root / str(i), "--epochs", 2,
+                       *[str(a).format(train=rising[0]) for a in args]])
+    return run_many(jobs, root / "many")
+
+
+@pytest.mark.parametrize("case", range(len(BAD_CONTROLS)), ids=[m for _, m in BAD_CONTROLS])
+def test_bad_control_values(bad_control_runs, case):
+    r, message = bad_control_runs[case], BAD_CONTROLS[case][1]
     lines = [l for l in r.stderr.splitlines() if l.startswith("mpinn: error")]
     assert r.returncode == 2 and len(lines) == 1 and message in lines[0], r.stderr
 

@@ -148,20 +148,33 @@ def test_a_sweep_reports_the_metrics(tmp_path):
     assert len(rows) == 2 and all(0 <= float(row["val_f1"]) <= 1 for row in rows)
 
 
-@pytest.mark.parametrize("args,message", [
+UNFIT_METRICS = [
     (["--metrics", "auc"], "--metrics: unknown metric 'auc'"),
     (["--metrics", "r2"], "--metrics r2 does not fit a network of class labels"),
     (["--metrics", "roc_auc", "--val-data", "{one}"], "--metrics roc_auc needs every class"),
     (["--monitor", "val_f1"], "--monitor val_f1 needs --metrics f1"),
-])
-def test_a_metric_that_cannot_be_computed_is_one_clear_error(tmp_path, args, message):
-    data = write_classification(tmp_path / "d.h5", 100, 6, 3, seed=1)
-    with h5py.File(tmp_path / "one.h5", "w") as f:  # validation rows of one class only
+]
+
+
+@pytest.fixture(scope="module")
+def unfit_metric_runs(tmp_path_factory):
+    """Every case of UNFIT_METRICS, in one 2-rank launch (helpers.run_many)."""
+    tmp = tmp_path_factory.mktemp("unfit")
+    data = write_classification(tmp / "d.h5", 100, 6, 3, seed=1)
+    with h5py.File(tmp / "one.h5", "w") as f:  # validation rows of one class only
         f["X"], f["y"] = np.zeros((20, 6), np.float32), np.zeros(20, np.int64)
-    args = [a.format(one=tmp_path / "one.h5") for a in args]
-    if "--val-data" not in args:
-        args += ["--val-data", data]
-    r = run_mpinn(2, "train", "--data", data, *args, "--run-dir", tmp_path / "r")
+    jobs = {}
+    for i, (args, _) in enumerate(UNFIT_METRICS):
+        args = [a.format(one=tmp / "one.h5") for a in args]
+        if "--val-data" not in args:
+            args += ["--val-data", data]
+        jobs[i] = (2, ["train", "--data", data, *args, "--run-dir", tmp / f"r{i}"])
+    return run_many(jobs, tmp / "many")
+
+
+@pytest.mark.parametrize("case", range(len(UNFIT_METRICS)), ids=[m for _, m in UNFIT_METRICS])
+def test_a_metric_that_cannot_be_computed_is_one_clear_error(unfit_metric_runs, case):
+    r, message = unfit_metric_runs[case], UNFIT_METRICS[case][1]
     assert r.returncode == 2, r.stderr
     lines = [line for line in r.stderr.splitlines() if line.startswith("mpinn: error")]
     assert len(lines) == 1 and message in lines[0], r.stderr

@@ -126,15 +126,29 @@ def test_evaluate_and_predict_in_pipeline_mode(dataset, baseline, tmp_path):
         np.testing.assert_allclose(a["prob"][...], b["prob"][...], rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("ranks,args,message", [
+BAD_STAGES = [
     (5, ["--pipeline-stages", 5], "--pipeline-stages 5 exceeds the network's 4 layers"),
     (3, ["--pipeline-stages", 2], "--pipeline-stages 2 does not divide the 3 ranks"),
     (2, ["--pipeline-stages", 2, "--partition", "3,2"], "--partition 3,2 must give 2 positive"),
     (1, ["--micro-batches", 0], "--micro-batches must be positive"),
     (2, ["--pipeline-stages", 2, "--shuffle", "global"], "--shuffle global works in data-parallel"),
-])
-def test_invalid_stage_settings(dataset, tmp_path, ranks, args, message):
-    r = run_mpinn(ranks, "train", "--data", dataset, "--run-dir", tmp_path, *COMMON, *args)
+]
+
+
+@pytest.fixture(scope="module")
+def bad_stage_runs(dataset, tmp_path_factory):
+    """Every case of BAD_STAGES, one launch per rank count (helpers.run_many)."""
+    root = tmp_path_factory.mktemp("stages")
+    jobs = {}
+    for i, (ranks, args, _) in enumerate(BAD_STAGES):
+        (root / str(i)).mkdir()
+        jobs[i] = (ranks, ["train", "--data", dataset, "--run-dir", root / str(i), *COMMON, *args])
+    return run_many(jobs, root / "many")
+
+
+@pytest.mark.parametrize("case", range(len(BAD_STAGES)), ids=[m for _, _, m in BAD_STAGES])
+def test_invalid_stage_settings(bad_stage_runs, case):
+    r, message = bad_stage_runs[case], BAD_STAGES[case][2]
     lines = [l for l in r.stderr.splitlines() if l.startswith("mpinn: error")]
     assert r.returncode == 2 and len(lines) == 1 and message in lines[0], r.stderr
     assert "rank" not in lines[0].split(":")[1]  # every rank saw it: no rank named

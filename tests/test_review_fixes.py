@@ -493,20 +493,33 @@ def test_doctor_tests_the_lock_in_the_run_folder(tmp_path, monkeypatch):
 
 # --- 10. one-class labels are refused -------------------------------------------------------------
 
-@pytest.mark.parametrize("label,extra,message", [
+ONE_CLASS = [
     (0, [], "holds one class only (every label is 0)"),
     (3, [], "holds one class only (every label is 3)"),
     (0, ["--classes", 1], "1 class: cross_entropy needs at least 2 classes"),
-])
-def test_one_class_labels_are_refused(tmp_path, label, extra, message):
+]
+
+
+@pytest.fixture(scope="module")
+def one_class_runs(tmp_path_factory):
+    """Every case of ONE_CLASS, in one 2-rank launch (helpers.run_many)."""
+    from helpers import run_many
+    tmp = tmp_path_factory.mktemp("one-class")
+    jobs = {}
+    for i, (label, extra, _) in enumerate(ONE_CLASS):
+        path = tmp / f"one{i}.h5"
+        with h5py.File(path, "w") as f:
+            f["X"] = np.random.default_rng(0).normal(size=(200, 5)).astype(np.float32)
+            f["y"] = np.full(200, label, np.int64)
+        jobs[i] = (2, ["train", "--data", path, "--val-data", path, "--epochs", 1,
+                       "--run-dir", tmp / f"r{i}", *extra])
+    return run_many(jobs, tmp / "many")
+
+
+@pytest.mark.parametrize("case", range(len(ONE_CLASS)), ids=[m for _, _, m in ONE_CLASS])
+def test_one_class_labels_are_refused(one_class_runs, case):
     """Before, labels that were all 0 trained a 1-output softmax to loss 0 and accuracy 1."""
-    from helpers import run_mpinn
-    path = tmp_path / "one.h5"
-    with h5py.File(path, "w") as f:
-        f["X"] = np.random.default_rng(0).normal(size=(200, 5)).astype(np.float32)
-        f["y"] = np.full(200, label, np.int64)
-    r = run_mpinn(2, "train", "--data", path, "--val-data", path, "--epochs", 1,
-                  "--run-dir", tmp_path / "r", *extra)
+    r, message = one_class_runs[case], ONE_CLASS[case][2]
     assert r.returncode == 2 and message in r.stderr, r.stderr
     assert r.stderr.count("mpinn: error") == 1
 
