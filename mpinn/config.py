@@ -82,6 +82,14 @@ def require_non_negative(cfg, *names):
 
 
 ACTIVATIONS = ("relu", "tanh", "sigmoid")
+OPTIMIZERS = ("sgd", "momentum", "adam", "adamw", "rmsprop", "lamb", "lars")  # optim.py's rules
+# the options each rule reads besides --lr and --weight-decay: another rule's, given, is an error
+OPTIMIZER_OPTIONS = {
+    "sgd": (), "momentum": ("momentum", "nesterov"), "adam": ("beta1", "beta2", "eps"),
+    "adamw": ("beta1", "beta2", "eps"), "rmsprop": ("alpha", "eps"),
+    "lamb": ("beta1", "beta2", "eps", "trust_clip"),
+    "lars": ("momentum", "trust_coefficient", "trust_clip"),
+}
 OUTPUT_ACTIVATIONS = ("identity", "sigmoid")
 
 
@@ -244,17 +252,36 @@ class ModelOptions:
 @dataclass(frozen=True)
 class OptimOptions:
     """The update rule."""
-    optimizer: str = option("adam", "update rule", ("sgd", "momentum", "adam"),
+    optimizer: str = option("adam", "update rule (PyTorch's where PyTorch has it): sgd; momentum "
+                                    "(--momentum, --nesterov); adam; adamw (decoupled weight "
+                                    "decay); rmsprop (--alpha); lamb and lars, for large batches: "
+                                    "each weight matrix's step scaled by a trust ratio of norms "
+                                    "(--trust-coefficient, --trust-clip)", OPTIMIZERS,
                             kept_on_resume=True)
     lr: float = option(1e-3, "learning rate", bound=POSITIVE, kept_on_resume=True)
-    momentum: float = option(0.9, "momentum factor (--optimizer momentum)", bound=NON_NEGATIVE,
-                             kept_on_resume=True)
+    momentum: float = option(0.9, "momentum factor (--optimizer momentum, lars)",
+                             bound=NON_NEGATIVE, kept_on_resume=True)
     nesterov: bool = option(False, "Nesterov momentum (--optimizer momentum)", kept_on_resume=True)
-    beta1: float = option(0.9, "Adam beta1", bound=FRACTION, kept_on_resume=True)
-    beta2: float = option(0.999, "Adam beta2", bound=FRACTION, kept_on_resume=True)
-    eps: float = option(1e-8, "Adam epsilon", bound=POSITIVE, kept_on_resume=True)
-    weight_decay: float = option(0.0, "L2 penalty added to the gradient", bound=NON_NEGATIVE,
-                                 kept_on_resume=True)
+    beta1: float = option(0.9, "first-moment decay (adam, adamw, lamb)", bound=FRACTION,
+                          kept_on_resume=True)
+    beta2: float = option(0.999, "second-moment decay (adam, adamw, lamb)", bound=FRACTION,
+                          kept_on_resume=True)
+    eps: float = option(1e-8, "term added to the denominator (adam, adamw, rmsprop, lamb)",
+                        bound=POSITIVE, kept_on_resume=True)
+    alpha: float = option(0.99, "smoothing of the squared gradients' average (--optimizer "
+                                "rmsprop)", bound=FRACTION, kept_on_resume=True)
+    trust_coefficient: float = option(0.001, "LARS's trust coefficient eta: a weight matrix's "
+                                             "rate is lr x eta ||w|| / (||g|| + weight decay x "
+                                             "||w||) (--optimizer lars)", bound=POSITIVE,
+                                      kept_on_resume=True)
+    trust_clip: float = option(10.0, "cap on each weight matrix's trust ratio (--optimizer lamb, "
+                                     "lars; DeepSpeed's max_coeff; 0: none)", bound=NON_NEGATIVE,
+                               kept_on_resume=True)
+    weight_decay: float = option(0.0, "weight decay: an L2 penalty added to the gradient (sgd, "
+                                      "momentum, adam, rmsprop), decoupled from it (adamw, as "
+                                      "PyTorch's AdamW, whose own default is 0.01), or part of "
+                                      "the trust-scaled step of weight matrices, not biases "
+                                      "(lamb, lars)", bound=NON_NEGATIVE, kept_on_resume=True)
     clip_grad_norm: float = option(0.0, "scale the averaged gradient down to this L2 norm when it "
                                         "is larger, before weight decay (0: off)",
                                    bound=NON_NEGATIVE, kept_on_resume=True)
@@ -422,11 +449,25 @@ def _validate_train(cfg):
         raise UsageError("--val-fraction splits the training file and --val-data names another "
                          "validation file: give one of them")
     parse_hidden(cfg.hidden)
+    check_optimizer_options(cfg)
     if parse_weights(cfg.pos_weight) and cfg.loss != "bce":
         raise UsageError("--pos-weight weights the positive targets of --loss bce")
     if cfg.class_weight and cfg.loss != "cross_entropy":
         raise UsageError("--class-weight weights the classes of --loss cross_entropy")
     parse_metric_names(cfg.metrics)
+
+
+def check_optimizer_options(cfg):
+    """An option of another update rule, set away from its default, is a mistake to report: the
+    run would silently ignore it."""
+    reads = OPTIMIZER_OPTIONS[cfg.optimizer]
+    defaults = OptimOptions()
+    for name in sorted(set().union(*OPTIMIZER_OPTIONS.values()) - set(reads)):
+        if getattr(cfg, name) != getattr(defaults, name):
+            users = [o for o, names in OPTIMIZER_OPTIONS.items() if name in names]
+            raise UsageError(f"--{name.replace('_', '-')} applies to --optimizer "
+                             f"{' or '.join(users)}; this run uses {cfg.optimizer}, which does "
+                             f"not read it")
 
 
 TrainConfig = flat_config(
@@ -535,7 +576,7 @@ class BenchConfig:
                                 "--batch-per-rank")
     batch_per_rank: int = option(128, "rows per rank per step when --batch-size is 0 (weak "
                                       "scaling)")
-    optimizer: str = option("momentum", "update rule", ("sgd", "momentum", "adam"))
+    optimizer: str = option("momentum", "update rule", OPTIMIZERS)
     warmup: int = option(5, "untimed steps first")
     steps: int = option(50, "timed steps")
     threads: int = option(1, "BLAS threads per rank")

@@ -12,7 +12,7 @@ import numpy as np
 
 from . import kernels
 from .engine import Engine, StepResult, agreed_step, make_optimizer
-from .model import Network
+from .model import Network, tensor_spans
 from .plan import even_part
 from .reducers import (CONTROL_VALUES, AllreduceReducer, NodeShardedReducer, OverlapReducer,
                        ShardedReducer)
@@ -31,7 +31,8 @@ class DataParallelEngine(Engine):
         self.data_rank, self.data_size = comm.rank, comm.size
         n = arch.n_params
         # --shard-optimizer: this rank updates one block (shard.py); 1 rank has nothing to share
-        self.shard = (ShardedUpdate(comm, n, opt_settings, opt_state)
+        spans = tensor_spans(arch.sizes)  # where LARS/LAMB find each weight matrix
+        self.shard = (ShardedUpdate(comm, n, opt_settings, opt_state, spans)
                       if shard and comm.size > 1 and opt_settings is not None else None)
         padded = self.shard.padded if self.shard else n
         # ranks that share a node sum through its shared memory (comm.NodeAllreduce): the backward
@@ -43,7 +44,8 @@ class DataParallelEngine(Engine):
         self.node_sum = (
             comm.node_allreduce(n + CONTROL_VALUES, shared_params=share) if on_node else None
         )
-        self.node_shard = (NodeShardedUpdate(self.node_sum, n, params, opt_settings, opt_state)
+        self.node_shard = (NodeShardedUpdate(self.node_sum, n, params, opt_settings, opt_state,
+                                             spans)
                            if self.node_sum and share else None)
         self.reducer = self._reducer(overlap_mb)
         # this rank's parameters, unless the node shares one copy of them in its window
@@ -58,7 +60,8 @@ class DataParallelEngine(Engine):
         self.piece_grads = np.zeros(n, np.float32) if self.accumulate > 1 else None
         self.phase_s = [0.0, 0.0, 0.0]  # the last step's compute, allreduce (wait), optimizer
         self.optimizer = (self.shard.optimizer if self.shard else self.node_shard.optimizer
-                          if self.node_shard else make_optimizer(opt_settings, n, opt_state))
+                          if self.node_shard else make_optimizer(opt_settings, n, opt_state,
+                                                                 spans))
         self.chunk = self.net.ws.max_rows
 
     def _reducer(self, overlap_mb):

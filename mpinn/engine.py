@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from . import kernels
 from .model import NO_DROPOUT, NO_ROWS, Dropout
-from .optim import Optimizer
+from .optim import Optimizer, Tensors
 from .runtime.timeline import NullTimeline
 from .runtime.watchdog import NullWatchdog
 
@@ -120,12 +120,15 @@ def clip_(grads, norm, max_norm):
         kernels.scale_(grads, grads.dtype.type(factor))
 
 
-def make_optimizer(settings, n, state=None):
+def make_optimizer(settings, n, state=None, spans=(), window=None, reduce_norms=None):
     """An Optimizer over n parameters (settings: its keyword arguments, or None for an engine that
-    only runs forward), with checkpointed (step, buffers) put in place when given."""
+    only runs forward), with checkpointed (step, buffers) put in place when given. spans: the
+    tensors of the buffer this one is (a window of: [start, stop), a shard's block) as
+    model.tensor_spans gives them; reduce_norms sums a shard's squares over its group."""
     if settings is None:
         return None
-    opt = Optimizer(n=n, **settings)
+    tensors = Tensors.of(spans, *(window or (0, n))) if spans else None
+    opt = Optimizer(n=n, tensors=tensors, reduce_norms=reduce_norms, **settings)
     if state is not None:
         step, buffers = state
         opt.t = step

@@ -116,6 +116,16 @@ def init_params(arch, seed, dtype=np.float32, scheme="he"):
     return flat
 
 
+def tensor_spans(sizes):
+    """[(lo, hi, adapted)] of each tensor in the flat buffer of these layer sizes, in order: a
+    weight matrix is adapted by LARS/LAMB's trust ratio, a bias is not (optim.Tensors)."""
+    w_off, b_off = offsets(sizes)
+    spans = []
+    for l, fo in enumerate(sizes[1:]):
+        spans += [(int(w_off[l]), int(b_off[l]), True), (int(b_off[l]), int(b_off[l]) + fo, False)]
+    return spans
+
+
 def offsets(sizes):
     """(w_off, b_off) int64 arrays: where W_l and b_l start in a flat buffer for these sizes."""
     w_off, b_off, o = [], [], 0

@@ -7,6 +7,7 @@ from . import data
 from .errors import UsageError, raise_usage
 from .losses import LOSSES
 from .model import Architecture
+from .optim import STATE_BUFFERS
 from .runtime.process import available_memory_bytes
 from .session import check_labels
 
@@ -95,7 +96,7 @@ def check_sparse_labels(y, top, distinct, path, y_key, rows_of):
 
 def check_memory(optimizer, arch, grid, max_rows, ranks_on_node):
     """Refuse a network that cannot fit before allocating it."""
-    n_state = {"sgd": 0, "momentum": 1, "adam": 2}[optimizer]
+    n_state = STATE_BUFFERS[optimizer] + (optimizer == "lamb")  # LAMB: a scratch buffer too
     need = arch.training_bytes(max(max_rows, EVAL_ROWS), n_state, grid.stages)
     available = available_memory_bytes()
     if available and need > available / ranks_on_node:

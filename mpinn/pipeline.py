@@ -15,7 +15,7 @@ import numpy as np
 
 from . import kernels
 from .engine import Agreement, Engine, StepResult, agreed_step, make_optimizer
-from .model import NO_DROPOUT, NO_ROWS, Layers
+from .model import NO_DROPOUT, NO_ROWS, Layers, tensor_spans
 from .plan import (balanced_partition, even_part, in_flight, layer_flops, parse_partition,
                    schedule, stage_layers)
 from .shard import ShardedUpdate
@@ -54,7 +54,8 @@ class PipelineEngine(Engine):
                        (opt_state[0], [b[self.p0:self.p1] for b in opt_state[1]]))
         # --shard-optimizer: this stage's replicas each update one block of its parameters
         n = self.p1 - self.p0
-        self.shard = (ShardedUpdate(self.dp, n, opt_settings, stage_state)
+        spans = tensor_spans(arch.sizes[first:end + 1])  # this stage's tensors (LARS/LAMB)
+        self.shard = (ShardedUpdate(self.dp, n, opt_settings, stage_state, spans)
                       if shard and grid.replicas > 1 and opt_settings is not None else None)
         padded = self.shard.padded if self.shard else n
         self.padded_params, self.padded_grads = (np.zeros(padded, np.float32),
@@ -75,7 +76,7 @@ class PipelineEngine(Engine):
         self.slots = [Slot(self.layers.workspace(self.chunk, stage_input=not grid.is_first))
                       for _ in range(n_slots)]
         self.optimizer = (self.shard.optimizer if self.shard else
-                          make_optimizer(opt_settings, self.params.size, stage_state))
+                          make_optimizer(opt_settings, self.params.size, stage_state, spans))
         self.compute_s = self.wait_s = 0.0
         self.control = np.zeros(3)
 

@@ -24,7 +24,7 @@ class ShardedUpdate:
     """The block this rank of `comm` (a data-parallel group) updates of n parameters, held in
     buffers of padded_size(n, comm.size)."""
 
-    def __init__(self, comm, n, opt_settings, opt_state):
+    def __init__(self, comm, n, opt_settings, opt_state, spans=()):
         self.comm, self.n = comm, n
         self.padded = padded_size(n, comm.size)
         self.block = self.padded // comm.size
@@ -41,7 +41,12 @@ class ShardedUpdate:
         state = None
         if opt_state is not None:
             state = (opt_state[0], [self._block_of(b) for b in opt_state[1]])
-        self.optimizer = make_optimizer(opt_settings, self.block, state)
+        self.optimizer = make_optimizer(opt_settings, self.block, state, spans,
+                                        (self.off, self.off + self.block), self._summed)
+
+    def _summed(self, squares):
+        """LARS/LAMB: the blocks' partial sums of squares, summed over the group."""
+        return self.comm.allreduce_(squares, "sum")
 
     def close(self):
         """Free the two-level communicators (collective; a second call does nothing)."""
@@ -106,7 +111,7 @@ class NodeShardedUpdate:
     both figures). Between nodes each node holds the same
     slices, summed by the NodeAllreduce's Allreduce among same-index ranks."""
 
-    def __init__(self, node_sum, n, params, opt_settings, opt_state):
+    def __init__(self, node_sum, n, params, opt_settings, opt_state, spans=()):
         self.node_sum, self.n = node_sum, n
         self.lo, self.hi = min(node_sum.lo, n), min(node_sum.hi, n)
         self.params = node_sum.params[:n]
@@ -114,8 +119,14 @@ class NodeShardedUpdate:
         state = None
         if opt_state is not None:
             state = (opt_state[0], [b[self.lo:self.hi].copy() for b in opt_state[1]])
-        self.optimizer = make_optimizer(opt_settings, self.hi - self.lo, state)
+        self.optimizer = make_optimizer(opt_settings, self.hi - self.lo, state, spans,
+                                        (self.lo, self.hi), self._summed)
         node_sum.fence()  # every slice in place before any rank's first forward pass
+
+    def _summed(self, squares):
+        """LARS/LAMB: the slices' partial sums of squares, summed over the node (every node holds
+        the same slices)."""
+        return self.node_sum.node.allreduce_(squares, "sum")
 
     def checks(self, grads, want_squares):
         """Publish this slice's non-finite flag and sum of squares; after the fence every rank

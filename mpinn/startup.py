@@ -372,7 +372,9 @@ def build_engine(options, comm, grid, arch, plan, ckpt, log, evaluates):
     schedule = comm.checked(learning_rates, options, plan, evaluates)
     optimizer = dict(name=o.optimizer, lr=schedule.base, momentum=o.momentum,
                      nesterov=o.nesterov, beta1=o.beta1, beta2=o.beta2, eps=o.eps,
-                     weight_decay=o.weight_decay, schedule=schedule)
+                     weight_decay=o.weight_decay, alpha=o.alpha,
+                     trust_coefficient=o.trust_coefficient, trust_clip=o.trust_clip,
+                     schedule=schedule)
     step, opt_state = 0, None
     if options.run.resume is Resume.YES:
         step, opt_state = ckpt.global_step, (ckpt.optimizer_step, ckpt.optimizer_state)

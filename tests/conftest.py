@@ -142,6 +142,6 @@ def numba_cache_warm():
         net.train_step(x, y, 0.25)
         net.loss_sums(x, y)
         net.forward(x)
-    from mpinn.optim import Optimizer
-    for name in ("sgd", "momentum", "adam"):
+    from mpinn.optim import OPTIMIZERS, Optimizer
+    for name in OPTIMIZERS:
         Optimizer(name, arch.n_params, 0.1).step(net.params, net.grads)

@@ -30,7 +30,7 @@ MUTANTS = [
      "return -(-self.n_rows // self.batch)", "return self.n_rows // self.batch",
      ["tests/test_data.py"]),
     ("Adam bias correction one step ahead", "mpinn/optim.py",
-     "bias1 = 1 - self.beta1 ** self.t", "bias1 = 1 - self.beta1 ** (self.t + 1)",
+     "bias1 = f(1 - self.beta1 ** self.t)", "bias1 = f(1 - self.beta1 ** (self.t + 1))",
      ["tests/test_optim.py"]),
     ("momentum dampened", "mpinn/optim.py",
      "v = mu * velocity[i] + grads[i]", "v = mu * velocity[i] + (1 - mu) * grads[i]",
@@ -189,6 +189,15 @@ MUTANTS = [
     ("metrics: tied scores ranked as wins in ROC AUC", "mpinn/metrics.py",
      "ranks[order[s:e]] = (s + 1 + e) / 2", "ranks[order[s:e]] = e",
      ["tests/test_metrics.py", "-k", "classification_metrics"]),
+    ("AdamW: the decay not scaled by the learning rate", "mpinn/optim.py",
+     "step, keep = lr / bias1, 1 - lr * weight_decay", "step, keep = lr / bias1, 1 - weight_decay",
+     ["tests/test_optim.py", "-k", "adamw"]),
+    ("LARS/LAMB: the trust ratio upside down", "mpinn/optim.py",
+     "ratio = coefficient * w / u", "ratio = coefficient * u / w",
+     ["tests/test_optim.py", "-k", "trust_ratio"]),
+    ("LARS/LAMB: a block's norms not summed over the shards", "mpinn/shard.py",
+     'return self.comm.allreduce_(squares, "sum")', "return squares",
+     ["tests/test_shard.py", "-k", "replicated_one and lamb"]),
 ]
 TIMEOUT = 900  # seconds for one mutant's tests; a hang counts as caught (the suite's timeouts act)
 

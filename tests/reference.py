@@ -90,17 +90,24 @@ def unflatten(flat, sizes):
 
 
 class ReferenceOptimizer:
-    """torch.optim.SGD (momentum, nesterov, weight_decay) and torch.optim.Adam, on flat arrays."""
+    """torch.optim.SGD (momentum, nesterov, weight_decay), torch.optim.Adam, AdamW and RMSprop
+    (momentum 0, not centred), on flat arrays."""
 
     def __init__(self, name, lr, momentum=0.9, nesterov=False, beta1=0.9, beta2=0.999, eps=1e-8,
-                 weight_decay=0.0):
+                 weight_decay=0.0, alpha=0.99):
         self.name, self.lr, self.mu, self.nesterov = name, lr, momentum, nesterov
-        self.b1, self.b2, self.eps, self.wd = beta1, beta2, eps, weight_decay
+        self.b1, self.b2, self.eps, self.wd, self.alpha = beta1, beta2, eps, weight_decay, alpha
         self.t, self.buf, self.m, self.v = 0, None, None, None
 
     def step(self, w, g):
         self.t += 1
-        g = g + self.wd * w
+        if self.name == "adamw":  # decoupled: the decay shrinks w, the gradient is left alone
+            w = w * (1 - self.lr * self.wd)
+        else:
+            g = g + self.wd * w
+        if self.name == "rmsprop":
+            self.v = self.alpha * (0 if self.v is None else self.v) + (1 - self.alpha) * g * g
+            return w - self.lr * g / (np.sqrt(self.v) + self.eps)
         if self.name == "sgd":
             return w - self.lr * g
         if self.name == "momentum":
@@ -114,3 +121,50 @@ class ReferenceOptimizer:
         mhat = self.m / (1 - self.b1 ** self.t)
         vhat = self.v / (1 - self.b2 ** self.t)
         return w - self.lr * mhat / (np.sqrt(vhat) + self.eps)
+
+
+class PaperTrustOptimizer:
+    """LARS (You, Gitman, Ginsburg 2017, Algorithm 1) and LAMB (You et al. 2019, Algorithm 2),
+    from the papers' equations, over a list of tensors (each layer's W and b, float64); biases
+    (adapt False) take no weight decay and no trust ratio (ratio 1). `clip` caps the ratio (the
+    bound the LAMB paper's phi and DeepSpeed's max_coeff put on it; 0: none).
+
+    LARS:  local = eta * ||w|| / (||g|| + wd * ||w||);  v = mu v + lr * local * (g + wd w);  w -= v
+    LAMB:  m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2;  r = m/(1-b1^t) / (sqrt(v/(1-b2^t)) + eps)
+           u = r + wd w;  w -= lr * ||w|| / ||u|| * u
+    A ratio whose norms include a zero is 1."""
+
+    def __init__(self, name, lr, momentum=0.9, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
+                 trust_coefficient=0.001, trust_clip=10.0):
+        self.name, self.lr, self.mu, self.b1, self.b2 = name, lr, momentum, beta1, beta2
+        self.eps, self.wd, self.eta, self.clip = eps, weight_decay, trust_coefficient, trust_clip
+        self.t, self.state = 0, {}
+
+    def _ratio(self, num, den):
+        if num == 0 or den == 0:
+            return 1.0
+        r = num / den
+        return min(r, self.clip) if self.clip > 0 else r
+
+    def step(self, tensors, grads, adapt):
+        """New tensors after one update: lists of arrays, adapt[i] says if tensor i is adapted."""
+        self.t += 1
+        out = []
+        for i, (w, g, a) in enumerate(zip(tensors, grads, adapt)):
+            wd = self.wd if a else 0.0
+            if self.name == "lars":
+                local = self._ratio(self.eta * np.linalg.norm(w),
+                                    np.linalg.norm(g) + wd * np.linalg.norm(w)) if a else 1.0
+                v = self.mu * self.state.get(i, 0.0) + self.lr * local * (g + wd * w)
+                self.state[i] = v
+                out.append(w - v)
+            else:
+                m, v = self.state.get(i, (0.0, 0.0))
+                m = self.b1 * m + (1 - self.b1) * g
+                v = self.b2 * v + (1 - self.b2) * g * g
+                self.state[i] = (m, v)
+                r = m / (1 - self.b1 ** self.t) / (np.sqrt(v / (1 - self.b2 ** self.t)) + self.eps)
+                u = r + wd * w
+                ratio = self._ratio(np.linalg.norm(w), np.linalg.norm(u)) if a else 1.0
+                out.append(w - self.lr * ratio * u)
+        return out

@@ -63,7 +63,7 @@ def test_bad_toml_is_refused(tmp_path, toml, message):
     (["train", "--hidden", "12,x"], "--hidden must be comma-separated"),
     (["train", "--activation", "gelu"], "invalid choice"),
     (["train", "--loss", "hinge"], "invalid choice"),
-    (["train", "--optimizer", "rmsprop"], "invalid choice"),
+    (["train", "--optimizer", "adagrad"], "invalid choice"),
     (["train", "--epochs", "x"], "invalid int value"),
     (["train", "--resume", "--init", "a.h5"], "exclude each other"),
     (["predict", "--out", "p.txt"], "must end in"),

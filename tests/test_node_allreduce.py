@@ -90,7 +90,9 @@ def test_node_sharded_training_with_a_slow_rank_equals_mpi_allreduce(tmp_path):
     np.testing.assert_allclose(b.params, a.params, rtol=0, atol=1e-6)
 
 
-EXTRAS = {"momentum": [], "clipped_adam": ["--clip-grad-norm", "0.05", "--optimizer", "adam"]}
+EXTRAS = {"momentum": [], "clipped_adam": ["--clip-grad-norm", "0.05", "--optimizer", "adam"],
+          "lamb": ["--optimizer", "lamb", "--weight-decay", "0.01"],  # norms summed over slices
+          "lars": ["--optimizer", "lars", "--lr", "1", "--weight-decay", "0.0005"]}
 UPDATES = {"replicated_update": ("33,17", False), "node_sharded_update": ("512,128", True)}
 SUMS = {"mpi": ["--allreduce", "mpi"], "shm": []}
 

@@ -24,6 +24,7 @@ def assert_same(a, b, tol=1e-6):
         np.testing.assert_allclose(x, y, rtol=0, atol=tol)
 
 
+SHARDED = ("momentum", "adam", "lamb", "lars")
 PIPELINE = ["--hidden", "33,17", "--epochs", 2, "--no-shuffle", "--optimizer", "adam",
             "--steps", 20, "--pipeline-stages", 2, "--clip-grad-norm", 0.5]
 
@@ -34,8 +35,9 @@ def trained(tmp_path_factory):
     "pipeline". The trainings of one rank count run in one launch (helpers.run_many)."""
     root = tmp_path_factory.mktemp("trained")
     cases = {(optimizer, ranks): (ranks, [*NET, "--optimizer", optimizer, "--steps", 20])
-             for optimizer in ("momentum", "adam") for ranks in (2, 3)}
+             for optimizer in SHARDED for ranks in (2, 3)}
     cases["pipeline"] = (4, PIPELINE)
+    cases["pipeline-lamb"] = (4, [*PIPELINE, "--optimizer", "lamb"])
     jobs = {}
     for case, (ranks, args) in cases.items():
         for update, flags in (("replicated", []), ("sharded", ["--shard-optimizer"])):
@@ -46,8 +48,9 @@ def trained(tmp_path_factory):
 
 
 @pytest.mark.parametrize("ranks", [2, 3])
-@pytest.mark.parametrize("optimizer", ["momentum", "adam"])
+@pytest.mark.parametrize("optimizer", SHARDED)
 def test_sharded_update_trains_what_the_replicated_one_trains(trained, ranks, optimizer):
+    """LARS and LAMB: a weight matrix cut between blocks gets its norms summed over them."""
     case = (optimizer, ranks)
     assert_same(load(trained[case, "replicated"]), load(trained[case, "sharded"]))
 
@@ -56,6 +59,8 @@ def test_sharded_pipeline_replicas_and_clipping(trained):
     """2 stages x 2 replicas: each stage's two replicas split its update; the clipping norm is
     summed from the slices across stages."""
     assert_same(load(trained["pipeline", "replicated"]), load(trained["pipeline", "sharded"]))
+    assert_same(load(trained["pipeline-lamb", "replicated"]),
+                load(trained["pipeline-lamb", "sharded"]))
 
 
 def test_checkpoints_are_interchangeable_across_sharding_and_world_sizes(tmp_path):

@@ -24,6 +24,7 @@ import torch
 from helpers import ok, run_many
 from mpinn import checkpoint
 from mpinn.model import Architecture, Network
+from reference import PaperTrustOptimizer
 
 torch.set_num_threads(1)
 TORCH_ACT = {"relu": torch.relu, "tanh": torch.tanh, "sigmoid": torch.sigmoid,
@@ -161,7 +162,21 @@ OPTIMIZERS = {
     "adam": (["--optimizer", "adam", "--lr", "0.02", "--beta1", "0.8", "--beta2", "0.95",
               "--eps", "1e-4", "--weight-decay", "0.01"],
              dict(name="adam", lr=0.02, betas=(0.8, 0.95), eps=1e-4, weight_decay=0.01)),
+    "adamw": (["--optimizer", "adamw", "--lr", "0.02", "--beta1", "0.8", "--eps", "1e-4",
+               "--weight-decay", "0.1"],
+              dict(name="adamw", lr=0.02, betas=(0.8, 0.999), eps=1e-4, weight_decay=0.1)),
+    "rmsprop": (["--optimizer", "rmsprop", "--lr", "0.01", "--alpha", "0.9", "--weight-decay",
+                 "0.02"], dict(name="rmsprop", lr=0.01, alpha=0.9, weight_decay=0.02)),
+    # no torch.optim rule: the papers' equations in float64 (reference.PaperTrustOptimizer)
+    "lamb": (["--optimizer", "lamb", "--lr", "0.05", "--beta2", "0.99", "--weight-decay", "0.01",
+              "--trust-clip", "2"],
+             dict(name="lamb", lr=0.05, beta2=0.99, weight_decay=0.01, trust_clip=2.0)),
+    "lars": (["--optimizer", "lars", "--lr", "2", "--momentum", "0.8", "--weight-decay", "0.001",
+              "--trust-coefficient", "0.05"],
+             dict(name="lars", lr=2.0, momentum=0.8, weight_decay=0.001, trust_coefficient=0.05)),
 }
+TORCH_RULES = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW,
+               "rmsprop": torch.optim.RMSprop, "sgd": torch.optim.SGD}
 # (loss, hidden activation, output activation): cross-entropy with tanh, mse with a sigmoid output
 NETS = {"ce": ("cross_entropy", "tanh", "identity"), "mse": ("mse", "relu", "sigmoid"),
         "bce": ("bce", "tanh", "identity"), "weighted": ("cross_entropy", "relu", "identity"),
@@ -217,9 +232,10 @@ def torch_training(data_path, arch, params, opt, clip=0.0, scheduler=None):
     tensors = [t for layer in layers for t in layer]
     kw = dict(opt)
     name = kw.pop("name")
-    optimizer = (
-        torch.optim.Adam(tensors, **kw) if name == "adam" else torch.optim.SGD(tensors, **kw)
-    )
+    if name in TORCH_RULES:
+        optimizer = TORCH_RULES[name](tensors, **kw)
+    else:
+        optimizer = PaperStep(tensors, PaperTrustOptimizer(name, **kw))
     sched = scheduler(optimizer) if scheduler else None
     for step in range(STEPS):
         k = step % -(-N // BATCH)
@@ -234,6 +250,26 @@ def torch_training(data_path, arch, params, opt, clip=0.0, scheduler=None):
         if sched:
             sched.step()
     return flat_params(layers)
+
+
+class PaperStep:
+    """LARS or LAMB from reference.PaperTrustOptimizer on torch's float64 tensors: each layer's W
+    adapted, its bias not."""
+
+    def __init__(self, tensors, rule):
+        self.tensors, self.rule = tensors, rule
+        self.adapt = [t.dim() == 2 for t in tensors]
+
+    def zero_grad(self):
+        for t in self.tensors:
+            t.grad = None
+
+    def step(self):
+        new = self.rule.step([t.detach().numpy().copy() for t in self.tensors],
+                             [t.grad.numpy() for t in self.tensors], self.adapt)
+        with torch.no_grad():
+            for t, w in zip(self.tensors, new):
+                t.copy_(torch.from_numpy(w))
 
 
 def training_jobs(problem, root):
