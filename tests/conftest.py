@@ -23,7 +23,7 @@ os.environ["HYPOTHESIS_STORAGE_DIRECTORY"] = os.path.join(_SCRATCH, "hypothesis"
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from helpers import mapped_segments, mpich_segments  # noqa: E402
+from helpers import UNIT_TIER, mapped_segments, mpich_segments  # noqa: E402
 
 # Tiers: unit (no process launched through mpiexec), mpi (real `mpiexec -n K` runs), system
 # (Slurm, two nodes, the wheel, the README's commands). `make test` runs them all; `make
@@ -132,7 +132,10 @@ def remove_hydra_files_left(before):
 @pytest.fixture(scope="session", autouse=True)
 def numba_cache_warm():
     """Compile the kernels once before any multi-rank run, so ranks never race to write the cache
-    and timing-sensitive tests measure running, not compiling."""
+    and timing-sensitive tests measure running, not compiling. The unit tier launches no ranks:
+    each kernel compiles when a test first calls it."""
+    if UNIT_TIER:
+        return
     from mpinn.model import Architecture, Network, init_params
     for loss, out_act in (("cross_entropy", "identity"), ("mse", "identity")):
         arch = Architecture((3, 4, 2), "relu", out_act, loss)
