@@ -49,7 +49,8 @@ class Checkpoint:
         return {"sizes": list(self.arch.sizes), "activation": self.arch.activation,
                 "output_activation": self.arch.output_activation, "loss": self.arch.loss,
                 "pos_weight": list(self.arch.pos_weight),
-                "class_weight": list(self.arch.class_weight), "optimizer": self.optimizer,
+                "class_weight": list(self.arch.class_weight), "slope": self.arch.slope,
+                "optimizer": self.optimizer,
                 "optimizer_step": self.optimizer_step,
                 "n_state": len(self.optimizer_state), "epoch": self.epoch,
                 "global_step": self.global_step, "seed": self.seed, "config": self.config,
@@ -59,7 +60,7 @@ class Checkpoint:
     def from_meta(cls, meta):
         arch = Architecture(tuple(meta["sizes"]), meta["activation"], meta["output_activation"],
                             meta["loss"], tuple(meta.get("pos_weight", ())),
-                            tuple(meta.get("class_weight", ())))
+                            tuple(meta.get("class_weight", ())), meta.get("slope", 0.01))
         return cls(arch, np.zeros(arch.n_params, np.float32), meta["optimizer"],
                    meta["optimizer_step"], [np.zeros(arch.n_params, np.float32)
                                             for _ in range(meta["n_state"])],
@@ -78,7 +79,7 @@ def checksum(params, state):
 # an edited `sizes` is refused as corrupt instead of allocating whatever it says
 COVERED_ATTRS = ("sizes", "activation", "output_activation", "loss", "epoch", "global_step",
                  "seed", "config", "state", "scaling", "pos_weight",
-                 "class_weight")
+                 "class_weight", "leaky_slope")
 
 
 def attrs_checksum(attrs, optimizer_attrs):
@@ -189,6 +190,8 @@ def _write_file(tmp, ckpt):
         for name in ("pos_weight", "class_weight"):  # only where set: older files stay as they were
             if getattr(ckpt.arch, name):
                 a[name] = json.dumps(list(getattr(ckpt.arch, name)))
+        if ckpt.arch.activation == "leaky_relu":
+            a["leaky_slope"] = ckpt.arch.slope
         a["epoch"] = ckpt.epoch
         a["global_step"] = ckpt.global_step
         a["seed"] = ckpt.seed
@@ -234,7 +237,8 @@ def _read(f, path):
     arch = Architecture(tuple(int(s) for s in a["sizes"]), str(a["activation"]),
                         str(a["output_activation"]), str(a["loss"]),
                         *(tuple(json.loads(str(a[name]))) if name in a else ()
-                          for name in ("pos_weight", "class_weight")))
+                          for name in ("pos_weight", "class_weight")),
+                        float(a["leaky_slope"]) if "leaky_slope" in a else 0.01)
     for l, (fan_in, fan_out) in enumerate(zip(arch.sizes[:-1], arch.sizes[1:])):
         for name, shape in ((f"W{l}", (fan_in, fan_out)), (f"b{l}", (fan_out,))):
             ds = f["params"].get(name)  # before allocating what `sizes` says

@@ -81,7 +81,7 @@ def require_non_negative(cfg, *names):
             raise UsageError(f"--{name.replace('_', '-')} must not be negative, got {value}")
 
 
-ACTIVATIONS = ("relu", "tanh", "sigmoid")
+ACTIVATIONS = ("relu", "tanh", "sigmoid", "leaky_relu", "softplus")  # PyTorch's definitions
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw", "rmsprop", "lamb", "lars")  # optim.py's rules
 # the options each rule reads besides --lr and --weight-decay: another rule's, given, is an error
 OPTIMIZER_OPTIONS = {
@@ -216,7 +216,11 @@ class ModelOptions:
     hidden: tuple = option("128,64", "hidden layer widths, comma-separated ('' for none)",
                            parse=parse_hidden, show=shown_hidden, flag_type=str,
                            coerce=hidden_from_list, kept_on_resume=True)
-    activation: str = option("relu", "hidden-layer activation", ACTIVATIONS, kept_on_resume=True)
+    activation: str = option("relu", "hidden-layer activation (PyTorch's definitions; softplus "
+                                     "with beta 1, linear above 20)", ACTIVATIONS,
+                             kept_on_resume=True)
+    leaky_slope: float = option(0.01, "--activation leaky_relu: the slope for negative inputs",
+                                bound=POSITIVE, kept_on_resume=True)
     output_activation: str = option("identity", "output activation with --loss mse",
                                     OUTPUT_ACTIVATIONS, kept_on_resume=True)
     loss: str = option("cross_entropy", "cross_entropy: integer labels, softmax output; mse: "
@@ -450,6 +454,9 @@ def _validate_train(cfg):
                          "validation file: give one of them")
     parse_hidden(cfg.hidden)
     check_optimizer_options(cfg)
+    if cfg.leaky_slope != ModelOptions().leaky_slope and cfg.activation != "leaky_relu":
+        raise UsageError(f"--leaky-slope applies to --activation leaky_relu; this run uses "
+                         f"{cfg.activation}")
     if parse_weights(cfg.pos_weight) and cfg.loss != "bce":
         raise UsageError("--pos-weight weights the positive targets of --loss bce")
     if cfg.class_weight and cfg.loss != "cross_entropy":

@@ -15,8 +15,10 @@ The workspace `acts` holds each layer's output for up to `max_rows` rows (layer 
 preallocated by the caller (model.Workspace); nothing here allocates per step, touches MPI, does
 I/O or reads globals.
 
-Activation codes (ACT_*) are plain ints so one compiled kernel serves all networks; the losses
-(losses.py) pick between the cross-entropy and squared-error kernels here.
+An activation reaches the kernels as a small float64 array, [code (ACT_*), leaky_relu's negative
+slope] (`activation()`), so one compiled kernel serves all networks; every derivative is written
+in terms of the activation's output h, which is what the workspace keeps. The losses (losses.py)
+pick between the cross-entropy, squared-error and binary cross-entropy kernels here.
 
 The gradient written is d(scale * sum of per-sample losses)/d(params): the caller passes
 scale = 1/global_batch (cross-entropy) or 1/(global_batch*K) (mse), so the sum over ranks of the
@@ -27,43 +29,81 @@ from numba import njit
 
 from .gemm import gemm_
 
-ACT_IDENTITY, ACT_RELU, ACT_TANH, ACT_SIGMOID = 0, 1, 2, 3
-ACTIVATIONS = {"identity": ACT_IDENTITY, "relu": ACT_RELU, "tanh": ACT_TANH, "sigmoid": ACT_SIGMOID}
+ACT_IDENTITY, ACT_RELU, ACT_TANH, ACT_SIGMOID, ACT_LEAKY_RELU, ACT_SOFTPLUS = 0, 1, 2, 3, 4, 5
+ACTIVATIONS = {"identity": ACT_IDENTITY, "relu": ACT_RELU, "tanh": ACT_TANH, "sigmoid": ACT_SIGMOID,
+               "leaky_relu": ACT_LEAKY_RELU, "softplus": ACT_SOFTPLUS}
+SOFTPLUS_THRESHOLD = 20.0  # PyTorch's: softplus(z) = z above it
+
+
+def activation(name, slope=0.01):
+    """The kernels' form of an activation: [its code, leaky_relu's negative slope]."""
+    return np.array([ACTIVATIONS[name], slope], np.float64)
+
+
+IDENTITY = activation("identity")  # a constant: the logits of cross-entropy and bce
 
 
 @njit(cache=True)
 def _activate_(h, act):
-    """Apply `act` in place to the 2-D array h."""
-    if act == ACT_IDENTITY:
+    """Apply `act` (activation()) in place to the 2-D array h."""
+    code = int(act[0])
+    if code == ACT_IDENTITY:
         return
+    slope = h.dtype.type(act[1])
     n, m = h.shape
     for i in range(n):
         for j in range(m):
             v = h[i, j]
-            if act == ACT_RELU:
+            if code == ACT_RELU:
                 h[i, j] = v if v > 0 else 0
-            elif act == ACT_TANH:
+            elif code == ACT_TANH:
                 h[i, j] = np.tanh(v)
+            elif code == ACT_LEAKY_RELU:
+                h[i, j] = v if v > 0 else slope * v
+            elif code == ACT_SOFTPLUS:
+                h[i, j] = v if v > SOFTPLUS_THRESHOLD else np.log1p(np.exp(v))
             else:
                 h[i, j] = 1 / (1 + np.exp(-v))
 
 
 @njit(cache=True)
+def _act_grad(v, code, slope, one):
+    """act'(z) from the output v = act(z), in v's type (one: 1 in it): leaky_relu's sign survives
+    it; softplus's h gives sigmoid(z) = 1 - exp(-h), as -expm1(-h) so small outputs keep their
+    digits."""
+    if code == ACT_RELU:
+        return one if v > 0 else one - one
+    if code == ACT_TANH:
+        return one - v * v
+    if code == ACT_SIGMOID:
+        return v * (one - v)
+    if code == ACT_LEAKY_RELU:
+        return one if v > 0 else slope
+    if code == ACT_SOFTPLUS:
+        return -np.expm1(-v)
+    return one
+
+
+@njit(cache=True)
 def _times_act_grad_(d, h, act):
     """d *= act'(z), written in terms of the activation's output h = act(z)."""
-    if act == ACT_IDENTITY:
+    code = int(act[0])
+    if code == ACT_IDENTITY:
         return
+    slope = h.dtype.type(act[1])
     n, m = d.shape
     for i in range(n):
         for j in range(m):
             v = h[i, j]
-            if act == ACT_RELU:
+            if code == ACT_RELU:
                 if v <= 0:
                     d[i, j] = 0
-            elif act == ACT_TANH:
+            elif code == ACT_TANH:
                 d[i, j] *= 1 - v * v
-            else:
+            elif code == ACT_SIGMOID:
                 d[i, j] *= v * (1 - v)
+            else:
+                d[i, j] *= _act_grad(v, code, slope, h.dtype.type(1))
 
 
 @njit(cache=True)
@@ -135,6 +175,7 @@ def _dropout_(h, drop, rows, unit0):
 def _times_dropout_act_grad_(d, h, act, drop, rows, unit0):
     """d *= mask/(1-p) * act'(z) for a dropped-out hidden output h = act(z) * mask/(1-p)."""
     scale = h.dtype.type(_keep_scale(drop[0]))
+    code, slope = int(act[0]), h.dtype.type(act[1])
     n, m = d.shape
     for i in range(n):
         for j in range(m):
@@ -142,15 +183,7 @@ def _times_dropout_act_grad_(d, h, act, drop, rows, unit0):
                 d[i, j] = 0
                 continue
             v = h[i, j] / scale  # act(z) before dropout
-            if act == ACT_RELU:
-                g = scale if v > 0 else 0
-            elif act == ACT_TANH:
-                g = scale * (1 - v * v)
-            elif act == ACT_SIGMOID:
-                g = scale * v * (1 - v)
-            else:
-                g = scale
-            d[i, j] *= g
+            d[i, j] *= scale * _act_grad(v, code, slope, h.dtype.type(1))
 
 
 @njit(cache=True)
@@ -166,13 +199,14 @@ def _bias_activate_fm_(zT, b, act):
     """zT (fo, N), feature-major: zT[j] = act(zT[j] + b[j]), one pass (the activation's test is
     outside the loops so each loop vectorises)."""
     fo, n = zT.shape
+    code = int(act[0])
     for j in range(fo):
         bj = b[j]
-        if act == ACT_RELU:
+        if code == ACT_RELU:
             for i in range(n):
                 v = zT[j, i] + bj
                 zT[j, i] = v if v > 0 else 0
-        elif act == ACT_IDENTITY:
+        elif code == ACT_IDENTITY:
             for i in range(n):
                 zT[j, i] += bj
         else:
@@ -347,20 +381,14 @@ def mse_grad_(out, targets, out_act, scale, row_weight):
     n, k = out.shape
     loss = 0.0
     per_row = row_weight.shape[0] > 0
+    code, slope = int(out_act[0]), out.dtype.type(out_act[1])
     for i in range(n):
         w = row_weight[i] if per_row else 1.0
         for j in range(k):
             o = out[i, j]
             e = o - targets[i, j]
             loss += w * e * e
-            g = 2 * e * scale * w
-            if out_act == ACT_SIGMOID:
-                g *= o * (1 - o)
-            elif out_act == ACT_TANH:
-                g *= 1 - o * o
-            elif out_act == ACT_RELU and o <= 0:
-                g = 0
-            out[i, j] = g
+            out[i, j] = 2 * e * scale * w * _act_grad(o, code, slope, out.dtype.type(1))
     return loss, 0
 
 
@@ -429,7 +457,7 @@ def train_step_ce(grads, params, x, labels, scale, class_weight, row_weight, siz
         grads[:] = 0
         bound[:] = 0.0
         return 0.0, 0
-    forward(params, x, sizes, w_off, b_off, acts, a_off, act, ACT_IDENTITY, drop, rows, units)
+    forward(params, x, sizes, w_off, b_off, acts, a_off, act, IDENTITY, drop, rows, units)
     z = _view2(acts, a_off[n_layers - 1], x.shape[0], sizes[n_layers])
     loss, correct = cross_entropy_grad_(z, labels, scale, class_weight, row_weight)
     backward(grads, params, x, sizes, w_off, b_off, acts, a_off, act, d0, d1, x, False, drop, rows,
@@ -465,7 +493,7 @@ def train_step_bce(grads, params, x, targets, scale, pos_weight, row_weight, siz
         grads[:] = 0
         bound[:] = 0.0
         return 0.0, 0
-    forward(params, x, sizes, w_off, b_off, acts, a_off, act, ACT_IDENTITY, drop, rows, units)
+    forward(params, x, sizes, w_off, b_off, acts, a_off, act, IDENTITY, drop, rows, units)
     z = _view2(acts, a_off[n_layers - 1], x.shape[0], sizes[n_layers])
     loss, correct = bce_grad_(z, targets, pos_weight, scale, row_weight)
     backward(grads, params, x, sizes, w_off, b_off, acts, a_off, act, d0, d1, x, False, drop, rows,

@@ -24,6 +24,7 @@ class Architecture:
     loss: str = "cross_entropy"
     pos_weight: tuple = ()  # bce: the weight of positive targets, one, or one per output
     class_weight: tuple = ()  # cross_entropy: the weight of each class's rows
+    slope: float = 0.01  # leaky_relu's slope for negative inputs
 
     def __post_init__(self):
         if len(self.sizes) < 2 or any(int(s) < 1 for s in self.sizes):
@@ -38,6 +39,10 @@ class Architecture:
                              f"of {', '.join(kernels.ACTIVATIONS)}")
         if self.loss not in LOSSES:
             raise UsageError(f"unknown loss {self.loss!r}; expected one of {', '.join(LOSSES)}")
+        if not self.slope > 0:
+            raise UsageError(f"--leaky-slope must be positive, got {self.slope}")
+        if self.activation != "leaky_relu":  # the slope of no leaky_relu: one network, one value
+            object.__setattr__(self, "slope", 0.01)
         if self.loss != "mse" and self.output_activation != "identity":
             raise UsageError("--output-activation applies to --loss mse only (cross_entropy "
                              "applies softmax itself, bce a sigmoid per output)")
@@ -143,7 +148,7 @@ class Workspace:
     network's output activation, or the hidden activation when a later stage follows."""
 
     def __init__(self, sizes, activation, out_activation, max_rows, dtype=np.float32,
-                 stage_input=False, unit0=0):
+                 stage_input=False, unit0=0, slope=0.01):
         sizes = tuple(int(s) for s in sizes)
         # where each layer's input units start in the network's unit numbering (kernels: dropout)
         self.units = unit0 + np.cumsum((0,) + sizes, dtype=np.int64)
@@ -156,8 +161,8 @@ class Workspace:
         self.d1 = np.zeros(scratch, dtype)
         self.sizes = np.array(sizes, np.int64)
         self.w_off, self.b_off = offsets(sizes)
-        self.act = kernels.ACTIVATIONS[activation]
-        self.out_act = kernels.ACTIVATIONS[out_activation]
+        self.act = kernels.activation(activation, slope)
+        self.out_act = kernels.activation(out_activation, slope)
         self.x_in = np.zeros(self.max_rows * sizes[0], dtype) if stage_input else None
         self.dx = np.zeros(self.max_rows * sizes[0], dtype) if stage_input else None
         # the last backward pass's bound on |gradient| (kernels.backward_layers)
@@ -210,9 +215,10 @@ class Layers:
     to `grads` (its own buffer unless one is given) or to a buffer the caller names. unit0: where
     the input's units start in the whole network's numbering (a stage's first layer's input)."""
 
-    def __init__(self, sizes, activation, out_activation, params, grads=None, unit0=0):
+    def __init__(self, sizes, activation, out_activation, params, grads=None, unit0=0,
+                 slope=0.01):
         self.sizes = tuple(int(s) for s in sizes)
-        self.activation, self.out_activation = activation, out_activation
+        self.activation, self.out_activation, self.slope = activation, out_activation, slope
         self.params = np.ascontiguousarray(params)
         self.grads = np.zeros_like(self.params) if grads is None else grads
         self.unit0 = int(unit0)
@@ -223,7 +229,7 @@ class Layers:
 
     def workspace(self, max_rows, stage_input=False):
         return Workspace(self.sizes, self.activation, self.out_activation, max_rows,
-                         self.params.dtype, stage_input, self.unit0)
+                         self.params.dtype, stage_input, self.unit0, self.slope)
 
     def forward(self, ws, x, drop=NO_DROPOUT, rows=NO_ROWS):
         """The last layer's output for the rows of x: a view into ws, valid until ws is reused.
@@ -251,7 +257,8 @@ class Network:
         """grads: an optional preallocated buffer (a view the engine reduces together with a few
         control values); a new one by default."""
         self.arch, self.loss = arch, arch.loss_fn
-        self.layers = Layers(arch.sizes, arch.activation, arch.output_activation, params, grads)
+        self.layers = Layers(arch.sizes, arch.activation, arch.output_activation, params, grads,
+                             slope=arch.slope)
         self.params, self.grads = self.layers.params, self.layers.grads
         self.ws = self.layers.workspace(max_rows)
         # the gradient bound reads each layer's input and dLoss/dz: 2 * rows * sum(sizes) values,

@@ -136,14 +136,15 @@ def architecture(model, explicit, ckpt, n_features, n_outputs, class_weight=()):
     model section (and the class weights resolved from it)."""
     if ckpt is None:
         return Architecture((n_features,) + model.hidden + (n_outputs,), model.activation,
-                            model.output_activation, model.loss, model.pos_weight, class_weight)
+                            model.output_activation, model.loss, model.pos_weight, class_weight,
+                            model.leaky_slope)
     arch = ckpt.arch
     given = {"hidden": model.hidden, "activation": model.activation, "loss": model.loss,
              "output_activation": model.output_activation, "pos_weight": model.pos_weight,
-             "class_weight": class_weight}
+             "class_weight": class_weight, "leaky_slope": model.leaky_slope}
     have = {"hidden": arch.sizes[1:-1], "activation": arch.activation, "loss": arch.loss,
             "output_activation": arch.output_activation, "pos_weight": arch.pos_weight,
-            "class_weight": arch.class_weight}
+            "class_weight": arch.class_weight, "leaky_slope": arch.slope}
     for key in given:
         if key in explicit and given[key] != have[key]:
             raise UsageError(

@@ -64,7 +64,7 @@ class PipelineEngine(Engine):
         last_act = arch.output_activation if grid.is_last else arch.activation
         self.layers = Layers(arch.sizes[first:end + 1], arch.activation, last_act,
                              self.padded_params[:n], self.padded_grads[:n],
-                             unit0=sum(arch.sizes[:first]))
+                             unit0=sum(arch.sizes[:first]), slope=arch.slope)
         self.last_hidden = not grid.is_last
         self.params, self.grads = self.layers.params, self.layers.grads
         self.micro_grads = np.zeros_like(self.params)

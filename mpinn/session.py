@@ -12,7 +12,7 @@ from .checkpoint import Checkpoint
 from .config import ParallelOptions
 from .data_parallel import DataParallelEngine
 from .errors import UsageError, raise_usage
-from .kernels import ACTIVATIONS
+from .kernels import activation
 from .pipeline import PipelineEngine
 
 
@@ -122,7 +122,7 @@ class Evaluator:
     def __call__(self, engine):
         """-> (mean loss, accuracy or None, {metric: value})."""
         sums = np.zeros(4)  # loss sum, correct, rows, row weights (rows when unweighted)
-        loss, out_act = self.arch.loss_fn, ACTIVATIONS[self.arch.output_activation]
+        loss, out_act = self.arch.loss_fn, activation(self.arch.output_activation)
         k = self.arch.sizes[-1]
         kept = np.empty((self.n_local if self.metrics and self.y is not None else 0, k),
                         np.float32)

@@ -47,7 +47,8 @@ MUTANTS = [
      "s += np.exp(logits[i, j] - m)", "s += np.exp(logits[i, j])", ["tests/test_kernels.py"]),
     ("tanh derivative", "mpinn/kernels.py", "d[i, j] *= 1 - v * v", "d[i, j] *= 1 - v",
      ["tests/test_kernels.py"]),
-    ("mse gradient loses its factor 2", "mpinn/kernels.py", "g = 2 * e * scale", "g = e * scale",
+    ("mse gradient loses its factor 2", "mpinn/kernels.py", "out[i, j] = 2 * e * scale",
+     "out[i, j] = e * scale",
      ["tests/test_kernels.py"]),
     ("bias gradient keeps only the last row", "mpinn/kernels.py", "gb[j] += d[i, j]",
      "gb[j] = d[i, j]", ["tests/test_kernels.py"]),
@@ -198,6 +199,9 @@ MUTANTS = [
     ("LARS/LAMB: a block's norms not summed over the shards", "mpinn/shard.py",
      'return self.comm.allreduce_(squares, "sum")', "return squares",
      ["tests/test_shard.py", "-k", "replicated_one and lamb"]),
+    ("leaky_relu: the slope left out of the derivative", "mpinn/kernels.py",
+     "return one if v > 0 else slope", "return one if v > 0 else one - one",
+     ["tests/test_torch_reference.py", "-k", "forward_loss_backward and leaky"]),
 ]
 TIMEOUT = 900  # seconds for one mutant's tests; a hang counts as caught (the suite's timeouts act)
 

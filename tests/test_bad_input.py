@@ -121,6 +121,7 @@ CASES = [
     ("unknown loss", ["train", "--loss", "hinge"], "argument --loss: invalid choice: 'hinge'"),
     ("unknown optimizer", ["train", "--optimizer", "adagrad"], "argument --optimizer: invalid choice: 'adagrad'"),
     ("another optimizer's option", ["train", "--optimizer", "adam", "--trust-coefficient", "0.01"], "--trust-coefficient applies to --optimizer lars; this run uses adam, which does not read it"),
+    ("slope without leaky_relu", ["train", "--leaky-slope", "0.2"], "--leaky-slope applies to --activation leaky_relu; this run uses relu"),
     ("momentum with adamw", ["train", "--optimizer", "adamw", "--momentum", "0.5"], "--momentum applies to --optimizer momentum or lars; this run uses adamw"),
     ("run dir is a file", ["train", "--run-dir", "{text}"], "exists and is not a directory"),
     ("resume without checkpoint", ["train", "--run-dir", "{x}/fresh", "--resume"], "--resume: no checkpoint at"),

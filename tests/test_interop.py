@@ -128,6 +128,10 @@ def trained(tmp_path_factory):
                  d / "mse"))
     out["mse"] = d / "mse" / "checkpoint.h5"
     out["mse_data"] = d / "reg.h5"
+    for act, extra in (("leaky_relu", ["--leaky-slope", "0.1"]), ("softplus", [])):
+        ok(run_mpinn(1, "train", "--data", d / "reg.h5", "--loss", "mse", "--activation", act,
+                     *extra, "--hidden", "8,8", "--epochs", 5, "--run-dir", d / act))
+        out[act] = d / act / "checkpoint.h5"
     return out
 
 
@@ -138,7 +142,7 @@ def predictions(ckpt, data_file, tmp_path):
         return f["prob"][...] if "prob" in f else f["output"][...]
 
 
-@pytest.mark.parametrize("kind", ["ce", "mse"])
+@pytest.mark.parametrize("kind", ["ce", "mse", "leaky_relu", "softplus"])
 def test_onnx_export_matches_predict(trained, tmp_path, kind):
     import onnxruntime as ort
     data_file = DIGITS_TEST if kind == "ce" else trained["mse_data"]
@@ -165,6 +169,22 @@ def test_torch_export_loads_into_sequential(trained, tmp_path, capsys):
         x = torch.tensor(f["X"][...], dtype=torch.float32)
     probs = torch.softmax(model(x), dim=1).detach().numpy()
     np.testing.assert_allclose(probs, predictions(trained["ce"], DIGITS_TEST, tmp_path), atol=1e-5)
+
+
+def test_torch_export_of_a_leaky_relu_network_keeps_its_slope(trained, tmp_path, capsys):
+    import torch
+    assert main(["export", "--checkpoint", str(trained["leaky_relu"]), "--format", "torch",
+                 "--out", str(tmp_path / "m.pt")]) == 0
+    assert "torch.nn.LeakyReLU(0.1), torch.nn.Linear(8, 8)" in capsys.readouterr().out
+    model = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.LeakyReLU(0.1),
+                                torch.nn.Linear(8, 8), torch.nn.LeakyReLU(0.1),
+                                torch.nn.Linear(8, 2))
+    model.load_state_dict(torch.load(tmp_path / "m.pt"))
+    with h5py.File(trained["mse_data"], "r") as f:
+        x = torch.tensor(f["X"][...], dtype=torch.float32)
+    np.testing.assert_allclose(model(x).detach().numpy(),
+                               predictions(trained["leaky_relu"], trained["mse_data"], tmp_path),
+                               atol=1e-5)
 
 
 def test_npz_export_reproduces_predictions_with_numpy(trained, tmp_path):

@@ -14,6 +14,7 @@
    ordered batch moves weights by 1e-3 or more.
 """
 import itertools
+import shutil
 from pathlib import Path
 
 import h5py
@@ -27,8 +28,11 @@ from mpinn.model import Architecture, Network
 from reference import PaperTrustOptimizer
 
 torch.set_num_threads(1)
+LEAKY_SLOPE = 0.2  # --leaky-slope of the leaky_relu networks here (PyTorch's default: 0.01)
 TORCH_ACT = {"relu": torch.relu, "tanh": torch.tanh, "sigmoid": torch.sigmoid,
-             "identity": lambda z: z}
+             "identity": lambda z: z,
+             "leaky_relu": lambda z: torch.nn.functional.leaky_relu(z, LEAKY_SLOPE),
+             "softplus": torch.nn.functional.softplus}
 
 
 def torch_layers(flat, sizes):
@@ -91,8 +95,8 @@ LOSSES = [("cross_entropy", "identity"), ("mse", "identity"), ("mse", "sigmoid")
 POS_WEIGHT = (0.5, 2.0, 3.0, 1.0)  # bce's weights of positive targets, one per output
 
 
-@pytest.mark.parametrize("act,loss_out", list(itertools.product(("relu", "tanh", "sigmoid"),
-                                                               LOSSES)))
+@pytest.mark.parametrize("act,loss_out", list(itertools.product(
+    ("relu", "tanh", "sigmoid", "leaky_relu", "softplus"), LOSSES)))
 @pytest.mark.parametrize("dtype,rtol", [(np.float64, 1e-10), (np.float32, 2e-5)])
 def test_forward_loss_backward_match_torch(act, loss_out, dtype, rtol):
     loss, out_act = loss_out
@@ -104,7 +108,7 @@ def test_forward_loss_backward_match_torch(act, loss_out, dtype, rtol):
          else rng.integers(0, 2, (n, sizes[-1])).astype(dtype) if loss == "bce"
          else rng.uniform(0, 1, (n, sizes[-1])).astype(dtype))
     pos_weight = POS_WEIGHT if loss == "bce" else ()
-    arch = Architecture(sizes, act, out_act, loss, pos_weight)
+    arch = Architecture(sizes, act, out_act, loss, pos_weight, (), LEAKY_SLOPE)
     flat = rng.normal(0, 0.6, arch.n_params).astype(dtype)
     net = Network(arch, flat.copy(), n)
 
@@ -180,14 +184,17 @@ TORCH_RULES = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW,
 # (loss, hidden activation, output activation): cross-entropy with tanh, mse with a sigmoid output
 NETS = {"ce": ("cross_entropy", "tanh", "identity"), "mse": ("mse", "relu", "sigmoid"),
         "bce": ("bce", "tanh", "identity"), "weighted": ("cross_entropy", "relu", "identity"),
-        "rows-ce": ("cross_entropy", "tanh", "identity"), "rows-mse": ("mse", "relu", "identity")}
+        "rows-ce": ("cross_entropy", "tanh", "identity"), "rows-mse": ("mse", "relu", "identity"),
+        "leaky": ("cross_entropy", "leaky_relu", "identity"),
+        "softplus": ("mse", "softplus", "identity")}
 # the rows' own weights (--weight-key w), with class weights for rows-ce
 ROWS_WEIGHTED = {"rows-ce": "ce.h5", "rows-mse": "mse.h5"}
 BCE_POS_WEIGHT = (1.5, 4.0, 0.5)  # multi-label, K = 3: torch's BCEWithLogitsLoss(pos_weight)
 CLASS_WEIGHT = (0.5, 2.0, 1.25)   # torch's CrossEntropyLoss(weight=...): a mean over the weights
 CASES = [(net, opt) for opt in OPTIMIZERS for net in ("ce",)] + [
     ("mse", "adam"), ("mse", "nesterov"), ("bce", "adam"), ("bce", "momentum"),
-    ("weighted", "sgd"), ("weighted", "adam"), ("rows-ce", "adam"), ("rows-mse", "momentum")]
+    ("weighted", "sgd"), ("weighted", "adam"), ("rows-ce", "adam"), ("rows-mse", "momentum"),
+    ("leaky", "momentum"), ("softplus", "adam")]
 LAYOUTS = {"1 rank": (1, []), "3 ranks": (3, []),
            "3 stages": (3, ["--pipeline-stages", 3, "--micro-batches", 2])}
 DROPOUT_LAYOUTS = {**LAYOUTS, "2 ranks": (2, []), "accumulate": (2, ["--accumulate", 3])}
@@ -212,10 +219,12 @@ def problem(tmp_path_factory):
     for name, source in ROWS_WEIGHTED.items():
         with h5py.File(tmp / source) as f, h5py.File(tmp / f"{name}.h5", "w") as g:
             g["X"], g["y"], g["w"] = f["X"][...], f["y"][...], row_weights
+    shutil.copy(tmp / "ce.h5", tmp / "leaky.h5")
+    shutil.copy(tmp / "mse.h5", tmp / "softplus.h5")
     for name, (loss, act, out_act) in NETS.items():
         arch = Architecture((F,) + HIDDEN + (K,), act, out_act, loss,
                             BCE_POS_WEIGHT if loss == "bce" else (),
-                            CLASS_WEIGHT if name in ("weighted", "rows-ce") else ())
+                            CLASS_WEIGHT if name in ("weighted", "rows-ce") else (), LEAKY_SLOPE)
         params = rng.normal(0, 0.5, arch.n_params).astype(np.float32)
         checkpoint.save(str(tmp / f"init-{name}.h5"), checkpoint.Checkpoint(arch, params))
         files[name] = (str(tmp / f"{name}.h5"), str(tmp / f"init-{name}.h5"), arch, params)

@@ -21,8 +21,10 @@ from ..log import Log
 from ..model import layer_views
 from ..outputs import check_output_path, written_whole
 
-ONNX_ACT = {"relu": "Relu", "tanh": "Tanh", "sigmoid": "Sigmoid"}
-TORCH_ACT = {"relu": "ReLU", "tanh": "Tanh", "sigmoid": "Sigmoid"}
+ONNX_ACT = {"relu": "Relu", "tanh": "Tanh", "sigmoid": "Sigmoid", "leaky_relu": "LeakyRelu",
+            "softplus": "Softplus"}
+TORCH_ACT = {"relu": "ReLU", "tanh": "Tanh", "sigmoid": "Sigmoid", "leaky_relu": "LeakyReLU",
+             "softplus": "Softplus"}
 
 
 def to_onnx(ckpt, path):
@@ -51,7 +53,8 @@ def to_onnx(ckpt, path):
             nodes.append(helper.make_node("Softmax", [h], [f"a{l}"], axis=1))
             h = f"a{l}"
         elif act != "identity":
-            nodes.append(helper.make_node(ONNX_ACT[act], [h], [f"a{l}"]))
+            slope = {"alpha": arch.slope} if act == "leaky_relu" else {}
+            nodes.append(helper.make_node(ONNX_ACT[act], [h], [f"a{l}"], **slope))
             h = f"a{l}"
     if scaling.targets is not None:
         inits += [numpy_helper.from_array(scaling.targets.scale.astype(np.float32), "y_scale"),
@@ -87,7 +90,8 @@ def torch_layers(arch):
         last = l == arch.n_layers - 1
         act = arch.output_activation if last else arch.activation
         if act != "identity" and not (last and arch.loss != "mse"):  # torch's losses take logits
-            out.append(f"{TORCH_ACT[act]}()")
+            out.append(f"{TORCH_ACT[act]}({arch.slope!r})" if act == "leaky_relu" else
+                       f"{TORCH_ACT[act]}()")
     return out
 
 
@@ -134,7 +138,8 @@ def to_npz(ckpt, path):
             arrays[f"{name}_offset"], arrays[f"{name}_scale"] = scale.offset, scale.scale
     with open(path, "wb") as fh:  # a file object: np.savez would add .npz to a name without it
         np.savez(fh, sizes=np.array(ckpt.arch.sizes), activation=ckpt.arch.activation,
-                 output_activation=ckpt.arch.output_activation, loss=ckpt.arch.loss, **arrays)
+                 output_activation=ckpt.arch.output_activation, loss=ckpt.arch.loss,
+                 leaky_slope=ckpt.arch.slope, **arrays)
 
 
 def run(cfg, explicit, comm=None):
