@@ -193,6 +193,10 @@ def test_scaled_regression_predicts_in_the_targets_units(files, trained, tmp_pat
                  tmp_path / "p.h5"))
     with h5py.File(tmp_path / "p.h5", "r") as f:
         np.testing.assert_allclose(f["output"][...], mine, rtol=1e-5, atol=1e-4)
+    ok(run_mpinn(2, "predict", "--checkpoint", ckpt, "--data", files["reg"], "--out",
+                 tmp_path / "pipelined.h5", "--pipeline-stages", 2))  # the other predict path
+    with h5py.File(tmp_path / "pipelined.h5", "r") as f:
+        np.testing.assert_allclose(f["output"][...], mine, rtol=1e-5, atol=1e-4)
     result = json.loads(ok(run_mpinn(3, "evaluate", "--checkpoint", ckpt, "--data",
                                      files["reg"], "--json")).stdout)
     loss, _ = model.evaluate(files["x"], files["y_reg"])
