@@ -86,7 +86,9 @@ def _act_grad(v, code, slope, one):
 
 @njit(cache=True)
 def _times_act_grad_(d, h, act):
-    """d *= act'(z), written in terms of the activation's output h = act(z)."""
+    """d *= act'(z), written in terms of the activation's output h = act(z). relu, tanh and
+    sigmoid keep their own branches (the backward pass's common case, as before _act_grad);
+    the others go through _act_grad."""
     code = int(act[0])
     if code == ACT_IDENTITY:
         return
