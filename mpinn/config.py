@@ -81,7 +81,8 @@ def require_non_negative(cfg, *names):
             raise UsageError(f"--{name.replace('_', '-')} must not be negative, got {value}")
 
 
-ACTIVATIONS = ("relu", "tanh", "sigmoid", "leaky_relu", "softplus")  # PyTorch's definitions
+ACTIVATIONS = ("relu", "tanh", "sigmoid", "leaky_relu", "softplus", "gelu", "gelu_tanh",
+               "silu")  # PyTorch's definitions
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw", "rmsprop", "lamb", "lars")  # optim.py's rules
 # the options each rule reads besides --lr and --weight-decay: another rule's, given, is an error
 OPTIMIZER_OPTIONS = {
@@ -217,7 +218,8 @@ class ModelOptions:
                            parse=parse_hidden, show=shown_hidden, flag_type=str,
                            coerce=hidden_from_list, kept_on_resume=True)
     activation: str = option("relu", "hidden-layer activation (PyTorch's definitions; softplus "
-                                     "with beta 1, linear above 20)", ACTIVATIONS,
+                                     "with beta 1, linear above 20; gelu exact, gelu_tanh its "
+                                     "tanh approximation)", ACTIVATIONS,
                              kept_on_resume=True)
     leaky_slope: float = option(0.01, "--activation leaky_relu: the slope for negative inputs",
                                 bound=POSITIVE, kept_on_resume=True)

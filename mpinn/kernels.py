@@ -16,23 +16,34 @@ preallocated by the caller (model.Workspace); nothing here allocates per step, t
 I/O or reads globals.
 
 An activation reaches the kernels as a small float64 array, [code (ACT_*), leaky_relu's negative
-slope] (`activation()`), so one compiled kernel serves all networks; every derivative is written
-in terms of the activation's output h, which is what the workspace keeps. The losses (losses.py)
-pick between the cross-entropy, squared-error and binary cross-entropy kernels here.
+slope] (`activation()`), so one compiled kernel serves all networks. The derivatives of relu, tanh,
+sigmoid, leaky_relu and softplus are written in terms of the activation's output h, which the
+workspace keeps anyway; gelu, gelu_tanh and silu's are not functions of h, so for them the
+workspace also keeps each layer's pre-activation z in `pre` (same layout as `acts`; empty for the
+others). A pipeline stage whose input came through such an activation cannot apply its derivative
+(the z is on the stage before): it sends dLoss/dh back, and the stage before finishes it
+(output_act_grad_). The losses (losses.py) pick between the cross-entropy, squared-error and binary
+cross-entropy kernels here.
 
 The gradient written is d(scale * sum of per-sample losses)/d(params): the caller passes
 scale = 1/global_batch (cross-entropy) or 1/(global_batch*K) (mse), so the sum over ranks of the
 per-rank gradients is exactly the gradient of the global mean loss, however the rows are split.
 """
+import math
+
 import numpy as np
 from numba import njit
 
 from .gemm import gemm_
 
 ACT_IDENTITY, ACT_RELU, ACT_TANH, ACT_SIGMOID, ACT_LEAKY_RELU, ACT_SOFTPLUS = 0, 1, 2, 3, 4, 5
+ACT_GELU, ACT_GELU_TANH, ACT_SILU = 6, 7, 8  # from here on, the derivative needs z
 ACTIVATIONS = {"identity": ACT_IDENTITY, "relu": ACT_RELU, "tanh": ACT_TANH, "sigmoid": ACT_SIGMOID,
-               "leaky_relu": ACT_LEAKY_RELU, "softplus": ACT_SOFTPLUS}
+               "leaky_relu": ACT_LEAKY_RELU, "softplus": ACT_SOFTPLUS, "gelu": ACT_GELU,
+               "gelu_tanh": ACT_GELU_TANH, "silu": ACT_SILU}
 SOFTPLUS_THRESHOLD = 20.0  # PyTorch's: softplus(z) = z above it
+SQRT_HALF = 0.7071067811865476  # gelu: x * Phi(x) = x/2 * (1 + erf(x / sqrt 2))
+SQRT_2_OVER_PI, GELU_CUBIC = 0.7978845608028654, 0.044715  # gelu_tanh, PyTorch's approximate="tanh"
 
 
 def activation(name, slope=0.01):
@@ -41,6 +52,45 @@ def activation(name, slope=0.01):
 
 
 IDENTITY = activation("identity")  # a constant: the logits of cross-entropy and bce
+
+
+def needs_pre_activation(name):
+    """Whether the derivative of this activation needs z (the workspace keeps `pre` for it)."""
+    return ACTIVATIONS[name] >= ACT_GELU
+
+
+NO_PRE = np.zeros(0, np.float32)  # `pre` of a workspace whose activations need no z
+
+
+@njit(cache=True)
+def _from_z(code):
+    return code >= ACT_GELU
+
+
+@njit(cache=True)
+def _act_of_z(v, code):
+    """gelu, gelu_tanh or silu of z = v (in float64)."""
+    v = np.float64(v)
+    if code == ACT_GELU:
+        return 0.5 * v * (1.0 + math.erf(v * SQRT_HALF))
+    if code == ACT_GELU_TANH:
+        return 0.5 * v * (1.0 + np.tanh(SQRT_2_OVER_PI * (v + GELU_CUBIC * v * v * v)))
+    return v / (1.0 + np.exp(-v))
+
+
+@njit(cache=True)
+def _act_grad_z(v, code):
+    """act'(z) at z = v (in float64) of gelu, gelu_tanh or silu."""
+    v = np.float64(v)
+    if code == ACT_GELU:  # Phi(z) + z phi(z)
+        return (0.5 * (1.0 + math.erf(v * SQRT_HALF))
+                + v * 0.3989422804014327 * np.exp(-0.5 * v * v))
+    if code == ACT_GELU_TANH:
+        t = np.tanh(SQRT_2_OVER_PI * (v + GELU_CUBIC * v * v * v))
+        return 0.5 * (1.0 + t) + 0.5 * v * (1.0 - t * t) * SQRT_2_OVER_PI * (
+            1.0 + 3.0 * GELU_CUBIC * v * v)
+    s = 1.0 / (1.0 + np.exp(-v))  # silu: s (1 + z (1 - s))
+    return s * (1.0 + v * (1.0 - s))
 
 
 @njit(cache=True)
@@ -62,8 +112,10 @@ def _activate_(h, act):
                 h[i, j] = v if v > 0 else slope * v
             elif code == ACT_SOFTPLUS:
                 h[i, j] = v if v > SOFTPLUS_THRESHOLD else np.log1p(np.exp(v))
-            else:
+            elif code == ACT_SIGMOID:
                 h[i, j] = 1 / (1 + np.exp(-v))
+            else:
+                h[i, j] = _act_of_z(v, code)
 
 
 @njit(cache=True)
@@ -86,9 +138,9 @@ def _act_grad(v, code, slope, one):
 
 @njit(cache=True)
 def _times_act_grad_(d, h, act):
-    """d *= act'(z), written in terms of the activation's output h = act(z). relu, tanh and
-    sigmoid keep their own branches (the backward pass's common case, as before _act_grad);
-    the others go through _act_grad."""
+    """d *= act'(z), written in terms of the activation's output h = act(z), or for gelu,
+    gelu_tanh and silu given z itself in h. relu, tanh and sigmoid keep their own branches (the
+    backward pass's common case, as before _act_grad); the others go through _act_grad."""
     code = int(act[0])
     if code == ACT_IDENTITY:
         return
@@ -104,6 +156,8 @@ def _times_act_grad_(d, h, act):
                 d[i, j] *= 1 - v * v
             elif code == ACT_SIGMOID:
                 d[i, j] *= v * (1 - v)
+            elif _from_z(code):
+                d[i, j] *= _act_grad_z(v, code)
             else:
                 d[i, j] *= _act_grad(v, code, slope, h.dtype.type(1))
 
@@ -111,6 +165,14 @@ def _times_act_grad_(d, h, act):
 @njit(cache=True)
 def _view2(buf, off, rows, cols):
     return buf[off:off + rows * cols].reshape((rows, cols))
+
+
+@njit(cache=True)
+def _pre_view(pre, off, rows, cols):
+    """The (rows, cols) view of pre at off, or an empty one when pre holds nothing (NO_PRE)."""
+    if pre.shape[0] == 0:
+        return pre[:0].reshape((0, cols))
+    return _view2(pre, off, rows, cols)
 
 
 # -- dropout -------------------------------------------------------------------------------------
@@ -175,7 +237,8 @@ def _dropout_(h, drop, rows, unit0):
 
 @njit(cache=True)
 def _times_dropout_act_grad_(d, h, act, drop, rows, unit0):
-    """d *= mask/(1-p) * act'(z) for a dropped-out hidden output h = act(z) * mask/(1-p)."""
+    """d *= mask/(1-p) * act'(z) for a dropped-out hidden output h = act(z) * mask/(1-p) (for
+    gelu, gelu_tanh and silu, h is z itself, kept before activation and dropout)."""
     scale = h.dtype.type(_keep_scale(drop[0]))
     code, slope = int(act[0]), h.dtype.type(act[1])
     n, m = d.shape
@@ -183,9 +246,26 @@ def _times_dropout_act_grad_(d, h, act, drop, rows, unit0):
         for j in range(m):
             if not _kept(drop[1], rows[i], unit0 + j, drop[0]):
                 d[i, j] = 0
-                continue
-            v = h[i, j] / scale  # act(z) before dropout
-            d[i, j] *= scale * _act_grad(v, code, slope, h.dtype.type(1))
+            elif _from_z(code):
+                d[i, j] *= scale * _act_grad_z(h[i, j], code)
+            else:
+                v = h[i, j] / scale  # act(z) before dropout
+                d[i, j] *= scale * _act_grad(v, code, slope, h.dtype.type(1))
+
+
+@njit(cache=True, nogil=True)
+def output_act_grad_(d, pre, act, drop, rows, unit0):
+    """A pipeline stage whose last layer is a hidden gelu, gelu_tanh or silu one: turn the
+    dLoss/dh the next stage sent back (N, fo, row-major in the output slot) into dLoss/dz, with
+    the z its forward kept (pre, (N, fo)) and its dropout mask (drop[2]: dropout on this output).
+    Every other activation's derivative the next stage applied already: nothing to do."""
+    code = int(act[0])
+    if not _from_z(code):
+        return
+    if drop[0] > 0 and drop[2] > 0:
+        _times_dropout_act_grad_(d, pre, act, drop, rows, unit0)
+    else:
+        _times_act_grad_(d, pre, act)
 
 
 @njit(cache=True)
@@ -197,9 +277,10 @@ def _add_bias_rows_(z, b):
 
 
 @njit(cache=True)
-def _bias_activate_fm_(zT, b, act):
+def _bias_activate_fm_(zT, b, act, preT):
     """zT (fo, N), feature-major: zT[j] = act(zT[j] + b[j]), one pass (the activation's test is
-    outside the loops so each loop vectorises)."""
+    outside the loops so each loop vectorises); an activation whose derivative needs z keeps
+    zT[j] + b[j] in preT first."""
     fo, n = zT.shape
     code = int(act[0])
     for j in range(fo):
@@ -214,6 +295,8 @@ def _bias_activate_fm_(zT, b, act):
         else:
             for i in range(n):
                 zT[j, i] += bj
+            if _from_z(code):
+                preT[j, :] = zT[j, :]
             _activate_(zT[j:j + 1], act)
 
 
@@ -244,9 +327,10 @@ def _sum_rows_(gb, dT):
 
 
 @njit(cache=True, nogil=True)
-def forward(params, x, sizes, w_off, b_off, acts, a_off, act, out_act, drop, rows, units):
+def forward(params, x, sizes, w_off, b_off, acts, pre, a_off, act, out_act, drop, rows, units):
     """Forward pass over all layers for the N rows of x. Layer l's output is written to acts at
-    a_off[l] (feature-major, the last layer row-major (N, K) holding out_act(z_L)). Hidden
+    a_off[l] (feature-major, the last layer row-major (N, K) holding out_act(z_L)), and its z to
+    pre at the same place when its activation's derivative needs z (pre empty otherwise). Hidden
     outputs go through dropout when drop[0] > 0 (see above)."""
     n = x.shape[0]
     n_layers = sizes.shape[0] - 1
@@ -262,6 +346,8 @@ def forward(params, x, sizes, w_off, b_off, acts, a_off, act, out_act, drop, row
             else:
                 gemm_(True, hT, False, W, z)
             _add_bias_rows_(z, b)
+            if _from_z(int(out_act[0])):  # a pipeline stage's last hidden layer
+                _view2(pre, a_off[l], n, fo)[:, :] = z
             _activate_(z, out_act)
             if drop[0] > 0 and drop[2] > 0:
                 _dropout_(z, drop, rows, units[l + 1])
@@ -271,27 +357,28 @@ def forward(params, x, sizes, w_off, b_off, acts, a_off, act, out_act, drop, row
                 gemm_(True, W, True, x, zT)
             else:
                 gemm_(True, W, False, hT, zT)
-            _bias_activate_fm_(zT, b, act)
+            _bias_activate_fm_(zT, b, act, _pre_view(pre, a_off[l], fo, n))
             if drop[0] > 0:
                 _dropout_(zT.T, drop, rows, units[l + 1])
             hT = zT
 
 
 @njit(cache=True, nogil=True)
-def backward(grads, params, x, sizes, w_off, b_off, acts, a_off, act, d0, d1, dx, want_dx, drop,
-             rows, units, bound):
+def backward(grads, params, x, sizes, w_off, b_off, acts, pre, a_off, act, d0, d1, dx, want_dx,
+             drop, rows, units, bound):
     """Backpropagate through all layers. On entry the output layer's slot in acts holds
     dLoss/dz_L (N, K); grads (P,) is overwritten with dLoss/dparams. d0/d1 are scratch.
     With want_dx (a pipeline stage after the first), dx (N, F) receives dLoss/dz of the layer that
-    produced x: (d @ W0^T) * act'(x), which the previous stage continues from. bound[0] receives
-    a bound on |dLoss/dparams| (see backward_layers)."""
-    backward_layers(grads, params, x, sizes, w_off, b_off, acts, a_off, act, d0, d1, dx, want_dx,
-                    sizes.shape[0] - 1, 0, drop, rows, units, bound)
+    produced x: (d @ W0^T) * act'(x), which the previous stage continues from (for an activation
+    whose derivative needs z, d @ W0^T: the previous stage applies act', output_act_grad_).
+    bound[0] receives a bound on |dLoss/dparams| (see backward_layers)."""
+    backward_layers(grads, params, x, sizes, w_off, b_off, acts, pre, a_off, act, d0, d1, dx,
+                    want_dx, sizes.shape[0] - 1, 0, drop, rows, units, bound)
 
 
 @njit(cache=True, nogil=True)
-def backward_layers(grads, params, x, sizes, w_off, b_off, acts, a_off, act, d0, d1, dx, want_dx,
-                    hi, lo, drop, rows, units, bound):
+def backward_layers(grads, params, x, sizes, w_off, b_off, acts, pre, a_off, act, d0, d1, dx,
+                    want_dx, hi, lo, drop, rows, units, bound):
     """Backpropagate through layers hi-1 down to lo only (gradients of those layers written), so
     a caller can reduce finished layers' gradients while earlier layers are still computed. The
     incoming dLoss/dz of layer hi-1 is where the previous call left it: the output slot (N, K)
@@ -305,6 +392,7 @@ def backward_layers(grads, params, x, sizes, w_off, b_off, acts, a_off, act, d0,
     `bound` skips it (its passes over activations cost more than reading a small gradient)."""
     n = x.shape[0]
     n_layers = sizes.shape[0] - 1
+    from_z = _from_z(int(act[0]))
     if hi == n_layers and bound.shape[0]:
         bound[0] = 0.0
     if hi == n_layers:
@@ -328,17 +416,19 @@ def backward_layers(grads, params, x, sizes, w_off, b_off, acts, a_off, act, d0,
             W = _view2(params, w_off[l], fi, fo)
             dT = _view2(d0 if l % 2 == 0 else d1, 0, fi, n)
             gemm_(False, W, rows_d, d, dT)  # W @ dLoss/dz^T
+            src = _view2(pre, a_off[l - 1], fi, n) if from_z else hT  # what act' is written in
             if drop[0] > 0:  # hT is a hidden output (the first stage's data is not)
-                _times_dropout_act_grad_(dT.T, hT.T, act, drop, rows, units[l])
+                _times_dropout_act_grad_(dT.T, src.T, act, drop, rows, units[l])
             else:
-                _times_act_grad_(dT, hT, act)
+                _times_act_grad_(dT, src, act)
             d = dT
         elif want_dx:
             W = _view2(params, w_off[l], fi, fo)
             gemm_(not rows_d, d, True, W, dx)  # dLoss/dz @ W^T, row-major like x
-            if drop[0] > 0:
+            # (gelu, gelu_tanh, silu: the previous stage holds z and applies act' itself)
+            if drop[0] > 0 and not from_z:
                 _times_dropout_act_grad_(dx, x, act, drop, rows, units[l])
-            else:
+            elif not from_z:
                 _times_act_grad_(dx, x, act)
 
 
@@ -451,7 +541,7 @@ def softmax_(logits):
 
 @njit(cache=True, nogil=True)
 def train_step_ce(grads, params, x, labels, scale, class_weight, row_weight, sizes, w_off, b_off,
-                  acts, a_off, act, d0, d1, drop, rows, units, bound):
+                  acts, pre, a_off, act, d0, d1, drop, rows, units, bound):
     """Forward, softmax cross-entropy and backward for N rows; grads (P,) overwritten.
     Returns (loss sum, correct count) over these rows."""
     n_layers = sizes.shape[0] - 1
@@ -459,17 +549,17 @@ def train_step_ce(grads, params, x, labels, scale, class_weight, row_weight, siz
         grads[:] = 0
         bound[:] = 0.0
         return 0.0, 0
-    forward(params, x, sizes, w_off, b_off, acts, a_off, act, IDENTITY, drop, rows, units)
+    forward(params, x, sizes, w_off, b_off, acts, pre, a_off, act, IDENTITY, drop, rows, units)
     z = _view2(acts, a_off[n_layers - 1], x.shape[0], sizes[n_layers])
     loss, correct = cross_entropy_grad_(z, labels, scale, class_weight, row_weight)
-    backward(grads, params, x, sizes, w_off, b_off, acts, a_off, act, d0, d1, x, False, drop, rows,
-             units, bound)
+    backward(grads, params, x, sizes, w_off, b_off, acts, pre, a_off, act, d0, d1, x, False, drop,
+             rows, units, bound)
     return loss, correct
 
 
 @njit(cache=True, nogil=True)
-def train_step_mse(grads, params, x, targets, scale, row_weight, sizes, w_off, b_off, acts, a_off,
-                   act, out_act, d0, d1, drop, rows, units, bound):
+def train_step_mse(grads, params, x, targets, scale, row_weight, sizes, w_off, b_off, acts, pre,
+                   a_off, act, out_act, d0, d1, drop, rows, units, bound):
     """Forward, squared error and backward for N rows; grads (P,) overwritten.
     Returns (sum of squared errors, 0) over these rows."""
     n_layers = sizes.shape[0] - 1
@@ -477,17 +567,17 @@ def train_step_mse(grads, params, x, targets, scale, row_weight, sizes, w_off, b
         grads[:] = 0
         bound[:] = 0.0
         return 0.0, 0
-    forward(params, x, sizes, w_off, b_off, acts, a_off, act, out_act, drop, rows, units)
+    forward(params, x, sizes, w_off, b_off, acts, pre, a_off, act, out_act, drop, rows, units)
     out = _view2(acts, a_off[n_layers - 1], x.shape[0], sizes[n_layers])
     loss, _ = mse_grad_(out, targets, out_act, scale, row_weight)
-    backward(grads, params, x, sizes, w_off, b_off, acts, a_off, act, d0, d1, x, False, drop, rows,
-             units, bound)
+    backward(grads, params, x, sizes, w_off, b_off, acts, pre, a_off, act, d0, d1, x, False, drop,
+             rows, units, bound)
     return loss, 0
 
 
 @njit(cache=True, nogil=True)
 def train_step_bce(grads, params, x, targets, scale, pos_weight, row_weight, sizes, w_off, b_off,
-                   acts, a_off, act, d0, d1, drop, rows, units, bound):
+                   acts, pre, a_off, act, d0, d1, drop, rows, units, bound):
     """Forward, sigmoid binary cross-entropy and backward for N rows; grads (P,) overwritten.
     Returns (loss sum over the elements, rows right) over these rows."""
     n_layers = sizes.shape[0] - 1
@@ -495,11 +585,11 @@ def train_step_bce(grads, params, x, targets, scale, pos_weight, row_weight, siz
         grads[:] = 0
         bound[:] = 0.0
         return 0.0, 0
-    forward(params, x, sizes, w_off, b_off, acts, a_off, act, IDENTITY, drop, rows, units)
+    forward(params, x, sizes, w_off, b_off, acts, pre, a_off, act, IDENTITY, drop, rows, units)
     z = _view2(acts, a_off[n_layers - 1], x.shape[0], sizes[n_layers])
     loss, correct = bce_grad_(z, targets, pos_weight, scale, row_weight)
-    backward(grads, params, x, sizes, w_off, b_off, acts, a_off, act, d0, d1, x, False, drop, rows,
-             units, bound)
+    backward(grads, params, x, sizes, w_off, b_off, acts, pre, a_off, act, d0, d1, x, False, drop,
+             rows, units, bound)
     return loss, correct
 
 

@@ -45,8 +45,8 @@ class CrossEntropy:
         """Forward, loss and backward in one compiled call (the data-parallel hot path); bound:
         ws.bound to have the kernel bound the gradient, or model.NO_BOUND."""
         return kernels.train_step_ce(grads, params, x, y, scale, self.weights, _rows(w),
-                                     ws.sizes, ws.w_off, ws.b_off, ws.acts, ws.a_off, ws.act,
-                                     ws.d0, ws.d1, drop, rows, ws.units, bound)
+                                     ws.sizes, ws.w_off, ws.b_off, ws.acts, ws.pre, ws.a_off,
+                                     ws.act, ws.d0, ws.d1, drop, rows, ws.units, bound)
 
     @staticmethod
     def scale(global_rows, n_outputs):
@@ -96,8 +96,8 @@ class MeanSquaredError(_PerElement):
     @staticmethod
     def fused_step(grads, params, x, y, scale, ws, drop, rows, bound, w=None):
         return kernels.train_step_mse(grads, params, x, y, scale, _rows(w), ws.sizes, ws.w_off,
-                                      ws.b_off, ws.acts, ws.a_off, ws.act, ws.out_act, ws.d0,
-                                      ws.d1, drop, rows, ws.units, bound)
+                                      ws.b_off, ws.acts, ws.pre, ws.a_off, ws.act, ws.out_act,
+                                      ws.d0, ws.d1, drop, rows, ws.units, bound)
 
     def summarize(self, loss_sum, correct, n, n_outputs, weight=None):
         return self.mean(loss_sum, n, n_outputs, weight), None
@@ -127,8 +127,8 @@ class BinaryCrossEntropy(_PerElement):
 
     def fused_step(self, grads, params, x, y, scale, ws, drop, rows, bound, w=None):
         return kernels.train_step_bce(grads, params, x, y, scale, self.weights(ws.sizes[-1]),
-                                      _rows(w), ws.sizes, ws.w_off, ws.b_off, ws.acts, ws.a_off,
-                                      ws.act, ws.d0, ws.d1, drop, rows, ws.units, bound)
+                                      _rows(w), ws.sizes, ws.w_off, ws.b_off, ws.acts, ws.pre,
+                                      ws.a_off, ws.act, ws.d0, ws.d1, drop, rows, ws.units, bound)
 
     def summarize(self, loss_sum, correct, n, n_outputs, weight=None):
         return self.mean(loss_sum, n, n_outputs, weight), correct / max(n, 1)

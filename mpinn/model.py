@@ -34,9 +34,10 @@ class Architecture:
         if self.activation not in kernels.ACTIVATIONS:
             raise UsageError(f"unknown activation {self.activation!r}; expected one of "
                              f"{', '.join(kernels.ACTIVATIONS)}")
-        if self.output_activation not in kernels.ACTIVATIONS:
+        outputs = [a for a in kernels.ACTIVATIONS if not kernels.needs_pre_activation(a)]
+        if self.output_activation not in outputs:  # mse's gradient is written from the output
             raise UsageError(f"unknown output activation {self.output_activation!r}; expected one "
-                             f"of {', '.join(kernels.ACTIVATIONS)}")
+                             f"of {', '.join(outputs)}")
         if self.loss not in LOSSES:
             raise UsageError(f"unknown loss {self.loss!r}; expected one of {', '.join(LOSSES)}")
         if not self.slope > 0:
@@ -84,9 +85,12 @@ class Architecture:
     def training_bytes(self, max_rows, n_state, stages=1):
         """About what training holds per rank, in bytes: parameters, gradients (and the copy the
         engine starts from), optimizer state, and a workspace of max_rows rows (float32). A
-        pipeline stage holds about 1/stages of the parameters."""
+        pipeline stage holds about 1/stages of the parameters. gelu, gelu_tanh and silu keep each
+        layer's z beside its output."""
         params = self.n_params / stages * (3 + n_state)
-        rows = max_rows * (sum(self.sizes) + 2 * max(self.sizes[:-1]))
+        kept = 2 if kernels.needs_pre_activation(self.activation) else 1
+        rows = max_rows * (self.sizes[0] + kept * sum(self.sizes[1:])
+                           + 2 * max(self.sizes[:-1]))
         return 4 * (params + rows)
 
 
@@ -163,6 +167,10 @@ class Workspace:
         self.w_off, self.b_off = offsets(sizes)
         self.act = kernels.activation(activation, slope)
         self.out_act = kernels.activation(out_activation, slope)
+        # z of each layer, where an activation's derivative needs it (kernels.py)
+        self.out_needs_pre = kernels.needs_pre_activation(out_activation)
+        self.pre = np.zeros(self.acts.size if kernels.needs_pre_activation(activation)
+                            or self.out_needs_pre else 0, dtype)
         self.x_in = np.zeros(self.max_rows * sizes[0], dtype) if stage_input else None
         self.dx = np.zeros(self.max_rows * sizes[0], dtype) if stage_input else None
         # the last backward pass's bound on |gradient| (kernels.backward_layers)
@@ -171,7 +179,7 @@ class Workspace:
     @property
     def nbytes(self):
         """Activation memory this workspace holds (outputs, scratch, stage input and gradient)."""
-        return sum(a.nbytes for a in (self.acts, self.d0, self.d1, self.x_in, self.dx)
+        return sum(a.nbytes for a in (self.acts, self.pre, self.d0, self.d1, self.x_in, self.dx)
                    if a is not None)
 
     def output(self, n):
@@ -179,6 +187,12 @@ class Workspace:
         k = int(self.sizes[-1])
         o = self.a_off[-1]
         return self.acts[o:o + n * k].reshape(n, k)
+
+    def pre_output(self, n):
+        """The last layer's z (n, K), kept when out_act's derivative needs it."""
+        k = int(self.sizes[-1])
+        o = self.a_off[-1]
+        return self.pre[o:o + n * k].reshape(n, k)
 
     def input(self, n):
         f = int(self.sizes[0])
@@ -234,16 +248,22 @@ class Layers:
     def forward(self, ws, x, drop=NO_DROPOUT, rows=NO_ROWS):
         """The last layer's output for the rows of x: a view into ws, valid until ws is reused.
         drop/rows: dropout for training (Dropout.for_update, the rows' file row numbers)."""
-        kernels.forward(self.params, x, ws.sizes, ws.w_off, ws.b_off, ws.acts, ws.a_off, ws.act,
-                        ws.out_act, drop, rows, ws.units)
+        kernels.forward(self.params, x, ws.sizes, ws.w_off, ws.b_off, ws.acts, ws.pre, ws.a_off,
+                        ws.act, ws.out_act, drop, rows, ws.units)
         return ws.output(x.shape[0])
 
     def backward(self, ws, x, grads=None, dx=None, hi=None, lo=0, drop=NO_DROPOUT, rows=NO_ROWS):
         """Backpropagate the dLoss/dz left in ws's output slot through layers hi-1 .. lo (default:
         all), writing their gradients into grads (default self.grads). With dx (a pipeline stage
-        after the first), dx receives dLoss/dz of the layer that produced x."""
+        after the first), dx receives dLoss/dz of the layer that produced x (dLoss/dh when its
+        activation's derivative needs z: then the stage before finishes it, as this one does
+        here with what the next stage sent)."""
+        if ws.out_needs_pre and (hi is None or hi == self.n_layers):
+            n = x.shape[0]
+            kernels.output_act_grad_(ws.output(n), ws.pre_output(n), ws.out_act, drop, rows,
+                                     ws.units[self.n_layers])  # where its output units start
         kernels.backward_layers(self.grads if grads is None else grads, self.params, x, ws.sizes,
-                                ws.w_off, ws.b_off, ws.acts, ws.a_off, ws.act, ws.d0, ws.d1,
+                                ws.w_off, ws.b_off, ws.acts, ws.pre, ws.a_off, ws.act, ws.d0, ws.d1,
                                 x if dx is None else dx, dx is not None,
                                 self.n_layers if hi is None else hi, lo, drop, rows, ws.units,
                                 NO_BOUND)

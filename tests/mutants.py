@@ -206,6 +206,13 @@ MUTANTS = [
     ("leaky_relu: the slope left out of the derivative", "mpinn/kernels.py",
      "return one if v > 0 else slope", "return one if v > 0 else one - one",
      ["tests/test_torch_reference.py", "-k", "forward_loss_backward and leaky"]),
+    ("gelu: the z * phi(z) term left out of the derivative", "mpinn/kernels.py",
+     "+ v * 0.3989422804014327 * np.exp(-0.5 * v * v))", ")",
+     ["tests/test_torch_reference.py", "-k", "forward_loss_backward and gelu"]),
+    ("pipeline: a stage's kept z not used for the gradient sent back", "mpinn/kernels.py",
+     "    if not _from_z(code):\n        return\n    if drop[0] > 0 and drop[2] > 0:",
+     "    return\n    if drop[0] > 0 and drop[2] > 0:",
+     ["tests/test_kernels.py", "-k", "stages_give"]),
 ]
 TIMEOUT = 900  # seconds for one mutant's tests; a hang counts as caught (the suite's timeouts act)
 

@@ -117,7 +117,7 @@ CASES = [
     ("zero lr", ["train", "--lr", "0"], "--lr must be positive, got 0.0"),
     ("negative epochs", ["train", "--epochs", "-2"], "--epochs must be positive, got -2"),
     ("zero batch", ["train", "--batch-size", "0"], "--batch-size must be positive, got 0"),
-    ("unknown activation", ["train", "--activation", "gelu"], "argument --activation: invalid choice: 'gelu'"),
+    ("unknown activation", ["train", "--activation", "mish"], "argument --activation: invalid choice: 'mish'"),
     ("unknown loss", ["train", "--loss", "hinge"], "argument --loss: invalid choice: 'hinge'"),
     ("unknown optimizer", ["train", "--optimizer", "adagrad"], "argument --optimizer: invalid choice: 'adagrad'"),
     ("another optimizer's option", ["train", "--optimizer", "adam", "--trust-coefficient", "0.01"], "--trust-coefficient applies to --optimizer lars; this run uses adam, which does not read it"),

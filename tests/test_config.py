@@ -44,7 +44,7 @@ def test_command_line_wins_over_toml(tmp_path):
     ("epochs = 2.5", "epochs must be int"),
     ("shuffle = 1", "shuffle must be str"),
     ("shuffle = 'random'", "shuffle must be one of rank, global, none"),
-    ("activation = 'gelu'", "activation must be one of"),
+    ("activation = 'mish'", "activation must be one of"),
     ("lr = [", "not valid TOML"),
 ])
 def test_bad_toml_is_refused(tmp_path, toml, message):
@@ -61,7 +61,7 @@ def test_bad_toml_is_refused(tmp_path, toml, message):
     (["train", "--epochs", "-1"], "--epochs must be positive"),
     (["train", "--batch-size", "0"], "--batch-size must be positive"),
     (["train", "--hidden", "12,x"], "--hidden must be comma-separated"),
-    (["train", "--activation", "gelu"], "invalid choice"),
+    (["train", "--activation", "mish"], "invalid choice"),
     (["train", "--loss", "hinge"], "invalid choice"),
     (["train", "--optimizer", "adagrad"], "invalid choice"),
     (["train", "--epochs", "x"], "invalid int value"),

@@ -7,7 +7,7 @@ import h5py
 import numpy as np
 import pytest
 
-from helpers import ROOT, ok, run_mpinn
+from helpers import ROOT, ok, run_many, run_mpinn
 from mpinn.cli import main
 
 DIGITS_TEST = ROOT / "data" / "digits-test.h5"
@@ -114,25 +114,26 @@ def test_convert_errors(tmp_path, capsys, argv, message):
     assert code == 2 and len(lines) == 1 and message in lines[0], lines
 
 
+ACTIVATIONS = {"leaky_relu": ["--leaky-slope", "0.1"], "softplus": [], "gelu": [],
+               "gelu_tanh": [], "silu": []}  # each exported after training on reg.h5
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    out = {}
     d = tmp_path_factory.mktemp("exp")
-    ok(run_mpinn(1, "train", "--epochs", 3, "--run-dir", d / "ce"))
-    out["ce"] = d / "ce" / "checkpoint.h5"
     x = np.random.default_rng(0).normal(size=(64, 3)).astype(np.float32)
     with h5py.File(d / "reg.h5", "w") as f:
         f["X"], f["y"] = x, (x[:, :2] > 0).astype(np.float32)
-    ok(run_mpinn(1, "train", "--data", d / "reg.h5", "--loss", "mse", "--output-activation",
-                 "sigmoid", "--activation", "tanh", "--hidden", "8", "--epochs", 5, "--run-dir",
-                 d / "mse"))
-    out["mse"] = d / "mse" / "checkpoint.h5"
-    out["mse_data"] = d / "reg.h5"
-    for act, extra in (("leaky_relu", ["--leaky-slope", "0.1"]), ("softplus", [])):
-        ok(run_mpinn(1, "train", "--data", d / "reg.h5", "--loss", "mse", "--activation", act,
-                     *extra, "--hidden", "8,8", "--epochs", 5, "--run-dir", d / act))
-        out[act] = d / act / "checkpoint.h5"
-    return out
+    jobs = {"ce": (1, ["train", "--epochs", 3, "--run-dir", d / "ce"]),
+            "mse": (1, ["train", "--data", d / "reg.h5", "--loss", "mse", "--output-activation",
+                        "sigmoid", "--activation", "tanh", "--hidden", "8", "--epochs", 5,
+                        "--run-dir", d / "mse"])}
+    for act, extra in ACTIVATIONS.items():
+        jobs[act] = (1, ["train", "--data", d / "reg.h5", "--loss", "mse", "--activation", act,
+                         *extra, "--hidden", "8,8", "--epochs", 5, "--run-dir", d / act])
+    for run in run_many(jobs, d / "launch").values():
+        ok(run)
+    return {**{key: d / key / "checkpoint.h5" for key in jobs}, "mse_data": d / "reg.h5"}
 
 
 def predictions(ckpt, data_file, tmp_path):
@@ -142,7 +143,7 @@ def predictions(ckpt, data_file, tmp_path):
         return f["prob"][...] if "prob" in f else f["output"][...]
 
 
-@pytest.mark.parametrize("kind", ["ce", "mse", "leaky_relu", "softplus"])
+@pytest.mark.parametrize("kind", ["ce", "mse", *ACTIVATIONS])
 def test_onnx_export_matches_predict(trained, tmp_path, kind):
     import onnxruntime as ort
     data_file = DIGITS_TEST if kind == "ce" else trained["mse_data"]
@@ -184,6 +185,26 @@ def test_torch_export_of_a_leaky_relu_network_keeps_its_slope(trained, tmp_path,
         x = torch.tensor(f["X"][...], dtype=torch.float32)
     np.testing.assert_allclose(model(x).detach().numpy(),
                                predictions(trained["leaky_relu"], trained["mse_data"], tmp_path),
+                               atol=1e-5)
+
+
+@pytest.mark.parametrize("act,module,kw", [("gelu", "GELU", {}),
+                                           ("gelu_tanh", "GELU", {"approximate": "tanh"}),
+                                           ("silu", "SiLU", {})])
+def test_torch_export_of_gelu_and_silu_networks(trained, tmp_path, capsys, act, module, kw):
+    import torch
+    assert main(["export", "--checkpoint", str(trained[act]), "--format", "torch",
+                 "--out", str(tmp_path / "m.pt")]) == 0
+    args = ", ".join(f"{k}={v!r}" for k, v in kw.items())
+    assert f"torch.nn.{module}({args}), torch.nn.Linear(8, 8)" in capsys.readouterr().out
+    layer = getattr(torch.nn, module)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 8), layer(**kw), torch.nn.Linear(8, 8),
+                                layer(**kw), torch.nn.Linear(8, 2))
+    model.load_state_dict(torch.load(tmp_path / "m.pt"))
+    with h5py.File(trained["mse_data"], "r") as f:
+        x = torch.tensor(f["X"][...], dtype=torch.float32)
+    np.testing.assert_allclose(model(x).detach().numpy(),
+                               predictions(trained[act], trained["mse_data"], tmp_path),
                                atol=1e-5)
 
 

@@ -152,14 +152,14 @@ def test_backward_in_layer_ranges_equals_the_whole():
     whole.train_step(x, y, 1 / 9)
     net = network(sizes, "tanh", "cross_entropy", "identity", flat, 9)
     ws = net.ws
-    kernels.forward(net.params, x, ws.sizes, ws.w_off, ws.b_off, ws.acts, ws.a_off, ws.act,
-                    ws.out_act, NO_DROPOUT, NO_ROWS, ws.units)
+    kernels.forward(net.params, x, ws.sizes, ws.w_off, ws.b_off, ws.acts, ws.pre, ws.a_off,
+                    ws.act, ws.out_act, NO_DROPOUT, NO_ROWS, ws.units)
     kernels.cross_entropy_grad_(ws.output(9), y, 1 / 9, np.zeros(0, np.float32),
                                 np.zeros(0, np.float32))
     for hi, lo in ((4, 3), (3, 1), (1, 0)):
         kernels.backward_layers(net.grads, net.params, x, ws.sizes, ws.w_off, ws.b_off, ws.acts,
-                                ws.a_off, ws.act, ws.d0, ws.d1, x, False, hi, lo, NO_DROPOUT,
-                                NO_ROWS, ws.units, ws.bound)
+                                ws.pre, ws.a_off, ws.act, ws.d0, ws.d1, x, False, hi, lo,
+                                NO_DROPOUT, NO_ROWS, ws.units, ws.bound)
     np.testing.assert_allclose(net.grads, whole.grads, rtol=1e-12)
     assert net.grad_bound == whole.grad_bound > np.abs(whole.grads).max()
 
@@ -249,3 +249,36 @@ def test_initial_weights_follow_their_scheme(scheme):
         assert abs(w0).max() <= bound0 and w0.std() == pytest.approx(bound0 / np.sqrt(3), rel=0.02)
     assert abs(w1).max() <= bound1 and not b0.any() and not b1.any()  # the output: Glorot in both
     np.testing.assert_array_equal(init_params(arch, 5, scheme=scheme), flat)
+
+
+@pytest.mark.parametrize("act", ["relu", "tanh", "leaky_relu", "softplus", "gelu", "gelu_tanh",
+                                 "silu"])
+@pytest.mark.parametrize("p", [0.0, 0.4])
+def test_stages_give_the_whole_networks_gradient(act, p):
+    """A network cut into two stages as the pipeline runs it (the second stage's dLoss/dx handed
+    back into the first one's output slot), with and without dropout: the same gradient as the
+    whole network. gelu, gelu_tanh and silu hand back dLoss/dh and the first stage applies act'
+    with the z it kept (kernels.output_act_grad_)."""
+    from mpinn.losses import LOSSES
+    from mpinn.model import Dropout, Layers, offsets
+    rng = np.random.default_rng(0)
+    sizes, n = (4, 6, 5, 3), 7
+    arch = Architecture(sizes, act, "identity", "mse")
+    flat = rng.normal(0, 0.6, arch.n_params)
+    x, y = rng.normal(size=(n, 4)), rng.uniform(size=(n, 3))
+    rows = rng.permutation(100)[:n].astype(np.int64)
+    whole = Network(arch, flat.copy(), n)
+    whole.train_step(x, y, 1.0, None, Dropout(p, 3).for_update(1), rows)
+    cut = int(offsets(sizes)[0][1])
+    first = Layers(sizes[:2], act, act, flat[:cut].copy())
+    second = Layers(sizes[1:], act, "identity", flat[cut:].copy(), unit0=sizes[0])
+    ws0, ws1 = first.workspace(n), second.workspace(n, stage_input=True)
+    drop0, drop1 = Dropout(p, 3, last_hidden=True).for_update(1), Dropout(p, 3).for_update(1)
+    h = first.forward(ws0, x, drop0, rows).copy()
+    LOSSES["mse"].grad_(second.forward(ws1, h, drop1, rows), y, ws1.out_act, 1.0)
+    second.backward(ws1, h, dx=ws1.input_grad(n), drop=drop1, rows=rows)
+    ws0.output(n)[:] = ws1.input_grad(n)
+    first.backward(ws0, x, drop=drop0, rows=rows)
+    np.testing.assert_allclose(np.concatenate([first.grads, second.grads]), whole.grads,
+                               rtol=1e-12, atol=1e-15)
+    assert np.abs(whole.grads[:cut]).max() > 1e-3

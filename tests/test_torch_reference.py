@@ -32,7 +32,10 @@ LEAKY_SLOPE = 0.2  # --leaky-slope of the leaky_relu networks here (PyTorch's de
 TORCH_ACT = {"relu": torch.relu, "tanh": torch.tanh, "sigmoid": torch.sigmoid,
              "identity": lambda z: z,
              "leaky_relu": lambda z: torch.nn.functional.leaky_relu(z, LEAKY_SLOPE),
-             "softplus": torch.nn.functional.softplus}
+             "softplus": torch.nn.functional.softplus, "gelu": torch.nn.functional.gelu,
+             "gelu_tanh": lambda z: torch.nn.functional.gelu(z, approximate="tanh"),
+             "silu": torch.nn.functional.silu}
+HIDDEN_ACTS = ("relu", "tanh", "sigmoid", "leaky_relu", "softplus", "gelu", "gelu_tanh", "silu")
 
 
 def torch_layers(flat, sizes):
@@ -95,8 +98,7 @@ LOSSES = [("cross_entropy", "identity"), ("mse", "identity"), ("mse", "sigmoid")
 POS_WEIGHT = (0.5, 2.0, 3.0, 1.0)  # bce's weights of positive targets, one per output
 
 
-@pytest.mark.parametrize("act,loss_out", list(itertools.product(
-    ("relu", "tanh", "sigmoid", "leaky_relu", "softplus"), LOSSES)))
+@pytest.mark.parametrize("act,loss_out", list(itertools.product(HIDDEN_ACTS, LOSSES)))
 @pytest.mark.parametrize("dtype,rtol", [(np.float64, 1e-10), (np.float32, 2e-5)])
 def test_forward_loss_backward_match_torch(act, loss_out, dtype, rtol):
     loss, out_act = loss_out
@@ -186,7 +188,8 @@ NETS = {"ce": ("cross_entropy", "tanh", "identity"), "mse": ("mse", "relu", "sig
         "bce": ("bce", "tanh", "identity"), "weighted": ("cross_entropy", "relu", "identity"),
         "rows-ce": ("cross_entropy", "tanh", "identity"), "rows-mse": ("mse", "relu", "identity"),
         "leaky": ("cross_entropy", "leaky_relu", "identity"),
-        "softplus": ("mse", "softplus", "identity")}
+        "softplus": ("mse", "softplus", "identity"), "gelu": ("cross_entropy", "gelu", "identity"),
+        "gelu_tanh": ("mse", "gelu_tanh", "sigmoid"), "silu": ("bce", "silu", "identity")}
 # the rows' own weights (--weight-key w), with class weights for rows-ce
 ROWS_WEIGHTED = {"rows-ce": "ce.h5", "rows-mse": "mse.h5"}
 BCE_POS_WEIGHT = (1.5, 4.0, 0.5)  # multi-label, K = 3: torch's BCEWithLogitsLoss(pos_weight)
@@ -194,7 +197,8 @@ CLASS_WEIGHT = (0.5, 2.0, 1.25)   # torch's CrossEntropyLoss(weight=...): a mean
 CASES = [(net, opt) for opt in OPTIMIZERS for net in ("ce",)] + [
     ("mse", "adam"), ("mse", "nesterov"), ("bce", "adam"), ("bce", "momentum"),
     ("weighted", "sgd"), ("weighted", "adam"), ("rows-ce", "adam"), ("rows-mse", "momentum"),
-    ("leaky", "momentum"), ("softplus", "adam")]
+    ("leaky", "momentum"), ("softplus", "adam"), ("gelu", "adamw"), ("gelu_tanh", "momentum"),
+    ("silu", "adam")]
 LAYOUTS = {"1 rank": (1, []), "3 ranks": (3, []),
            "3 stages": (3, ["--pipeline-stages", 3, "--micro-batches", 2])}
 DROPOUT_LAYOUTS = {**LAYOUTS, "2 ranks": (2, []), "accumulate": (2, ["--accumulate", 3])}
@@ -220,7 +224,9 @@ def problem(tmp_path_factory):
         with h5py.File(tmp / source) as f, h5py.File(tmp / f"{name}.h5", "w") as g:
             g["X"], g["y"], g["w"] = f["X"][...], f["y"][...], row_weights
     shutil.copy(tmp / "ce.h5", tmp / "leaky.h5")
-    shutil.copy(tmp / "mse.h5", tmp / "softplus.h5")
+    for copy, source in (("leaky", "ce"), ("softplus", "mse"), ("gelu", "ce"), ("gelu_tanh", "mse"),
+                         ("silu", "bce")):
+        shutil.copy(tmp / f"{source}.h5", tmp / f"{copy}.h5")
     for name, (loss, act, out_act) in NETS.items():
         arch = Architecture((F,) + HIDDEN + (K,), act, out_act, loss,
                             BCE_POS_WEIGHT if loss == "bce" else (),
@@ -313,6 +319,14 @@ def training_jobs(problem, root):
                 "--log-every", 100, "--dropout", "0.3", *OPTIMIZERS["adam"][0]]
         job(("dropout", layout, "one"), 1, *args)
         job(("dropout", layout, "many"), ranks, *args, *extra)
+    # gelu_tanh's derivative needs z, which a stage's last hidden layer keeps for the gradient
+    # the next stage sends back (kernels.output_act_grad_): 1 rank against 3 stages
+    data_path, init = problem["gelu_tanh"][:2]
+    args = ["--data", data_path, "--init", init, "--batch-size", BATCH, "--steps", STEPS,
+            "--epochs", 10, "--shuffle", "none", "--log-every", 100, "--dropout", "0.3",
+            *OPTIMIZERS["adam"][0]]
+    job(("dropout", "gelu_tanh", "one"), 1, *args)
+    job(("dropout", "gelu_tanh", "many"), 3, *args, *LAYOUTS["3 stages"][1])
     return jobs
 
 
@@ -400,8 +414,7 @@ def test_accumulation_matches_torch_full_batches(problem, trained, ranks):
 
 
 # -- dropout ---------------------------------------------------------------------------------------
-@pytest.mark.parametrize("act,loss_out", list(itertools.product(("relu", "tanh", "sigmoid"),
-                                                               LOSSES[:2])))
+@pytest.mark.parametrize("act,loss_out", list(itertools.product(HIDDEN_ACTS, LOSSES[:2])))
 def test_dropout_forward_backward_match_torch(act, loss_out):
     """mpinn's masks (kernels.dropout_mask) applied in torch as h = act(z) * mask / (1 - p)."""
     from mpinn import kernels
@@ -411,7 +424,7 @@ def test_dropout_forward_backward_match_torch(act, loss_out):
     sizes, n, p = (5, 9, 7, 4), 13, 0.4
     x = rng.normal(size=(n, sizes[0]))
     y = rng.integers(0, 4, n) if loss == "cross_entropy" else rng.uniform(0, 1, (n, 4))
-    arch = Architecture(sizes, act, out_act, loss)
+    arch = Architecture(sizes, act, out_act, loss, slope=LEAKY_SLOPE)
     flat = rng.normal(0, 0.6, arch.n_params)
     rows = rng.permutation(1000)[:n].astype(np.int64)  # file rows of this batch
     drop = Dropout(p, seed=3).for_update(17)
@@ -451,9 +464,9 @@ def test_dropout_masks_are_keyed_and_fair():
     np.testing.assert_array_equal(a[7:9], kernels.dropout_mask(d.for_update(5), rows[7:9], 100, 50))
 
 
-@pytest.mark.parametrize("layout", list(DROPOUT_LAYOUTS))
+@pytest.mark.parametrize("layout", list(DROPOUT_LAYOUTS) + ["gelu_tanh"])
 def test_dropout_is_the_same_on_any_layout(problem, trained, layout):
-    data_path, init, arch, params = problem["mse"]
+    data_path, init, arch, params = problem["gelu_tanh" if layout == "gelu_tanh" else "mse"]
     one = checkpoint.load(str(trained["dropout", layout, "one"] / "checkpoint.h5")).params
     many = checkpoint.load(str(trained["dropout", layout, "many"] / "checkpoint.h5")).params
     np.testing.assert_allclose(many, one, rtol=1e-4, atol=1e-6)

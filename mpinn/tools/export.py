@@ -22,9 +22,20 @@ from ..model import layer_views
 from ..outputs import check_output_path, written_whole
 
 ONNX_ACT = {"relu": "Relu", "tanh": "Tanh", "sigmoid": "Sigmoid", "leaky_relu": "LeakyRelu",
-            "softplus": "Softplus"}
-TORCH_ACT = {"relu": "ReLU", "tanh": "Tanh", "sigmoid": "Sigmoid", "leaky_relu": "LeakyReLU",
-             "softplus": "Softplus"}
+            "softplus": "Softplus", "gelu": "Gelu", "gelu_tanh": "Gelu"}  # silu: x * Sigmoid(x)
+TORCH_ACT = {"relu": "ReLU()", "tanh": "Tanh()", "sigmoid": "Sigmoid()", "softplus": "Softplus()",
+             "gelu": "GELU()", "gelu_tanh": "GELU(approximate='tanh')", "silu": "SiLU()"}
+ONNX_OPSET, GELU_OPSET = 17, 20  # Gelu arrived in opset 20; other graphs keep 17
+
+
+def onnx_activation(helper, act, slope, h, out):
+    """The node(s) computing out = act(h)."""
+    if act == "silu":
+        return [helper.make_node("Sigmoid", [h], [f"{out}_gate"]),
+                helper.make_node("Mul", [h, f"{out}_gate"], [out])]
+    attrs = ({"alpha": slope} if act == "leaky_relu" else
+             {"approximate": "tanh"} if act == "gelu_tanh" else {})
+    return [helper.make_node(ONNX_ACT[act], [h], [out], **attrs)]
 
 
 def to_onnx(ckpt, path):
@@ -53,8 +64,7 @@ def to_onnx(ckpt, path):
             nodes.append(helper.make_node("Softmax", [h], [f"a{l}"], axis=1))
             h = f"a{l}"
         elif act != "identity":
-            slope = {"alpha": arch.slope} if act == "leaky_relu" else {}
-            nodes.append(helper.make_node(ONNX_ACT[act], [h], [f"a{l}"], **slope))
+            nodes += onnx_activation(helper, act, arch.slope, h, f"a{l}")
             h = f"a{l}"
     if scaling.targets is not None:
         inits += [numpy_helper.from_array(scaling.targets.scale.astype(np.float32), "y_scale"),
@@ -70,7 +80,8 @@ def to_onnx(ckpt, path):
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", arch.sizes[-1]])],
         inits,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
+    opset = GELU_OPSET if arch.activation in ("gelu", "gelu_tanh") else ONNX_OPSET
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
                               producer_name="mpinn")
     onnx.checker.check_model(model)
     onnx.save(model, path)
@@ -90,8 +101,7 @@ def torch_layers(arch):
         last = l == arch.n_layers - 1
         act = arch.output_activation if last else arch.activation
         if act != "identity" and not (last and arch.loss != "mse"):  # torch's losses take logits
-            out.append(f"{TORCH_ACT[act]}({arch.slope!r})" if act == "leaky_relu" else
-                       f"{TORCH_ACT[act]}()")
+            out.append(f"LeakyReLU({arch.slope!r})" if act == "leaky_relu" else TORCH_ACT[act])
     return out
 
 
