@@ -66,8 +66,9 @@ def load(path):
 
 
 class Model:
-    """A network with its weights: `arch` (sizes, activations, loss), `params` (one flat float32
-    buffer), and predictions in chunks of at most `batch_size` rows."""
+    """A network with its weights: `arch` (sizes, activations, loss), `params` (one flat buffer,
+    float32 unless trained with --dtype float64), and predictions in chunks of at most
+    `batch_size` rows."""
 
     def __init__(self, ckpt, batch_size=4096):
         self.arch, self.params, self.batch_size = ckpt.arch, ckpt.params, batch_size
@@ -80,14 +81,15 @@ class Model:
         if x.ndim != 2 or x.shape[1] != self.arch.sizes[0]:
             raise ValueError(f"x must be (rows, {self.arch.sizes[0]}); got shape {x.shape}")
         for start in range(0, len(x), self.batch_size):
-            # a float32 copy of the chunk: scaled in place, the caller's array left as it is
+            # a copy of the chunk in the network's dtype: scaled in place, the caller's array
+            # left as it is
             yield start, self.scaling.inputs_(np.array(x[start:start + self.batch_size],
-                                                       np.float32, order="C"))
+                                                       self.arch.float, order="C"))
 
     def predict(self, x):
         """Class probabilities (cross-entropy) or outputs (mse, in the targets' units) for the
         rows of x: (rows, K)."""
-        out = np.empty((len(x), self.arch.sizes[-1]), np.float32)
+        out = np.empty((len(x), self.arch.sizes[-1]), self.arch.float)
         for start, chunk in self._chunks(x):
             out[start:start + len(chunk)] = self._net.forward(chunk)
         return self.scaling.outputs_(out)
@@ -96,7 +98,7 @@ class Model:
         """(mean loss, accuracy or None) over the rows of x, as `mpinn evaluate` reports them."""
         integer = self.arch.loss_fn.integer_labels
         y = np.asarray(y, np.int64) if integer else self.scaling.targets_(
-            np.array(y, np.float32).reshape(len(y), -1))
+            np.array(y, self.arch.float).reshape(len(y), -1))
         loss_sum = correct = 0.0
         for start, chunk in self._chunks(x):
             l, c = self._net.loss_sums(chunk, np.ascontiguousarray(y[start:start + len(chunk)]))

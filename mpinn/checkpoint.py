@@ -2,11 +2,12 @@
 
 Format (HDF5), version FORMAT_VERSION:
     /params/W0, /params/b0, ...          per-layer weights (fan_in, fan_out) and biases, float32
+                                         (float64 for a --dtype float64 network: attr dtype)
     /optimizer/state0, state1            flat optimizer buffers (layout of the flat parameters)
     attrs on /: format_version, sizes, activation, output_activation, loss, epoch, global_step,
                 seed, config (the resolved run config as JSON), state (the training loop's own
                 state as JSON: early stopping's best loss and patience), mpinn_version,
-                sha256 (of the flat parameters, then each optimizer state buffer, as float32)
+                sha256 (of the flat parameters, then each optimizer state buffer, as stored)
     attrs on /optimizer: name, step
 Only rank 0 calls save(); load() runs on one rank and the caller broadcasts (train.py). A file
 whose data does not match its checksum, or that HDF5 cannot read, is refused, never loaded half.
@@ -50,6 +51,7 @@ class Checkpoint:
                 "output_activation": self.arch.output_activation, "loss": self.arch.loss,
                 "pos_weight": list(self.arch.pos_weight),
                 "class_weight": list(self.arch.class_weight), "slope": self.arch.slope,
+                "dtype": self.arch.dtype,
                 "optimizer": self.optimizer,
                 "optimizer_step": self.optimizer_step,
                 "n_state": len(self.optimizer_state), "epoch": self.epoch,
@@ -60,9 +62,10 @@ class Checkpoint:
     def from_meta(cls, meta):
         arch = Architecture(tuple(meta["sizes"]), meta["activation"], meta["output_activation"],
                             meta["loss"], tuple(meta.get("pos_weight", ())),
-                            tuple(meta.get("class_weight", ())), meta.get("slope", 0.01))
-        return cls(arch, np.zeros(arch.n_params, np.float32), meta["optimizer"],
-                   meta["optimizer_step"], [np.zeros(arch.n_params, np.float32)
+                            tuple(meta.get("class_weight", ())), meta.get("slope", 0.01),
+                            meta.get("dtype", "float32"))
+        return cls(arch, np.zeros(arch.n_params, arch.float), meta["optimizer"],
+                   meta["optimizer_step"], [np.zeros(arch.n_params, arch.float)
                                             for _ in range(meta["n_state"])],
                    meta["epoch"], meta["global_step"], meta["seed"], meta["config"],
                    meta.get("state", {}), Scaling.from_json(meta.get("scaling")))
@@ -71,7 +74,8 @@ class Checkpoint:
 def checksum(params, state):
     h = hashlib.sha256()
     for a in [params, *state]:
-        h.update(np.ascontiguousarray(a, np.float32).tobytes())
+        h.update(np.ascontiguousarray(a, np.float64 if a.dtype == np.float64 else np.float32)
+                 .tobytes())
     return h.hexdigest()
 
 
@@ -79,7 +83,7 @@ def checksum(params, state):
 # an edited `sizes` is refused as corrupt instead of allocating whatever it says
 COVERED_ATTRS = ("sizes", "activation", "output_activation", "loss", "epoch", "global_step",
                  "seed", "config", "state", "scaling", "pos_weight",
-                 "class_weight", "leaky_slope")
+                 "class_weight", "leaky_slope", "dtype")
 
 
 def attrs_checksum(attrs, optimizer_attrs):
@@ -192,6 +196,8 @@ def _write_file(tmp, ckpt):
                 a[name] = json.dumps(list(getattr(ckpt.arch, name)))
         if ckpt.arch.activation == "leaky_relu":
             a["leaky_slope"] = ckpt.arch.slope
+        if ckpt.arch.dtype != "float32":
+            a["dtype"] = ckpt.arch.dtype
         a["epoch"] = ckpt.epoch
         a["global_step"] = ckpt.global_step
         a["seed"] = ckpt.seed
@@ -238,14 +244,15 @@ def _read(f, path):
                         str(a["output_activation"]), str(a["loss"]),
                         *(tuple(json.loads(str(a[name]))) if name in a else ()
                           for name in ("pos_weight", "class_weight")),
-                        float(a["leaky_slope"]) if "leaky_slope" in a else 0.01)
+                        float(a["leaky_slope"]) if "leaky_slope" in a else 0.01,
+                        str(a["dtype"]) if "dtype" in a else "float32")
     for l, (fan_in, fan_out) in enumerate(zip(arch.sizes[:-1], arch.sizes[1:])):
         for name, shape in ((f"W{l}", (fan_in, fan_out)), (f"b{l}", (fan_out,))):
             ds = f["params"].get(name)  # before allocating what `sizes` says
             if ds is None or ds.shape != shape:
                 raise UsageError(f"{path}: params/{name} is missing or has the wrong shape "
                                  f"for its network {'-'.join(map(str, arch.sizes))}")
-    params = np.empty(arch.n_params, np.float32)
+    params = np.empty(arch.n_params, arch.float)
     for l, (W, b) in enumerate(layer_views(arch, params)):
         for name, view in ((f"W{l}", W), (f"b{l}", b)):
             view[...] = f["params"][name][...]
@@ -253,7 +260,7 @@ def _read(f, path):
     if o is not None:
         i = 0
         while f"state{i}" in o:
-            state.append(np.asarray(o[f"state{i}"][...], np.float32))
+            state.append(np.asarray(o[f"state{i}"][...], arch.float))
             i += 1
     if "sha256" in a and checksum(params, state) != str(a["sha256"]):
         raise UsageError(f"{path} fails its checksum: its parameters or optimizer state are "

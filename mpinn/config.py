@@ -92,6 +92,7 @@ OPTIMIZER_OPTIONS = {
     "lars": ("momentum", "trust_coefficient", "trust_clip"),
 }
 OUTPUT_ACTIVATIONS = ("identity", "sigmoid")
+DTYPES = ("float32", "float64")  # model.DTYPES
 
 
 class Resume(enum.Enum):
@@ -225,6 +226,9 @@ class ModelOptions:
                                 bound=POSITIVE, kept_on_resume=True)
     output_activation: str = option("identity", "output activation with --loss mse",
                                     OUTPUT_ACTIVATIONS, kept_on_resume=True)
+    dtype: str = option("float32", "the number type of the weights, the data, the gradient sum, "
+                                   "the checkpoints and exports (float64: about half the speed "
+                                   "and twice the memory)", DTYPES, kept_on_resume=True)
     loss: str = option("cross_entropy", "cross_entropy: integer labels, softmax output; mse: "
                                         "float targets (rows x K); bce: 0/1 targets (rows, or "
                                         "rows x K labels), a sigmoid per output",

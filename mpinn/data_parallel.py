@@ -32,7 +32,8 @@ class DataParallelEngine(Engine):
         n = arch.n_params
         # --shard-optimizer: this rank updates one block (shard.py); 1 rank has nothing to share
         spans = tensor_spans(arch.sizes)  # where LARS/LAMB find each weight matrix
-        self.shard = (ShardedUpdate(comm, n, opt_settings, opt_state, spans)
+        dtype = arch.float
+        self.shard = (ShardedUpdate(comm, n, opt_settings, opt_state, spans, dtype)
                       if shard and comm.size > 1 and opt_settings is not None else None)
         padded = self.shard.padded if self.shard else n
         # ranks that share a node sum through its shared memory (comm.NodeAllreduce): the backward
@@ -40,16 +41,17 @@ class DataParallelEngine(Engine):
         # them, on one shared copy of the parameters
         on_node = (allreduce == "auto" and not self.shard and overlap_mb <= 0
                    and opt_settings is not None)
-        share = on_node and 4 * n >= NODE_SHARD_BYTES
+        share = on_node and arch.float.itemsize * n >= NODE_SHARD_BYTES
         self.node_sum = (
-            comm.node_allreduce(n + CONTROL_VALUES, shared_params=share) if on_node else None
+            comm.node_allreduce(n + CONTROL_VALUES, shared_params=share, dtype=dtype)
+            if on_node else None
         )
         self.node_shard = (NodeShardedUpdate(self.node_sum, n, params, opt_settings, opt_state,
                                              spans)
                            if self.node_sum and share else None)
         self.reducer = self._reducer(overlap_mb)
         # this rank's parameters, unless the node shares one copy of them in its window
-        self.padded_params = None if self.node_shard else np.zeros(padded, np.float32)
+        self.padded_params = None if self.node_shard else np.zeros(padded, dtype)
         if self.padded_params is not None:
             self.padded_params[:n] = params
         self.accumulate = int(accumulate)
@@ -57,11 +59,11 @@ class DataParallelEngine(Engine):
         self.net = Network(arch, self.node_shard.params if self.node_shard else
                            self.padded_params[:n], max(piece, eval_rows),
                            grads=self.reducer.buffer[:n])
-        self.piece_grads = np.zeros(n, np.float32) if self.accumulate > 1 else None
+        self.piece_grads = np.zeros(n, dtype) if self.accumulate > 1 else None
         self.phase_s = [0.0, 0.0, 0.0]  # the last step's compute, allreduce (wait), optimizer
         self.optimizer = (self.shard.optimizer if self.shard else self.node_shard.optimizer
                           if self.node_shard else make_optimizer(opt_settings, n, opt_state,
-                                                                 spans))
+                                                                 spans, dtype=dtype))
         self.chunk = self.net.ws.max_rows
 
     def _reducer(self, overlap_mb):
@@ -85,9 +87,9 @@ class DataParallelEngine(Engine):
             self.dropout.for_update(0)  # compile the mask key outside any timing
         if self.clip_grad_norm:
             kernels.sum_squares(self.net.grads[:1])
-            kernels.scale_(np.zeros(1, np.float32), np.float32(1))
+            kernels.scale_(np.zeros(1, self.arch.float), self.arch.float.type(1))
         if self.optimizer is not None:
-            self.optimizer.warmup()
+            self.optimizer.warmup(self.arch.float)
 
     def step(self, xb, yb, rows, scale, stop=False, ids=None, weights=None):
         """This rank's gradient, the reducer's agreement, then (when finite) clip and update:

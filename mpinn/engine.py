@@ -12,6 +12,8 @@ import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
+import numpy as np
+
 from . import kernels
 from .model import NO_DROPOUT, NO_ROWS, Dropout
 from .optim import Optimizer, Tensors
@@ -120,15 +122,16 @@ def clip_(grads, norm, max_norm):
         kernels.scale_(grads, grads.dtype.type(factor))
 
 
-def make_optimizer(settings, n, state=None, spans=(), window=None, reduce_norms=None):
-    """An Optimizer over n parameters (settings: its keyword arguments, or None for an engine that
-    only runs forward), with checkpointed (step, buffers) put in place when given. spans: the
-    tensors of the buffer this one is (a window of: [start, stop), a shard's block) as
+def make_optimizer(settings, n, state=None, spans=(), window=None, reduce_norms=None,
+                   dtype=np.float32):
+    """An Optimizer over n parameters of this dtype (settings: its keyword arguments, or None for
+    an engine that only runs forward), with checkpointed (step, buffers) put in place when given.
+    spans: the tensors of the buffer this one is (a window of: [start, stop), a shard's block) as
     model.tensor_spans gives them; reduce_norms sums a shard's squares over its group."""
     if settings is None:
         return None
     tensors = Tensors.of(spans, *(window or (0, n))) if spans else None
-    opt = Optimizer(n=n, tensors=tensors, reduce_norms=reduce_norms, **settings)
+    opt = Optimizer(n=n, tensors=tensors, reduce_norms=reduce_norms, dtype=dtype, **settings)
     if state is not None:
         step, buffers = state
         opt.t = step

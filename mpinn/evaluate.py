@@ -27,7 +27,7 @@ def run_evaluate(cfg, explicit, comm):
     grid = comm.checked(Grid, cfg.pipeline_stages, comm.size, comm.rank)
     ckpt = broadcast_checkpoint(comm, lambda: checkpoint.load(cfg.checkpoint))
     arch = ckpt.arch
-    path, cols, part = comm.checked(evaluation_set, cfg, ckpt.config, arch.loss)
+    path, cols, part = comm.checked(evaluation_set, cfg, ckpt.config, arch)
     n_rows, n_features, n_targets, x, y = load_split(
         comm, path, cols, lambda n: data.block_selections(n, grid.replica, grid.replicas), 1,
         grid.is_first, grid.is_last)
@@ -74,11 +74,12 @@ def run_evaluate(cfg, explicit, comm):
     return result
 
 
-def evaluation_set(cfg, config, loss):
+def evaluation_set(cfg, config, arch):
     """(path, Columns, note) of what to evaluate: --data, or the bundled digits test set; but the
     validation rows of the training file (the same rows, data/split.py) when the checkpoint's run
     split them off with --val-fraction and --data is that file or not given."""
-    cols = data.Columns(cfg.x_key, cfg.y_key, loss, w_key=config.get("weight_key", ""))
+    cols = data.Columns(cfg.x_key, cfg.y_key, arch.loss, w_key=config.get("weight_key", ""),
+                        dtype=arch.dtype)
     path = data.canonical_spec(cfg.data) if cfg.data else None
     fraction, trained_on = float(config.get("val_fraction") or 0), config.get("data")
     if not fraction or path not in (None, trained_on):
@@ -98,10 +99,11 @@ class PredictionFile:
     and flushed (outputs.written_whole: a full disk is one error naming the path, nothing is
     installed)."""
 
-    def __init__(self, path, n, k, classify, class_names=None, labels=False):
+    def __init__(self, path, n, k, classify, class_names=None, labels=False, dtype=np.float32):
         """classify: one class of K (pred, prob); labels: K independent 0/1 labels (bce: pred
-        and prob per label); neither: regression outputs."""
+        and prob per label); neither: regression outputs. dtype: the network's (the outputs')."""
         self.path, self.k, self.classify, self.labels = path, k, classify, labels
+        self.dtype = dtype
         self.names = np.array(class_names, dtype=object) if class_names else None
         self.files = contextlib.ExitStack()
         try:
@@ -127,15 +129,15 @@ class PredictionFile:
     def _create_datasets(self, n, k):
         if self.classify:
             pred = self.fh.create_dataset("pred", (n,), np.int64)
-            self.fh.create_dataset("prob", (n, k), np.float32)
+            self.fh.create_dataset("prob", (n, k), self.dtype)
             if self.names is not None:  # the class names the network was trained with
                 pred.attrs["classes"] = self.names.astype(h5py.string_dtype())
                 self.fh.create_dataset("label", (n,), h5py.string_dtype())
         elif self.labels:
             self.fh.create_dataset("pred", (n, k), np.int8)
-            self.fh.create_dataset("prob", (n, k), np.float32)
+            self.fh.create_dataset("prob", (n, k), self.dtype)
         else:
-            self.fh.create_dataset("output", (n, k), np.float32)
+            self.fh.create_dataset("output", (n, k), self.dtype)
 
     def write(self, start, out):
         rows = slice(start, start + len(out))
@@ -181,7 +183,8 @@ def predict_into(engine, writer, arch, path, cols, n, reads, scaling):
         writer.write(off, scaling.outputs_(arch.loss_fn.outputs_(out)))
 
     def read(off, m):
-        return scaling.inputs_(data.read_inputs(f, path, cols.x_key, [(slice(off, off + m), m)]))
+        return scaling.inputs_(data.read_inputs(f, path, cols.x_key, [(slice(off, off + m), m)],
+                                                cols.dtype))
     f = data.open_h5(path, cols) if reads else None
     try:
         engine.forward_chunks(n, read, consume)
@@ -198,15 +201,16 @@ def predict_on_every_rank(comm, engine, writer, arch, path, cols, n, chunk, scal
     bad row on any rank is one clear error, not a rank waiting in the gather."""
     k = arch.sizes[-1]
     span = comm.size * chunk
-    mine = np.empty((chunk, k), np.float32)
-    gathered = np.empty((span, k), np.float32) if comm.is_root else None
+    mine = np.empty((chunk, k), arch.float)
+    gathered = np.empty((span, k), arch.float) if comm.is_root else None
 
     def keep(off, out):
         mine[off:off + len(out)] = scaling.outputs_(arch.loss_fn.outputs_(out))
 
     def reader(f, first):
         return lambda off, m: scaling.inputs_(
-            data.read_inputs(f, path, cols.x_key, [(slice(first + off, first + off + m), m)]))
+            data.read_inputs(f, path, cols.x_key, [(slice(first + off, first + off + m), m)],
+                             cols.dtype))
     with data.open_h5(path, cols) as f:
         for start in range(0, n, span):
             rows = [max(0, min(chunk, n - start - j * chunk)) for j in range(comm.size)]
@@ -236,7 +240,7 @@ def run_predict(cfg, explicit, comm):
     classify = arch.loss_fn.integer_labels
     # a table's inputs leave out the columns the run trained on as labels and weights
     cols = data.Columns(cfg.x_key, ckpt.config.get("y_key", "y"),
-                        w_key=ckpt.config.get("weight_key", ""))
+                        w_key=ckpt.config.get("weight_key", ""), dtype=arch.dtype)
 
     def prepare():
         with data.open_h5(path, cols) as f:
@@ -250,7 +254,7 @@ def run_predict(cfg, explicit, comm):
     names = ckpt.config.get("class_names")
     writes = comm.is_root if grid.stages == 1 else active and grid.is_last
     writer = comm.checked(lambda: PredictionFile(cfg.out, n, arch.sizes[-1], classify, names,
-                                                        arch.loss == "bce")
+                                                 arch.loss == "bce", arch.float)
                           if writes else None)
     try:
         chunk = min(cfg.batch_size, n)

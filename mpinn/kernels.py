@@ -99,6 +99,9 @@ def _activate_(h, act):
     code = int(act[0])
     if code == ACT_IDENTITY:
         return
+    if _from_z(code):  # a loop of its own: one loop of every branch compiles far slower
+        _activate_z_(h, code)
+        return
     slope = h.dtype.type(act[1])
     n, m = h.shape
     for i in range(n):
@@ -112,10 +115,17 @@ def _activate_(h, act):
                 h[i, j] = v if v > 0 else slope * v
             elif code == ACT_SOFTPLUS:
                 h[i, j] = v if v > SOFTPLUS_THRESHOLD else np.log1p(np.exp(v))
-            elif code == ACT_SIGMOID:
-                h[i, j] = 1 / (1 + np.exp(-v))
             else:
-                h[i, j] = _act_of_z(v, code)
+                h[i, j] = 1 / (1 + np.exp(-v))
+
+
+@njit(cache=True)
+def _activate_z_(h, code):
+    """gelu, gelu_tanh or silu (code) in place on the 2-D array h."""
+    n, m = h.shape
+    for i in range(n):
+        for j in range(m):
+            h[i, j] = _act_of_z(h[i, j], code)
 
 
 @njit(cache=True)
@@ -144,6 +154,9 @@ def _times_act_grad_(d, h, act):
     code = int(act[0])
     if code == ACT_IDENTITY:
         return
+    if _from_z(code):
+        _times_act_grad_z_(d, h, code)
+        return
     slope = h.dtype.type(act[1])
     n, m = d.shape
     for i in range(n):
@@ -156,15 +169,30 @@ def _times_act_grad_(d, h, act):
                 d[i, j] *= 1 - v * v
             elif code == ACT_SIGMOID:
                 d[i, j] *= v * (1 - v)
-            elif _from_z(code):
-                d[i, j] *= _act_grad_z(v, code)
             else:
                 d[i, j] *= _act_grad(v, code, slope, h.dtype.type(1))
 
 
 @njit(cache=True)
+def _times_act_grad_z_(d, z, code):
+    """d *= act'(z) of gelu, gelu_tanh or silu (code)."""
+    n, m = d.shape
+    for i in range(n):
+        for j in range(m):
+            d[i, j] *= _act_grad_z(z[i, j], code)
+
+
+@njit(cache=True)
 def _view2(buf, off, rows, cols):
     return buf[off:off + rows * cols].reshape((rows, cols))
+
+
+@njit(cache=True)
+def _copy_(dst, src):
+    """dst[...] = src for 2-D arrays of one shape (a loop: slice assignment compiles slowly)."""
+    for i in range(src.shape[0]):
+        for j in range(src.shape[1]):
+            dst[i, j] = src[i, j]
 
 
 @njit(cache=True)
@@ -296,7 +324,8 @@ def _bias_activate_fm_(zT, b, act, preT):
             for i in range(n):
                 zT[j, i] += bj
             if _from_z(code):
-                preT[j, :] = zT[j, :]
+                for i in range(n):
+                    preT[j, i] = zT[j, i]
             _activate_(zT[j:j + 1], act)
 
 
@@ -347,7 +376,7 @@ def forward(params, x, sizes, w_off, b_off, acts, pre, a_off, act, out_act, drop
                 gemm_(True, hT, False, W, z)
             _add_bias_rows_(z, b)
             if _from_z(int(out_act[0])):  # a pipeline stage's last hidden layer
-                _view2(pre, a_off[l], n, fo)[:, :] = z
+                _copy_(_view2(pre, a_off[l], n, fo), z)
             _activate_(z, out_act)
             if drop[0] > 0 and drop[2] > 0:
                 _dropout_(z, drop, rows, units[l + 1])

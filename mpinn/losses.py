@@ -16,7 +16,7 @@ UNWEIGHTED = np.zeros(0, np.float32)  # the kernels' "no row weights"
 
 
 def _rows(w):
-    """Row weights for a kernel: float32 (N,), or the empty array for none."""
+    """Row weights for a kernel: (N,) in the data's dtype, or the empty array for none."""
     return UNWEIGHTED if w is None else w
 
 
@@ -26,9 +26,9 @@ class CrossEntropy:
     name = "cross_entropy"
     integer_labels = True
 
-    def __init__(self, class_weight=()):
+    def __init__(self, class_weight=(), dtype=np.float32):
         self.class_weight = tuple(float(w) for w in class_weight)
-        self.weights = np.array(self.class_weight, np.float32)  # empty: unweighted
+        self.weights = np.array(self.class_weight, dtype)  # empty: unweighted
         self.weighted = bool(self.class_weight)  # the mean is over row weights, not rows
 
     def row_weights(self, y):
@@ -110,15 +110,16 @@ class MeanSquaredError(_PerElement):
 class BinaryCrossEntropy(_PerElement):
     name = "bce"
 
-    def __init__(self, pos_weight=()):
-        self.pos_weight = tuple(float(p) for p in pos_weight)
+    def __init__(self, pos_weight=(), dtype=np.float32):
+        self.pos_weight, self.dtype = tuple(float(p) for p in pos_weight), dtype
         self._weights = {}
 
     def weights(self, k):
-        """pos_weight as a float32 array of the K outputs (one value is every output's)."""
+        """pos_weight as an array of the K outputs (one value is every output's), in the
+        network's dtype."""
         if k not in self._weights:
             given = self.pos_weight or (1.0,)
-            self._weights[k] = np.array(given * (k if len(given) == 1 else 1), np.float32)
+            self._weights[k] = np.array(given * (k if len(given) == 1 else 1), self.dtype)
         return self._weights[k]
 
     def grad_(self, out, y, out_act, scale, w=None):

@@ -15,6 +15,9 @@ from .errors import UsageError
 from .losses import LOSSES, BinaryCrossEntropy, CrossEntropy
 
 
+DTYPES = ("float32", "float64")  # --dtype: float32 unless asked
+
+
 @dataclass(frozen=True)
 class Architecture:
     """What defines a network: sizes (F, hidden..., K), activations and loss."""
@@ -25,6 +28,7 @@ class Architecture:
     pos_weight: tuple = ()  # bce: the weight of positive targets, one, or one per output
     class_weight: tuple = ()  # cross_entropy: the weight of each class's rows
     slope: float = 0.01  # leaky_relu's slope for negative inputs
+    dtype: str = "float32"  # what parameters, data and every sum of training are held in
 
     def __post_init__(self):
         if len(self.sizes) < 2 or any(int(s) < 1 for s in self.sizes):
@@ -40,6 +44,8 @@ class Architecture:
                              f"of {', '.join(outputs)}")
         if self.loss not in LOSSES:
             raise UsageError(f"unknown loss {self.loss!r}; expected one of {', '.join(LOSSES)}")
+        if self.dtype not in DTYPES:
+            raise UsageError(f"--dtype takes {' or '.join(DTYPES)}, got {self.dtype!r}")
         if not self.slope > 0:
             raise UsageError(f"--leaky-slope must be positive, got {self.slope}")
         if self.activation != "leaky_relu":  # the slope of no leaky_relu: one network, one value
@@ -64,12 +70,19 @@ class Architecture:
     def loss_fn(self):
         """The loss object (losses.py) this network trains with."""
         if self.pos_weight:
-            return BinaryCrossEntropy(self.pos_weight)
-        return CrossEntropy(self.class_weight) if self.class_weight else LOSSES[self.loss]
+            return BinaryCrossEntropy(self.pos_weight, self.float)
+        if self.class_weight:
+            return CrossEntropy(self.class_weight, self.float)
+        return LOSSES[self.loss]
 
     @property
     def n_layers(self):
         return len(self.sizes) - 1
+
+    @property
+    def float(self):
+        """The numpy dtype of the network's numbers."""
+        return np.dtype(self.dtype)
 
     @functools.cached_property  # read on every step
     def n_params(self):
@@ -84,14 +97,14 @@ class Architecture:
 
     def training_bytes(self, max_rows, n_state, stages=1):
         """About what training holds per rank, in bytes: parameters, gradients (and the copy the
-        engine starts from), optimizer state, and a workspace of max_rows rows (float32). A
+        engine starts from), optimizer state, and a workspace of max_rows rows. A
         pipeline stage holds about 1/stages of the parameters. gelu, gelu_tanh and silu keep each
         layer's z beside its output."""
         params = self.n_params / stages * (3 + n_state)
         kept = 2 if kernels.needs_pre_activation(self.activation) else 1
         rows = max_rows * (self.sizes[0] + kept * sum(self.sizes[1:])
                            + 2 * max(self.sizes[:-1]))
-        return 4 * (params + rows)
+        return self.float.itemsize * (params + rows)
 
 
 def layer_views(arch, flat):
@@ -108,12 +121,12 @@ def layer_views(arch, flat):
 WEIGHT_INITS = ("he", "glorot")
 
 
-def init_params(arch, seed, dtype=np.float32, scheme="he"):
-    """Zero biases and weights drawn from the seed (rank-free): "he", He-normal before ReLU and
-    Xavier-uniform otherwise; "glorot", Xavier/Glorot-uniform everywhere (scikit-learn's and
-    Keras's choice)."""
+def init_params(arch, seed, scheme="he"):
+    """Zero biases and weights drawn from the seed (rank-free), in the network's dtype: "he",
+    He-normal before ReLU and Xavier-uniform otherwise; "glorot", Xavier/Glorot-uniform
+    everywhere (scikit-learn's and Keras's choice)."""
     rng = np.random.default_rng(seed)
-    flat = np.zeros(arch.n_params, dtype)
+    flat = np.zeros(arch.n_params, arch.float)
     for l, (W, _) in enumerate(layer_views(arch, flat)):
         fi, fo = W.shape
         is_output = l == arch.n_layers - 1

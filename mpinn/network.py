@@ -137,14 +137,15 @@ def architecture(model, explicit, ckpt, n_features, n_outputs, class_weight=()):
     if ckpt is None:
         return Architecture((n_features,) + model.hidden + (n_outputs,), model.activation,
                             model.output_activation, model.loss, model.pos_weight, class_weight,
-                            model.leaky_slope)
+                            model.leaky_slope, model.dtype)
     arch = ckpt.arch
     given = {"hidden": model.hidden, "activation": model.activation, "loss": model.loss,
              "output_activation": model.output_activation, "pos_weight": model.pos_weight,
-             "class_weight": class_weight, "leaky_slope": model.leaky_slope}
+             "class_weight": class_weight, "leaky_slope": model.leaky_slope,
+             "dtype": model.dtype}
     have = {"hidden": arch.sizes[1:-1], "activation": arch.activation, "loss": arch.loss,
             "output_activation": arch.output_activation, "pos_weight": arch.pos_weight,
-            "class_weight": arch.class_weight, "leaky_slope": arch.slope}
+            "class_weight": arch.class_weight, "leaky_slope": arch.slope, "dtype": arch.dtype}
     for key in given:
         if key in explicit and given[key] != have[key]:
             raise UsageError(

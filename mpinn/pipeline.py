@@ -55,11 +55,11 @@ class PipelineEngine(Engine):
         # --shard-optimizer: this stage's replicas each update one block of its parameters
         n = self.p1 - self.p0
         spans = tensor_spans(arch.sizes[first:end + 1])  # this stage's tensors (LARS/LAMB)
-        self.shard = (ShardedUpdate(self.dp, n, opt_settings, stage_state, spans)
+        dtype = arch.float
+        self.shard = (ShardedUpdate(self.dp, n, opt_settings, stage_state, spans, dtype)
                       if shard and grid.replicas > 1 and opt_settings is not None else None)
         padded = self.shard.padded if self.shard else n
-        self.padded_params, self.padded_grads = (np.zeros(padded, np.float32),
-                                                 np.zeros(padded, np.float32))
+        self.padded_params, self.padded_grads = np.zeros(padded, dtype), np.zeros(padded, dtype)
         self.padded_params[:n] = params[self.p0:self.p1]
         last_act = arch.output_activation if grid.is_last else arch.activation
         self.layers = Layers(arch.sizes[first:end + 1], arch.activation, last_act,
@@ -76,7 +76,8 @@ class PipelineEngine(Engine):
         self.slots = [Slot(self.layers.workspace(self.chunk, stage_input=not grid.is_first))
                       for _ in range(n_slots)]
         self.optimizer = (self.shard.optimizer if self.shard else
-                          make_optimizer(opt_settings, self.params.size, stage_state, spans))
+                          make_optimizer(opt_settings, self.params.size, stage_state, spans,
+                                         dtype=dtype))
         self.compute_s = self.wait_s = 0.0
         self.control = np.zeros(3)
 
@@ -148,11 +149,12 @@ class PipelineEngine(Engine):
     def warmup(self, x, y):
         """Compile the kernels this stage calls on one local row (no communication)."""
         ws = self.slots[0].ws
-        h = np.zeros((1, self.layers.sizes[0]), np.float32)
+        dtype = self.arch.float
+        h = np.zeros((1, self.layers.sizes[0]), dtype)
         out = self.layers.forward(ws, h)
         if self.grid.is_last and y is not None and len(y):
             self.loss.grad_(out, y[:1], ws.out_act, 1.0)          # evaluation's float64 scale
-            self.loss.grad_(out, y[:1], ws.out_act, np.float32(1))  # training's float32 scale
+            self.loss.grad_(out, y[:1], ws.out_act, dtype.type(1))  # training's scale
         self.layers.backward(ws, h, self.micro_grads,
                              None if self.grid.is_first else np.zeros_like(h))
         self.micro_grads[:] = 0
@@ -161,9 +163,9 @@ class PipelineEngine(Engine):
             self.dropout.for_update(0)  # compile the mask key outside any timing
         if self.clip_grad_norm:
             kernels.sum_squares(self.grads[:1])
-            kernels.scale_(np.zeros(1, np.float32), np.float32(1))
+            kernels.scale_(np.zeros(1, dtype), dtype.type(1))
         if self.optimizer is not None:
-            self.optimizer.warmup()
+            self.optimizer.warmup(dtype)
 
     def step(self, xb, yb, rows, scale, stop=False, ids=None, weights=None):
         """One global batch: this replica's `rows` rows in M micro-batches, then one update."""
@@ -173,7 +175,7 @@ class PipelineEngine(Engine):
             self.grads[:] = 0  # this replica has no rows of this batch: it adds zero weight
         backwards = 0
         loss, correct = 0.0, 0
-        scale = np.float32(scale)
+        scale = self.params.dtype.type(scale)
         drop, ids = self.dropout_now(ids)
         for op, j in ops:
             off, n = parts[j]
@@ -250,7 +252,8 @@ class PipelineEngine(Engine):
             return None, None
         counts = [b - a for a, b in (self.param_range(s) for s in range(self.grid.stages))]
         root = self.pipe.rank == 0
-        full = lambda: np.empty(self.arch.n_params, np.float32) if root else None  # noqa: E731
+        full = lambda: (np.empty(self.arch.n_params, self.arch.float)  # noqa: E731
+                        if root else None)
         params = self.pipe.gatherv_(self.params, full(), counts)
         state = [self.pipe.gatherv_(s, full(), counts) for s in opt_state]
         return params, state

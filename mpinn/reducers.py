@@ -37,7 +37,7 @@ class AllreduceReducer:
         self.engine, self.node_sum = engine, node_sum
         n = engine.arch.n_params
         self.buffer = (node_sum.slot if node_sum else
-                       np.zeros(n + CONTROL_VALUES, np.float32))
+                       np.zeros(n + CONTROL_VALUES, engine.arch.float))
 
     def begin(self):
         """Before the backward pass: this step's gradient buffer (a node alternates two sets of
@@ -124,7 +124,7 @@ class ShardedReducer:
     def __init__(self, engine, shard):
         self.engine, self.shard = engine, shard
         self.buffer = np.zeros(max(engine.arch.n_params + CONTROL_VALUES, shard.padded),
-                               np.float32)
+                               engine.arch.float)
         self.control = np.zeros(4, np.float64)  # stop, loss, non-finite, squares
 
     def begin(self):

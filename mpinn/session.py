@@ -125,7 +125,7 @@ class Evaluator:
         loss, out_act = self.arch.loss_fn, activation(self.arch.output_activation)
         k = self.arch.sizes[-1]
         kept = np.empty((self.n_local if self.metrics and self.y is not None else 0, k),
-                        np.float32)
+                        self.arch.float)
 
         def consume(off, out):
             rows = len(out)
@@ -147,11 +147,11 @@ class Evaluator:
         """The named metrics over every rank's rows (collective)."""
         integer = self.arch.loss_fn.integer_labels
         y = self.y[:len(outputs)] if len(outputs) else np.zeros((0,) + (() if integer else (
-            outputs.shape[1],)), np.int64 if integer else np.float32)
+            outputs.shape[1],)), np.int64 if integer else self.arch.float)
         counts = self.comm.allgather_ints([len(outputs)])
         total = int(counts.sum())
         root = self.comm.is_root
-        all_out = np.empty((total, outputs.shape[1]), np.float32) if root else None
+        all_out = np.empty((total, outputs.shape[1]), self.arch.float) if root else None
         all_y = np.empty((total,) + y.shape[1:], y.dtype) if root else None
         width = outputs.shape[1]
         self.comm.gatherv_(np.ascontiguousarray(outputs).reshape(-1),

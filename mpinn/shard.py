@@ -24,8 +24,8 @@ class ShardedUpdate:
     """The block this rank of `comm` (a data-parallel group) updates of n parameters, held in
     buffers of padded_size(n, comm.size)."""
 
-    def __init__(self, comm, n, opt_settings, opt_state, spans=()):
-        self.comm, self.n = comm, n
+    def __init__(self, comm, n, opt_settings, opt_state, spans=(), dtype=np.float32):
+        self.comm, self.n, self.dtype = comm, n, dtype
         self.padded = padded_size(n, comm.size)
         self.block = self.padded // comm.size
         # several ranks on each of several nodes: two levels (see reduce_scatter_), and the rank
@@ -33,16 +33,16 @@ class ShardedUpdate:
         self.levels = comm.node_levels()
         if self.levels:
             node, cross = self.levels
-            self.node_block = np.zeros(cross.size * self.block, np.float32)
+            self.node_block = np.zeros(cross.size * self.block, dtype)
             self.off = (node.rank * cross.size + cross.rank) * self.block
         else:
             self.off = comm.rank * self.block
-        self.grads = np.zeros(self.block, np.float32)
+        self.grads = np.zeros(self.block, dtype)
         state = None
         if opt_state is not None:
             state = (opt_state[0], [self._block_of(b) for b in opt_state[1]])
         self.optimizer = make_optimizer(opt_settings, self.block, state, spans,
-                                        (self.off, self.off + self.block), self._summed)
+                                        (self.off, self.off + self.block), self._summed, dtype)
 
     def _summed(self, squares):
         """LARS/LAMB: the blocks' partial sums of squares, summed over the group."""
@@ -56,7 +56,7 @@ class ShardedUpdate:
             self.levels = None
 
     def _block_of(self, full):
-        out = np.zeros(self.block, np.float32)
+        out = np.zeros(self.block, self.dtype)
         piece = full[self.off:min(self.off + self.block, self.n)]
         out[:len(piece)] = piece
         return out
@@ -120,7 +120,7 @@ class NodeShardedUpdate:
         if opt_state is not None:
             state = (opt_state[0], [b[self.lo:self.hi].copy() for b in opt_state[1]])
         self.optimizer = make_optimizer(opt_settings, self.hi - self.lo, state, spans,
-                                        (self.lo, self.hi), self._summed)
+                                        (self.lo, self.hi), self._summed, params.dtype)
         node_sum.fence()  # every slice in place before any rank's first forward pass
 
     def _summed(self, squares):

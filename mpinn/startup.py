@@ -183,7 +183,8 @@ def read_inputs(options, comm, grid, ckpt, faults):
                                         bool(fraction))
     loss = ckpt.arch.loss if ckpt else options.model.loss
     cols = val_cols = data.Columns(options.data.x_key, options.data.y_key, loss,
-                                   w_key=options.data.weight_key)
+                                   w_key=options.data.weight_key,
+                                   dtype=ckpt.arch.dtype if ckpt else options.model.dtype)
     t_load = time.perf_counter()
     n_rows, n_features = comm.checked(shape_of, train_path, cols)
     if fraction:  # the file's rows split in two; each part read as a file of its own rows

@@ -17,6 +17,29 @@ def sample():
     return Checkpoint(arch, p, "adam", 7, [p * 2, p * 3], 2, 40, 9, {"lr": 0.1, "ranks": 2})
 
 
+def test_a_float64_network_round_trips_in_float64(tmp_path):
+    """--dtype float64: weights and optimizer state stored and read back as float64, bit for
+    bit, with the dtype among the attributes the checksum covers; a float32 file carries no
+    dtype attribute (an older mpinn's files read as float32)."""
+    import dataclasses
+    c = sample()
+    arch = dataclasses.replace(c.arch, dtype="float64")
+    p = init_params(arch, 1) + 1e-12  # a value float32 cannot hold
+    c64 = dataclasses.replace(c, arch=arch, params=p, optimizer_state=[p / 3, p * 1e-300])
+    checkpoint.save(str(tmp_path / "c64.h5"), c64)
+    d = checkpoint.load(str(tmp_path / "c64.h5"))
+    assert d.arch == arch and d.params.dtype == d.optimizer_state[0].dtype == np.float64
+    np.testing.assert_array_equal(d.params, p)
+    np.testing.assert_array_equal(d.optimizer_state[1], p * 1e-300)
+    checkpoint.save(str(tmp_path / "c32.h5"), c)
+    with h5py.File(tmp_path / "c32.h5", "r") as f:
+        assert "dtype" not in f.attrs
+    with h5py.File(tmp_path / "c64.h5", "r+") as f:  # a dtype edited by hand: refused
+        f.attrs["dtype"] = "float32"
+    with pytest.raises(UsageError, match="fails its checksum"):
+        checkpoint.load(str(tmp_path / "c64.h5"))
+
+
 def test_round_trip(tmp_path):
     path = str(tmp_path / "c.h5")
     c = sample()

@@ -38,9 +38,9 @@ SWEEP_CHANGEABLE_BEFORE = {"out", "resume", "ranks_per_trial", "threads", "debug
 def test_every_train_option_is_declared_once_in_a_section():
     flat = [f.name for f in dataclasses.fields(TrainConfig)]
     in_sections = [f.name for _, f in TrainOptions.section_fields()]
-    assert flat == in_sections and len(set(flat)) == len(flat) == 76
+    assert flat == in_sections and len(set(flat)) == len(flat) == 77
     sizes = {s.name: len(dataclasses.fields(s.type)) for s in dataclasses.fields(TrainOptions)}
-    assert sizes == {"data": 10, "model": 10, "optim": 14, "schedule": 15, "parallel": 9, "run": 12,
+    assert sizes == {"data": 10, "model": 11, "optim": 14, "schedule": 15, "parallel": 9, "run": 12,
                      "safety": 6}
 
 
@@ -49,8 +49,10 @@ def test_policies_come_from_the_declarations_and_match_the_old_lists():
         "scale_inputs", "scale_targets", "monitor", "plateau_factor", "plateau_patience",
         "plateau_cooldown", "plateau_threshold", "val_fraction", "pos_weight", "class_weight",
         "weight_key", "weight_init", "alpha", "trust_coefficient", "trust_clip",
-        "leaky_slope"}
+        "leaky_slope", "dtype"}
     assert SET_BY_SWEEP == ("run_dir", "resume", "overwrite")
+    from mpinn import config, model
+    assert config.DTYPES == model.DTYPES  # config does not import the kernels
     assert set(SWEEP_CHANGEABLE_ON_RESUME) == SWEEP_CHANGEABLE_BEFORE
 
 

@@ -128,6 +128,9 @@ def trained(tmp_path_factory):
             "mse": (1, ["train", "--data", d / "reg.h5", "--loss", "mse", "--output-activation",
                         "sigmoid", "--activation", "tanh", "--hidden", "8", "--epochs", 5,
                         "--run-dir", d / "mse"])}
+    jobs["float64"] = (1, ["train", "--data", d / "reg.h5", "--loss", "mse", "--dtype", "float64",
+                           "--scale-inputs", "standard", "--scale-targets", "standard",
+                           "--hidden", "8,8", "--epochs", 5, "--run-dir", d / "float64"])
     for act, extra in ACTIVATIONS.items():
         jobs[act] = (1, ["train", "--data", d / "reg.h5", "--loss", "mse", "--activation", act,
                          *extra, "--hidden", "8,8", "--epochs", 5, "--run-dir", d / act])
@@ -143,17 +146,20 @@ def predictions(ckpt, data_file, tmp_path):
         return f["prob"][...] if "prob" in f else f["output"][...]
 
 
-@pytest.mark.parametrize("kind", ["ce", "mse", *ACTIVATIONS])
+@pytest.mark.parametrize("kind", ["ce", "mse", *ACTIVATIONS, "float64"])
 def test_onnx_export_matches_predict(trained, tmp_path, kind):
+    """float64: a graph of doubles (and its scaling) that gives predict's float64 outputs."""
     import onnxruntime as ort
     data_file = DIGITS_TEST if kind == "ce" else trained["mse_data"]
     assert main(["export", "--checkpoint", str(trained[kind]), "--format", "onnx", "--out",
                  str(tmp_path / "m.onnx")]) == 0
+    dtype = np.float64 if kind == "float64" else np.float32
     with h5py.File(data_file, "r") as f:
-        x = f["X"][...].astype(np.float32)
+        x = f["X"][...].astype(dtype)
     got = ort.InferenceSession(str(tmp_path / "m.onnx")).run(["y"], {"x": x})[0]
     expected = predictions(trained[kind], data_file, tmp_path)
-    assert np.abs(got - expected).max() <= 1e-5
+    assert got.dtype == expected.dtype == dtype
+    assert np.abs(got - expected).max() <= (1e-12 if kind == "float64" else 1e-5)
 
 
 def test_torch_export_loads_into_sequential(trained, tmp_path, capsys):
@@ -206,6 +212,23 @@ def test_torch_export_of_gelu_and_silu_networks(trained, tmp_path, capsys, act, 
     np.testing.assert_allclose(model(x).detach().numpy(),
                                predictions(trained[act], trained["mse_data"], tmp_path),
                                atol=1e-5)
+
+
+def test_torch_export_of_a_float64_network_is_double(trained, tmp_path, capsys):
+    import torch
+    assert main(["export", "--checkpoint", str(trained["float64"]), "--format", "torch",
+                 "--out", str(tmp_path / "m.pt")]) == 0
+    assert "torch.nn.Linear(8, 2)).double(); model.load_state_dict" in capsys.readouterr().out
+    model = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.ReLU(), torch.nn.Linear(8, 8),
+                                torch.nn.ReLU(), torch.nn.Linear(8, 2)).double()
+    state = torch.load(tmp_path / "m.pt")
+    assert all(t.dtype == torch.float64 for t in state.values())
+    model.load_state_dict(state)
+    with h5py.File(trained["mse_data"], "r") as f:
+        x = torch.tensor(f["X"][...], dtype=torch.float64)
+    np.testing.assert_allclose(model(x).detach().numpy(),  # the scaling folded in, in float64
+                               predictions(trained["float64"], trained["mse_data"], tmp_path),
+                               rtol=1e-12, atol=1e-12)
 
 
 def test_npz_export_reproduces_predictions_with_numpy(trained, tmp_path):

@@ -92,7 +92,8 @@ def test_node_sharded_training_with_a_slow_rank_equals_mpi_allreduce(tmp_path):
 
 EXTRAS = {"momentum": [], "clipped_adam": ["--clip-grad-norm", "0.05", "--optimizer", "adam"],
           "lamb": ["--optimizer", "lamb", "--weight-decay", "0.01"],  # norms summed over slices
-          "lars": ["--optimizer", "lars", "--lr", "1", "--weight-decay", "0.0005"]}
+          "lars": ["--optimizer", "lars", "--lr", "1", "--weight-decay", "0.0005"],
+          "float64": ["--optimizer", "adam", "--dtype", "float64"]}  # the window in float64
 UPDATES = {"replicated_update": ("33,17", False), "node_sharded_update": ("512,128", True)}
 SUMS = {"mpi": ["--allreduce", "mpi"], "shm": []}
 
@@ -138,6 +139,7 @@ def test_training_through_shared_memory_equals_mpi_allreduce(trained, extra, upd
     assert said in shm.stdout and "data parallel, network" in mpi.stdout
     a, b = checkpoint.load(str(mpi_20)), checkpoint.load(str(shm_20))
     assert a.global_step == b.global_step == 20
+    assert b.params.dtype == (np.float64 if extra == "float64" else np.float32)
     assert (b.arch.n_params * 4 >= NODE_SHARD_BYTES) is shared_params
     np.testing.assert_allclose(b.params, a.params, rtol=0, atol=1e-6)
     for x, y in zip(b.optimizer_state, a.optimizer_state):

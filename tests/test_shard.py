@@ -36,6 +36,7 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("trained")
     cases = {(optimizer, ranks): (ranks, [*NET, "--optimizer", optimizer, "--steps", 20])
              for optimizer in SHARDED for ranks in (2, 3)}
+    cases["float64"] = (3, [*NET, "--optimizer", "adam", "--steps", 20, "--dtype", "float64"])
     cases["pipeline"] = (4, PIPELINE)
     cases["pipeline-lamb"] = (4, [*PIPELINE, "--optimizer", "lamb"])
     jobs = {}
@@ -53,6 +54,14 @@ def test_sharded_update_trains_what_the_replicated_one_trains(trained, ranks, op
     """LARS and LAMB: a weight matrix cut between blocks gets its norms summed over them."""
     case = (optimizer, ranks)
     assert_same(load(trained[case, "replicated"]), load(trained[case, "sharded"]))
+
+
+def test_sharded_update_in_float64(trained):
+    """--dtype float64: the blocks, their state and the gathers in float64; the same training to
+    float64 rounding."""
+    a, b = load(trained["float64", "replicated"]), load(trained["float64", "sharded"])
+    assert a.params.dtype == b.params.dtype == b.optimizer_state[0].dtype == np.float64
+    assert_same(a, b, tol=1e-12)
 
 
 def test_sharded_pipeline_replicas_and_clipping(trained):

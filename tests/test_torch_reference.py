@@ -13,6 +13,7 @@
    allow rtol 2e-5 plus atol 2e-6 (for weights near zero). A wrong scale, a missed rank or a mis-
    ordered batch moves weights by 1e-3 or more.
 """
+import dataclasses
 import itertools
 import shutil
 from pathlib import Path
@@ -190,6 +191,8 @@ NETS = {"ce": ("cross_entropy", "tanh", "identity"), "mse": ("mse", "relu", "sig
         "leaky": ("cross_entropy", "leaky_relu", "identity"),
         "softplus": ("mse", "softplus", "identity"), "gelu": ("cross_entropy", "gelu", "identity"),
         "gelu_tanh": ("mse", "gelu_tanh", "sigmoid"), "silu": ("bce", "silu", "identity")}
+# --dtype float64, from float64 initial weights: mpinn equals torch's float64 to rounding
+CASES64 = [("ce", "adam"), ("bce", "nesterov"), ("gelu", "lamb")]
 # the rows' own weights (--weight-key w), with class weights for rows-ce
 ROWS_WEIGHTED = {"rows-ce": "ce.h5", "rows-mse": "mse.h5"}
 BCE_POS_WEIGHT = (1.5, 4.0, 0.5)  # multi-label, K = 3: torch's BCEWithLogitsLoss(pos_weight)
@@ -234,6 +237,11 @@ def problem(tmp_path_factory):
         params = rng.normal(0, 0.5, arch.n_params).astype(np.float32)
         checkpoint.save(str(tmp / f"init-{name}.h5"), checkpoint.Checkpoint(arch, params))
         files[name] = (str(tmp / f"{name}.h5"), str(tmp / f"init-{name}.h5"), arch, params)
+    for name in {net for net, _ in CASES64}:
+        arch = dataclasses.replace(files[name][2], dtype="float64")
+        params = rng.normal(0, 0.5, arch.n_params)  # float64 weights, not rounded to float32
+        checkpoint.save(str(tmp / f"init-{name}-64.h5"), checkpoint.Checkpoint(arch, params))
+        files[name, "float64"] = (files[name][0], str(tmp / f"init-{name}-64.h5"), arch, params)
     return files
 
 
@@ -292,8 +300,10 @@ def training_jobs(problem, root):
     fixture, one launch per rank count."""
     jobs = {}
 
-    def job(key, ranks, *argv):
-        jobs[key] = (ranks, ["train", *argv, "--run-dir", root / "-".join(map(str, key))])
+    def job(key, ranks, *argv, run_of=None):
+        """run_of: the key of another job whose run folder this one continues."""
+        run_dir = root / "-".join(map(str, run_of or key))
+        jobs[key] = (ranks, ["train", *argv, "--run-dir", run_dir])
 
     for (net, opt), layout in itertools.product(CASES, LAYOUTS):
         ranks, extra = LAYOUTS[layout]
@@ -327,7 +337,29 @@ def training_jobs(problem, root):
             *OPTIMIZERS["adam"][0]]
     job(("dropout", "gelu_tanh", "one"), 1, *args)
     job(("dropout", "gelu_tanh", "many"), 3, *args, *LAYOUTS["3 stages"][1])
+    float64_jobs(problem, job)
     return jobs
+
+
+REFUSED = {  # jobs that must end in this one error (their Run, not a folder, is kept)
+    ("float64", "resumed as float64"): "--dtype 'float64' differs from the run's 'float32'",
+    ("float64", "float32 --init"): "--dtype float64 conflicts with the checkpoint's float32"}
+
+
+def float64_jobs(problem, job):
+    for (net, opt), layout in itertools.product(CASES64, LAYOUTS):
+        ranks, extra = LAYOUTS[layout]
+        data_path, init = problem[net, "float64"][:2]
+        job(("float64", net, opt, layout), ranks, "--data", data_path, "--init", init,
+            "--dtype", "float64", "--batch-size", BATCH, "--steps", STEPS, "--epochs", 10,
+            "--no-shuffle", "--log-every", 100, *OPTIMIZERS[opt][0], *extra)
+    # a float32 network does not become float64 on the way: resumed, or as --init
+    data_path, init = problem["ce"][:2]
+    job(("float64", "a float32 run"), 1, "--data", data_path, "--steps", 2)
+    job(("float64", "resumed as float64"), 1, "--data", data_path, "--epochs", 2, "--resume",
+        "--dtype", "float64", run_of=("float64", "a float32 run"))
+    job(("float64", "float32 --init"), 1, "--data", data_path, "--init", init, "--dtype",
+        "float64")
 
 
 @pytest.fixture(scope="module")
@@ -336,7 +368,8 @@ def trained(problem, tmp_path_factory):
     root = tmp_path_factory.mktemp("trained")
     jobs = training_jobs(problem, root)
     runs = run_many(jobs, root)
-    return {key: (ok(runs[key]), Path(argv[-1]))[1] for key, (_, argv) in jobs.items()}
+    return {key: runs[key] if key in REFUSED else (ok(runs[key]), Path(argv[-1]))[1]
+            for key, (_, argv) in jobs.items()}
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
@@ -471,3 +504,26 @@ def test_dropout_is_the_same_on_any_layout(problem, trained, layout):
     many = checkpoint.load(str(trained["dropout", layout, "many"] / "checkpoint.h5")).params
     np.testing.assert_allclose(many, one, rtol=1e-4, atol=1e-6)
     assert not np.allclose(one, params, atol=1e-3)
+
+
+# -- float64 --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("net,opt", CASES64)
+def test_float64_training_matches_torch_to_rounding(problem, trained, net, opt, layout):
+    """Kernels, buffers, the gradient sum (node shared memory at 3 ranks), the optimizer, the
+    pipeline's messages and the checkpoint all in float64: 8 steps agree with torch's float64
+    to 1e-12 (float32 would be 1e-6 away)."""
+    data_path, init, arch, params = problem[net, "float64"]
+    got = checkpoint.load(str(trained["float64", net, opt, layout] / "checkpoint.h5"))
+    assert got.arch == arch and got.params.dtype == np.float64
+    assert all(s.dtype == np.float64 for s in got.optimizer_state)
+    expect = torch_training(data_path, arch, params, OPTIMIZERS[opt][1])
+    assert not np.allclose(expect, params, atol=1e-3)
+    np.testing.assert_allclose(got.params, expect, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("key", list(REFUSED), ids=lambda key: key[1])
+def test_a_float32_network_is_not_trained_on_in_float64(trained, key):
+    run = trained[key]
+    errors = [line for line in run.stderr.splitlines() if line.startswith("mpinn: error")]
+    assert run.returncode == 2 and len(errors) == 1 and REFUSED[key] in errors[0], run.stderr

@@ -280,9 +280,10 @@ class Comm(Agreement):
             return None
         return local, self.split(local.rank, self.rank)
 
-    def node_allreduce(self, n, shared_params=False):
-        """A NodeAllreduce of n float32 over this communicator when its ranks share nodes, the
-        same number on each, and /dev/shm has room for it on every node; else None. Collective.
+    def node_allreduce(self, n, shared_params=False, dtype=np.float32):
+        """A NodeAllreduce of n numbers (dtype) over this communicator when its ranks share nodes,
+        the same number on each, and /dev/shm has room for it on every node; else None.
+        Collective.
 
         Room: /dev/shm must have twice the window free for every group of ranks that will make
         one on this node (`shm_sharers`, set by a sweep), and then the window's pages are
@@ -293,12 +294,13 @@ class Comm(Agreement):
             return None
         local, even = self._node_split()
         rows = local.size + 2 if shared_params else 2 * local.size
-        need = 2 * rows * (n + node.NodeAllreduce.ALIGN) * 4 * self.shm_sharers  # half free
+        need = (2 * rows * (n + node.NodeAllreduce.ALIGN) * np.dtype(dtype).itemsize
+                * self.shm_sharers)  # half free
         if not even or not self.every_rank(node.shm_free_bytes() >= need):
             local._comm.Free()
             return None
         cross = self.split(local.rank, self.rank) if local.size < self.size else None
-        node_sum = node.NodeAllreduce(local, cross, n, shared_params)
+        node_sum = node.NodeAllreduce(local, cross, n, shared_params, dtype)
         if not self.every_rank(node_sum.populated):
             node_sum.close()
             return None

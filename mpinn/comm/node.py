@@ -71,16 +71,16 @@ class NodeAllreduce:
     ALIGN = 16  # floats: slots and slices start on 64-byte lines
     CONTROL = 4  # float64 figures each rank publishes
 
-    def __init__(self, node, cross, n, shared_params=False):
+    def __init__(self, node, cross, n, shared_params=False, dtype=np.float32):
         self.node, self.cross, self.n, self.sliced = node, cross, n, shared_params
         p, r = node.size, node.rank
         stride = -(-n // self.ALIGN) * self.ALIGN
         rows = p + 2 if shared_params else 2 * p
-        table_bytes = rows * stride * 4
+        table_bytes = rows * stride * np.dtype(dtype).itemsize
         size = table_bytes + p * self.CONTROL * 8
         self._win = MPI.Win.Allocate_shared(size if r == 0 else 0, 1, comm=node._comm)
         memory, _ = self._win.Shared_query(0)
-        table = np.ndarray(buffer=memory, dtype=np.float32, shape=(rows, stride))
+        table = np.ndarray(buffer=memory, dtype=dtype, shape=(rows, stride))
         self.control = np.ndarray(buffer=memory, dtype=np.float64, shape=(p, self.CONTROL),
                                   offset=table_bytes)
         lines = stride // self.ALIGN
@@ -89,7 +89,7 @@ class NodeAllreduce:
         if shared_params:
             self.sets, self.result, self.params = [table[:p, :n]], table[p, :n], table[p + 1]
         else:
-            self.sets, self.total = [table[:p, :n], table[p:, :n]], np.zeros(n, np.float32)
+            self.sets, self.total = [table[:p, :n], table[p:, :n]], np.zeros(n, dtype)
         self._win.Lock_all(MPI.MODE_NOCHECK)
         # the node's first rank allocates every page now (the others map the same pages)
         self.populated = populate(MPI.memory(memory).address, size) if r == 0 else True

@@ -26,6 +26,7 @@ class Columns:
     loss: str = "cross_entropy"
     rows: np.ndarray = field(default=None, compare=False)
     w_key: str = ""  # a dataset of each row's own weight (--weight-key), or none
+    dtype: str = "float32"  # what inputs, float targets and weights are read as: the network's
 
     def file_rows(self, rows):
         """The file rows of the set's rows."""
@@ -160,32 +161,34 @@ def block_selections(n_rows, rank, size):
 
 
 def _check_finite(path, ds, key, x, read_native):
-    """x (float32) must be finite. When it is not and the file stores wider floats,
-    read_native() gives the same rows as stored (only on this error path): all finite there
-    means they overflow float32 (1e300 is finite in float64 and inf in float32), which is not
-    "NaN or inf" and wants another fix."""
+    """x must be finite. When it is not and the file stores wider floats, read_native() gives
+    the same rows as stored (only on this error path): all finite there means they overflow
+    float32 (1e300 is finite in float64 and inf in float32), which is not "NaN or inf" and wants
+    another fix."""
     if all_finite(x.reshape(-1)):
         return
-    if ds.dtype.kind == "f" and ds.dtype.itemsize > 4:
+    if ds.dtype.kind == "f" and ds.dtype.itemsize > x.dtype.itemsize:
         native = np.asarray(read_native())
         if np.isfinite(native).all():
             raise UsageError(f"{path}:{key} holds values beyond float32's range (largest "
                              f"|value| {float(np.abs(native).max()):.3g}, float32 ends at "
-                             "3.4e+38); mpinn trains in float32: rescale the data")
+                             "3.4e+38); mpinn trains in float32: rescale the data, or train "
+                             "with --dtype float64")
     raise UsageError(f"{path}:{key} contains NaN or inf values")
 
 
 def read_rows(path, cols, selections, n_targets, want_x=True, want_y=True):
-    """Read the rows named by `selections` (see plan_selections) as float32 inputs and int64 labels
-    or float32 (rows, n_targets) targets. Only those rows are read; an input or target not wanted
-    (a pipeline stage that does not need it) is returned as None and not read at all."""
+    """Read the rows named by `selections` (see plan_selections) as inputs and int64 labels or
+    (rows, n_targets) targets, floats in cols.dtype. Only those rows are read; an input or target
+    not wanted (a pipeline stage that does not need it) is returned as None and not read at
+    all."""
     n = sum(rows for _, rows in selections)
     x = y = None
     with open_h5(path, cols) as f:
         m = cols.rows
         if want_x:
             X = f[cols.x_key]
-            x = _read_selection(X, np.empty((n, X.shape[1]), np.float32), selections, m)
+            x = _read_selection(X, np.empty((n, X.shape[1]), cols.dtype), selections, m)
             _check_finite(path, X, cols.x_key, x, lambda: _read_selection(
                 X, np.empty((n, X.shape[1]), X.dtype), selections, m))
         if not want_y:
@@ -197,7 +200,7 @@ def read_rows(path, cols, selections, n_targets, want_x=True, want_y=True):
                 raise UsageError(f"{path}:{cols.y_key} has negative class labels (min {y.min()})")
         else:
             shape = (n,) if y_ds.ndim == 1 else (n, n_targets)
-            y = _read_selection(y_ds, np.empty(shape, np.float32), selections, m).reshape(
+            y = _read_selection(y_ds, np.empty(shape, cols.dtype), selections, m).reshape(
                 n, n_targets)
             _check_finite(path, y_ds, cols.y_key, y, lambda: _read_selection(
                 y_ds, np.empty(shape, y_ds.dtype), selections, m))
@@ -214,7 +217,7 @@ def has_dataset(path, key):
 
 
 def read_weights(path, cols, selections):
-    """The own weights (--weight-key) of the selected rows as float32, checked: one finite,
+    """The own weights (--weight-key) of the selected rows in cols.dtype, checked: one finite,
     non-negative number per row of the inputs."""
     n = sum(rows for _, rows in selections)
     with open_h5(path, cols) as f:
@@ -231,25 +234,25 @@ def read_weights(path, cols, selections):
         raise UsageError(f"{path}:{cols.w_key} contains NaN or inf weights")
     if n and w.min() < 0:
         raise UsageError(f"{path}:{cols.w_key} holds negative weights (min {w.min():g})")
-    return w.astype(np.float32)  # what the kernels take
+    return w.astype(cols.dtype)  # what the kernels take
 
 
-def read_inputs(f, path, x_key, selections):
-    """Only the inputs of the selected rows of the open file f (prediction)."""
+def read_inputs(f, path, x_key, selections, dtype=np.float32):
+    """Only the inputs of the selected rows of the open file f (prediction), as dtype."""
     n = sum(rows for _, rows in selections)
     X = f[x_key]
-    x = _read_selection(X, np.empty((n, X.shape[1]), np.float32), selections)
+    x = _read_selection(X, np.empty((n, X.shape[1]), dtype), selections)
     _check_finite(path, X, x_key, x, lambda: _read_selection(
         X, np.empty((n, X.shape[1]), X.dtype), selections))
     return x
 
 
-def read_file_rows(X, rows):
-    """float32 inputs of the given file rows (unique, any order) from the open dataset X: runs of
-    consecutive rows as slices, scattered rows as one sorted selection."""
+def read_file_rows(X, rows, dtype=np.float32):
+    """Inputs (as dtype) of the given file rows (unique, any order) from the open dataset X: runs
+    of consecutive rows as slices, scattered rows as one sorted selection."""
     order = np.argsort(rows, kind="stable")
     ordered = rows[order]
-    out = np.empty((len(rows), X.shape[1]), np.float32)
+    out = np.empty((len(rows), X.shape[1]), dtype)
     got = np.empty_like(out)
     breaks = np.flatnonzero(np.diff(ordered) != 1) + 1
     if len(breaks) < len(rows) // 8:  # mostly runs (file order, a rank's blocks of each batch)
@@ -292,6 +295,7 @@ class RowSource:
         self.f = open_h5(path, cols)
         self.X = self.f[x_key]
         self.file_rows = file_rows  # Columns.rows: the rows asked for count in these
+        self.dtype = np.dtype(cols.dtype if cols is not None else np.float32)
         self.layout, self.fd = self._layout(), None
         if self.layout:
             self.fd = os.open(self.f.filename, os.O_RDONLY)
@@ -321,7 +325,7 @@ class RowSource:
     def read(self, rows):
         rows = self.file_rows_of(rows)
         if not self.layout or not len(rows):
-            return read_file_rows(self.X, rows)
+            return read_file_rows(self.X, rows, self.dtype)
         per_range, offsets = self.layout
         row_bytes = self.X.shape[1] * self.X.dtype.itemsize
         order = np.argsort(rows, kind="stable")
@@ -333,7 +337,7 @@ class RowSource:
         for a, b in zip(starts.tolist(), np.append(starts[1:], len(rows)).tolist()):
             r, k = divmod(int(ordered[a]), per_range)
             pread_fully(self.fd, got[a:b], offsets[r] + k * row_bytes, self.f.filename)
-        out = np.empty((len(rows), self.X.shape[1]), np.float32)
+        out = np.empty((len(rows), self.X.shape[1]), self.dtype)
         out[order] = got
         return out
 

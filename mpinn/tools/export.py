@@ -1,12 +1,14 @@
 """`mpinn export`: a checkpoint's network for use elsewhere.
 
---format onnx    an ONNX model (the `onnx` package): input "x" (N x F float32), output "y":
+--format onnx    an ONNX model (the `onnx` package): input "x" (N x F float32, or float64 for a
+                 --dtype float64 network, as every tensor of its graph), output "y":
                  class probabilities (softmax) for cross-entropy networks, a sigmoid per output
                  for bce, out_act(z) for mse,
                  the same numbers `mpinn predict` writes; a network trained on scaled inputs or
                  targets has the scaling in its graph ((x - offset) / scale first, y * scale +
                  offset last)
---format torch   a state dict for torch.nn.Sequential(Linear, activation, ..., Linear[, Sigmoid]);
+--format torch   a state dict for torch.nn.Sequential(Linear, activation, ..., Linear[, Sigmoid])
+                 (.double() for a float64 network);
                  the scaling of inputs (and of targets, with an identity output) folded into
                  the first (last) Linear layer, which is exact affine algebra
 --format npz     W0, b0, W1, b1, ... (W is fan_in x fan_out: h = act(h @ W + b)), the sizes, and
@@ -47,8 +49,8 @@ def to_onnx(ckpt, path):
     arch, scaling = ckpt.arch, ckpt.scaling
     nodes, inits, h = [], [], "x"
     if scaling.inputs is not None:
-        inits += [numpy_helper.from_array(scaling.inputs.offset.astype(np.float32), "x_offset"),
-                  numpy_helper.from_array(scaling.inputs.scale.astype(np.float32), "x_scale")]
+        inits += [numpy_helper.from_array(scaling.inputs.offset.astype(arch.float), "x_offset"),
+                  numpy_helper.from_array(scaling.inputs.scale.astype(arch.float), "x_scale")]
         nodes += [helper.make_node("Sub", ["x", "x_offset"], ["x_centred"]),
                   helper.make_node("Div", ["x_centred", "x_scale"], ["x_scaled"])]
         h = "x_scaled"
@@ -67,17 +69,18 @@ def to_onnx(ckpt, path):
             nodes += onnx_activation(helper, act, arch.slope, h, f"a{l}")
             h = f"a{l}"
     if scaling.targets is not None:
-        inits += [numpy_helper.from_array(scaling.targets.scale.astype(np.float32), "y_scale"),
-                  numpy_helper.from_array(scaling.targets.offset.astype(np.float32), "y_offset")]
+        inits += [numpy_helper.from_array(scaling.targets.scale.astype(arch.float), "y_scale"),
+                  numpy_helper.from_array(scaling.targets.offset.astype(arch.float), "y_offset")]
         nodes += [helper.make_node("Mul", [h, "y_scale"], ["y_scaled"]),
                   helper.make_node("Add", ["y_scaled", "y_offset"], ["y_units"])]
         h = "y_units"
     nodes.append(helper.make_node("Identity", [h], ["y"]))
+    elem = TensorProto.DOUBLE if arch.dtype == "float64" else TensorProto.FLOAT
     graph = helper.make_graph(
         nodes,
         "mpinn",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", arch.sizes[0]])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", arch.sizes[-1]])],
+        [helper.make_tensor_value_info("x", elem, ["N", arch.sizes[0]])],
+        [helper.make_tensor_value_info("y", elem, ["N", arch.sizes[-1]])],
         inits,
     )
     opset = GELU_OPSET if arch.activation in ("gelu", "gelu_tanh") else ONNX_OPSET
@@ -119,7 +122,8 @@ def to_torch(ckpt, path):
 
 
 def folded_layers(ckpt):
-    """[(W, b)] of the network with its scaling folded in, in float64 then rounded to float32:
+    """[(W, b)] of the network with its scaling folded in, in float64 then rounded to the
+    network's dtype:
     ((x - o) / s) @ W + b = x @ (W / s) + (b - (o / s) @ W) for the inputs, and
     s_y * (h @ W + b) + o_y = h @ (W * s_y) + (b * s_y + o_y) for targets (identity output)."""
     arch, scaling = ckpt.arch, ckpt.scaling
@@ -136,7 +140,7 @@ def folded_layers(ckpt):
         o, s = scaling.targets.offset, scaling.targets.scale
         W, b = layers[-1]
         layers[-1] = (W * s, b * s + o)
-    return [(W.astype(np.float32), b.astype(np.float32)) for W, b in layers]
+    return [(W.astype(arch.float), b.astype(arch.float)) for W, b in layers]
 
 
 def to_npz(ckpt, path):
@@ -160,6 +164,7 @@ def run(cfg, explicit, comm=None):
     log = Log()
     log.info(f"wrote {cfg.format} model {ckpt.arch.describe()} to {cfg.out}")
     if cfg.format == "torch":
+        double = ".double()" if ckpt.arch.dtype == "float64" else ""  # else load_state_dict rounds
         log.info("load it with: model = torch.nn.Sequential(" + ", ".join(
-            f"torch.nn.{m}" for m in torch_layers(ckpt.arch)) + f"); model.load_state_dict("
-            f"torch.load({cfg.out!r}))")
+            f"torch.nn.{m}" for m in torch_layers(ckpt.arch)) + f"){double}; "
+            f"model.load_state_dict(torch.load({cfg.out!r}))")
