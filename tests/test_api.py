@@ -34,13 +34,18 @@ def dataset(tmp_path_factory):
     return write_classification(tmp_path_factory.mktemp("api") / "d.h5", 90, 5, 3, seed=2)
 
 
-@pytest.mark.parametrize("ranks", [1, 2])
-def test_fit_trains_as_the_command_line_does(dataset, tmp_path, ranks):
+# issue 29's models: a float64 network of another activation and optimizer
+AT_SCALE = dict(ARGS, dtype="float64", activation="gelu_tanh", optimizer="lamb", lr=0.01)
+
+
+@pytest.mark.parametrize("ranks,args", [(1, ARGS), (2, ARGS), (2, AT_SCALE)],
+                         ids=["1 rank", "2 ranks", "float64 gelu_tanh lamb"])
+def test_fit_trains_as_the_command_line_does(dataset, tmp_path, ranks, args):
     ok(run_mpinn(ranks, "train", "--data", dataset, "--run-dir", tmp_path / "cli",
-                 *cli_args(ARGS)))
+                 *cli_args(args)))
     # each rank writes its own result: lines printed by two ranks may interleave
     body = (f"import json, mpinn\nr = mpinn.fit(data={dataset!r}, "
-            f"run_dir={str(tmp_path / 'api')!r}, **{ARGS!r})\n"
+            f"run_dir={str(tmp_path / 'api')!r}, **{args!r})\n"
             f"json.dump([r.rank, r.size, r.steps, r.checkpoint], "
             f"open({str(tmp_path)!r} + f'/result-{{r.rank}}.json', 'w'))\n")
     p = subprocess.run([mpiexec(), "-n", str(ranks), sys.executable, script(tmp_path, body)],
@@ -52,6 +57,11 @@ def test_fit_trains_as_the_command_line_does(dataset, tmp_path, ranks):
     cli = checkpoint.load(str(tmp_path / "cli" / "checkpoint.h5"))
     api = checkpoint.load(results[0][3])
     np.testing.assert_array_equal(api.params, cli.params)
+    assert api.arch.dtype == api.params.dtype == args.get("dtype", "float32")
+    assert api.arch.activation == args.get("activation", "relu")
+    import mpinn
+    with h5py.File(dataset, "r") as f:
+        assert mpinn.load(results[0][3]).predict(f["X"][:5]).dtype == api.params.dtype
 
 
 def test_fit_takes_the_data_options_as_the_command_line_does(dataset, tmp_path):
