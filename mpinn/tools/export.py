@@ -30,14 +30,52 @@ TORCH_ACT = {"relu": "ReLU()", "tanh": "Tanh()", "sigmoid": "Sigmoid()", "softpl
 ONNX_OPSET, GELU_OPSET = 17, 20  # Gelu arrived in opset 20; other graphs keep 17
 
 
-def onnx_activation(helper, act, slope, h, out):
-    """The node(s) computing out = act(h)."""
+def onnx_activation(onnx, act, slope, h, out, double):
+    """(nodes, initializers) computing out = act(h). A float64 graph stays double: LeakyRelu's
+    alpha and onnxruntime's Gelu(tanh) are float32 inside, and onnxruntime has no double
+    Softplus or Erf, so those are built from elementwise ops (softplus with PyTorch's threshold
+    20); gelu's erf alone is taken in float32 (Cast; outputs agree to about 1e-8)."""
+    node, const = onnx.helper.make_node, lambda name, v: onnx.numpy_helper.from_array(
+        np.array(v, np.float64), f"{out}_{name}")
     if act == "silu":
-        return [helper.make_node("Sigmoid", [h], [f"{out}_gate"]),
-                helper.make_node("Mul", [h, f"{out}_gate"], [out])]
+        return [node("Sigmoid", [h], [f"{out}_gate"]), node("Mul", [h, f"{out}_gate"], [out])], []
+    if double and act == "softplus":
+        return [node("Exp", [h], [f"{out}_e"]),
+                node("Add", [f"{out}_e", f"{out}_one"], [f"{out}_1e"]),
+                node("Log", [f"{out}_1e"], [f"{out}_log"]),
+                node("Greater", [h, f"{out}_threshold"], [f"{out}_above"]),
+                node("Where", [f"{out}_above", h, f"{out}_log"], [out])], [
+                    const("one", 1.0), const("threshold", 20.0)]
+    if double and act == "gelu":  # x/2 (1 + erf(x / sqrt 2))
+        f32, f64 = onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE
+        return [node("Mul", [h, f"{out}_root"], [f"{out}_u"]),
+                node("Cast", [f"{out}_u"], [f"{out}_u32"], to=f32),
+                node("Erf", [f"{out}_u32"], [f"{out}_erf32"]),
+                node("Cast", [f"{out}_erf32"], [f"{out}_erf"], to=f64),
+                node("Add", [f"{out}_erf", f"{out}_one"], [f"{out}_1erf"]),
+                node("Mul", [h, f"{out}_1erf"], [f"{out}_x1erf"]),
+                node("Mul", [f"{out}_x1erf", f"{out}_half"], [out])], [
+                    const("root", 0.7071067811865476), const("one", 1.0), const("half", 0.5)]
+    if double and act == "leaky_relu":  # LeakyRelu's alpha is a float32 attribute
+        return [node("Greater", [h, f"{out}_zero"], [f"{out}_positive"]),
+                node("Mul", [h, f"{out}_slope"], [f"{out}_sloped"]),
+                node("Where", [f"{out}_positive", h, f"{out}_sloped"], [out])], [
+                    const("zero", 0.0), const("slope", slope)]
+    if double and act == "gelu_tanh":  # x/2 (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+        names = [f"{out}_{k}" for k in ("x2", "x3", "cx3", "inner", "u", "t", "1t", "x1t")]
+        return [node("Mul", [h, h], [names[0]]), node("Mul", [names[0], h], [names[1]]),
+                node("Mul", [names[1], f"{out}_cubic"], [names[2]]),
+                node("Add", [h, names[2]], [names[3]]),
+                node("Mul", [names[3], f"{out}_scale"], [names[4]]),
+                node("Tanh", [names[4]], [names[5]]),
+                node("Add", [names[5], f"{out}_one"], [names[6]]),
+                node("Mul", [h, names[6]], [names[7]]),
+                node("Mul", [names[7], f"{out}_half"], [out])], [
+                    const("cubic", 0.044715), const("scale", 0.7978845608028654),
+                    const("one", 1.0), const("half", 0.5)]
     attrs = ({"alpha": slope} if act == "leaky_relu" else
              {"approximate": "tanh"} if act == "gelu_tanh" else {})
-    return [helper.make_node(ONNX_ACT[act], [h], [out], **attrs)]
+    return [node(ONNX_ACT[act], [h], [out], **attrs)], []
 
 
 def to_onnx(ckpt, path):
@@ -66,7 +104,9 @@ def to_onnx(ckpt, path):
             nodes.append(helper.make_node("Softmax", [h], [f"a{l}"], axis=1))
             h = f"a{l}"
         elif act != "identity":
-            nodes += onnx_activation(helper, act, arch.slope, h, f"a{l}")
+            more, consts = onnx_activation(onnx, act, arch.slope, h, f"a{l}",
+                                           arch.dtype == "float64")
+            nodes, inits = nodes + more, inits + consts
             h = f"a{l}"
     if scaling.targets is not None:
         inits += [numpy_helper.from_array(scaling.targets.scale.astype(arch.float), "y_scale"),
