@@ -137,15 +137,14 @@ def numba_cache_warm():
     if UNIT_TIER:
         return
     from mpinn.model import Architecture, Network, init_params
+    for loss, out_act in (("cross_entropy", "identity"), ("mse", "identity")):
+        arch = Architecture((3, 4, 2), "relu", out_act, loss)
+        net = Network(arch, init_params(arch, 0), 4)
+        x = np.zeros((4, 3), np.float32)
+        y = np.zeros(4, np.int64) if loss == "cross_entropy" else np.zeros((4, 2), np.float32)
+        net.train_step(x, y, 0.25)
+        net.loss_sums(x, y)
+        net.forward(x)
     from mpinn.optim import OPTIMIZERS, Optimizer
-    for dtype in ("float32", "float64"):  # --dtype float64 runs compile their own signatures
-        for loss, out_act in (("cross_entropy", "identity"), ("mse", "identity")):
-            arch = Architecture((3, 4, 2), "relu", out_act, loss, dtype=dtype)
-            net = Network(arch, init_params(arch, 0), 4)
-            x = np.zeros((4, 3), dtype)
-            y = np.zeros(4, np.int64) if loss == "cross_entropy" else np.zeros((4, 2), dtype)
-            net.train_step(x, y, 0.25)
-            net.loss_sums(x, y)
-            net.forward(x)
-        for name in OPTIMIZERS:
-            Optimizer(name, arch.n_params, 0.1, dtype=dtype).step(net.params, net.grads)
+    for name in OPTIMIZERS:
+        Optimizer(name, arch.n_params, 0.1).step(net.params, net.grads)

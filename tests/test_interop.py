@@ -137,15 +137,19 @@ def trained(tmp_path_factory):
         jobs[key] = (1, ["train", "--data", d / "reg.h5", "--loss", "mse", "--activation", act,
                          *extra, "--dtype", dtype, "--hidden", "8,8", "--epochs", 5, "--run-dir",
                          d / key])
+    for key in list(jobs):  # then `mpinn predict` of each, in the same launch (after them)
+        jobs["predict", key] = (1, ["predict", "--checkpoint", d / key / "checkpoint.h5", "--data",
+                                    DIGITS_TEST if key == "ce" else d / "reg.h5", "--out",
+                                    d / f"predicted-{key}.h5"])
     for run in run_many(jobs, d / "launch").values():
         ok(run)
-    return {**{key: d / key / "checkpoint.h5" for key in jobs}, "mse_data": d / "reg.h5"}
+    return {**{key: d / key / "checkpoint.h5" for key in jobs if isinstance(key, str)},
+            "mse_data": d / "reg.h5", "predicted": d}
 
 
-def predictions(ckpt, data_file, tmp_path):
-    ok(run_mpinn(1, "predict", "--checkpoint", ckpt, "--data", data_file, "--out",
-                 tmp_path / "p.h5"))
-    with h5py.File(tmp_path / "p.h5", "r") as f:
+def predictions(trained, key):
+    """What `mpinn predict` wrote for that network's data (the fixture ran it)."""
+    with h5py.File(trained["predicted"] / f"predicted-{key}.h5", "r") as f:
         return f["prob"][...] if "prob" in f else f["output"][...]
 
 
@@ -162,7 +166,7 @@ def test_onnx_export_matches_predict(trained, tmp_path, kind):
     with h5py.File(data_file, "r") as f:
         x = f["X"][...].astype(dtype)
     got = ort.InferenceSession(str(tmp_path / "m.onnx")).run(["y"], {"x": x})[0]
-    expected = predictions(trained[kind], data_file, tmp_path)
+    expected = predictions(trained, kind)
     assert got.dtype == expected.dtype == dtype
     bound = 1e-5 if dtype == np.float32 else 1e-7 if kind == "gelu-float64" else 1e-12
     assert np.abs(got - expected).max() <= bound
@@ -181,7 +185,7 @@ def test_torch_export_loads_into_sequential(trained, tmp_path, capsys):
     with h5py.File(DIGITS_TEST, "r") as f:
         x = torch.tensor(f["X"][...], dtype=torch.float32)
     probs = torch.softmax(model(x), dim=1).detach().numpy()
-    np.testing.assert_allclose(probs, predictions(trained["ce"], DIGITS_TEST, tmp_path), atol=1e-5)
+    np.testing.assert_allclose(probs, predictions(trained, "ce"), atol=1e-5)
 
 
 def test_torch_export_of_a_leaky_relu_network_keeps_its_slope(trained, tmp_path, capsys):
@@ -196,7 +200,7 @@ def test_torch_export_of_a_leaky_relu_network_keeps_its_slope(trained, tmp_path,
     with h5py.File(trained["mse_data"], "r") as f:
         x = torch.tensor(f["X"][...], dtype=torch.float32)
     np.testing.assert_allclose(model(x).detach().numpy(),
-                               predictions(trained["leaky_relu"], trained["mse_data"], tmp_path),
+                               predictions(trained, "leaky_relu"),
                                atol=1e-5)
 
 
@@ -216,7 +220,7 @@ def test_torch_export_of_gelu_and_silu_networks(trained, tmp_path, capsys, act, 
     with h5py.File(trained["mse_data"], "r") as f:
         x = torch.tensor(f["X"][...], dtype=torch.float32)
     np.testing.assert_allclose(model(x).detach().numpy(),
-                               predictions(trained[act], trained["mse_data"], tmp_path),
+                               predictions(trained, act),
                                atol=1e-5)
 
 
@@ -233,7 +237,7 @@ def test_torch_export_of_a_float64_network_is_double(trained, tmp_path, capsys):
     with h5py.File(trained["mse_data"], "r") as f:
         x = torch.tensor(f["X"][...], dtype=torch.float64)
     np.testing.assert_allclose(model(x).detach().numpy(),  # the scaling folded in, in float64
-                               predictions(trained["float64"], trained["mse_data"], tmp_path),
+                               predictions(trained, "float64"),
                                rtol=1e-12, atol=1e-12)
 
 
@@ -250,7 +254,7 @@ def test_npz_export_reproduces_predictions_with_numpy(trained, tmp_path):
             h = np.maximum(h, 0)
     p = np.exp(h - h.max(1, keepdims=True))
     p /= p.sum(1, keepdims=True)
-    np.testing.assert_allclose(p, predictions(trained["ce"], DIGITS_TEST, tmp_path), atol=1e-5)
+    np.testing.assert_allclose(p, predictions(trained, "ce"), atol=1e-5)
     assert str(z["activation"]) == "relu" and list(z["sizes"]) == [64, 128, 64, 10]
 
 
