@@ -585,6 +585,7 @@ class BenchConfig:
     classes: int = option(10, "classes of the synthetic data")
     hidden: str = option("512,512", "hidden layer widths, comma-separated")
     activation: str = option("relu", "hidden-layer activation", ACTIVATIONS)
+    dtype: str = option("float32", "the number type of the network and its data", DTYPES)
     batch_size: int = option(0, "GLOBAL batch split across ranks (strong scaling); 0: use "
                                 "--batch-per-rank")
     batch_per_rank: int = option(128, "rows per rank per step when --batch-size is 0 (weak "

@@ -73,7 +73,7 @@ def run(cfg, explicit, comm):
         if text and not cfg.json and comm.is_root:
             log.warn(text)
     sizes = (cfg.features,) + cfg.hidden_sizes() + (cfg.classes,)
-    arch = Architecture(sizes, cfg.activation)
+    arch = Architecture(sizes, cfg.activation, dtype=cfg.dtype)
     global_batch = cfg.batch_size or cfg.batch_per_rank * size
     if global_batch < size:
         raise UsageError(f"--batch-size {global_batch} is smaller than the {size} ranks")
@@ -91,7 +91,8 @@ def run(cfg, explicit, comm):
         "ranks": size, "ranks_per_node": node_ranks, "nodes": max(size // node_ranks, 1),
         "ranks_per_machine": machine_ranks,
         "threads": cfg.threads, "oversubscribed": warning is not None,
-        "layers": list(sizes), "parameters": arch.n_params, "global_batch": global_batch,
+        "layers": list(sizes), "dtype": arch.dtype, "parameters": arch.n_params,
+        "global_batch": global_batch,
         "batch_per_rank": global_batch / size, "steps": cfg.steps,
         "step_ms": step_s * 1e3, "samples_per_s": global_batch / step_s,
         "engine_step_ms": float(worst[-1]) * 1e3,
@@ -123,9 +124,10 @@ def time_steps(cfg, comm, engine, rows, global_batch):
     optimizer, the whole step, and the engine's step alone (the batch already in place, as the
     peers in benchmarks/ time theirs); and the kernels' compile or cache-load seconds."""
     rng = np.random.default_rng([cfg.seed, comm.rank])
-    pool_x = rng.normal(size=(POOL * rows, cfg.features)).astype(np.float32)
+    dtype = engine.arch.float
+    pool_x = rng.normal(size=(POOL * rows, cfg.features)).astype(dtype)
     pool_y = rng.integers(0, cfg.classes, POOL * rows)
-    xb = np.empty((rows, cfg.features), np.float32)
+    xb = np.empty((rows, cfg.features), dtype)
     yb = np.empty(rows, np.int64)
     t0 = time.perf_counter()
     comm.in_cache_order(lambda: engine.warmup(pool_x, pool_y))
