@@ -30,7 +30,7 @@ train: $(STAMP)
 # core. 8:40 instead of 10:48 on a 2-core Zen 3 (docs/testing.md).
 TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
+	$(BIN)/python -m pytest -q -rs -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 # the unit tier for the inner loop: no mpiexec launch, no Slurm or namespaces (under a minute)
 test-fast: $(STAMP)

@@ -807,8 +807,11 @@ class ConvertConfig:
     labels: str = option("", "idx: the labels file that goes with the images")
     scale: float = option(1.0, "multiply inputs by this (e.g. 0.00392156862745098 = 1/255 for "
                                "MNIST pixels)")
-    split: float = option(0.0, "write a stratified train/test pair with this fraction for "
-                               "training (0: one file)")
+    targets: str = option("auto", "what the labels are: classes (integer class labels), values "
+                                  "(float regression targets) or auto (text and whole numbers are "
+                                  "classes, other numbers values)", ("auto", "classes", "values"))
+    split: float = option(0.0, "write a train/test pair with this fraction for training "
+                               "(stratified by class; values: rows at random) (0: one file)")
     seed: int = option(0, "seed of the split")
     chunk_rows: int = option(65_536, "rows read and written at a time (and HDF5 chunk rows, "
                                      "4 MiB of features at most)")

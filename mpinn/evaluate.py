@@ -63,7 +63,9 @@ def run_evaluate(cfg, explicit, comm):
     if cfg.json:
         log.info(json.dumps(result))
     else:
-        log.info(f"{path}{part}: {n_rows} samples, loss {loss:.4f}"
+        scaled = ", of the scaled targets" if ckpt.scaling.targets is not None else ""
+        log.info(f"{path}{part}: {n_rows} samples, loss {loss:.4f} ({LOSS_MEANS[arch.loss]}"
+                 f"{scaled})"
                  + (f", accuracy {accuracy:.4f}" if accuracy is not None else "")
                  + "".join(f", {name} {metrics.headline(name, v):.4f}" for name, v in task.items()
                            if metrics.headline(name, v) is not None and name != "accuracy"))
@@ -72,6 +74,10 @@ def run_evaluate(cfg, explicit, comm):
             for row in task["confusion_matrix"]:
                 log.info("  " + " ".join(f"{v:>6}" for v in row))
     return result
+
+
+LOSS_MEANS = {"cross_entropy": "mean cross-entropy", "bce": "mean binary cross-entropy",
+              "mse": "mean squared error"}  # what `loss` is, said where a person reads it
 
 
 def evaluation_set(cfg, config, arch):

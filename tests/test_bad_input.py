@@ -41,6 +41,8 @@ def make_files(tmp):
     files = {"x": str(tmp / "x")}
     files["text"] = tmp / "text.h5"
     files["text"].write_text("this is not HDF5\n")
+    files["csv"] = tmp / "table.csv"
+    files["csv"].write_text("a,b,y\n1,2,0\n3,4,1\n")
     files["no_x"] = h5(tmp / "no_x.h5", y=y)
     files["no_y"] = h5(tmp / "no_y.h5", X=x)
     files["x_1d"] = h5(tmp / "x_1d.h5", X=x[:, 0], y=y)
@@ -83,7 +85,8 @@ def make_checkpoints(tmp, good_run):
 CASES = [
     # (name, argv after the command, expected text)
     ("missing file", ["train", "--data", "{x}/missing.h5"], "data file not found: "),
-    ("not HDF5", ["train", "--data", "{text}"], "as HDF5"),
+    ("not HDF5", ["train", "--data", "{text}"], "as HDF5 (Unable to synchronously open file (file signature not found)): mpinn trains on HDF5, Parquet (.parquet) and NumPy (.npz, .npy) files"),
+    ("a CSV file", ["train", "--data", "{csv}"], "mpinn trains on HDF5, Parquet (.parquet) and NumPy (.npz, .npy) files; convert this one first: mpinn data convert "),
     ("missing X key", ["train", "--data", "{no_x}"], "no dataset 'X' for inputs (use --x-key"),
     ("missing y key", ["train", "--data", "{no_y}"], "no dataset 'y' for targets (use --y-key"),
     ("X not 2-D", ["train", "--data", "{x_1d}"], ":X must be 2-D (rows x features); it has shape (40,)"),

@@ -97,8 +97,31 @@ def test_convert_split_is_stratified_and_complete(tmp_path):
     assert rows == {tuple(r) for r in x}  # every row once, nothing lost
 
 
+def test_convert_targets_values_makes_regression_targets_and_a_random_split(tmp_path):
+    """Whole-number regression targets (prices): auto takes them for 96 classes and cannot split
+    them by class (said, with the option that can); --targets values writes float32 targets and
+    splits the rows 80/20 at random."""
+    rng = np.random.default_rng(4)
+    x, price = rng.normal(size=(100, 2)), rng.integers(100, 5000, 100)
+    with open(tmp_path / "r.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["a", "b", "price"])
+        w.writerows([*row, p] for row, p in zip(x.tolist(), price.tolist()))
+    convert = ["data", "convert", str(tmp_path / "r.csv"), "--split", "0.8"]
+    assert main([*convert, "--out", str(tmp_path / "auto.h5")]) == 2
+    assert main([*convert, "--out", str(tmp_path / "v.h5"), "--targets", "values"]) == 0
+    _, ya, _ = read(tmp_path / "v-train.h5")
+    _, yb, _ = read(tmp_path / "v-test.h5")
+    assert ya.dtype == yb.dtype == np.float32 and (len(ya), len(yb)) == (80, 20)
+    assert sorted(np.concatenate([ya, yb]).tolist()) == sorted(price.tolist())
+
+
 @pytest.mark.parametrize("argv,message", [
     (["{tmp}/none.csv"], "input file not found"),
+    (["{tmp}/reg.csv", "--split", "0.8"], "(labels that are regression targets: --targets "
+                                          "values splits rows, not classes)"),
+    (["{tmp}/iris.csv", "--targets", "values"], "--targets values: the labels of"),
+    (["{tmp}/float.csv", "--targets", "classes"], "--targets classes: the labels of"),
     (["{tmp}/d.npz", "--x-key", "inputs"], "no array 'inputs' (found: X, y)"),
     (["{tmp}/d.csv", "--label-column", "price"], "--label-column 'price': no such column"),
     (["{tmp}/d.txt"], "cannot tell the format"),
@@ -110,6 +133,9 @@ def test_convert_errors(tmp_path, capsys, argv, message):
     np.savez(tmp_path / "d.npz", X=x, y=y)
     np.savetxt(tmp_path / "d.csv", np.column_stack([x, y]), delimiter=",")
     (tmp_path / "d.txt").write_text("1,2\n")
+    (tmp_path / "reg.csv").write_text("a,y\n" + "".join(f"{i},{i * 7}\n" for i in range(9)))
+    (tmp_path / "iris.csv").write_text("a,y\n1,setosa\n2,virginica\n")
+    (tmp_path / "float.csv").write_text("a,y\n1,0.5\n2,1.5\n")
     code = main(["data", "convert", *[a.format(tmp=tmp_path) for a in argv]])
     lines = [l for l in capsys.readouterr().err.splitlines() if l.startswith("mpinn: error")]
     assert code == 2 and len(lines) == 1 and message in lines[0], lines
@@ -141,10 +167,22 @@ def trained(tmp_path_factory):
         jobs["predict", key] = (1, ["predict", "--checkpoint", d / key / "checkpoint.h5", "--data",
                                     DIGITS_TEST if key == "ce" else d / "reg.h5", "--out",
                                     d / f"predicted-{key}.h5"])
-    for run in run_many(jobs, d / "launch").values():
+    for key in ("ce", "mse", "float64"):  # and `mpinn evaluate`
+        jobs["evaluate", key] = (1, ["evaluate", "--checkpoint", d / key / "checkpoint.h5",
+                                     *([] if key == "ce" else ["--data", d / "reg.h5"])])
+    runs = run_many(jobs, d / "launch")
+    for run in runs.values():
         ok(run)
     return {**{key: d / key / "checkpoint.h5" for key in jobs if isinstance(key, str)},
-            "mse_data": d / "reg.h5", "predicted": d}
+            "mse_data": d / "reg.h5", "predicted": d,
+            "evaluated": {key[1]: run.stdout for key, run in runs.items() if key[0] == "evaluate"}}
+
+
+@pytest.mark.parametrize("key,says", [("ce", "(mean cross-entropy), accuracy"),
+                                      ("mse", "(mean squared error)\n"),
+                                      ("float64", "(mean squared error, of the scaled targets)")])
+def test_evaluate_says_what_its_loss_is(trained, key, says):
+    assert says in trained["evaluated"][key]
 
 
 def predictions(trained, key):

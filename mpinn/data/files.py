@@ -16,6 +16,20 @@ from ..errors import UsageError
 from .tables import is_table, open_table
 
 
+CONVERTIBLE = (".csv", ".csv.gz", ".txt", ".tsv", ".idx", "-ubyte", "-ubyte.gz")  # data convert's
+
+
+def not_hdf5(path, error):
+    """The message for a data file HDF5 cannot open: what mpinn reads, and (a CSV or MNIST IDX
+    file) the command that converts it."""
+    hint = "mpinn trains on HDF5, Parquet (.parquet) and NumPy (.npz, .npy) files"
+    if str(path).lower().endswith(CONVERTIBLE):
+        stem = os.path.basename(str(path)).split(".")[0] or "data"
+        hint += (f"; convert this one first: mpinn data convert {path} --out {stem}.h5 "
+                 "(--label-column NAME names the targets' column; docs/usage.md)")
+    return f"cannot open {path} as HDF5 ({error}): {hint}"
+
+
 def open_h5(spec, cols=None):
     """Open a data file read-only with file locking off (locks fail on many shared filesystems and
     are not needed for readers). `spec` is one path, or several (comma-separated paths and/or
@@ -32,7 +46,7 @@ def open_h5(spec, cols=None):
     except FileNotFoundError:
         raise UsageError(f"data file not found: {path}") from None
     except OSError as e:
-        raise UsageError(f"cannot open {path} as HDF5: {e}") from None
+        raise UsageError(not_hdf5(path, e)) from None
 
 
 def data_files(spec):
@@ -132,7 +146,7 @@ def describe_rows(path):
     except FileNotFoundError:
         raise UsageError(f"data file not found: {path}") from None
     except OSError as e:
-        raise UsageError(f"cannot open {path} as HDF5: {e}") from None
+        raise UsageError(not_hdf5(path, e)) from None
     with f:
         out = {}
         for name, ds in f.items():

@@ -246,13 +246,14 @@ class H5Writer:
     def labels(self):
         return np.concatenate(self.y) if self.y else np.zeros(0)
 
-    def close(self, class_names=None):
+    def close(self, class_names=None, values=False):
         """Write y: class names as int64 indices into class_names (stored as the `classes`
-        attribute), whole numbers as int64 labels, anything else as float32 targets."""
+        attribute), whole numbers as int64 labels (unless `values`: --targets values), anything
+        else as float32 targets."""
         y = self.labels()
         if class_names is not None:
             y = class_indices(y, class_names)
-        elif y.ndim == 1 and np.all(np.isfinite(y)) and np.all(y == np.round(y)):
+        elif not values and is_whole(y):
             y = y.astype(np.int64)
         else:
             y = y.astype(np.float32)
@@ -284,6 +285,10 @@ def text_classes(writers, source):
     return None
 
 
+def is_whole(y):
+    return y.ndim == 1 and bool(np.all(np.isfinite(y))) and bool(np.all(y == np.round(y)))
+
+
 def class_indices(labels, class_names):
     """int64 index of each text label in the sorted class_names."""
     import pyarrow as pa
@@ -297,12 +302,13 @@ def class_indices(labels, class_names):
     )
 
 
-def stratified_train_mask(labels, fraction, seed):
-    """True for rows that go to the training file: `fraction` of each class, chosen at random."""
+def stratified_train_mask(labels, fraction, seed, by_class=True):
+    """True for rows that go to the training file: `fraction` of each class (or, not by_class,
+    of all rows), chosen at random."""
     labels = np.asarray(labels)
     mask = np.zeros(len(labels), bool)
     rng = np.random.default_rng(seed)
-    keys = labels if labels.ndim == 1 else np.zeros(len(labels))
+    keys = labels if labels.ndim == 1 and by_class else np.zeros(len(labels))
     for value in np.unique(keys):
         rows = np.flatnonzero(keys == value)
         rng.shuffle(rows)
@@ -310,15 +316,17 @@ def stratified_train_mask(labels, fraction, seed):
     return mask
 
 
-def check_split(mask, fraction, source, outs):
+def check_split(mask, fraction, source, outs, by_class=True):
     """Both files of a split must get rows: a tiny file (or a fraction near 0 or 1) can round a
     side to none."""
     counts = (int(mask.sum()), int((~mask).sum()))
     for out, n in zip(outs, counts):
         if n == 0:
-            raise UsageError(f"--split {fraction:g} of the {len(mask)} rows of {source} (per "
-                             f"class, rounded) leaves {out} with no rows; use more rows or "
-                             "another fraction")
+            raise UsageError(f"--split {fraction:g} of the {len(mask)} rows of {source} ("
+                             f"{'per class, ' if by_class else ''}rounded) leaves {out} with no "
+                             "rows; use more rows or another fraction" + (
+                                 " (labels that are regression targets: --targets values "
+                                 "splits rows, not classes)" if by_class else ""))
 
 
 def convert(cfg):
@@ -353,8 +361,10 @@ def convert(cfg):
     features = first[0].shape[1]
     mask = None
     if cfg.split:  # first pass: labels only, for an exact stratified split
-        mask = stratified_train_mask(np.concatenate([y for _, y in chunks()]), cfg.split, cfg.seed)
-        check_split(mask, cfg.split, cfg.source, outs)
+        labels = np.concatenate([y for _, y in chunks()])
+        by_class = are_classes(cfg, labels)
+        mask = stratified_train_mask(labels, cfg.split, cfg.seed, by_class)
+        check_split(mask, cfg.split, cfg.source, outs, by_class)
     with contextlib.ExitStack() as files:  # each output appears whole, or not at all
         h5s = [files.enter_context(h5_written_whole(p)) for p in outs]
         row, counts, names = write_rows(cfg, chunks, mask, features, h5s)
@@ -382,7 +392,31 @@ def write_rows(cfg, chunks, mask, features, files):
             writers[1].write(x[~m], y[~m])
         row += len(x)
     names = text_classes(writers, cfg.source)
-    return row, [w.close(names) for w in writers], names
+    check_targets(cfg, names, np.concatenate([w.labels() for w in writers]))
+    return row, [w.close(names, cfg.targets == "values") for w in writers], names
+
+
+def are_classes(cfg, labels):
+    """Whether the labels are classes (a split keeps each one's share): --targets classes, or
+    auto with text or whole-number labels."""
+    if cfg.targets != "auto":
+        return cfg.targets == "classes"
+    if labels.dtype == object:  # a CSV's column: numbers as text count as numbers
+        try:
+            labels = labels.astype(np.float64)
+        except ValueError:
+            return True
+    return is_whole(labels)
+
+
+def check_targets(cfg, names, y):
+    """--targets classes needs whole numbers or text, values needs numbers."""
+    if cfg.targets == "values" and names is not None:
+        raise UsageError(f"--targets values: the labels of {cfg.source} are text "
+                         f"({', '.join(names[:3])}, ...), not numbers")
+    if cfg.targets == "classes" and names is None and not is_whole(y):
+        raise UsageError(f"--targets classes: the labels of {cfg.source} are not all whole "
+                         "numbers (use --targets values for regression targets)")
 
 
 def run(cfg, explicit, comm=None):
