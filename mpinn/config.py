@@ -719,6 +719,14 @@ class JobsConfig:
     partition: str = option("", "SLURM partition or PBS queue (default: the site's)")
     account: str = option("", "account/project to charge (default: the site's)")
     job_name: str = option("", "job name (default: the template's)")
+    data: str = option("", "train, sweep: the training data the job uses (default: the bundled "
+                           "digits; the job's DATA variable overrides it at submission)")
+    val_data: str = option("", "train, sweep: the validation data (VAL_DATA)")
+    args: str = option("", "the further options of the command the job runs, quoted as one "
+                           "argument, e.g. '--epochs 50 --hidden 256,256' (ARGS; BENCH_ARGS for "
+                           "scaling)")
+    venv: str = option("", "the venv with mpinn the job activates (default: .venv in the folder "
+                           "it is submitted from; a missing one fails the job at once)")
     out: str = option("", "write the job file here (default: print it)")
     launch_command: bool = option(False, "print, instead of a job file, the launcher for this "
                                          "node's MPI library (what the job files run): srun "

@@ -73,6 +73,43 @@ def test_rendering_errors():
         rendered(["lsf"])
 
 
+@pytest.mark.parametrize("scheduler,kind", [("slurm", "train"), ("pbs", "sweep"),
+                                            ("slurm", "scaling")])
+def test_jobs_take_their_data_options_and_venv(tmp_path, scheduler, kind):
+    """The job's defaults become what was given (its variables still win at submission), the
+    header's submit line names the file written, and the file stays valid bash."""
+    data = [] if kind == "scaling" else ["--data", "d.h5", "--val-data", "v.h5"]
+    text = rendered([scheduler, "--kind", kind, *data, "--args", "--epochs 50 --hidden 256,256",
+                     "--venv", sys.prefix, "--out", "my.job"])
+    lines = text.splitlines()
+    args = "BENCH_ARGS" if kind == "scaling" else "ARGS"
+    assert f"{args}=${{{args}:-'--epochs 50 --hidden 256,256'}}" in [l.split(" #")[0].strip()
+                                                                     for l in lines]
+    assert f"VENV=${{VENV-{sys.prefix}}}" in text
+    if data:
+        assert f"DATA=${{DATA:-{os.path.abspath('d.h5')}}}" in text
+        assert f"VAL_DATA=${{VAL_DATA:-{os.path.abspath('v.h5')}}}" in text
+    submit = "sbatch" if scheduler == "slurm" else "qsub"
+    header = "\n".join(lines[1:4])
+    assert re.search(rf"{submit} (-v GRID=grid\.toml )?my\.job", header) and "jobs/" not in header
+    subprocess.run(["bash", "-n"], input=text, text=True, check=True)
+
+
+def test_job_options_that_cannot_apply_are_refused(tmp_path):
+    with pytest.raises(UsageError, match="--data and --val-data are for --kind train or sweep"):
+        rendered(["slurm", "--kind", "scaling", "--data", "d.h5"])
+    with pytest.raises(UsageError, match=f"--venv {tmp_path}: no venv there"):
+        rendered(["pbs", "--venv", str(tmp_path)])
+
+
+def test_a_job_without_its_venv_fails_at_once_naming_it(tmp_path):
+    env = {**pbs_env(tmp_path), "VENV": str(tmp_path / "gone")}
+    p = subprocess.run(["bash", str(ROOT / "jobs" / "pbs" / "train.pbs")], env=env, cwd="/",
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and not (tmp_path / "runs").exists()
+    assert f"mpinn job: no venv at {tmp_path / 'gone'} (set VENV; empty for none)" in p.stderr
+
+
 def pbs_env(tmp_path, np_=2):
     nodefile = tmp_path / "nodes"
     nodefile.write_text((socket.gethostname() + "\n") * np_)

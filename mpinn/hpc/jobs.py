@@ -8,6 +8,7 @@ Only directive lines change; the commented body of the template stays as the gui
 """
 import os
 import re
+import shlex
 import stat
 import subprocess
 import sys
@@ -67,7 +68,31 @@ def render(cfg):
             f", got {cfg.time!r}"
         )
     text = assets.path("jobs", FILES[(cfg.scheduler, cfg.kind)]).read_text()
-    return render_slurm(text, cfg) if cfg.scheduler == "slurm" else render_pbs(text, cfg)
+    text = render_slurm(text, cfg) if cfg.scheduler == "slurm" else render_pbs(text, cfg)
+    return render_variables(text, cfg)
+
+
+def render_variables(text, cfg):
+    """The job's defaults for the data, options and venv given (its variables still override
+    them at submission), and the header's submit line naming this file."""
+    if cfg.kind == "scaling" and (cfg.data or cfg.val_data):
+        raise UsageError("--data and --val-data are for --kind train or sweep: a scaling job times "
+                         "synthetic data (set its network with --args)")
+    values = {"DATA": os.path.abspath(cfg.data) if cfg.data else "",
+              "VAL_DATA": os.path.abspath(cfg.val_data) if cfg.val_data else "",
+              "BENCH_ARGS" if cfg.kind == "scaling" else "ARGS": cfg.args}
+    for name, value in values.items():
+        if value:
+            text = _set(text, rf"^{name}=\$\{{{name}:-(\"[^\"]*\"|[^}}]*)\}}",
+                        f"{name}=${{{name}:-{shlex.quote(value)}}}")
+    if cfg.venv:
+        if not os.path.isfile(os.path.join(cfg.venv, "bin", "activate")):
+            raise UsageError(f"--venv {cfg.venv}: no venv there (no bin/activate)")
+        text = _set(text, r"^VENV=\$\{VENV-\$PWD/\.venv\}",
+                    f"VENV=${{VENV-{shlex.quote(os.path.abspath(cfg.venv))}}}")
+    submit = "sbatch" if cfg.scheduler == "slurm" else "qsub"
+    return re.sub(rf"{submit} (-v GRID=grid\.toml )?jobs/{cfg.scheduler}/\S+",
+                  lambda m: f"{submit} {m.group(1) or ''}{cfg.out or 'THIS_FILE'}", text, count=1)
 
 
 def launch_command(scheduler, library, srun_plugins, threads, env):
