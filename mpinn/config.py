@@ -404,9 +404,10 @@ class RunOptions:
                                   "folder (rank 0; needs tensorboardX: the tensorboard extra)")
     metrics: tuple = option("", METRICS_HELP, parse=parse_metric_names, show=",".join,
                             flag_type=str, coerce=names_from_list)
-    progress: str = option("auto", "a live progress bar with ETA on rank 0 (bar), plain lines only "
-                                   "(lines), or the bar when stdout is a terminal (auto; under "
-                                   "mpiexec rank 0 writes to the launcher's pipe: use bar)",
+    progress: str = option("auto", "a live progress bar with ETA on rank 0 in place of the step "
+                                   "lines (bar), plain lines only (lines), or the bar when a "
+                                   "person watches on a terminal (auto: rank 0's stdout, or "
+                                   "under mpiexec the launcher's, is one)",
                            ("auto", "bar", "lines"), changeable_on_resume=True)
     debug: bool = option(False, "show Python tracebacks on errors", changeable_on_resume=True)
 

@@ -146,8 +146,13 @@ class Metrics(Hook):
         rate = total[2] / max(now - self.t_window, 1e-9)
         state.trained_samples += int(total[2])
         state.train_seconds += now - self.t_window
-        t.log.info(f"epoch {state.epoch + 1}/{state.epochs} step {state.step} loss {mean_loss:.4f}"
-                   + (f" acc {acc:.4f}" if acc is not None else "") + f" samples/s {rate:,.0f}")
+        epoch_end = state.batch == state.steps_per_epoch - 1 or state.step == state.total_steps
+        if t.log.bar and not epoch_end:  # the bar shows the epoch; the record keeps the figures
+            self.show_progress(state)
+        else:
+            t.log.info(f"epoch {state.epoch + 1}/{state.epochs} step {state.step} loss "
+                       f"{mean_loss:.4f}" + (f" acc {acc:.4f}" if acc is not None else "")
+                       + f" samples/s {rate:,.0f}")
         record = {"kind": "train", "epoch": state.epoch + 1, "step": state.step,
                   "loss": mean_loss, "accuracy": acc, "samples": int(total[2]),
                   "samples_per_s": rate,

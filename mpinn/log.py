@@ -8,6 +8,7 @@ import time
 
 from .errors import RunError, UsageError
 from .outputs import written_whole
+from .runtime.launch import watched_on_a_terminal
 
 
 class Log:
@@ -16,9 +17,10 @@ class Log:
         self.active = rank == 0 and not quiet
         self._metrics = None
         self.sinks = []  # more receivers of each metrics record (rank 0's: TensorBoard)
-        # a live progress bar only where a person watches (a terminal), not in job logs
-        self.bar = self.active and (progress == "bar" or (progress == "auto"
-                                                          and sys.stdout.isatty()))
+        # a live progress bar only where a person watches (a terminal, also through mpiexec),
+        # not in job logs
+        self.bar = self.active and (progress == "bar" or (
+            progress == "auto" and watched_on_a_terminal(sys.stdout.isatty())))
         self._bar_shown, self._bar_time = False, 0.0
 
     def info(self, message):

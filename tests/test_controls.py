@@ -105,17 +105,20 @@ def test_bad_control_values(bad_control_runs, case):
     assert r.returncode == 2 and len(lines) == 1 and message in lines[0], r.stderr
 
 
-def run_on_a_terminal(args, tmp_path):
-    """mpinn train with stdout on a pseudo-terminal (1 process, no launcher); all it printed."""
+def run_on_a_terminal(args, tmp_path, ranks=0):
+    """mpinn train with stdout on a pseudo-terminal (1 process without a launcher, or `ranks`
+    under mpiexec, whose own stdout is then the terminal); all it printed."""
     import os
     import pty
     import subprocess
     import sys
 
-    from helpers import mpinn_env
+    from helpers import mpiexec, mpinn_env
     master, slave = pty.openpty()
-    p = subprocess.Popen([sys.executable, "-m", "mpinn", "train", *map(str, args)],
-                         stdout=slave, stderr=subprocess.DEVNULL, env=mpinn_env(), cwd=tmp_path)
+    launch = [mpiexec(), "-n", str(ranks)] if ranks else []
+    p = subprocess.Popen([*launch, sys.executable, "-m", "mpinn", "train", *map(str, args)],
+                         stdout=slave, stderr=subprocess.DEVNULL, env=mpinn_env(), cwd=tmp_path,
+                         start_new_session=True)
     os.close(slave)
     out = b""
     while True:
@@ -140,7 +143,23 @@ def test_progress_bar_on_a_terminal_lines_in_logs(tmp_path):
     plain = ok(run_mpinn(1, "train", *args, "--overwrite"))  # a pipe: lines only
     assert "ETA" not in plain.stdout and "\r" not in plain.stdout
     forced = ok(run_mpinn(2, "train", *args, "--overwrite", "--progress", "bar"))
-    assert "ETA" in forced.stdout  # under mpiexec rank 0 writes to a pipe: asked for explicitly
+    assert "ETA" in forced.stdout  # under mpiexec to a pipe (a job log): asked for explicitly
+    assert "ETA" not in ok(run_mpinn(2, "train", *args, "--overwrite")).stdout
+
+
+def test_progress_bar_under_mpiexec_on_a_terminal_without_step_lines_between(tmp_path):
+    """Rank 0 writes to a pipe to mpiexec, whose stdout is the person's terminal: the bar shows
+    (runtime/launch.watched_on_a_terminal), and the step lines every --log-every steps give way
+    to it, but for each epoch's last (its figures stay in metrics.jsonl)."""
+    args = ["--run-dir", tmp_path / "r", "--hidden", "256,256", "--batch-size", 8, "--epochs", 2,
+            "--log-every", 10]
+    shown = run_on_a_terminal(args, tmp_path, ranks=2)
+    assert "samples/s  ETA 00:" in shown and "\r" in shown
+    steps = [line for line in shown.replace("\r", "\n").splitlines() if " step " in line]
+    assert [s.split(" loss")[0].split("\x1b[K")[-1] for s in steps] == [
+        "epoch 1/2 step 180", "epoch 2/2 step 360"]
+    records = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").open()]
+    assert sum(r["kind"] == "train" for r in records) == 36  # every 10 steps, as without a bar
 
 
 def test_evaluation_never_drops(rising, tmp_path):

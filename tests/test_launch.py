@@ -228,3 +228,32 @@ def test_resume_auto_starts_then_continues_and_refuses_another_configuration(tmp
     assert r.returncode == 2 and "--lr 0.5 differs from the run's 0.001" in r.stderr
     r = run_mpinn(1, "train", "--run-dir", run, "--resume", "auto", "--overwrite")
     assert r.returncode == 2 and "give one of them" in r.stderr
+
+
+def fake_proc(tmp_path, chain):
+    """A /proc of processes [(pid, name, parent, stdout)], as watched_on_a_terminal reads it."""
+    for pid, name, parent, stdout in chain:
+        d = tmp_path / str(pid)
+        (d / "fd").mkdir(parents=True)
+        (d / "stat").write_text(f"{pid} ({name}) S {parent} {pid} {pid} 0 -1\n")
+        (d / "fd" / "1").symlink_to(stdout)
+    return str(tmp_path)
+
+
+@pytest.mark.parametrize("chain,watched", [
+    # rank 0 <- Hydra's proxy (a pipe) <- mpiexec on the person's terminal
+    ([(20, "hydra_pmi_proxy", 10, "pipe:[77]"), (10, "mpiexec.hydra", 5, "/dev/pts/3"),
+      (5, "bash", 1, "/dev/pts/3")], True),
+    # the same launch from a job script: mpiexec writes to the job's log file
+    ([(20, "hydra_pmi_proxy", 10, "pipe:[77]"), (10, "mpiexec.hydra", 5, "/x/job.out"),
+      (5, "bash", 1, "/x/job.out")], False),
+    # a terminal above, but no launcher between: not this process's output
+    ([(20, "python", 5, "pipe:[9]"), (5, "bash", 1, "/dev/pts/3")], False),
+    # srun's tasks: slurmstepd between (its stdout is not the person's)
+    ([(20, "slurmstepd", 1, "/dev/null")], False),
+])
+def test_a_terminal_is_seen_through_the_launcher(tmp_path, chain, watched):
+    from mpinn.runtime.launch import watched_on_a_terminal
+    proc = fake_proc(tmp_path, chain)
+    assert watched_on_a_terminal(False, proc, pid=chain[0][0]) is watched
+    assert watched_on_a_terminal(True, proc, pid=chain[0][0])  # its own stdout is one

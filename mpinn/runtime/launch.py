@@ -9,6 +9,8 @@ while a launcher says it started more: `mpiexec` inside a SLURM allocation runs 
 in a step with fewer tasks than ranks, but there the world has all its ranks, so it stays quiet.
 """
 
+import os
+
 # (variable, launcher) in the order they are trusted: each holds the number of processes started
 LAUNCHER_SIZES = (
     ("SLURM_STEP_NUM_TASKS", "srun"),
@@ -48,3 +50,37 @@ def mis_launch(world_size, env, library):
     return (f"this process is rank 0 of a 1-rank MPI world, but {who} started {n} processes "
             f"({var}={n}): MPI did not connect them, and {n} separate trainings would run. "
             f"Likely cause: {hint}. This MPI is {library}; `mpinn doctor` shows the details")
+
+
+# the processes between a rank and the person's terminal: MPICH's Hydra (mpiexec, its proxy on
+# each node), Open MPI's (mpirun, prterun and its daemon), Slurm's srun
+LAUNCHERS = ("mpiexec", "mpiexec.hydra", "mpirun", "hydra_pmi_proxy", "orterun", "prterun",
+             "prted", "srun")
+
+
+def watched_on_a_terminal(stdout_is_tty, proc="/proc", pid=None, depth=4):
+    """Whether a person watches this process's output on a terminal: its own stdout is one, or
+    (under mpiexec, where a rank writes to a pipe to its launcher) the launcher it runs under
+    writes to one. Walks up to `depth` ancestors in /proc: a launcher's stdout that is a
+    terminal device (/dev/pts/N, /dev/ttyN) means the rank's lines reach a terminal. False
+    where /proc cannot tell (not Linux, another user's launcher, srun's tasks: slurmstepd sits
+    between)."""
+    if stdout_is_tty:
+        return True
+    pid = os.getppid() if pid is None else pid
+    for _ in range(depth):
+        try:
+            with open(f"{proc}/{pid}/stat") as fh:
+                stat = fh.read()
+            name = stat[stat.index("(") + 1:stat.rindex(")")]
+            parent = int(stat[stat.rindex(")") + 2:].split()[1])
+            if name in LAUNCHERS:
+                out = os.readlink(f"{proc}/{pid}/fd/1")
+                if out.startswith(("/dev/pts/", "/dev/tty")):
+                    return True
+        except (OSError, ValueError, IndexError):
+            return False
+        if parent <= 1:
+            return False
+        pid = parent
+    return False
