@@ -11,7 +11,9 @@ into the one flat record the command line, TOML and the API fill in (values as g
 and `Sections.from_flat` parses that record into the sections' real types.
 """
 import dataclasses
+import difflib
 import math
+import reprlib
 import tomllib
 from dataclasses import dataclass, field
 
@@ -129,8 +131,9 @@ def check_value(cls, name, value, where):
     ok = ok or isinstance(value, f.metadata.get("accepts", ()))
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         value, ok = float(value), True
-    if not ok:
-        raise UsageError(f"{where}: {name} must be {expected.__name__}, got {value!r}")
+    if not ok:  # reprlib: an array given by mistake is named by its start, not printed whole
+        raise UsageError(f"{where}: {name} must be {expected.__name__}, got "
+                         f"{type(value).__name__} {reprlib.repr(value)}")
     choices = f.metadata.get("choices")
     if choices and isinstance(value, str) and value not in choices:
         raise UsageError(f"{where}: {name} must be one of {', '.join(choices)}, got {value!r}")
@@ -151,6 +154,23 @@ def build(cls, values):
     return cfg
 
 
+# what other tools call an option (scikit-learn, Keras, PyTorch scripts) -> its name here
+OTHER_NAMES = {"learning_rate": "lr", "learning_rate_init": "lr", "n_epochs": "epochs",
+               "num_epochs": "epochs", "max_iter": "epochs", "batch": "batch_size",
+               "hidden_layer_sizes": "hidden", "random_state": "seed", "alpha_l2": "weight_decay",
+               "l2": "weight_decay", "drop_rate": "dropout", "optim": "optimizer"}
+
+
+def did_you_mean(name, names):
+    """'; did you mean ...?' naming the closest options, or where to find them all."""
+    if OTHER_NAMES.get(name) in names:
+        return f"; did you mean {OTHER_NAMES[name]!r}?"
+    close = difflib.get_close_matches(name, sorted(names), n=3, cutoff=0.6)
+    if close:
+        return f"; did you mean {' or '.join(repr(c) for c in close)}?"
+    return f" (none is close; the {len(names)} options: the command's --help)"
+
+
 def from_options(cls, config_file=None, where="options", **options):
     """A validated config from a TOML file and keyword options (the options win), type-checked
     as the command line and config files are: the Python API's way in."""
@@ -159,7 +179,7 @@ def from_options(cls, config_file=None, where="options", **options):
     for key, value in options.items():
         name = key.replace("-", "_")
         if name not in names:
-            raise UsageError(f"{where}: unknown option {key!r} (valid: {', '.join(sorted(names))})")
+            raise UsageError(f"{where}: unknown option {key!r}{did_you_mean(name, names)}")
         values[name] = check_value(cls, name, value, where)
     return build(cls, values), frozenset(values)
 
@@ -182,8 +202,6 @@ def load_toml(cls, path):
     for key, value in raw.items():
         name = key.replace("-", "_")
         if name not in names:
-            raise UsageError(
-                f"{path}: unknown key {key!r} (valid keys: {', '.join(sorted(names))})"
-            )
+            raise UsageError(f"{path}: unknown key {key!r}{did_you_mean(name, names)}")
         out[name] = check_value(cls, name, value, path)
     return out

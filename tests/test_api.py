@@ -117,9 +117,10 @@ def test_load_predict_evaluate_agree_with_the_commands(dataset, tmp_path):
 
 def test_bad_options_fail_before_mpi_and_import_starts_no_mpi(tmp_path):
     body = (
-        "import sys, mpinn\nfrom mpinn.errors import UsageError\n"
+        "import sys, mpinn\nimport numpy as np\nfrom mpinn.errors import UsageError\n"
         "assert 'mpi4py.MPI' not in sys.modules and 'numba' not in sys.modules\n"
-        "for bad in (dict(learning_rate=0.1), dict(epochs='3'), dict(lr=0)):\n"
+        "for bad in (dict(learning_rate=0.1), dict(epoch=3), dict(epochs='3'), dict(lr=0),\n"
+        "            dict(data=(np.zeros((1000, 5)), np.zeros(1000))), dict(zzz=1)):\n"
         "    try:\n        mpinn.fit(**bad)\n    except UsageError as e:\n"
         "        print('refused:', e)\n    else:\n"
         "        raise SystemExit('accepted ' + str(bad))\n"
@@ -128,11 +129,16 @@ def test_bad_options_fail_before_mpi_and_import_starts_no_mpi(tmp_path):
     p = subprocess.run([sys.executable, script(tmp_path, body)], capture_output=True, text=True,
                        timeout=60, env=mpinn_env(), cwd=tmp_path)
     assert p.returncode == 0, p.stderr
+    n = len(__import__("mpinn.config").config.TrainConfig.__dataclass_fields__)
     assert p.stdout.splitlines() == [
-        "refused: mpinn.fit: unknown option 'learning_rate' (valid: " + ", ".join(sorted(
-            __import__("mpinn.config").config.TrainConfig.__dataclass_fields__)) + ")",
-        "refused: mpinn.fit: epochs must be int, got '3'",
-        "refused: --lr must be positive, got 0.0"]
+        "refused: mpinn.fit: unknown option 'learning_rate'; did you mean 'lr'?",
+        "refused: mpinn.fit: unknown option 'epoch'; did you mean 'epochs'?",
+        "refused: mpinn.fit: epochs must be int, got str '3'",
+        "refused: --lr must be positive, got 0.0",
+        "refused: mpinn.fit: data must be str, got tuple (array([[0., 0...ape=(1000, 5)), "
+        "array([0., 0...., 0., 0., 0.]))",
+        f"refused: mpinn.fit: unknown option 'zzz' (none is close; the {n} options: the "
+        "command's --help)"]
 
 
 def test_a_failing_run_raises_run_error(tmp_path):
