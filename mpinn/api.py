@@ -2,26 +2,31 @@
 
     import mpinn
     result = mpinn.fit(data="train.h5", hidden="256,128", epochs=5, run_dir="runs/a")
+    result.metrics, result.history               # the last epoch's figures, every epoch's
     result = mpinn.fit(..., hooks=[MyHook()])  # subclasses of mpinn.Hook see the loop's events
     model = mpinn.load(result.checkpoint)         # or any checkpoint.h5
     probabilities = model.predict(x)              # NumPy in, NumPy out, in this process
     loss, accuracy = model.evaluate(x, y)
 
 fit() takes the options of `mpinn train` as keywords (and/or a TOML file as `config`), checked as
-the command line checks them, and trains exactly as `mpinn train` does: on one process, or under
-`mpirun -n N python script.py` over all N ranks (every rank calls fit with the same options).
+the command line checks them (an unknown keyword gets a did-you-mean; errors name keywords, not
+flags), quiet unless verbose=True, and trains exactly as `mpinn train` does: on one process, or
+under `mpirun -n N python script.py` over all N ranks (every rank calls fit with the same
+options).
 Importing mpinn starts no MPI; fit() does, the first time it runs. load(), predict() and
 evaluate() never use MPI.
 """
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from . import checkpoint
 from .config import TrainConfig, from_options
 from .errors import AgreedExit, RunError, UsageError
+from .hooks import Hook
 from .model import Network
+from .options import in_python
 from .runtime.launch import mis_launch
 
 
@@ -31,18 +36,44 @@ class FitResult:
     steps: int        # optimizer steps made in all (counting resumed ones)
     rank: int         # this process's rank, and the world's size
     size: int
+    history: list = field(default_factory=list)  # each epoch's record of this call, as in
+    #                                              metrics.jsonl (loss, accuracy, val_loss, ...)
+
+    @property
+    def metrics(self):
+        """The last epoch's record (an empty dict when no epoch ran)."""
+        return self.history[-1] if self.history else {}
 
     def model(self):
         """The trained network, loaded from the final checkpoint."""
         return load(self.checkpoint)
 
 
-def fit(config=None, hooks=(), **options):
-    """Train as `mpinn train` would with these options; returns a FitResult. `hooks`: your own
-    mpinn.Hook objects, called at the loop's events (after the run's own metrics and validation,
-    before its checkpoint: see hooks.py). Bad options raise UsageError before MPI starts; a
-    failure during the run (already reported on stderr by the rank that saw it) raises RunError
-    on every rank."""
+class History(Hook):
+    """Each epoch's record, on every rank (the records are the same on all of them)."""
+
+    def __init__(self):
+        self.records = []
+
+    def on_epoch_end(self, state, record):
+        self.records.append({k: v.item() if isinstance(v, np.generic) else v
+                             for k, v in record.items()})
+
+
+def fit(config=None, hooks=(), verbose=False, **options):
+    """Train as `mpinn train` would with these options; returns a FitResult with each epoch's
+    figures. `hooks`: your own mpinn.Hook objects, called at the loop's events (after the run's
+    own metrics and validation, before its checkpoint: see hooks.py). verbose: print what `mpinn
+    train` prints (rank 0). Bad options raise UsageError before MPI starts; a failure during
+    the run (reported on stderr by the rank that saw it) raises RunError on every rank."""
+    try:
+        return _fit(config, hooks, verbose, options)
+    except (UsageError, RunError) as e:  # said for a Python caller: keywords, not flags
+        e.args = (in_python(str(e), TrainConfig),)
+        raise
+
+
+def _fit(config, hooks, verbose, options):
     cfg, explicit = from_options(TrainConfig, config, "mpinn.fit", **options)
     from . import train
     from .comm import Comm  # MPI starts here, once the options are known to be good
@@ -52,12 +83,14 @@ def fit(config=None, hooks=(), **options):
     problem = mis_launch(comm.size, os.environ, comm.library_version())
     if problem:
         raise UsageError(problem)
+    history = History()
     try:
-        engine = train.run(cfg, explicit, comm, hooks).engine
+        engine = train.run(cfg, explicit, comm, [*hooks, history], quiet=not verbose).engine
     except AgreedExit as e:
         raise RunError(e.message or "training stopped (the reason is printed above)",
                        e.code) from None
-    return FitResult(RunDir(cfg.run_dir).checkpoint, engine.optimizer.t, comm.rank, comm.size)
+    return FitResult(RunDir(cfg.run_dir).checkpoint, engine.optimizer.t, comm.rank, comm.size,
+                     history.records)
 
 
 def load(path):

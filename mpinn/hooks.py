@@ -101,8 +101,9 @@ class Metrics(Hook):
 
     def __init__(self, every, resumed, record_grad_norm):
         self.every, self.resumed, self.record_grad_norm = every, resumed, record_grad_norm
-        # loss sum, correct, rows and row weights (rows when unweighted) since the last log line
-        self.window = np.zeros(4)
+        # loss sum, correct, rows and row weights (rows when unweighted) since the last log line,
+        # and since the epoch began (summed over ranks)
+        self.window, self.epoch_total = np.zeros(4), np.zeros(4)
         self.grad_norm, self.t_window, self.window_steps = 0.0, 0.0, 0
 
     def on_loop_start(self, state):
@@ -138,6 +139,7 @@ class Metrics(Hook):
         """Loss, accuracy and rate since the last line, summed over ranks (one small Allreduce)."""
         t = self.trainer
         total = t.comm.allreduce_sum(self.window)
+        self.epoch_total += total
         now = time.perf_counter()
         loss_sum, correct, rows, weight = total
         mean_loss, acc = t.arch.loss_fn.summarize(loss_sum, correct, rows, t.arch.sizes[-1],
@@ -165,6 +167,16 @@ class Metrics(Hook):
         self.t_window, self.window_steps = now, 0
 
     def on_epoch_end(self, state, record):
+        """The epoch's mean training loss (and accuracy) join its record, then it is written."""
+        loss_sum, correct, rows, weight = self.epoch_total
+        if rows:
+            t = self.trainer
+            loss, accuracy = t.arch.loss_fn.summarize(loss_sum, correct, rows, t.arch.sizes[-1],
+                                                      weight)
+            record["loss"] = float(loss)
+            if accuracy is not None:
+                record["accuracy"] = float(accuracy)
+        self.epoch_total[:] = 0
         self.trainer.log.metrics(record)
 
     def after_epoch(self, state):

@@ -13,6 +13,7 @@ and `Sections.from_flat` parses that record into the sections' real types.
 import dataclasses
 import difflib
 import math
+import re
 import reprlib
 import tomllib
 from dataclasses import dataclass, field
@@ -159,6 +160,22 @@ OTHER_NAMES = {"learning_rate": "lr", "learning_rate_init": "lr", "n_epochs": "e
                "num_epochs": "epochs", "max_iter": "epochs", "batch": "batch_size",
                "hidden_layer_sizes": "hidden", "random_state": "seed", "alpha_l2": "weight_decay",
                "l2": "weight_decay", "drop_rate": "dropout", "optim": "optimizer"}
+
+
+def in_python(message, cls):
+    """A message written for the command line, for a Python caller of `cls`'s options: --flag
+    becomes flag=True, --no-flag flag=False, --resume resume='yes', any other --name name."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+
+    def keyword(m):
+        negated, name = m.group(1), m.group(2).replace("-", "_")
+        f = fields.get(name)
+        if f is None or (negated and flag_type(f) is not bool):
+            return m.group(0)
+        if flag_type(f) is bool:
+            return f"{name}={not negated}"
+        return "resume='yes'" if name == "resume" else name
+    return re.sub(r"--(no-)?([a-z][a-z0-9-]*)", keyword, message)
 
 
 def did_you_mean(name, names):

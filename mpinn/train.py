@@ -14,11 +14,12 @@ from .log import Log
 from .startup import assemble
 
 
-def run(cfg, explicit, comm, user_hooks=()):
+def run(cfg, explicit, comm, user_hooks=(), quiet=False):
     """`mpinn train`: assemble (data, network, engine, hooks), train epoch by epoch, summarize.
-    user_hooks (mpinn.fit's) join the run's own."""
+    user_hooks (mpinn.fit's) join the run's own; quiet: nothing on stdout (mpinn.fit's default;
+    warnings and errors still go to stderr)."""
     options = cfg.sections()
-    log = Log(comm.rank, comm.size, progress=options.run.progress)
+    log = Log(comm.rank, comm.size, quiet=quiet, progress=options.run.progress)
     trainer = assemble(options, explicit, comm, log, user_hooks)
     try:
         try:

@@ -134,11 +134,35 @@ def test_bad_options_fail_before_mpi_and_import_starts_no_mpi(tmp_path):
         "refused: mpinn.fit: unknown option 'learning_rate'; did you mean 'lr'?",
         "refused: mpinn.fit: unknown option 'epoch'; did you mean 'epochs'?",
         "refused: mpinn.fit: epochs must be int, got str '3'",
-        "refused: --lr must be positive, got 0.0",
+        "refused: lr must be positive, got 0.0",  # a keyword, not the flag
         "refused: mpinn.fit: data must be str, got tuple (array([[0., 0...ape=(1000, 5)), "
         "array([0., 0...., 0., 0., 0.]))",
         f"refused: mpinn.fit: unknown option 'zzz' (none is close; the {n} options: the "
         "command's --help)"]
+
+
+def test_fit_is_quiet_and_returns_every_epochs_figures(tmp_path):
+    """Nothing on stdout unless verbose=True; the result's history is metrics.jsonl's epoch
+    records (with the epoch's training loss) and its metrics the last; an error raised to Python
+    names keywords (overwrite=True), not flags."""
+    body = (
+        "import json, mpinn\n"
+        f"r = mpinn.fit(epochs=2, hidden='16', batch_size=128, run_dir={str(tmp_path / 'r')!r})\n"
+        "try:\n"
+        f"    mpinn.fit(epochs=1, hidden='16', run_dir={str(tmp_path / 'r')!r})\n"
+        "except mpinn.errors.RunError as e:\n"
+        "    error = str(e)\n"
+        "json.dump([r.history, r.metrics, error], open('out.json', 'w'))\n")
+    p = subprocess.run([sys.executable, script(tmp_path, body)], capture_output=True, text=True,
+                       timeout=120, env=mpinn_env(), cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout == ""
+    history, last, error = json.load(open(tmp_path / "out.json"))
+    records = [json.loads(line) for line in open(tmp_path / "r" / "metrics.jsonl")]
+    assert history == [r for r in records if r["kind"] == "epoch"] and last == history[-1]
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert all(h["loss"] > 0 and 0 <= h["accuracy"] <= 1 and "val_loss" in h for h in history)
+    assert "replace it with overwrite=True" in error and "--" not in error
 
 
 def test_a_failing_run_raises_run_error(tmp_path):

@@ -3,7 +3,7 @@ tensorboardX (the optional `tensorboard` extra), the same records metrics.jsonl 
 
     train/loss, train/accuracy, train/samples_per_s, train/step_s, train/lr, train/grad_norm
                         every --log-every steps (what the log line says), at the optimizer step
-    epoch/val_loss, epoch/val_accuracy
+    epoch/loss, epoch/accuracy, epoch/val_loss, epoch/val_accuracy (training means, validation)
                         after each epoch, at its last step
 A resumed run purges what the stopped run wrote after its checkpoint's step, as metrics.jsonl
 does (tensorboardX's purge_step), so curves never double back."""
