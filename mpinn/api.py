@@ -5,7 +5,8 @@
     result.metrics, result.history               # the last epoch's figures, every epoch's
     result = mpinn.fit(..., hooks=[MyHook()])  # subclasses of mpinn.Hook see the loop's events
     model = mpinn.load(result.checkpoint)         # or any checkpoint.h5
-    probabilities = model.predict(x)              # NumPy in, NumPy out, in this process
+    labels = model.predict(x)                     # NumPy in, NumPy out, in this process
+    probabilities = model.predict_proba(x)        # (classification)
     loss, accuracy = model.evaluate(x, y)
 
 fit() takes the options of `mpinn train` as keywords (and/or a TOML file as `config`), checked as
@@ -107,6 +108,10 @@ class Model:
         self.arch, self.params, self.batch_size = ckpt.arch, ckpt.params, batch_size
         self.config = ckpt.config
         self.scaling = ckpt.scaling  # applied to x (and y, outputs) as training applied it
+        names = self.config.get("class_names")
+        # what predict answers with for a classifier: the class names the data had, else 0..K-1
+        self.classes_ = (np.array(names) if names else np.arange(self.arch.sizes[-1])
+                         if self.arch.loss == "cross_entropy" else None)
         self._net = Network(self.arch, self.params, batch_size)
 
     def _chunks(self, x):
@@ -119,13 +124,24 @@ class Model:
             yield start, self.scaling.inputs_(np.array(x[start:start + self.batch_size],
                                                        self.arch.float, order="C"))
 
-    def predict(self, x):
-        """Class probabilities (cross-entropy) or outputs (mse, in the targets' units) for the
-        rows of x: (rows, K)."""
+    def predict_proba(self, x):
+        """What `mpinn predict` writes as prob/output for the rows of x, (rows, K): class
+        probabilities (cross-entropy), a probability per label (bce), outputs in the targets'
+        units (mse)."""
         out = np.empty((len(x), self.arch.sizes[-1]), self.arch.float)
         for start, chunk in self._chunks(x):
             out[start:start + len(chunk)] = self._net.forward(chunk)
         return self.scaling.outputs_(out)
+
+    def predict(self, x):
+        """The prediction for each row of x: its class (the class name when the training data
+        had names: `classes_`), its 0/1 labels (bce, (rows, K) int8), or its outputs (mse)."""
+        out = self.predict_proba(x)
+        if self.arch.loss == "cross_entropy":
+            return self.classes_[out.argmax(1)]
+        if self.arch.loss == "bce":
+            return (out > 0.5).astype(np.int8)
+        return out
 
     def evaluate(self, x, y):
         """(mean loss, accuracy or None) over the rows of x, as `mpinn evaluate` reports them."""

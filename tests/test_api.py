@@ -61,7 +61,7 @@ def test_fit_trains_as_the_command_line_does(dataset, tmp_path, ranks, args):
     assert api.arch.activation == args.get("activation", "relu")
     import mpinn
     with h5py.File(dataset, "r") as f:
-        assert mpinn.load(results[0][3]).predict(f["X"][:5]).dtype == api.params.dtype
+        assert mpinn.load(results[0][3]).predict_proba(f["X"][:5]).dtype == api.params.dtype
 
 
 def test_fit_takes_the_data_options_as_the_command_line_does(dataset, tmp_path):
@@ -105,14 +105,30 @@ def test_load_predict_evaluate_agree_with_the_commands(dataset, tmp_path):
     with h5py.File(dataset, "r") as f:
         x, y = f["X"][...], f["y"][...]
     with h5py.File(tmp_path / "p.h5", "r") as f:
-        np.testing.assert_allclose(model.predict(x), f["prob"][...], rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(model.predict_proba(x), f["prob"][...], rtol=1e-6, atol=1e-7)
+        np.testing.assert_array_equal(model.predict(x), f["pred"][...])  # the classes
     loss, accuracy = model.evaluate(x, y)
     assert accuracy == evaluated["accuracy"]
     assert loss == pytest.approx(evaluated["loss"], rel=1e-6)
     small = mpinn.api.Model(checkpoint.load(str(ckpt)), batch_size=7)  # many chunks, same result
-    np.testing.assert_allclose(small.predict(x), model.predict(x), rtol=1e-6)
+    np.testing.assert_allclose(small.predict_proba(x), model.predict_proba(x), rtol=1e-6)
     with pytest.raises(ValueError, match=r"x must be \(rows, 5\)"):
         model.predict(x[:, :4])
+
+
+def test_predict_answers_with_the_class_names_the_data_had(dataset, tmp_path):
+    with h5py.File(dataset, "r") as f, h5py.File(tmp_path / "named.h5", "w") as g:
+        x, y = f["X"][...], f["y"][...]
+        g["X"], g["y"] = x, y
+        g["y"].attrs["classes"] = np.array(["ash", "elm", "oak"], dtype=h5py.string_dtype())
+    ok(run_mpinn(1, "train", "--data", tmp_path / "named.h5", "--run-dir", tmp_path / "r",
+                 *cli_args(ARGS)))
+    import mpinn
+    model = mpinn.load(tmp_path / "r" / "checkpoint.h5")
+    assert list(model.classes_) == ["ash", "elm", "oak"]
+    names = model.predict(x)
+    assert names.shape == (len(x),) and set(names) <= {"ash", "elm", "oak"}
+    np.testing.assert_array_equal(names, model.classes_[model.predict_proba(x).argmax(1)])
 
 
 def test_bad_options_fail_before_mpi_and_import_starts_no_mpi(tmp_path):

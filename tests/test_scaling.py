@@ -175,7 +175,7 @@ def test_scaled_regression_predicts_in_the_targets_units(files, trained, tmp_pat
                                scaling.targets.scale, rtol=1e-14)
     model = api.load(ckpt)
     x_before = files["x"].copy()
-    mine = model.predict(files["x"])
+    mine = model.predict(files["x"])  # regression: the outputs themselves
     np.testing.assert_array_equal(files["x"], x_before)  # the caller's array is not scaled
     # by hand: scale, forward in float64, unscale
     c = checkpoint.load(ckpt)
