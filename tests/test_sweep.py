@@ -89,6 +89,29 @@ def test_best_is_the_lowest_validation_loss_of_the_trials_that_ended_ok():
     assert best(records[1:3]) == (None, None)
 
 
+def test_the_sweep_plot_reads_as_its_options_mean(tmp_path):
+    """Read back from the figure, not its pixels: lr spanning a decade on a log axis, hidden
+    sizes in their numeric order (not "128,64" before "32"), curves labelled by their options."""
+    from mpinn.sweep.results import figure
+    records = []
+    for i, (lr, hidden) in enumerate([(0.01, "128,64"), (0.001, "32"), (0.003, "64,64")]):
+        run = tmp_path / f"trial-{i:03d}"
+        run.mkdir()
+        (run / "metrics.jsonl").write_text("".join(
+            json.dumps({"kind": "epoch", "epoch": e, "val_loss": 1.0 / e + i}) + "\n"
+            for e in (1, 2)))
+        records.append({"status": "ok", "val_loss": 0.5 + i, "run_dir": str(run),
+                        "options": {"lr": lr, "hidden": hidden}})
+    fig = figure(records, ["lr", "hidden"])
+    lr_axis, hidden_axis, curves = fig.axes
+    assert lr_axis.get_xscale() == "log" and lr_axis.get_xlabel() == "lr"
+    assert [t.get_text() for t in hidden_axis.get_xticklabels()] == ["32", "64,64", "128,64"]
+    assert hidden_axis.lines[0].get_xdata().tolist() == [2, 0, 1]  # each trial at its size
+    assert [t.get_text() for t in curves.get_legend().get_texts()] == [
+        "lr=0.01, hidden=128,64", "lr=0.001, hidden=32", "lr=0.003, hidden=64,64"]
+    assert curves.lines[1].get_ydata().tolist() == [2.0, 1.5]
+
+
 # --- real sweeps ---------------------------------------------------------------------------------
 
 GRID = """[grid]

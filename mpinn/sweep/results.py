@@ -130,6 +130,36 @@ def learning_curve(run_dir):
 def plot(out, records, varied):
     """results.png: validation loss against each varied option, and every trial's learning
     curve. Returns the file name, or None when no trial has a validation loss."""
+    fig = figure(records, varied)
+    if fig is None:
+        return None
+    import matplotlib.pyplot as plt
+    with written_whole(os.path.join(out, "results.png"), "results.png") as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+    return "results.png"
+
+
+def natural(value):
+    """A sort key that orders numbers and comma-separated sizes by value ("32" before "128,64"),
+    text after them."""
+    try:
+        return (0, tuple(float(p) for p in str(value).split(",")), "")
+    except ValueError:
+        return (1, (), str(value))
+
+
+def trial_label(record, varied):
+    """A learning curve's legend: the options that differ between trials."""
+    options = record.get("options", {})
+    return ", ".join(f"{k}={options.get(k)}" for k in varied) or os.path.basename(
+        record["run_dir"])
+
+
+def figure(records, varied):
+    """The sweep's matplotlib figure (None when no trial has a validation loss): a numeric option
+    spanning a decade or more on a log axis, sizes and other values in their natural order, the
+    learning curves labelled by their options."""
     scored = [r for r in records if r["status"] == "ok" and _number(r.get("val_loss")) is not None]
     if not scored:
         return None
@@ -143,10 +173,10 @@ def plot(out, records, varied):
         numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
         if numeric:
             ax.plot(values, [r["val_loss"] for r in scored], "o")
-            if min(values) > 0 and max(values) > 10 * min(values):
+            if min(values) > 0 and max(values) >= 10 * min(values):  # a decade or more
                 ax.set_xscale("log")
         else:
-            labels = sorted({str(v) for v in values})
+            labels = sorted({str(v) for v in values}, key=natural)
             ax.plot([labels.index(str(v)) for v in values], [r["val_loss"] for r in scored], "o")
             ax.set_xticks(range(len(labels)), labels, rotation=30, fontsize=8)
         ax.set_xlabel(name)
@@ -155,13 +185,10 @@ def plot(out, records, varied):
     for r in records:
         points = learning_curve(r["run_dir"])
         if points:
-            curves.plot(*zip(*points), label=os.path.basename(r["run_dir"]))
+            curves.plot(*zip(*points), label=trial_label(r, varied))
     curves.set_xlabel("epoch")
     curves.set_ylabel("validation loss")
     if len(records) <= 12:
         curves.legend(fontsize=7)
     fig.tight_layout()
-    with written_whole(os.path.join(out, "results.png"), "results.png") as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
-    return "results.png"
+    return fig
