@@ -407,7 +407,7 @@ class RunOptions:
     progress: str = option("auto", "a live progress bar with ETA on rank 0 in place of the step "
                                    "lines (bar), plain lines only (lines), or the bar when a "
                                    "person watches on a terminal (auto: rank 0's stdout, or "
-                                   "under mpiexec the launcher's, is one)",
+                                   "under mpiexec the launcher's, is one; srun: with --pty)",
                            ("auto", "bar", "lines"), changeable_on_resume=True)
     debug: bool = option(False, "show Python tracebacks on errors", changeable_on_resume=True)
 
