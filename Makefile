@@ -28,7 +28,7 @@ $(TESTED): $(STAMP)
 install: $(STAMP)
 
 train: $(STAMP)
-	$(BIN)/mpiexec -n $(RANKS) $(BIN)/python -m mpinn train --run-dir runs/digits --overwrite
+	$(BIN)/mpiexec -n $(RANKS) -bind-to core $(BIN)/python -m mpinn train --run-dir runs/digits --overwrite
 
 # two pytest-xdist workers, each running whole files (module fixtures run once): while one waits
 # (Slurm, a shaped link, pip, a signal's grace) or runs one process, the other uses the second

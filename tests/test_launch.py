@@ -90,7 +90,8 @@ def test_findings_name_what_to_fix():
     assert "ranks 1 and 2" not in text and broken == []
     warnings, _ = findings(report([facts(0), facts(1), facts(2, host="n2")]))
     assert warnings == ["n1: ranks 0-1 are not bound to cores (each may run anywhere): bind them "
-                        "for steadier steps (srun --cpu-bind=cores, mpiexec -bind-to core)"]
+                        "for steadier steps (srun --cpu-bind=cores, mpiexec -bind-to core, as "
+                        "make train and the job files do)"]
     warnings, _ = findings(report([facts(0, mem=1 << 30)], software={"numba_cache_writable": False},
                                   mpi={"thread_level": "single"}, world=2))
     assert any("1.0 GiB of memory" in w for w in warnings)

@@ -166,7 +166,8 @@ def node_warnings(ranks, threads):
         if len(here) > 1 and len(full) == len(here):
             out.append(f"{host}: ranks {ranges([r['rank'] for r in here])} are not bound to cores "
                        "(each may run anywhere): bind them for steadier steps (srun "
-                       "--cpu-bind=cores, mpiexec -bind-to core)")
+                       "--cpu-bind=cores, mpiexec -bind-to core, as make train and the job "
+                       "files do)")
         bound = [r for r in here if len(r["affinity"]) < cores]
         for i, a in enumerate(bound):
             for b in bound[i + 1:]:
