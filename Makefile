@@ -39,7 +39,8 @@ test: $(TESTED)
 
 # the unit tier for the inner loop: no mpiexec launch, no Slurm or namespaces (under a minute)
 test-fast: $(TESTED)
-	MPINN_TEST_TIER=unit $(BIN)/python -m pytest -q -m "not system" -n $(TEST_WORKERS) --dist loadfile
+	MPINN_TEST_TIER=unit MPINN_TEST_NUMBA_CACHE=$(VENV)/numba-cache \
+	  $(BIN)/python -m pytest -q -m "not system" -n $(TEST_WORKERS) --dist loadfile
 
 # ruff's linter (rules in pyproject.toml): CI runs it before the suite
 lint: $(TESTED)

@@ -17,7 +17,12 @@ _SCRATCH = os.environ.get("MPINN_TEST_SCRATCH")
 if _SCRATCH is None:
     _SCRATCH = os.environ["MPINN_TEST_SCRATCH"] = tempfile.mkdtemp(prefix="mpinn-tests-")
     atexit.register(shutil.rmtree, _SCRATCH, True)
-os.environ["NUMBA_CACHE_DIR"] = os.path.join(_SCRATCH, "numba-cache")
+# The unit tier (make test-fast, the inner loop) may keep its compiled kernels between runs in the
+# folder MPINN_TEST_NUMBA_CACHE names: Numba recompiles a kernel whose source file changed. The
+# whole suite always starts from an empty cache (it checks cold starts, and ranks share it).
+_KEPT = os.environ.get("MPINN_TEST_NUMBA_CACHE") if os.environ.get("MPINN_TEST_TIER") == "unit" \
+    else None
+os.environ["NUMBA_CACHE_DIR"] = _KEPT or os.path.join(_SCRATCH, "numba-cache")
 os.environ["HYPOTHESIS_STORAGE_DIRECTORY"] = os.path.join(_SCRATCH, "hypothesis")
 
 import numpy as np  # noqa: E402
