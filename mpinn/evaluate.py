@@ -4,6 +4,8 @@ Both run data parallel or, with --pipeline-stages, as a forward-only pipeline.""
 import contextlib
 import csv
 import json
+import os
+import time
 from dataclasses import replace
 
 import h5py
@@ -13,9 +15,9 @@ from . import checkpoint, data, metrics
 from .config import ParallelOptions
 from .errors import UsageError
 from .log import Log
-from .outputs import check_output_path, h5_written_whole, text_written_whole
+from .outputs import check_output_path, h5_written_whole, temporary_path, text_written_whole
 from .plan import Grid, even_part
-from .runtime.signals import signals_held
+from .runtime.signals import Terminated, signals_held
 from .runtime.threads import limit_threads
 from .session import (Evaluator, broadcast_checkpoint, bundled, check_labels, check_metrics,
                       load_split, make_engine, own_weights)
@@ -182,6 +184,23 @@ class NotWritten(Exception):
     """Closes a PredictionFile's temporary without installing it (prediction failed)."""
 
 
+WRITER_GRACE_S = 10.0
+
+
+def outlive_the_writer(out, pid, grace=WRITER_GRACE_S):
+    """A rank that does not write, stopped by a signal: its exit makes the launcher (Hydra)
+    kill the ranks still running, so it waits (at most `grace` seconds) until the writer has
+    removed its temporary, which the signal made it do once its current call returned; a writer
+    still stuck then (in a collective this rank left) will be killed, and its temporary is
+    removed here."""
+    tmp = temporary_path(out, pid)
+    deadline = time.monotonic() + grace
+    while os.path.exists(tmp) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    with contextlib.suppress(OSError):
+        os.unlink(tmp)
+
+
 def predict_into(engine, writer, arch, path, cols, n, reads, scaling):
     """Replica 0's pass: its first stage reads the rows (reads) and scales them as the network's
     training did, its last stage writes the outputs (regression targets in their own units)."""
@@ -262,6 +281,7 @@ def run_predict(cfg, explicit, comm):
     writer = comm.checked(lambda: PredictionFile(cfg.out, n, arch.sizes[-1], classify, names,
                                                  arch.loss == "bce", arch.float)
                           if writes else None)
+    writer_pid = int(comm.allgather_ints([os.getpid() if writes else 0]).max())
     try:
         chunk = min(cfg.batch_size, n)
         engine = comm.checked(make_engine, comm, grid, arch, ckpt.params, chunk,
@@ -271,9 +291,11 @@ def run_predict(cfg, explicit, comm):
                                   ckpt.scaling)
         elif active:
             predict_into(engine, writer, arch, path, cols, n, grid.is_first, ckpt.scaling)
-    except BaseException:  # a failure or a signal anywhere: the temporary goes, nothing installed
-        if writer:
+    except BaseException as e:  # a failure or a signal anywhere: the temporary goes, nothing
+        if writer:              # installed
             writer.close(keep=False)
+        elif isinstance(e, Terminated):
+            outlive_the_writer(cfg.out, writer_pid)
         raise
     # a full disk shows when the file is flushed: every rank hears it, rank 0 reports only after
     comm.checked(lambda: writer.close(keep=True) if writer else None)

@@ -33,10 +33,11 @@ def check_output_path(path, option="--out", overwrite=True):
         raise UsageError(f"{option} {path}: directory {folder} is not writable")
 
 
-def temporary_path(path):
-    """The hidden name beside `path` that written_whole writes first (.NAME.tmp-PID)."""
+def temporary_path(path, pid=None):
+    """The hidden name beside `path` that written_whole writes first (.NAME.tmp-PID), of this
+    process or of the writer `pid`."""
     return os.path.join(os.path.dirname(os.path.abspath(path)),
-                        f".{os.path.basename(path)}.tmp-{os.getpid()}")
+                        f".{os.path.basename(path)}.tmp-{os.getpid() if pid is None else pid}")
 
 
 @contextlib.contextmanager

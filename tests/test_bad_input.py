@@ -116,7 +116,7 @@ CASES = [
     ("newer checkpoint", ["train", "--init", "{ckpt_newer}"], "upgrade mpinn"),
     ("corrupt checkpoint", ["evaluate", "--checkpoint", "{ckpt_corrupt}"], "fails its checksum"),
     ("unknown config key", ["train", "--config", "{toml_unknown}"], "unknown key 'learning_rate'"),
-    ("wrong value type", ["train", "--config", "{toml_type}"], "epochs must be int, got '10'"),
+    ("wrong value type", ["train", "--config", "{toml_type}"], "epochs must be int, got str '10'"),
     ("zero lr", ["train", "--lr", "0"], "--lr must be positive, got 0.0"),
     ("negative epochs", ["train", "--epochs", "-2"], "--epochs must be positive, got -2"),
     ("zero batch", ["train", "--batch-size", "0"], "--batch-size must be positive, got 0"),
