@@ -59,9 +59,6 @@ def needs_pre_activation(name):
     return ACTIVATIONS[name] >= ACT_GELU
 
 
-NO_PRE = np.zeros(0, np.float32)  # `pre` of a workspace whose activations need no z
-
-
 @njit(cache=True)
 def _from_z(code):
     return code >= ACT_GELU
@@ -197,7 +194,8 @@ def _copy_(dst, src):
 
 @njit(cache=True)
 def _pre_view(pre, off, rows, cols):
-    """The (rows, cols) view of pre at off, or an empty one when pre holds nothing (NO_PRE)."""
+    """The (rows, cols) view of pre at off, or an empty one when pre holds nothing (a workspace
+    whose activations need no z)."""
     if pre.shape[0] == 0:
         return pre[:0].reshape((0, cols))
     return _view2(pre, off, rows, cols)
